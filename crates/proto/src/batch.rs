@@ -1,0 +1,429 @@
+//! The protobuf `Batch`: building it (agent side), decoding and validating
+//! it (server side), and the session id that names a run of an agent.
+//!
+//! Decoding never panics on any input: every problem is a [`Reject`].
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+
+use prost::Message;
+
+use crate::pb;
+use crate::validate::{Limits, Reject, SeriesKey, validate_ts, validate_value};
+
+/// A random 128-bit id chosen when an agent starts.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SessionId(pub [u8; 16]);
+
+impl SessionId {
+    /// A fresh random id. Uses the OS-seeded keys of std's `RandomState`
+    /// mixed with the clock and pid, so the agent needs no RNG crate.
+    pub fn generate() -> SessionId {
+        use std::hash::{BuildHasher, Hasher};
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        let mut out = [0u8; 16];
+        for (i, chunk) in out.chunks_mut(8).enumerate() {
+            let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+            h.write_u128(nanos);
+            h.write_u32(std::process::id());
+            h.write_usize(i);
+            chunk.copy_from_slice(&h.finish().to_le_bytes());
+        }
+        SessionId(out)
+    }
+
+    /// Parses 16 raw bytes.
+    pub fn from_slice(bytes: &[u8]) -> Result<SessionId, Reject> {
+        let arr: [u8; 16] = bytes.try_into().map_err(|_| {
+            Reject::Session(format!("session id has {} bytes, expected 16", bytes.len()))
+        })?;
+        Ok(SessionId(arr))
+    }
+}
+
+impl fmt::Display for SessionId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for b in self.0 {
+            write!(f, "{b:02x}")?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for SessionId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "SessionId({self})")
+    }
+}
+
+impl FromStr for SessionId {
+    type Err = Reject;
+    fn from_str(s: &str) -> Result<Self, Reject> {
+        let bad = || Reject::Session(format!("{s:?} is not 32 hex digits"));
+        if s.len() != 32 || !s.is_ascii() {
+            return Err(bad());
+        }
+        let mut out = [0u8; 16];
+        for (i, byte) in out.iter_mut().enumerate() {
+            *byte = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).map_err(|_| bad())?;
+        }
+        Ok(SessionId(out))
+    }
+}
+
+impl serde::Serialize for SessionId {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for SessionId {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// The samples of one series within a batch.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Run {
+    pub series_id: u32,
+    pub ts_ms: Vec<i64>,
+    pub values: Vec<f64>,
+}
+
+/// A decoded and validated batch.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DecodedBatch {
+    pub session: SessionId,
+    pub seq: u64,
+    /// Series definitions carried by this batch (session-local ids).
+    pub series: Vec<(u32, SeriesKey)>,
+    pub runs: Vec<Run>,
+}
+
+impl DecodedBatch {
+    /// Decodes and validates a protobuf payload received at `now_ms`.
+    pub fn decode(bytes: &[u8], limits: &Limits, now_ms: i64) -> Result<DecodedBatch, Reject> {
+        if bytes.len() > limits.max_payload_bytes {
+            return Err(Reject::Oversize {
+                size: bytes.len(),
+                limit: limits.max_payload_bytes,
+            });
+        }
+        let raw = pb::Batch::decode(bytes).map_err(|e| Reject::Protobuf(e.to_string()))?;
+        Self::from_pb(raw, limits, now_ms)
+    }
+
+    /// Validates an already decoded protobuf message.
+    pub fn from_pb(raw: pb::Batch, limits: &Limits, now_ms: i64) -> Result<DecodedBatch, Reject> {
+        let session = SessionId::from_slice(&raw.session)?;
+        if raw.seq == 0 {
+            return Err(Reject::Session("seq must start at 1".into()));
+        }
+        if raw.seq > i64::MAX as u64 {
+            return Err(Reject::Session(format!("seq {} is too large", raw.seq)));
+        }
+        if raw.series.len() > limits.max_series || raw.points.len() > limits.max_series {
+            return Err(Reject::TooMany(format!(
+                "{} series definitions and {} point groups; at most {} of each",
+                raw.series.len(),
+                raw.points.len(),
+                limits.max_series
+            )));
+        }
+        let mut series = Vec::with_capacity(raw.series.len());
+        let mut seen = std::collections::HashSet::with_capacity(raw.series.len());
+        for def in raw.series {
+            if !seen.insert(def.id) {
+                return Err(Reject::Series(format!(
+                    "series id {} is defined twice",
+                    def.id
+                )));
+            }
+            let key = SeriesKey {
+                name: def.name,
+                labels: def.labels.into_iter().collect(),
+            };
+            key.validate()?;
+            series.push((def.id, key));
+        }
+        let mut total = 0usize;
+        let mut runs = Vec::with_capacity(raw.points.len());
+        for p in raw.points {
+            if p.ts_delta_ms.len() != p.values.len() {
+                return Err(Reject::Series(format!(
+                    "series id {}: {} timestamps but {} values",
+                    p.series_id,
+                    p.ts_delta_ms.len(),
+                    p.values.len()
+                )));
+            }
+            total += p.values.len();
+            if total > limits.max_samples {
+                return Err(Reject::TooMany(format!(
+                    "more than {} samples in one batch",
+                    limits.max_samples
+                )));
+            }
+            let mut ts_ms = Vec::with_capacity(p.ts_delta_ms.len());
+            let mut ts: i64 = 0;
+            for d in p.ts_delta_ms {
+                ts = ts.checked_add(d).ok_or_else(|| {
+                    Reject::Timestamp(format!("series id {}: timestamp overflow", p.series_id))
+                })?;
+                validate_ts(ts, now_ms)?;
+                ts_ms.push(ts);
+            }
+            for v in &p.values {
+                validate_value(*v)?;
+            }
+            runs.push(Run {
+                series_id: p.series_id,
+                ts_ms,
+                values: p.values,
+            });
+        }
+        Ok(DecodedBatch {
+            session,
+            seq: raw.seq,
+            series,
+            runs,
+        })
+    }
+
+    /// Number of samples in the batch.
+    pub fn sample_count(&self) -> usize {
+        self.runs.iter().map(|r| r.values.len()).sum()
+    }
+
+    /// Smallest and largest timestamp, if the batch has samples.
+    pub fn ts_range(&self) -> Option<(i64, i64)> {
+        let mut it = self.runs.iter().flat_map(|r| r.ts_ms.iter().copied());
+        let first = it.next()?;
+        Some(it.fold((first, first), |(lo, hi), t| (lo.min(t), hi.max(t))))
+    }
+
+    /// The protobuf form of this batch.
+    pub fn to_pb(&self) -> pb::Batch {
+        pb::Batch {
+            session: self.session.0.to_vec(),
+            seq: self.seq,
+            series: self
+                .series
+                .iter()
+                .map(|(id, key)| pb::SeriesDef {
+                    id: *id,
+                    name: key.name.clone(),
+                    labels: key
+                        .labels
+                        .iter()
+                        .map(|(k, v)| (k.clone(), v.clone()))
+                        .collect(),
+                })
+                .collect(),
+            points: self
+                .runs
+                .iter()
+                .map(|r| pb::Points {
+                    series_id: r.series_id,
+                    ts_delta_ms: delta_encode(&r.ts_ms),
+                    values: r.values.clone(),
+                })
+                .collect(),
+        }
+    }
+
+    /// Encodes the batch as protobuf bytes.
+    pub fn encode(&self) -> Vec<u8> {
+        self.to_pb().encode_to_vec()
+    }
+}
+
+fn delta_encode(ts: &[i64]) -> Vec<i64> {
+    let mut prev = 0i64;
+    ts.iter()
+        .map(|&t| {
+            let d = t.wrapping_sub(prev);
+            prev = t;
+            d
+        })
+        .collect()
+}
+
+/// Accumulates samples into the next batch (agent side).
+#[derive(Debug, Default)]
+pub struct BatchBuilder {
+    runs: BTreeMap<u32, (Vec<i64>, Vec<f64>)>,
+    samples: usize,
+}
+
+impl BatchBuilder {
+    /// Adds one sample of the session-local series `series_id`.
+    pub fn push(&mut self, series_id: u32, ts_ms: i64, value: f64) {
+        let run = self.runs.entry(series_id).or_default();
+        run.0.push(ts_ms);
+        run.1.push(value);
+        self.samples += 1;
+    }
+
+    /// Samples accumulated so far.
+    pub fn len(&self) -> usize {
+        self.samples
+    }
+
+    /// True when nothing has been pushed since the last `finish`.
+    pub fn is_empty(&self) -> bool {
+        self.samples == 0
+    }
+
+    /// Takes the accumulated samples as a batch with the given header and
+    /// series definitions, leaving the builder empty.
+    pub fn finish(
+        &mut self,
+        session: SessionId,
+        seq: u64,
+        series: Vec<(u32, SeriesKey)>,
+    ) -> DecodedBatch {
+        self.samples = 0;
+        let runs = std::mem::take(&mut self.runs)
+            .into_iter()
+            .map(|(series_id, (ts_ms, values))| Run {
+                series_id,
+                ts_ms,
+                values,
+            })
+            .collect();
+        DecodedBatch {
+            session,
+            seq,
+            series,
+            runs,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const NOW: i64 = 1_750_000_000_000;
+
+    fn arb_key() -> impl Strategy<Value = SeriesKey> {
+        (
+            "[a-z][a-z0-9_.]{0,20}",
+            proptest::collection::btree_map("[a-z_][a-z0-9_]{0,8}", "[a-zA-Z0-9 ._-]{1,12}", 0..3),
+        )
+            .prop_map(|(name, labels)| SeriesKey { name, labels })
+    }
+
+    fn arb_batch() -> impl Strategy<Value = DecodedBatch> {
+        (
+            any::<[u8; 16]>(),
+            1u64..1_000_000,
+            proptest::collection::vec(arb_key(), 0..5),
+            proptest::collection::vec(
+                (
+                    0u32..10,
+                    proptest::collection::vec(
+                        (MIN_TS..NOW, -1e12f64..1e12f64),
+                        0..20,
+                    ),
+                ),
+                0..5,
+            ),
+        )
+            .prop_map(|(session, seq, keys, runs)| DecodedBatch {
+                session: SessionId(session),
+                seq,
+                series: keys
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, k)| (i as u32, k))
+                    .collect(),
+                runs: runs
+                    .into_iter()
+                    .map(|(series_id, pts)| Run {
+                        series_id,
+                        ts_ms: pts.iter().map(|p| p.0).collect(),
+                        values: pts.iter().map(|p| p.1).collect(),
+                    })
+                    .collect(),
+            })
+    }
+
+    const MIN_TS: i64 = crate::validate::MIN_TS_MS;
+
+    proptest! {
+        #[test]
+        fn decode_encode_round_trip(batch in arb_batch()) {
+            let bytes = batch.encode();
+            let back = DecodedBatch::decode(&bytes, &Limits::default(), NOW);
+            prop_assert_eq!(back, Ok(batch));
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = DecodedBatch::decode(&bytes, &Limits::default(), NOW);
+        }
+
+        #[test]
+        fn session_hex_round_trip(raw in any::<[u8; 16]>()) {
+            let id = SessionId(raw);
+            prop_assert_eq!(id.to_string().parse::<SessionId>(), Ok(id));
+        }
+    }
+
+    fn valid() -> DecodedBatch {
+        let mut b = BatchBuilder::default();
+        b.push(1, NOW - 2000, 1.0);
+        b.push(1, NOW - 1000, 2.0);
+        b.push(2, NOW - 1000, 3.0);
+        b.finish(
+            SessionId([7; 16]),
+            1,
+            vec![(1, SeriesKey::plain("a")), (2, SeriesKey::plain("b"))],
+        )
+    }
+
+    #[test]
+    fn builder_groups_per_series() {
+        let b = valid();
+        assert_eq!(b.sample_count(), 3);
+        assert_eq!(b.ts_range(), Some((NOW - 2000, NOW - 1000)));
+        assert_eq!(b.runs[0].ts_ms, vec![NOW - 2000, NOW - 1000]);
+    }
+
+    #[test]
+    fn rejects_invalid_content() {
+        let limits = Limits::default();
+        let check = |f: &dyn Fn(&mut pb::Batch), code: &str| {
+            let mut raw = valid().to_pb();
+            f(&mut raw);
+            let got = DecodedBatch::decode(&raw.encode_to_vec(), &limits, NOW);
+            assert_eq!(got.map_err(|e| e.code()), Err(code), "expected {code}");
+        };
+        check(&|b| b.session.truncate(3), "bad_session");
+        check(&|b| b.seq = 0, "bad_session");
+        check(&|b| b.points[0].values[0] = f64::NAN, "bad_value");
+        check(&|b| b.points[0].ts_delta_ms[0] = 5, "bad_timestamp");
+        check(&|b| b.points[0].ts_delta_ms[1] = i64::MAX, "bad_timestamp");
+        check(&|b| b.points[0].values.pop().map(|_| ()).unwrap_or(()), "bad_series");
+        check(&|b| b.series[0].name = "bad name".into(), "bad_series");
+        check(&|b| b.series[1].id = b.series[0].id, "bad_series");
+        let big = vec![0u8; limits.max_payload_bytes + 1];
+        assert_eq!(
+            DecodedBatch::decode(&big, &limits, NOW).map_err(|e| e.code()),
+            Err("oversize")
+        );
+        assert_eq!(
+            DecodedBatch::decode(&[0xff, 0xff, 0xff], &limits, NOW).map_err(|e| e.code()),
+            Err("bad_protobuf")
+        );
+    }
+}

@@ -1,0 +1,218 @@
+//! JSON payloads: samples from plain MQTT clients (`…/samples/json`) and the
+//! status, ack and error messages. Field names here are part of the
+//! external contract (DESIGN.md §3).
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::batch::SessionId;
+use crate::validate::{Limits, Reject, SeriesKey, validate_ts, validate_value};
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct JsonSample {
+    series: String,
+    value: f64,
+    #[serde(default)]
+    ts: Option<i64>,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum JsonPayload {
+    Many { samples: Vec<JsonSample> },
+    One(JsonSample),
+}
+
+/// One validated sample from a JSON payload.
+#[derive(Debug, Clone, PartialEq)]
+pub struct KeyedSample {
+    pub series: SeriesKey,
+    pub ts_ms: i64,
+    pub value: f64,
+}
+
+/// Parses `{"series":"temp","value":21.5}` or
+/// `{"samples":[{"series":"temp","ts":1700000000000,"value":21.5}]}`.
+/// `ts` defaults to `now_ms`; `labels` is an optional string map.
+pub fn parse_samples(
+    bytes: &[u8],
+    limits: &Limits,
+    now_ms: i64,
+) -> Result<Vec<KeyedSample>, Reject> {
+    if bytes.len() > limits.max_payload_bytes {
+        return Err(Reject::Oversize {
+            size: bytes.len(),
+            limit: limits.max_payload_bytes,
+        });
+    }
+    let payload: JsonPayload = serde_json::from_slice(bytes).map_err(|e| {
+        Reject::Json(format!(
+            "{e}; expected {{\"series\":\"temp\",\"value\":21.5}} or {{\"samples\":[...]}}"
+        ))
+    })?;
+    let list = match payload {
+        JsonPayload::Many { samples } => samples,
+        JsonPayload::One(s) => vec![s],
+    };
+    if list.len() > limits.max_samples {
+        return Err(Reject::TooMany(format!(
+            "{} samples; at most {}",
+            list.len(),
+            limits.max_samples
+        )));
+    }
+    list.into_iter()
+        .map(|s| {
+            let series = SeriesKey {
+                name: s.series,
+                labels: s.labels,
+            };
+            series.validate()?;
+            let ts_ms = s.ts.unwrap_or(now_ms);
+            validate_ts(ts_ms, now_ms)?;
+            validate_value(s.value)?;
+            Ok(KeyedSample {
+                series,
+                ts_ms,
+                value: s.value,
+            })
+        })
+        .collect()
+}
+
+/// Presence of a device, retained on `…/status`; the agent's last will is
+/// the same message with `state = offline`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Status {
+    pub state: State,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session: Option<SessionId>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot_time: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ts: Option<i64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum State {
+    Online,
+    Offline,
+}
+
+impl State {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Online => "online",
+            State::Offline => "offline",
+        }
+    }
+}
+
+/// Parses a status message (unknown extra fields are allowed: devices may
+/// report more than the server understands).
+pub fn parse_status(bytes: &[u8]) -> Result<Status, Reject> {
+    serde_json::from_slice(bytes).map_err(|e| {
+        Reject::Json(format!(
+            "status: {e}; expected {{\"state\":\"online\"|\"offline\", ...}}"
+        ))
+    })
+}
+
+/// Server → device on `…/ack`: every batch with seq ≤ `through` is
+/// committed, and so are the listed `seqs` above it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ack {
+    pub session: SessionId,
+    pub through: u64,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub seqs: Vec<u64>,
+}
+
+/// Server → device on `…/errors`: why a payload was refused.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorReport {
+    pub topic: String,
+    pub code: String,
+    pub message: String,
+    pub ts: i64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NOW: i64 = 1_750_000_000_000;
+
+    #[test]
+    fn single_and_many() {
+        let l = Limits::default();
+        let one = parse_samples(br#"{"series":"temp","value":21.5}"#, &l, NOW).expect("valid");
+        assert_eq!(
+            one,
+            vec![KeyedSample {
+                series: SeriesKey::plain("temp"),
+                ts_ms: NOW,
+                value: 21.5
+            }]
+        );
+        let many = parse_samples(
+            br#"{"samples":[{"series":"temp","ts":1700000000000,"value":1},{"series":"rh","value":2,"labels":{"room":"lab"}}]}"#,
+            &l,
+            NOW,
+        )
+        .expect("valid");
+        assert_eq!(many.len(), 2);
+        assert_eq!(many[0].ts_ms, 1_700_000_000_000);
+        assert_eq!(many[1].series.to_string(), "rh{room=lab}");
+    }
+
+    #[test]
+    fn rejects() {
+        let l = Limits::default();
+        for (bad, code) in [
+            (&b"not json"[..], "bad_json"),
+            (br#"{"series":"temp"}"#, "bad_json"),
+            (br#"{"series":"temp","value":"x"}"#, "bad_json"),
+            (br#"{"series":"bad name","value":1}"#, "bad_series"),
+            (br#"{"series":"t","value":1,"ts":5}"#, "bad_timestamp"),
+        ] {
+            assert_eq!(
+                parse_samples(bad, &l, NOW).map_err(|e| e.code()),
+                Err(code),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+    }
+
+    #[test]
+    fn status_and_ack_round_trip() {
+        let st = Status {
+            state: State::Offline,
+            session: Some(SessionId([1; 16])),
+            agent: Some("0.1.0".into()),
+            host: None,
+            boot_time: None,
+            ts: Some(NOW),
+        };
+        let text = serde_json::to_vec(&st).expect("serialize");
+        assert_eq!(parse_status(&text), Ok(st));
+        let ack = Ack {
+            session: SessionId([2; 16]),
+            through: 5,
+            seqs: vec![7, 9],
+        };
+        let text = serde_json::to_string(&ack).expect("serialize");
+        assert!(text.contains("\"through\":5"));
+        assert_eq!(serde_json::from_str::<Ack>(&text).expect("parse"), ack);
+    }
+}
