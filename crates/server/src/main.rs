@@ -1,1 +1,356 @@
-fn main(){}
+//! `widgetry`: parses arguments, validates configuration (exit 64 on any
+//! problem, before binding anything), sets up tracing and signals, then
+//! calls the library. No logic of its own beyond that.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use tokio_util::sync::CancellationToken;
+use widgetry_server::config::{
+    self, ConfigError, DEFAULT_DATABASE, DEFAULT_HTTP_LISTEN, FileConfig, Problem,
+};
+use widgetry_server::ingest::IngestConfig;
+use widgetry_server::{ServeConfig, ServeError};
+
+/// Exit status for bad configuration (EX_CONFIG is 78; DESIGN.md §6.7 fixes 64, EX_USAGE).
+const EXIT_CONFIG: u8 = 64;
+
+#[derive(Parser)]
+#[command(
+    name = "widgetry",
+    version,
+    about = "Widgetry telemetry server: embedded MQTT broker, ingestor (MQTT -> SQLite) and web dashboard"
+)]
+struct Cli {
+    /// Log output format.
+    #[arg(long, global = true, env = "WIDGETRY_LOG_FORMAT", default_value = "text")]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the embedded broker, the ingestor and the web service in one process.
+    Serve(ServeArgs),
+    /// Run the ingestor alone against an MQTT broker (embedded or external).
+    Ingest(IngestArgs),
+    /// Run the web service alone against a database.
+    Web(WebArgs),
+    /// Validate the `serve` configuration and exit: 0 when valid, 64 otherwise.
+    CheckConfig(ServeArgs),
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// Optional widgetry.toml with keys mqtt_listen, http_listen, database, broker_config.
+    #[arg(long, env = "WIDGETRY_CONFIG")]
+    config: Option<PathBuf>,
+    /// Embedded broker configuration [default: ./broker.toml if present, else the built-in copy].
+    #[arg(long, env = "WIDGETRY_BROKER_CONFIG")]
+    broker_config: Option<PathBuf>,
+    /// MQTT listen address; overrides `listen` of the first [v4.*] server in broker.toml [default: 0.0.0.0:1883].
+    #[arg(long, env = "WIDGETRY_MQTT_LISTEN")]
+    mqtt_listen: Option<String>,
+    /// HTTP listen address of the API and dashboard (port 0 picks a free port) [default: 0.0.0.0:8080].
+    #[arg(long, env = "WIDGETRY_HTTP_LISTEN")]
+    http_listen: Option<String>,
+    /// SQLite database file, created if missing [default: widgetry.db].
+    #[arg(long, env = "WIDGETRY_DATABASE")]
+    database: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct IngestArgs {
+    /// Optional widgetry.toml (keys broker, database).
+    #[arg(long, env = "WIDGETRY_CONFIG")]
+    config: Option<PathBuf>,
+    /// MQTT broker to subscribe to, HOST:PORT [default: 127.0.0.1:1883].
+    #[arg(long, env = "WIDGETRY_BROKER")]
+    broker: Option<String>,
+    /// SQLite database file, created if missing [default: widgetry.db].
+    #[arg(long, env = "WIDGETRY_DATABASE")]
+    database: Option<PathBuf>,
+    /// MQTT client id (persistent session; give each ingestor its own).
+    #[arg(long, env = "WIDGETRY_CLIENT_ID", default_value = "widgetry-ingest")]
+    client_id: String,
+    /// MQTT username, if the broker requires one.
+    #[arg(long, env = "WIDGETRY_MQTT_USERNAME")]
+    username: Option<String>,
+    /// MQTT password (prefer the environment variable: flags show in `ps`).
+    #[arg(long, env = "WIDGETRY_MQTT_PASSWORD", hide_env_values = true)]
+    password: Option<String>,
+}
+
+#[derive(Args)]
+struct WebArgs {
+    /// Optional widgetry.toml (keys http_listen, database).
+    #[arg(long, env = "WIDGETRY_CONFIG")]
+    config: Option<PathBuf>,
+    /// HTTP listen address [default: 0.0.0.0:8080].
+    #[arg(long, env = "WIDGETRY_HTTP_LISTEN")]
+    http_listen: Option<String>,
+    /// SQLite database file [default: widgetry.db].
+    #[arg(long, env = "WIDGETRY_DATABASE")]
+    database: Option<PathBuf>,
+}
+
+const FLAG: &str = "command line/environment";
+
+fn load_file(path: &Option<PathBuf>) -> Result<FileConfig, ConfigError> {
+    match path {
+        Some(p) => FileConfig::load(p),
+        None => Ok(FileConfig::default()),
+    }
+}
+
+/// Picks flag (or env) over file value, naming where the value came from.
+fn pick<T: Clone>(flag: &Option<T>, file: &Option<T>, file_label: &str) -> Option<(T, String)> {
+    flag.clone()
+        .map(|v| (v, FLAG.to_string()))
+        .or_else(|| file.clone().map(|v| (v, file_label.to_string())))
+}
+
+fn file_label(path: &Option<PathBuf>) -> String {
+    path.as_ref()
+        .map(|p| p.display().to_string())
+        .unwrap_or_default()
+}
+
+fn resolve_database(
+    flag: &Option<PathBuf>,
+    file: &FileConfig,
+    label: &str,
+    problems: &mut Vec<Problem>,
+) -> PathBuf {
+    let (db, src) = pick(flag, &file.database, label)
+        .unwrap_or_else(|| (PathBuf::from(DEFAULT_DATABASE), "default".into()));
+    if let Err(p) = config::check_database_path(&db, &src, "database") {
+        problems.push(p);
+    }
+    db
+}
+
+fn resolve_http(
+    flag: &Option<String>,
+    file: &FileConfig,
+    label: &str,
+    problems: &mut Vec<Problem>,
+) -> Option<SocketAddr> {
+    let (text, src) = pick(flag, &file.http_listen, label)
+        .unwrap_or_else(|| (DEFAULT_HTTP_LISTEN.to_string(), "default".into()));
+    config::parse_addr(&text, &src, "http_listen", true)
+        .map_err(|p| problems.push(p))
+        .ok()
+}
+
+fn resolve_serve(args: &ServeArgs) -> Result<ServeConfig, ConfigError> {
+    let file = load_file(&args.config)?;
+    let label = file_label(&args.config);
+    let mut problems = Vec::new();
+    let mqtt_override = pick(&args.mqtt_listen, &file.mqtt_listen, &label).and_then(|(t, src)| {
+        config::parse_addr(&t, &src, "mqtt_listen", false)
+            .map_err(|p| problems.push(p))
+            .ok()
+    });
+    let http_listen = resolve_http(&args.http_listen, &file, &label, &mut problems);
+    let database = resolve_database(&args.database, &file, &label, &mut problems);
+    let broker_path = pick(&args.broker_config, &file.broker_config, &label).map(|(p, _)| p);
+    let broker = match config::load_broker_config(broker_path.as_deref(), mqtt_override) {
+        Ok(b) => Some(b),
+        Err(e) => {
+            problems.extend(e.0);
+            None
+        }
+    };
+    match (broker, http_listen) {
+        (Some(broker), Some(http_listen)) if problems.is_empty() => Ok(ServeConfig {
+            broker,
+            http_listen,
+            database,
+        }),
+        _ => Err(ConfigError(problems)),
+    }
+}
+
+fn resolve_ingest(args: &IngestArgs) -> Result<(IngestConfig, PathBuf), ConfigError> {
+    let file = load_file(&args.config)?;
+    let label = file_label(&args.config);
+    let mut problems = Vec::new();
+    let database = resolve_database(&args.database, &file, &label, &mut problems);
+    let (broker, src) = pick(&args.broker, &file.broker, &label)
+        .unwrap_or_else(|| ("127.0.0.1:1883".into(), "default".into()));
+    let mut cfg = None;
+    match broker.rsplit_once(':').map(|(h, p)| (h, p.parse::<u16>())) {
+        Some((host, Ok(port))) if !host.is_empty() && port != 0 => {
+            let mut c = IngestConfig::new(host.trim_matches(['[', ']']), port);
+            c.client_id = args.client_id.clone();
+            match (&args.username, &args.password) {
+                (Some(u), Some(p)) => c.credentials = Some((u.clone(), p.clone())),
+                (None, None) => {}
+                _ => problems.push(Problem {
+                    file: FLAG.into(),
+                    key: "username/password".into(),
+                    message: "give both --username and --password, or neither".into(),
+                }),
+            }
+            cfg = Some(c);
+        }
+        _ => problems.push(Problem {
+            file: src,
+            key: "broker".into(),
+            message: format!("{broker:?} is not HOST:PORT (e.g. 127.0.0.1:1883)"),
+        }),
+    }
+    match cfg {
+        Some(c) if problems.is_empty() => Ok((c, database)),
+        _ => Err(ConfigError(problems)),
+    }
+}
+
+fn resolve_web(args: &WebArgs) -> Result<(SocketAddr, PathBuf), ConfigError> {
+    let file = load_file(&args.config)?;
+    let label = file_label(&args.config);
+    let mut problems = Vec::new();
+    let http = resolve_http(&args.http_listen, &file, &label, &mut problems);
+    let database = resolve_database(&args.database, &file, &label, &mut problems);
+    match http {
+        Some(h) if problems.is_empty() => Ok((h, database)),
+        _ => Err(ConfigError(problems)),
+    }
+}
+
+fn init_tracing(format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new("info,rumqttd=warn,sqlx=warn"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+/// Cancels `token` on SIGINT or SIGTERM; a second signal exits at once.
+fn spawn_signal_handler(token: CancellationToken) {
+    tokio::spawn(async move {
+        let mut count = 0;
+        loop {
+            wait_for_signal().await;
+            count += 1;
+            if count == 1 {
+                tracing::info!("shutdown requested; draining (signal again to exit immediately)");
+                token.cancel();
+            } else {
+                tracing::warn!("second signal: exiting without draining");
+                std::process::exit(130);
+            }
+        }
+    });
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+fn config_failure(e: ConfigError) -> ExitCode {
+    eprint!("widgetry: {e}");
+    ExitCode::from(EXIT_CONFIG)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // Validate everything before any runtime, socket or file is touched.
+    enum Role {
+        Serve(ServeConfig),
+        Ingest(IngestConfig, PathBuf),
+        Web(SocketAddr, PathBuf),
+    }
+    let role = match &cli.cmd {
+        Cmd::CheckConfig(args) => {
+            return match resolve_serve(args) {
+                Ok(cfg) => {
+                    println!(
+                        "configuration ok: mqtt {} http {} database {}",
+                        cfg.broker.mqtt_listen,
+                        cfg.http_listen,
+                        cfg.database.display()
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => config_failure(e),
+            };
+        }
+        Cmd::Serve(args) => resolve_serve(args).map(Role::Serve),
+        Cmd::Ingest(args) => resolve_ingest(args).map(|(c, d)| Role::Ingest(c, d)),
+        Cmd::Web(args) => resolve_web(args).map(|(h, d)| Role::Web(h, d)),
+    };
+    let role = match role {
+        Ok(r) => r,
+        Err(e) => return config_failure(e),
+    };
+    init_tracing(cli.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("widgetry: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result: Result<(), ServeError> = runtime.block_on(async move {
+        let token = CancellationToken::new();
+        spawn_signal_handler(token.clone());
+        match role {
+            Role::Serve(cfg) => widgetry_server::run_serve(cfg, token).await,
+            Role::Ingest(cfg, db) => widgetry_server::run_ingest(cfg, db, token).await,
+            Role::Web(http, db) => widgetry_server::run_web(http, db, token).await,
+        }
+    });
+    // The embedded broker's thread cannot be stopped; leaving main ends it.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    match result {
+        Ok(()) => {
+            tracing::info!("stopped cleanly");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            let mut msg = e.to_string();
+            let mut source = std::error::Error::source(&e);
+            while let Some(s) = source {
+                msg.push_str(&format!(": {s}"));
+                source = s.source();
+            }
+            tracing::error!("{msg}");
+            eprintln!("widgetry: {msg}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,279 @@
+//! The Widgetry collector agent: samples the device, batches samples into
+//! protobuf `Batch`es, publishes them at QoS 1 and keeps each batch until
+//! the server acknowledges it on `widgetry/v1/{device}/ack`.
+//!
+//! Footprint matters more than anything here: one current-thread runtime,
+//! no TLS, no allocation per sample beyond the batch vectors. The agent must
+//! never drop a batch silently: a batch leaves the outbox only when it is
+//! acknowledged or when the outbox is full, and then it is counted.
+
+pub mod outbox;
+pub mod sampler;
+
+use std::future::Future;
+use std::time::Duration;
+
+use rumqttc::{AsyncClient, Event, LastWill, MqttOptions, Packet, QoS};
+use tokio::time::{Instant, MissedTickBehavior};
+use widgetry_proto::json::{Ack, State, Status};
+use widgetry_proto::{BatchBuilder, SeriesKey, SessionId, Topic, TopicKind};
+
+use crate::outbox::Outbox;
+use crate::sampler::Sampler;
+
+/// Agent settings (validated by `main.rs` before anything connects).
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    pub broker_host: String,
+    pub broker_port: u16,
+    pub device: String,
+    pub credentials: Option<(String, String)>,
+    /// Sampling interval.
+    pub interval: Duration,
+    /// A batch is published when it holds this many samples...
+    pub batch_max_samples: usize,
+    /// ...or when its oldest sample is this old.
+    pub batch_max_wait: Duration,
+    /// A sent batch not acknowledged within this time is sent again.
+    pub ack_timeout: Duration,
+    /// Most unacknowledged batches kept in memory; the oldest is dropped
+    /// (and counted) beyond it.
+    pub max_pending: usize,
+    /// Most batches in flight (sent, not yet acknowledged) at once.
+    pub window: usize,
+}
+
+impl AgentConfig {
+    /// Defaults for `device` publishing to `host:port`.
+    pub fn new(host: impl Into<String>, port: u16, device: impl Into<String>) -> Self {
+        AgentConfig {
+            broker_host: host.into(),
+            broker_port: port,
+            device: device.into(),
+            credentials: None,
+            interval: Duration::from_secs(1),
+            batch_max_samples: 300,
+            batch_max_wait: Duration::from_secs(1),
+            ack_timeout: Duration::from_secs(10),
+            max_pending: 10_000,
+            window: 64,
+        }
+    }
+}
+
+/// What a finished run did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Report {
+    pub batches_acked: u64,
+    pub batches_dropped: u64,
+    pub batches_unacked: u64,
+}
+
+/// Errors that stop the agent.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("cannot read system statistics: {0}")]
+    Sampler(String),
+}
+
+/// The agent's version, reported in its status.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+fn status(cfg_session: SessionId, state: State) -> Vec<u8> {
+    let now = now_ms();
+    let st = Status {
+        state,
+        session: Some(cfg_session),
+        agent: Some(format!("widgetry-agent/{VERSION}")),
+        host: sysinfo::System::host_name().ok(),
+        boot_time: sysinfo::System::boot_time().ok().map(|s| s as i64 * 1000),
+        ts: Some(now),
+    };
+    serde_json::to_vec(&st).unwrap_or_default()
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// Reconnect delay with jitter: up to 200 ms doubling to 30 s.
+fn backoff(attempt: u32, seed: &mut u64) -> Duration {
+    *seed ^= *seed << 13;
+    *seed ^= *seed >> 7;
+    *seed ^= *seed << 17;
+    let cap = (100u64 << attempt.min(9)).min(30_000);
+    Duration::from_millis(cap / 2 + *seed % (cap / 2 + 1))
+}
+
+/// Runs the agent until `shutdown` resolves; then publishes what it has,
+/// waits up to `drain` for acknowledgements, marks itself offline and
+/// disconnects.
+pub async fn run(
+    cfg: AgentConfig,
+    shutdown: impl Future<Output = ()>,
+    drain: Duration,
+) -> Result<Report, AgentError> {
+    let session = SessionId::generate();
+    let status_topic = Topic::name(&cfg.device, TopicKind::Status);
+    let samples_topic = Topic::name(&cfg.device, TopicKind::Samples);
+    let ack_topic = Topic::name(&cfg.device, TopicKind::Ack);
+
+    let mut opts = MqttOptions::new(
+        format!("widgetry-agent-{}", cfg.device),
+        cfg.broker_host.clone(),
+        cfg.broker_port,
+    );
+    opts.set_keep_alive(Duration::from_secs(30));
+    opts.set_clean_session(true);
+    opts.set_max_packet_size(1024 * 1024, 1024 * 1024);
+    opts.set_last_will(LastWill::new(
+        &status_topic,
+        status(session, State::Offline),
+        QoS::AtLeastOnce,
+        true,
+    ));
+    if let Some((u, p)) = &cfg.credentials {
+        opts.set_credentials(u.clone(), p.clone());
+    }
+    let (client, mut events) = AsyncClient::new(opts, cfg.window * 2 + 16);
+
+    let mut sampler = Sampler::new().map_err(AgentError::Sampler)?;
+    let mut series: Vec<SeriesKey> = Vec::new();
+    let mut outbox = Outbox::new(cfg.max_pending);
+    let mut builder = BatchBuilder::default();
+    let mut batch_started: Option<Instant> = None;
+    let mut seq = 0u64;
+    let mut connected = false;
+    let mut failures = 0u32;
+    let mut seed = u64::from_le_bytes(session.0[..8].try_into().unwrap_or([7; 8])) | 1;
+
+    let mut tick = tokio::time::interval(cfg.interval);
+    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut housekeeping = tokio::time::interval(Duration::from_millis(250));
+    housekeeping.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut reconnect_at: Option<Instant> = None;
+    tokio::pin!(shutdown);
+
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            _ = tick.tick() => {
+                let ts = now_ms();
+                sampler.sample(|key, value| {
+                    let id = series_id(&mut series, &mut outbox, key);
+                    builder.push(id, ts, value);
+                });
+                batch_started.get_or_insert_with(Instant::now);
+            }
+            _ = housekeeping.tick() => {}
+            ev = events.poll(), if reconnect_at.is_none() => match ev {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                    connected = true;
+                    failures = 0;
+                    let _ = client.try_subscribe(&ack_topic, QoS::AtLeastOnce);
+                    let _ = client.try_publish(&status_topic, QoS::AtLeastOnce, true, status(session, State::Online));
+                    // Everything unacknowledged goes out again, in order.
+                    outbox.mark_all_unsent();
+                }
+                Ok(Event::Incoming(Packet::Publish(p))) if p.topic == ack_topic => {
+                    if let Ok(ack) = serde_json::from_slice::<Ack>(&p.payload) {
+                        if ack.session == session {
+                            outbox.ack(&ack);
+                        }
+                    }
+                }
+                Ok(_) => {}
+                Err(_) => {
+                    connected = false;
+                    failures += 1;
+                    reconnect_at = Some(Instant::now() + backoff(failures, &mut seed));
+                }
+            },
+            _ = async { tokio::time::sleep_until(reconnect_at.unwrap_or_else(Instant::now)).await }, if reconnect_at.is_some() => {
+                reconnect_at = None;
+            }
+        }
+        let full = builder.len() >= cfg.batch_max_samples;
+        let due = batch_started.is_some_and(|t| t.elapsed() >= cfg.batch_max_wait);
+        if !builder.is_empty() && (full || due) {
+            seq += 1;
+            let defs = outbox.unacked_defs(&series);
+            let batch = builder.finish(session, seq, defs);
+            outbox.push(&batch);
+            batch_started = None;
+        }
+        if connected {
+            outbox.send(&client, &samples_topic, cfg.window, cfg.ack_timeout);
+        }
+    }
+
+    // Drain: publish the partial batch and wait for acknowledgements.
+    if !builder.is_empty() {
+        seq += 1;
+        let defs = outbox.unacked_defs(&series);
+        let batch = builder.finish(session, seq, defs);
+        outbox.push(&batch);
+    }
+    let deadline = Instant::now() + drain;
+    while !outbox.is_empty() && Instant::now() < deadline {
+        if connected {
+            outbox.send(&client, &samples_topic, cfg.window, cfg.ack_timeout);
+        }
+        tokio::select! {
+            _ = tokio::time::sleep_until(deadline) => break,
+            ev = events.poll() => match ev {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                    connected = true;
+                    let _ = client.try_subscribe(&ack_topic, QoS::AtLeastOnce);
+                    outbox.mark_all_unsent();
+                }
+                Ok(Event::Incoming(Packet::Publish(p))) if p.topic == ack_topic => {
+                    if let Ok(ack) = serde_json::from_slice::<Ack>(&p.payload) {
+                        if ack.session == session {
+                            outbox.ack(&ack);
+                        }
+                    }
+                }
+                Ok(_) => {}
+                Err(_) => {
+                    connected = false;
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            },
+        }
+    }
+    if connected {
+        let _ = client.try_publish(&status_topic, QoS::AtLeastOnce, true, status(session, State::Offline));
+        let _ = client.try_disconnect();
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            loop {
+                match events.poll().await {
+                    Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) | Err(_) => break,
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await;
+    }
+    Ok(Report {
+        batches_acked: outbox.acked,
+        batches_dropped: outbox.dropped,
+        batches_unacked: outbox.len() as u64,
+    })
+}
+
+/// Session-local id of `key`, registering it on first use.
+fn series_id(series: &mut Vec<SeriesKey>, outbox: &mut Outbox, key: &SeriesKey) -> u32 {
+    match series.iter().position(|k| k == key) {
+        Some(i) => i as u32,
+        None => {
+            series.push(key.clone());
+            outbox.new_series();
+            (series.len() - 1) as u32
+        }
+    }
+}

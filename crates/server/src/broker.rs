@@ -1,0 +1,106 @@
+//! The embedded MQTT broker (rumqttd) on a dedicated thread.
+//!
+//! rumqttd's `start()` blocks forever and has no stop call, and it logs
+//! rather than returns a failure to bind. So we check the port ourselves
+//! first, then wait until the listener accepts connections; the thread ends
+//! with the process. Nothing here may touch the database.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::time::{Duration, Instant};
+
+use tracing::{error, info};
+
+use crate::config::BrokerConfig;
+
+/// Errors starting the broker.
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    #[error("MQTT listen address {addr}: {source}; is another broker running? choose another port with --mqtt-listen")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("embedded broker did not start listening on {addr} within {secs} s")]
+    NotReady { addr: SocketAddr, secs: u64 },
+    #[error("cannot spawn the broker thread: {0}")]
+    Thread(std::io::Error),
+}
+
+/// Address a local client uses to reach a listener bound to `listen`
+/// (an unspecified address such as 0.0.0.0 becomes loopback).
+pub fn connect_addr(listen: SocketAddr) -> SocketAddr {
+    let mut addr = listen;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(match addr {
+            SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    addr
+}
+
+/// Starts the broker and returns once its first MQTT listener accepts
+/// connections.
+pub fn start(cfg: BrokerConfig) -> Result<(), BrokerError> {
+    let addr = cfg.mqtt_listen;
+    // Fail clearly if the port is taken: rumqttd would only log it.
+    TcpListener::bind(addr)
+        .map_err(|source| BrokerError::Bind { addr, source })?;
+    let users = crate::config::auth_users(&cfg.rumqttd);
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    std::thread::Builder::new()
+        .name("mqtt-broker".into())
+        .spawn(move || {
+            let mut broker = rumqttd::Broker::new(cfg.rumqttd);
+            let res = broker.start();
+            if let Err(e) = &res {
+                error!(error = %e, "embedded broker stopped");
+            }
+            let _ = done_tx.send(());
+        })
+        .map_err(BrokerError::Thread)?;
+    let target = connect_addr(addr);
+    let secs = 10;
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if mqtt_ping(target).is_ok() {
+            info!(listen = %addr, auth_users = users, "embedded MQTT broker listening");
+            return Ok(());
+        }
+        if done_rx.try_recv().is_ok() || Instant::now() > deadline {
+            return Err(BrokerError::NotReady { addr, secs });
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Connects with a minimal MQTT 3.1.1 CONNECT, expects CONNACK "accepted",
+/// then disconnects cleanly: proof that the broker serves clients (a bare
+/// TCP connect would only leave a connect-timeout error in its log).
+fn mqtt_ping(addr: SocketAddr) -> std::io::Result<()> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(200))?;
+    s.set_read_timeout(Some(Duration::from_secs(2)))?;
+    let client_id = b"widgetry-ready-probe";
+    let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 30];
+    body.extend_from_slice(&(client_id.len() as u16).to_be_bytes());
+    body.extend_from_slice(client_id);
+    let mut packet = vec![0x10, body.len() as u8];
+    packet.extend_from_slice(&body);
+    s.write_all(&packet)?;
+    let mut ack = [0u8; 4];
+    match s.read_exact(&mut ack) {
+        // A broker with authentication on may refuse or close on an
+        // anonymous CONNECT: either answer still proves it is serving.
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
+        Err(e) => return Err(e),
+        Ok(()) => {}
+    }
+    let _ = s.write_all(&[0xE0, 0x00]);
+    if ack[0] == 0x20 {
+        Ok(())
+    } else {
+        Err(std::io::Error::other(format!("unexpected reply {ack:?}")))
+    }
+}

@@ -1,0 +1,554 @@
+//! Configuration of the server roles: the optional `widgetry.toml`, the
+//! embedded broker's `broker.toml`, and their validation.
+//!
+//! Everything is checked before any socket is bound, and every problem is
+//! reported at once, each naming its file and key (DESIGN.md §6.7). This
+//! module must never bind, connect or open a database.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// The broker.toml shipped in the repository, used when no file is given
+/// and none exists in the working directory.
+pub const DEFAULT_BROKER_TOML: &str = include_str!("../../../broker.toml");
+
+/// Default addresses and paths.
+pub const DEFAULT_MQTT_LISTEN: &str = "0.0.0.0:1883";
+pub const DEFAULT_HTTP_LISTEN: &str = "0.0.0.0:8080";
+pub const DEFAULT_DATABASE: &str = "widgetry.db";
+
+/// One configuration problem: where it is and what is wrong.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub file: String,
+    pub key: String,
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.key.is_empty() {
+            write!(f, "config {}: {}", self.file, self.message)
+        } else {
+            write!(f, "config {}: {}: {}", self.file, self.key, self.message)
+        }
+    }
+}
+
+/// All problems found in the configuration.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigError(pub Vec<Problem>);
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "{} configuration problem(s):", self.0.len())?;
+        for p in &self.0 {
+            writeln!(f, "  - {p}")?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Default)]
+struct Problems(Vec<Problem>);
+
+impl Problems {
+    fn add(&mut self, file: &str, key: impl Into<String>, message: impl Into<String>) {
+        self.0.push(Problem {
+            file: file.to_string(),
+            key: key.into(),
+            message: message.into(),
+        });
+    }
+}
+
+/// Keys of the optional `widgetry.toml` (`--config`). Flags and
+/// environment variables take precedence over it.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// MQTT listen address of the embedded broker (overrides broker.toml).
+    pub mqtt_listen: Option<String>,
+    /// HTTP listen address of the web service.
+    pub http_listen: Option<String>,
+    /// SQLite database file.
+    pub database: Option<PathBuf>,
+    /// Path of the embedded broker's configuration.
+    pub broker_config: Option<PathBuf>,
+    /// External broker (`host:port`) for the `ingest` role.
+    pub broker: Option<String>,
+}
+
+impl FileConfig {
+    /// Reads `path`; a missing or malformed file is a problem, not a panic.
+    pub fn load(path: &Path) -> Result<FileConfig, ConfigError> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigError(vec![Problem {
+                file: file.clone(),
+                key: String::new(),
+                message: format!("cannot read: {e}"),
+            }])
+        })?;
+        toml::from_str(&text).map_err(|e| {
+            ConfigError(vec![Problem {
+                file,
+                key: String::new(),
+                message: e.to_string().trim().replace('\n', " "),
+            }])
+        })
+    }
+}
+
+/// Where the broker configuration came from.
+#[derive(Debug, Clone)]
+pub enum BrokerSource {
+    File(PathBuf),
+    BuiltIn,
+}
+
+impl BrokerSource {
+    fn label(&self) -> String {
+        match self {
+            BrokerSource::File(p) => p.display().to_string(),
+            BrokerSource::BuiltIn => "broker.toml (built in)".into(),
+        }
+    }
+}
+
+/// The embedded broker's configuration, validated.
+#[derive(Debug, Clone)]
+pub struct BrokerConfig {
+    pub rumqttd: rumqttd::Config,
+    /// Address of the first MQTT 3.1.1 listener: where the ingestor connects.
+    pub mqtt_listen: SocketAddr,
+}
+
+/// Parses and validates a broker.toml text, applying `listen_override` to
+/// the first `[v4.*]` server.
+pub fn parse_broker_config(
+    source: &BrokerSource,
+    text: &str,
+    listen_override: Option<SocketAddr>,
+) -> Result<BrokerConfig, ConfigError> {
+    let file = source.label();
+    let mut p = Problems::default();
+    let table: toml::Table = match text.parse() {
+        Ok(t) => t,
+        Err(e) => {
+            p.add(&file, "", e.to_string().trim().replace('\n', " "));
+            return Err(ConfigError(p.0));
+        }
+    };
+    check_broker_table(&file, &table, &mut p);
+    let Some(first_v4) = table
+        .get("v4")
+        .and_then(|v| v.as_table())
+        .and_then(|t| t.keys().min().cloned())
+    else {
+        if !p.0.iter().any(|x| x.key == "v4") {
+            p.add(
+                &file,
+                "v4",
+                "no [v4.*] listener: add one (e.g. [v4.1] listen = \"0.0.0.0:1883\")",
+            );
+        }
+        return Err(ConfigError(p.0));
+    };
+    if !p.0.is_empty() {
+        return Err(ConfigError(p.0));
+    }
+    let mut value = toml::Value::Table(table);
+    if let Some(addr) = listen_override {
+        if let Some(server) = value
+            .get_mut("v4")
+            .and_then(|v| v.get_mut(&first_v4))
+            .and_then(|v| v.as_table_mut())
+        {
+            server.insert("listen".into(), toml::Value::String(addr.to_string()));
+        }
+    }
+    let rumqttd: rumqttd::Config = value.try_into().map_err(|e: toml::de::Error| {
+        ConfigError(vec![Problem {
+            file: file.clone(),
+            key: String::new(),
+            message: e.to_string().trim().replace('\n', " "),
+        }])
+    })?;
+    let mqtt_listen = rumqttd
+        .v4
+        .as_ref()
+        .and_then(|m| m.get(&first_v4))
+        .map(|s| s.listen)
+        .ok_or_else(|| {
+            ConfigError(vec![Problem {
+                file: file.clone(),
+                key: format!("[v4.{first_v4}] listen"),
+                message: "missing".into(),
+            }])
+        })?;
+    Ok(BrokerConfig {
+        rumqttd,
+        mqtt_listen,
+    })
+}
+
+enum Kind {
+    Int { min: i64, max: i64 },
+    Bool,
+    Str,
+    Addr,
+    Strategy,
+}
+
+fn check_value(file: &str, key: &str, v: &toml::Value, kind: Kind, p: &mut Problems) {
+    match kind {
+        Kind::Int { min, max } => match v.as_integer() {
+            Some(i) if (min..=max).contains(&i) => {}
+            Some(i) => p.add(
+                file,
+                key,
+                format!("{i} is out of range ({min}-{max})"),
+            ),
+            None => p.add(file, key, format!("{v} is not an integer")),
+        },
+        Kind::Bool => {
+            if v.as_bool().is_none() {
+                p.add(file, key, format!("{v} is not true or false"));
+            }
+        }
+        Kind::Str => {
+            if v.as_str().is_none() {
+                p.add(file, key, format!("{v} is not a string"));
+            }
+        }
+        Kind::Addr => match v.as_str().map(str::parse::<SocketAddr>) {
+            Some(Ok(a)) if a.port() == 0 => p.add(
+                file,
+                key,
+                format!(
+                    "\"{a}\": port 0 is not allowed, the embedded broker cannot report an OS-chosen port; pick a free port"
+                ),
+            ),
+            Some(Ok(_)) => {}
+            Some(Err(e)) => p.add(file, key, format!("{v}: {e} (expected IP:PORT, e.g. \"0.0.0.0:1883\")")),
+            None => p.add(file, key, format!("{v} is not a string")),
+        },
+        Kind::Strategy => match v.as_str() {
+            Some("roundrobin" | "random" | "sticky") => {}
+            _ => p.add(
+                file,
+                key,
+                format!("{v}: expected \"roundrobin\", \"random\" or \"sticky\""),
+            ),
+        },
+    }
+}
+
+const USIZE_MAX: i64 = i64::MAX;
+
+fn check_broker_table(file: &str, t: &toml::Table, p: &mut Problems) {
+    for (k, v) in t {
+        match k.as_str() {
+            "id" => check_value(file, "id", v, Kind::Int { min: 0, max: USIZE_MAX }, p),
+            "router" => match v.as_table() {
+                Some(r) => check_router(file, r, p),
+                None => p.add(file, "router", "must be a table [router]"),
+            },
+            "v4" | "v5" => match v.as_table() {
+                Some(servers) if !servers.is_empty() => {
+                    for (name, s) in servers {
+                        let path = format!("[{k}.{name}]");
+                        match s.as_table() {
+                            Some(s) => check_server(file, &path, s, p),
+                            None => p.add(file, path, "must be a table"),
+                        }
+                    }
+                }
+                _ => p.add(file, k.as_str(), format!("must contain listeners such as [{k}.1]")),
+            },
+            "ws" | "prometheus" | "console" | "metrics" | "cluster" | "bridge" => p.add(
+                file,
+                k.as_str(),
+                format!(
+                    "[{k}] is not supported by Widgetry's embedded broker (built without it); remove it, or run an external broker such as Mosquitto and point `widgetry ingest --broker` at it"
+                ),
+            ),
+            other => p.add(file, other, "unknown key; see the comments in the shipped broker.toml for the keys that take effect"),
+        }
+    }
+    if !t.contains_key("router") {
+        p.add(file, "router", "missing [router] table");
+    }
+}
+
+fn check_router(file: &str, r: &toml::Table, p: &mut Problems) {
+    let required = [
+        "max_connections",
+        "max_outgoing_packet_count",
+        "max_segment_size",
+        "max_segment_count",
+    ];
+    for key in required {
+        if !r.contains_key(key) {
+            p.add(file, format!("[router] {key}"), "missing");
+        }
+    }
+    for (k, v) in r {
+        let key = format!("[router] {k}");
+        match k.as_str() {
+            "max_connections" => check_value(file, &key, v, Kind::Int { min: 1, max: 1_000_000 }, p),
+            "max_outgoing_packet_count" => check_value(file, &key, v, Kind::Int { min: 1, max: USIZE_MAX }, p),
+            // rumqttd panics below 1 KiB.
+            "max_segment_size" => check_value(file, &key, v, Kind::Int { min: 1024, max: USIZE_MAX }, p),
+            "max_segment_count" => check_value(file, &key, v, Kind::Int { min: 1, max: 100_000 }, p),
+            "shared_subscriptions_strategy" => check_value(file, &key, v, Kind::Strategy, p),
+            "initialized_filters" => match v.as_array() {
+                Some(a) if a.iter().all(|f| f.is_str()) => {}
+                _ => p.add(file, key, "must be a list of topic filter strings"),
+            },
+            "custom_segment" => match v.as_table() {
+                Some(filters) => {
+                    for (filter, seg) in filters {
+                        let base = format!("[router.custom_segment.'{filter}']");
+                        let Some(seg) = seg.as_table() else {
+                            p.add(file, base, "must be a table");
+                            continue;
+                        };
+                        for need in ["max_segment_size", "max_segment_count"] {
+                            if !seg.contains_key(need) {
+                                p.add(file, format!("{base} {need}"), "missing");
+                            }
+                        }
+                        for (sk, sv) in seg {
+                            let skey = format!("{base} {sk}");
+                            match sk.as_str() {
+                                "max_segment_size" => check_value(file, &skey, sv, Kind::Int { min: 1024, max: USIZE_MAX }, p),
+                                "max_segment_count" => check_value(file, &skey, sv, Kind::Int { min: 1, max: 100_000 }, p),
+                                _ => p.add(file, skey, "unknown key (expected max_segment_size, max_segment_count)"),
+                            }
+                        }
+                    }
+                }
+                None => p.add(file, key, "must be a table of filter = { max_segment_size, max_segment_count }"),
+            },
+            _ => p.add(file, key, "unknown key (expected max_connections, max_outgoing_packet_count, max_segment_size, max_segment_count, shared_subscriptions_strategy, initialized_filters, custom_segment)"),
+        }
+    }
+}
+
+fn check_server(file: &str, path: &str, s: &toml::Table, p: &mut Problems) {
+    for need in ["name", "listen", "next_connection_delay_ms", "connections"] {
+        if !s.contains_key(need) {
+            p.add(file, format!("{path} {need}"), "missing");
+        }
+    }
+    for (k, v) in s {
+        let key = format!("{path} {k}");
+        match k.as_str() {
+            "name" => check_value(file, &key, v, Kind::Str, p),
+            "listen" => check_value(file, &key, v, Kind::Addr, p),
+            "next_connection_delay_ms" => {
+                check_value(file, &key, v, Kind::Int { min: 0, max: 60_000 }, p)
+            }
+            "tls" => p.add(
+                file,
+                key,
+                "TLS is not built into the embedded broker; terminate TLS in front of it or use an external broker",
+            ),
+            "connections" => match v.as_table() {
+                Some(c) => check_connections(file, &format!("[{}.connections]", path.trim_matches(['[', ']'])), c, p),
+                None => p.add(file, key, "must be a table"),
+            },
+            _ => p.add(
+                file,
+                key,
+                "unknown key (expected name, listen, next_connection_delay_ms, connections)",
+            ),
+        }
+    }
+}
+
+fn check_connections(file: &str, path: &str, c: &toml::Table, p: &mut Problems) {
+    for need in ["connection_timeout_ms", "max_payload_size", "max_inflight_count"] {
+        if !c.contains_key(need) {
+            p.add(file, format!("{path} {need}"), "missing");
+        }
+    }
+    for (k, v) in c {
+        let key = format!("{path} {k}");
+        match k.as_str() {
+            "connection_timeout_ms" => check_value(file, &key, v, Kind::Int { min: 1, max: 65_535 }, p),
+            "max_payload_size" => check_value(file, &key, v, Kind::Int { min: 1024, max: 256 * 1024 * 1024 }, p),
+            "max_inflight_count" => check_value(file, &key, v, Kind::Int { min: 1, max: 65_535 }, p),
+            "dynamic_filters" => {
+                check_value(file, &key, v, Kind::Bool, p);
+                if v.as_bool() == Some(false) {
+                    p.add(file, key, "false disconnects any client that publishes to a topic nobody subscribed to; set it to true");
+                }
+            }
+            "auth" => match v.as_table() {
+                Some(users) => {
+                    for (user, pass) in users {
+                        if !pass.is_str() {
+                            // Never echo the value: it is a password.
+                            p.add(file, format!("{path} auth.{user}"), "password must be a string");
+                        }
+                    }
+                }
+                None => p.add(file, key, "must be a table of user = \"password\""),
+            },
+            _ => p.add(file, key, "unknown key (expected connection_timeout_ms, max_payload_size, max_inflight_count, dynamic_filters, auth)"),
+        }
+    }
+    if !c.contains_key("dynamic_filters") {
+        p.add(file, format!("{path} dynamic_filters"), "missing; set it to true");
+    }
+}
+
+/// Reads the broker configuration from `path`, or from ./broker.toml if it
+/// exists, or the built-in default.
+pub fn load_broker_config(
+    path: Option<&Path>,
+    listen_override: Option<SocketAddr>,
+) -> Result<BrokerConfig, ConfigError> {
+    let local = Path::new("broker.toml");
+    let (source, text) = match path {
+        Some(p) => (BrokerSource::File(p.to_path_buf()), read(p)?),
+        None if local.exists() => (BrokerSource::File(local.to_path_buf()), read(local)?),
+        None => (BrokerSource::BuiltIn, DEFAULT_BROKER_TOML.to_string()),
+    };
+    parse_broker_config(&source, &text, listen_override)
+}
+
+fn read(p: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(p).map_err(|e| {
+        ConfigError(vec![Problem {
+            file: p.display().to_string(),
+            key: String::new(),
+            message: format!("cannot read: {e}"),
+        }])
+    })
+}
+
+/// Parses an address given by flag, env or config file; `what` names it.
+pub fn parse_addr(
+    value: &str,
+    source: &str,
+    key: &str,
+    allow_port_zero: bool,
+) -> Result<SocketAddr, Problem> {
+    let problem = |message: String| Problem {
+        file: source.to_string(),
+        key: key.to_string(),
+        message,
+    };
+    let addr: SocketAddr = value
+        .parse()
+        .map_err(|e| problem(format!("{value:?}: {e} (expected IP:PORT, e.g. 0.0.0.0:8080)")))?;
+    if addr.port() == 0 && !allow_port_zero {
+        return Err(problem(format!(
+            "{value:?}: port 0 is not allowed here; pick a free port"
+        )));
+    }
+    Ok(addr)
+}
+
+/// Checks that the database's directory exists.
+pub fn check_database_path(path: &Path, source: &str, key: &str) -> Result<(), Problem> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    if dir.is_dir() {
+        Ok(())
+    } else {
+        Err(Problem {
+            file: source.to_string(),
+            key: key.to_string(),
+            message: format!(
+                "{}: directory {} does not exist; create it or choose another path",
+                path.display(),
+                dir.display()
+            ),
+        })
+    }
+}
+
+/// Users allowed by `[v4.*.connections.auth]`, if any (for logging only
+/// the count: credentials never reach the logs).
+pub fn auth_users(cfg: &rumqttd::Config) -> usize {
+    let count = |m: &Option<HashMap<String, rumqttd::ServerSettings>>| {
+        m.iter()
+            .flat_map(|m| m.values())
+            .filter_map(|s| s.connections.auth.as_ref().map(|a| a.len()))
+            .sum::<usize>()
+    };
+    count(&cfg.v4) + count(&cfg.v5)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn problems(text: &str) -> Vec<String> {
+        match parse_broker_config(&BrokerSource::File("b.toml".into()), text, None) {
+            Ok(_) => vec![],
+            Err(e) => e.0.iter().map(|p| p.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn shipped_broker_toml_is_valid() {
+        let cfg = parse_broker_config(&BrokerSource::BuiltIn, DEFAULT_BROKER_TOML, None)
+            .expect("the shipped broker.toml must be valid");
+        assert_eq!(cfg.mqtt_listen.to_string(), DEFAULT_MQTT_LISTEN);
+        let over: SocketAddr = "127.0.0.1:4444".parse().expect("addr");
+        let cfg = parse_broker_config(&BrokerSource::BuiltIn, DEFAULT_BROKER_TOML, Some(over))
+            .expect("valid");
+        assert_eq!(cfg.mqtt_listen, over);
+    }
+
+    #[test]
+    fn reports_every_problem_with_key() {
+        let text = DEFAULT_BROKER_TOML
+            .replace("listen = \"0.0.0.0:1883\"", "listen = \"0.0.0.0:99999\"")
+            .replace("max_segment_count = 4", "max_segment_count = 4\nbogus = 1")
+            .replace("connection_timeout_ms = 5000", "connection_timeout_ms = 70000");
+        let got = problems(&text);
+        assert_eq!(got.len(), 3, "{got:#?}");
+        assert!(got[0].contains("b.toml") || got.iter().all(|g| g.starts_with("config b.toml")));
+        assert!(got.iter().any(|g| g.contains("[router] bogus") && g.contains("unknown key")), "{got:#?}");
+        assert!(got.iter().any(|g| g.contains("[v4.1] listen") && g.contains("99999")), "{got:#?}");
+        assert!(
+            got.iter().any(|g| g.contains("[v4.1.connections] connection_timeout_ms") && g.contains("out of range")),
+            "{got:#?}"
+        );
+    }
+
+    #[test]
+    fn rejects_unsupported_sections_and_false_dynamic_filters() {
+        let text = DEFAULT_BROKER_TOML.replace("dynamic_filters = true", "dynamic_filters = false")
+            + "\n[console]\nlisten = \"0.0.0.0:3030\"\n";
+        let got = problems(&text);
+        assert!(got.iter().any(|g| g.contains("dynamic_filters")), "{got:#?}");
+        assert!(got.iter().any(|g| g.contains("console") && g.contains("not supported")), "{got:#?}");
+        assert!(!problems("id = 0\n").is_empty());
+        assert!(!problems("this is not toml").is_empty());
+    }
+
+    #[test]
+    fn auth_values_are_never_echoed() {
+        let text = DEFAULT_BROKER_TOML.replace(
+            "# [v4.1.connections.auth]\n# demo = \"change-me\"",
+            "[v4.1.connections.auth]\ndemo = 12345678",
+        );
+        let got = problems(&text).join("\n");
+        assert!(got.contains("auth.demo"), "{got}");
+        assert!(!got.contains("12345678"), "password leaked: {got}");
+    }
+}

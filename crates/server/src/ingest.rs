@@ -1,0 +1,736 @@
+//! The ingestor: MQTT → validation → SQLite batch log → acknowledgements.
+//!
+//! Data flows source → sink: a subscriber connection receives publishes and
+//! decodes them into [`Item`]s; one writer task groups items into
+//! transactions (bounded by count and time), commits, and only then
+//! publishes `…/ack` for the committed batches and `…/errors` for rejects
+//! over a second, publish-only connection (so the writer can never deadlock
+//! against the subscriber's event loop).
+//!
+//! It must never acknowledge a batch before its transaction is durable, and
+//! never let one device's bad input stop or slow the others.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn};
+use widgetry_proto::json::{Ack, ErrorReport, Status, parse_samples, parse_status};
+use widgetry_proto::{DecodedBatch, Limits, Reject, SessionId, Topic, TopicKind};
+
+use crate::metrics::Metrics;
+use crate::store::{self, BatchRow, Store, StoreError};
+use crate::util::{backoff, now_ms};
+
+/// Settings of the ingest role.
+#[derive(Debug, Clone)]
+pub struct IngestConfig {
+    /// Broker host and port.
+    pub broker_host: String,
+    pub broker_port: u16,
+    /// MQTT client id of the subscriber connection (`-pub` is appended for
+    /// the publisher). Persistent session: a broker that keeps sessions
+    /// queues messages for it while it is down.
+    pub client_id: String,
+    pub credentials: Option<(String, String)>,
+    /// Most items per transaction.
+    pub max_batch_items: usize,
+    /// Longest an item waits for its transaction.
+    pub max_wait: Duration,
+    /// Items queued between the subscriber and the writer.
+    pub queue: usize,
+    pub limits: Limits,
+}
+
+impl IngestConfig {
+    /// Defaults for a broker at `host:port`.
+    pub fn new(broker_host: impl Into<String>, broker_port: u16) -> Self {
+        IngestConfig {
+            broker_host: broker_host.into(),
+            broker_port,
+            client_id: "widgetry-ingest".into(),
+            credentials: None,
+            max_batch_items: 1000,
+            max_wait: Duration::from_millis(20),
+            queue: 4096,
+            limits: Limits::default(),
+        }
+    }
+}
+
+/// Errors that stop the ingestor.
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    #[error("ingest writer task failed: {0}")]
+    Join(#[from] tokio::task::JoinError),
+}
+
+/// One unit of work for the writer.
+#[derive(Debug)]
+enum Item {
+    Batch {
+        device: String,
+        batch: DecodedBatch,
+        received_ms: i64,
+    },
+    Json {
+        device: String,
+        batch: DecodedBatch,
+        received_ms: i64,
+    },
+    Status {
+        device: String,
+        status: Status,
+        received_ms: i64,
+    },
+    Rejected {
+        device: Option<String>,
+        topic: String,
+        reject: Reject,
+        received_ms: i64,
+    },
+}
+
+impl Item {
+    fn received_ms(&self) -> i64 {
+        match self {
+            Item::Batch { received_ms, .. }
+            | Item::Json { received_ms, .. }
+            | Item::Status { received_ms, .. }
+            | Item::Rejected { received_ms, .. } => *received_ms,
+        }
+    }
+}
+
+fn mqtt_options(cfg: &IngestConfig, client_id: String, clean: bool) -> MqttOptions {
+    let mut opts = MqttOptions::new(client_id, cfg.broker_host.clone(), cfg.broker_port);
+    opts.set_keep_alive(Duration::from_secs(30));
+    opts.set_clean_session(clean);
+    let max = cfg.limits.max_payload_bytes + 64 * 1024;
+    opts.set_max_packet_size(max, max);
+    opts.set_inflight(1000);
+    if let Some((user, pass)) = &cfg.credentials {
+        opts.set_credentials(user.clone(), pass.clone());
+    }
+    opts
+}
+
+/// Runs the ingestor until `shutdown` is cancelled, then drains what it has
+/// received (committing and acknowledging it) and returns.
+pub async fn run(
+    cfg: IngestConfig,
+    store: Store,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) -> Result<(), IngestError> {
+    let (tx, rx) = mpsc::channel(cfg.queue);
+    let (pub_client, pub_loop) = AsyncClient::new(
+        mqtt_options(&cfg, format!("{}-pub", cfg.client_id), true),
+        1024,
+    );
+    let (sub_client, sub_loop) =
+        AsyncClient::new(mqtt_options(&cfg, cfg.client_id.clone(), false), 64);
+
+    // The publisher's event loop must outlive the writer so the last acks go
+    // out; it has its own token, cancelled after the writer finishes.
+    let pub_stop = CancellationToken::new();
+    let publisher = tokio::spawn(drive_publisher(
+        pub_loop,
+        metrics.clone(),
+        pub_stop.clone(),
+    ));
+    let writer = tokio::spawn(
+        Writer {
+            store,
+            metrics: metrics.clone(),
+            client: pub_client.clone(),
+            json_session: SessionId::generate(),
+            json_seq: 0,
+            series_cache: HashMap::new(),
+            sessions: HashMap::new(),
+            max_items: cfg.max_batch_items,
+            max_wait: cfg.max_wait,
+        }
+        .run(rx),
+    );
+    subscribe_loop(&cfg, sub_client.clone(), sub_loop, tx, &metrics, &shutdown).await;
+    // The subscriber dropped its sender: the writer drains and exits.
+    let res = writer.await;
+    let _ = pub_client.disconnect().await;
+    // Give the publisher a moment to flush the disconnect, then stop it.
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        while !publisher.is_finished() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    pub_stop.cancel();
+    let _ = publisher.await;
+    info!("ingestor stopped");
+    res.map_err(IngestError::from)
+}
+
+async fn drive_publisher(mut ev: EventLoop, metrics: Arc<Metrics>, stop: CancellationToken) {
+    let mut failures = 0u32;
+    loop {
+        let next = tokio::select! {
+            _ = stop.cancelled() => return,
+            n = ev.poll() => n,
+        };
+        match next {
+            Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => return,
+            Ok(Event::Incoming(Packet::ConnAck(_))) => failures = 0,
+            Ok(_) => {}
+            Err(e) => {
+                failures += 1;
+                metrics.mqtt_reconnects.fetch_add(1, Ordering::Relaxed);
+                warn!(error = %e, "ingest publisher connection lost; retrying");
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(backoff(failures)) => {}
+                }
+            }
+        }
+    }
+}
+
+async fn subscribe_loop(
+    cfg: &IngestConfig,
+    client: AsyncClient,
+    mut ev: EventLoop,
+    tx: mpsc::Sender<Item>,
+    metrics: &Metrics,
+    shutdown: &CancellationToken,
+) {
+    let mut failures = 0u32;
+    loop {
+        let next = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            n = ev.poll() => n,
+        };
+        match next {
+            Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                info!(broker = %format!("{}:{}", cfg.broker_host, cfg.broker_port), "ingestor connected to broker");
+                failures = 0;
+                let filters = [
+                    TopicKind::Samples,
+                    TopicKind::SamplesJson,
+                    TopicKind::Status,
+                ]
+                .map(|k| rumqttc::SubscribeFilter::new(k.filter(), QoS::AtLeastOnce));
+                if let Err(e) = client.try_subscribe_many(filters) {
+                    error!(error = %e, "cannot queue subscription");
+                }
+            }
+            Ok(Event::Incoming(Packet::Publish(p))) => {
+                let item = classify(&p.topic, &p.payload, &cfg.limits, metrics);
+                if let Some(item) = item {
+                    // Backpressure: when the writer is behind we stop
+                    // reading from the broker.
+                    let send = tx.send(item);
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break,
+                        r = send => if r.is_err() { break },
+                    }
+                }
+            }
+            Ok(_) => {}
+            Err(e) => {
+                failures += 1;
+                metrics.mqtt_reconnects.fetch_add(1, Ordering::Relaxed);
+                warn!(error = %e, attempt = failures, "ingestor lost the broker connection; reconnecting");
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tokio::time::sleep(backoff(failures)) => {}
+                }
+            }
+        }
+    }
+    let _ = client.try_disconnect();
+    // Flush the DISCONNECT so a persistent session ends cleanly.
+    let _ = tokio::time::timeout(Duration::from_millis(500), async {
+        loop {
+            match ev.poll().await {
+                Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+}
+
+/// Decodes one publish into work for the writer (or a reject).
+fn classify(topic: &str, payload: &[u8], limits: &Limits, metrics: &Metrics) -> Option<Item> {
+    let received_ms = now_ms();
+    let parsed = match Topic::parse(topic) {
+        Ok(t) => t,
+        Err(reject) => {
+            metrics.messages_other.fetch_add(1, Ordering::Relaxed);
+            return Some(Item::Rejected {
+                device: None,
+                topic: topic.to_string(),
+                reject,
+                received_ms,
+            });
+        }
+    };
+    let device = parsed.device.to_string();
+    let result = match parsed.kind {
+        TopicKind::Samples => {
+            metrics.messages_samples.fetch_add(1, Ordering::Relaxed);
+            DecodedBatch::decode(payload, limits, received_ms).map(|batch| Item::Batch {
+                device: device.clone(),
+                batch,
+                received_ms,
+            })
+        }
+        TopicKind::SamplesJson => {
+            metrics.messages_samples_json.fetch_add(1, Ordering::Relaxed);
+            parse_samples(payload, limits, received_ms).map(|samples| {
+                let mut keys: Vec<widgetry_proto::SeriesKey> = Vec::new();
+                let mut builder = widgetry_proto::BatchBuilder::default();
+                for s in samples {
+                    let id = match keys.iter().position(|k| *k == s.series) {
+                        Some(i) => i,
+                        None => {
+                            keys.push(s.series);
+                            keys.len() - 1
+                        }
+                    };
+                    builder.push(id as u32, s.ts_ms, s.value);
+                }
+                let series = keys
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, k)| (i as u32, k))
+                    .collect();
+                // Session and seq are assigned by the writer.
+                Item::Json {
+                    device: device.clone(),
+                    batch: builder.finish(SessionId([0; 16]), 1, series),
+                    received_ms,
+                }
+            })
+        }
+        TopicKind::Status => {
+            metrics.messages_status.fetch_add(1, Ordering::Relaxed);
+            if payload.is_empty() {
+                // A cleared retained message: nothing to record.
+                return None;
+            }
+            parse_status(payload).map(|status| Item::Status {
+                device: device.clone(),
+                status,
+                received_ms,
+            })
+        }
+        TopicKind::Events | TopicKind::Ack | TopicKind::Errors => {
+            metrics.messages_other.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+    };
+    Some(result.unwrap_or_else(|reject| Item::Rejected {
+        device: Some(device),
+        topic: topic.to_string(),
+        reject,
+        received_ms,
+    }))
+}
+
+/// Acknowledgement state of one session.
+#[derive(Debug, Clone, Default)]
+struct SessionAcks {
+    /// Every seq ≤ through is committed.
+    through: u64,
+    /// Committed seqs above `through`.
+    above: BTreeSet<u64>,
+}
+
+impl SessionAcks {
+    fn commit(&mut self, seq: u64) {
+        if seq > self.through {
+            self.above.insert(seq);
+        }
+        while self.above.remove(&(self.through + 1)) {
+            self.through += 1;
+        }
+    }
+}
+
+/// Bound on cached sessions and series bindings; past it the caches are
+/// cleared and reloaded from the database on demand.
+const CACHE_LIMIT: usize = 200_000;
+/// Most selectively acknowledged seqs listed in one ack message.
+const MAX_ACK_SEQS: usize = 256;
+
+type SessionKey = (String, SessionId);
+
+struct Writer {
+    store: Store,
+    metrics: Arc<Metrics>,
+    client: AsyncClient,
+    json_session: SessionId,
+    json_seq: u64,
+    /// (device, session, local id) → series id, committed bindings only.
+    series_cache: HashMap<(String, SessionId, u32), i64>,
+    sessions: HashMap<SessionKey, SessionAcks>,
+    max_items: usize,
+    max_wait: Duration,
+}
+
+/// What a committed transaction leads to.
+#[derive(Default)]
+struct Outcome {
+    acks: Vec<(String, Ack)>,
+    errors: Vec<(String, ErrorReport)>,
+    batches: u64,
+    duplicates: u64,
+    samples: u64,
+}
+
+impl Writer {
+    async fn run(mut self, mut rx: mpsc::Receiver<Item>) {
+        let mut items = Vec::with_capacity(self.max_items);
+        while let Some(first) = rx.recv().await {
+            items.push(first);
+            let deadline = tokio::time::Instant::now() + self.max_wait;
+            while items.len() < self.max_items {
+                match tokio::time::timeout_at(deadline, rx.recv()).await {
+                    Ok(Some(item)) => items.push(item),
+                    Ok(None) | Err(_) => break,
+                }
+            }
+            self.process(std::mem::take(&mut items)).await;
+        }
+        debug!("ingest writer drained");
+    }
+
+    async fn process(&mut self, items: Vec<Item>) {
+        let oldest = items.iter().map(Item::received_ms).min().unwrap_or_else(now_ms);
+        let mut new_bindings = Vec::new();
+        let mut sessions = HashMap::new();
+        match self
+            .transaction(items, &mut new_bindings, &mut sessions)
+            .await
+        {
+            Ok(outcome) => {
+                if self.series_cache.len() + new_bindings.len() > CACHE_LIMIT {
+                    self.series_cache.clear();
+                }
+                self.series_cache.extend(new_bindings);
+                if self.sessions.len() > CACHE_LIMIT {
+                    self.sessions.clear();
+                }
+                self.sessions.extend(sessions);
+                let m = &self.metrics;
+                m.commits.fetch_add(1, Ordering::Relaxed);
+                m.batches_stored.fetch_add(outcome.batches, Ordering::Relaxed);
+                m.batches_duplicate
+                    .fetch_add(outcome.duplicates, Ordering::Relaxed);
+                m.samples_stored.fetch_add(outcome.samples, Ordering::Relaxed);
+                m.ingest_lag_ms.store(now_ms() - oldest, Ordering::Relaxed);
+                self.publish(outcome).await;
+            }
+            Err(e) => {
+                // Nothing of this transaction is acknowledged: devices resend.
+                self.metrics.db_errors.fetch_add(1, Ordering::Relaxed);
+                error!(error = %e, "ingest transaction failed; its batches are not acknowledged and will be resent by devices");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+
+    async fn publish(&self, outcome: Outcome) {
+        for (device, ack) in outcome.acks {
+            let topic = Topic::name(&device, TopicKind::Ack);
+            let payload = serde_json::to_vec(&ack).unwrap_or_default();
+            match self
+                .client
+                .publish(topic, QoS::AtLeastOnce, false, payload)
+                .await
+            {
+                Ok(()) => {
+                    self.metrics.acks_published.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(e) => warn!(device = %device, error = %e, "cannot publish ack"),
+            }
+        }
+        for (device, report) in outcome.errors {
+            let topic = Topic::name(&device, TopicKind::Errors);
+            let payload = serde_json::to_vec(&report).unwrap_or_default();
+            if let Err(e) = self
+                .client
+                .publish(topic, QoS::AtMostOnce, false, payload)
+                .await
+            {
+                warn!(device = %device, error = %e, "cannot publish error report");
+            }
+        }
+    }
+
+    async fn transaction(
+        &mut self,
+        items: Vec<Item>,
+        new_bindings: &mut Vec<((String, SessionId, u32), i64)>,
+        sessions: &mut HashMap<SessionKey, SessionAcks>,
+    ) -> Result<Outcome, StoreError> {
+        let mut tx = self.store.begin().await?;
+        let mut out = Outcome::default();
+        let mut seen: HashMap<String, (i64, i64)> = HashMap::new();
+        let mut touched: Vec<SessionKey> = Vec::new();
+        for item in items {
+            match item {
+                Item::Batch {
+                    device,
+                    batch,
+                    received_ms,
+                } => {
+                    seen.entry(device.clone()).or_insert((received_ms, 0)).0 = received_ms;
+                    match self
+                        .store_batch(&mut tx, &device, batch, received_ms, new_bindings, &mut out)
+                        .await?
+                    {
+                        Ok((session, seq)) => {
+                            let key = (device.clone(), session);
+                            if !sessions.contains_key(&key) {
+                                let state = match self.sessions.get(&key) {
+                                    Some(s) => s.clone(),
+                                    None => load_session(&mut tx, &device, &session).await?,
+                                };
+                                sessions.insert(key.clone(), state);
+                                touched.push(key.clone());
+                            }
+                            if let Some(s) = sessions.get_mut(&key) {
+                                s.commit(seq);
+                            }
+                        }
+                        Err(reject) => {
+                            self.reject(&device, Topic::name(&device, TopicKind::Samples), reject, received_ms, &mut out);
+                            seen.entry(device).or_insert((received_ms, 0)).1 += 1;
+                        }
+                    }
+                }
+                Item::Json {
+                    device,
+                    mut batch,
+                    received_ms,
+                } => {
+                    seen.entry(device.clone()).or_insert((received_ms, 0)).0 = received_ms;
+                    self.json_seq += 1;
+                    batch.session = self.json_session;
+                    batch.seq = self.json_seq;
+                    if let Err(reject) = self
+                        .store_batch(&mut tx, &device, batch, received_ms, new_bindings, &mut out)
+                        .await?
+                    {
+                        self.reject(&device, Topic::name(&device, TopicKind::SamplesJson), reject, received_ms, &mut out);
+                    }
+                }
+                Item::Status {
+                    device,
+                    status,
+                    received_ms,
+                } => {
+                    store::set_status(&mut tx, &device, &status, received_ms).await?;
+                }
+                Item::Rejected {
+                    device,
+                    topic,
+                    reject,
+                    received_ms,
+                } => match device {
+                    Some(device) => {
+                        self.reject(&device, topic, reject, received_ms, &mut out);
+                        seen.entry(device).or_insert((received_ms, 0)).1 += 1;
+                    }
+                    None => {
+                        self.metrics.reject(reject.code());
+                        warn!(topic = %topic, reason = reject.code(), "rejected message: {reject}");
+                    }
+                },
+            }
+        }
+        for (device, (at, rejects)) in &seen {
+            store::touch_device(&mut tx, device, *at, *rejects).await?;
+        }
+        let now = now_ms();
+        for key in &touched {
+            if let Some(state) = sessions.get(key) {
+                store::set_session_through(&mut tx, &key.0, &key.1, state.through, now).await?;
+            }
+        }
+        tx.commit().await?;
+        for key in touched {
+            if let Some(state) = sessions.get(&key) {
+                out.acks.push((
+                    key.0.clone(),
+                    Ack {
+                        session: key.1,
+                        through: state.through,
+                        seqs: state.above.iter().take(MAX_ACK_SEQS).copied().collect(),
+                    },
+                ));
+            }
+        }
+        Ok(out)
+    }
+
+    fn reject(
+        &self,
+        device: &str,
+        topic: String,
+        reject: Reject,
+        received_ms: i64,
+        out: &mut Outcome,
+    ) {
+        self.metrics.reject(reject.code());
+        warn!(device = %device, topic = %topic, reason = reject.code(), "rejected payload: {reject}");
+        out.errors.push((
+            device.to_string(),
+            ErrorReport {
+                topic,
+                code: reject.code().to_string(),
+                message: reject.to_string(),
+                ts: received_ms,
+            },
+        ));
+    }
+
+    /// Resolves series ids and appends the batch to the log. The inner
+    /// result is a reject (nothing written), the outer one a database error.
+    async fn store_batch(
+        &self,
+        tx: &mut store::WriteTx,
+        device: &str,
+        mut batch: DecodedBatch,
+        received_ms: i64,
+        new_bindings: &mut Vec<((String, SessionId, u32), i64)>,
+        out: &mut Outcome,
+    ) -> Result<Result<(SessionId, u64), Reject>, StoreError> {
+        let session = batch.session;
+        let mut local: HashMap<u32, i64> = HashMap::new();
+        for (id, key) in &batch.series {
+            let global = store::upsert_series(tx, device, key).await?;
+            let cache_key = (device.to_string(), session, *id);
+            let bound = match self.series_cache.get(&cache_key) {
+                Some(g) => Some(*g),
+                None => match new_bindings.iter().find(|(k, _)| *k == cache_key) {
+                    Some((_, g)) => Some(*g),
+                    None => store::session_series(tx, device, &session, *id).await?,
+                },
+            };
+            match bound {
+                Some(g) if g != global => {
+                    return Ok(Err(Reject::Series(format!(
+                        "series id {id} was already bound to another series in session {session}; ids cannot be reused within a session"
+                    ))));
+                }
+                Some(_) => {}
+                None => {
+                    store::bind_session_series(tx, device, &session, *id, global).await?;
+                    new_bindings.push((cache_key, global));
+                }
+            }
+            local.insert(*id, global);
+        }
+        for run in &mut batch.runs {
+            let global = match local.get(&run.series_id) {
+                Some(g) => *g,
+                None => {
+                    let cache_key = (device.to_string(), session, run.series_id);
+                    let found = match self.series_cache.get(&cache_key) {
+                        Some(g) => Some(*g),
+                        None => match new_bindings.iter().find(|(k, _)| *k == cache_key) {
+                            Some((_, g)) => Some(*g),
+                            None => store::session_series(tx, device, &session, run.series_id).await?,
+                        },
+                    };
+                    match found {
+                        Some(g) => {
+                            local.insert(run.series_id, g);
+                            g
+                        }
+                        None => {
+                            return Ok(Err(Reject::Series(format!(
+                                "series id {} was never defined in session {session}: resend its SeriesDef",
+                                run.series_id
+                            ))));
+                        }
+                    }
+                }
+            };
+            run.series_id = u32::try_from(global).map_err(|_| {
+                StoreError::Corrupt(format!("series id {global} exceeds u32"))
+            })?;
+        }
+        let samples = batch.sample_count() as i64;
+        let (min_ts, max_ts) = batch.ts_range().unwrap_or((received_ms, received_ms));
+        batch.series.clear();
+        let payload = batch.encode();
+        let inserted = store::insert_batch(
+            tx,
+            &BatchRow {
+                device,
+                session: &session,
+                seq: batch.seq,
+                received_ms,
+                min_ts,
+                max_ts,
+                samples,
+                payload: &payload,
+            },
+        )
+        .await?;
+        if inserted {
+            out.batches += 1;
+            out.samples += samples as u64;
+        } else {
+            out.duplicates += 1;
+            debug!(device = %device, session = %session, seq = batch.seq, "duplicate batch skipped");
+        }
+        Ok(Ok((session, batch.seq)))
+    }
+}
+
+async fn load_session(
+    tx: &mut store::WriteTx,
+    device: &str,
+    session: &SessionId,
+) -> Result<SessionAcks, StoreError> {
+    let through = store::session_through(tx, device, session)
+        .await?
+        .unwrap_or(0);
+    let above = store::seqs_above(tx, device, session, through).await?;
+    let mut state = SessionAcks {
+        through,
+        above: BTreeSet::new(),
+    };
+    for seq in above {
+        state.commit(seq);
+    }
+    Ok(state)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ack_watermark_advances_over_contiguous_seqs() {
+        let mut s = SessionAcks::default();
+        s.commit(2);
+        assert_eq!((s.through, s.above.len()), (0, 1));
+        s.commit(1);
+        assert_eq!((s.through, s.above.len()), (2, 0));
+        s.commit(5);
+        s.commit(3);
+        assert_eq!(s.through, 3);
+        assert_eq!(s.above.iter().copied().collect::<Vec<_>>(), vec![5]);
+        s.commit(2);
+        assert_eq!(s.through, 3, "old seqs do not move the watermark");
+    }
+}

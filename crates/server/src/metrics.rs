@@ -1,0 +1,150 @@
+//! Process-wide counters, rendered as Prometheus text on `GET /metrics`.
+//!
+//! Counters are plain atomics: incrementing one must never block or
+//! allocate on the ingest path.
+
+use std::fmt::Write;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+
+use widgetry_proto::Reject;
+
+/// Counters of every role that runs in this process.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    pub messages_samples: AtomicU64,
+    pub messages_samples_json: AtomicU64,
+    pub messages_status: AtomicU64,
+    pub messages_other: AtomicU64,
+    pub batches_stored: AtomicU64,
+    pub batches_duplicate: AtomicU64,
+    pub samples_stored: AtomicU64,
+    pub commits: AtomicU64,
+    pub db_errors: AtomicU64,
+    pub mqtt_reconnects: AtomicU64,
+    pub acks_published: AtomicU64,
+    /// Milliseconds between receiving the oldest message of the last
+    /// committed transaction and its commit.
+    pub ingest_lag_ms: AtomicI64,
+    rejects: [AtomicU64; Reject::CODES.len() + 1],
+    pub http_requests: AtomicU64,
+}
+
+impl Metrics {
+    /// Counts a rejected payload under its reason code.
+    pub fn reject(&self, code: &str) {
+        let idx = Reject::CODES
+            .iter()
+            .position(|c| *c == code)
+            .unwrap_or(Reject::CODES.len());
+        self.rejects[idx].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Rejects counted under `code` so far.
+    pub fn rejects(&self, code: &str) -> u64 {
+        Reject::CODES
+            .iter()
+            .position(|c| *c == code)
+            .map(|i| self.rejects[i].load(Ordering::Relaxed))
+            .unwrap_or(0)
+    }
+
+    /// Prometheus text exposition format.
+    pub fn render(&self) -> String {
+        let mut out = String::with_capacity(2048);
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let mut counter = |name: &str, help: &str, samples: &[(&str, u64)]| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+            for (labels, v) in samples {
+                let _ = writeln!(out, "{name}{labels} {v}");
+            }
+        };
+        counter(
+            "widgetry_ingest_messages_total",
+            "MQTT messages received by the ingestor, by topic kind.",
+            &[
+                ("{kind=\"samples\"}", get(&self.messages_samples)),
+                ("{kind=\"samples_json\"}", get(&self.messages_samples_json)),
+                ("{kind=\"status\"}", get(&self.messages_status)),
+                ("{kind=\"other\"}", get(&self.messages_other)),
+            ],
+        );
+        counter(
+            "widgetry_ingest_batches_stored_total",
+            "Batches committed to the database.",
+            &[("", get(&self.batches_stored))],
+        );
+        counter(
+            "widgetry_ingest_batches_duplicate_total",
+            "Batches received again after being stored (acknowledged, not stored twice).",
+            &[("", get(&self.batches_duplicate))],
+        );
+        counter(
+            "widgetry_ingest_samples_stored_total",
+            "Samples committed to the database.",
+            &[("", get(&self.samples_stored))],
+        );
+        counter(
+            "widgetry_ingest_commits_total",
+            "Database transactions committed by the ingestor.",
+            &[("", get(&self.commits))],
+        );
+        counter(
+            "widgetry_ingest_db_errors_total",
+            "Failed database transactions (their batches were not acknowledged).",
+            &[("", get(&self.db_errors))],
+        );
+        counter(
+            "widgetry_ingest_mqtt_reconnects_total",
+            "Times the ingestor lost and re-established its broker connection.",
+            &[("", get(&self.mqtt_reconnects))],
+        );
+        counter(
+            "widgetry_ingest_acks_published_total",
+            "Acknowledgements published to devices.",
+            &[("", get(&self.acks_published))],
+        );
+        let rejects: Vec<(String, u64)> = Reject::CODES
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (format!("{{reason=\"{c}\"}}"), get(&self.rejects[i])))
+            .chain(std::iter::once((
+                "{reason=\"other\"}".to_string(),
+                get(&self.rejects[Reject::CODES.len()]),
+            )))
+            .collect();
+        let rejects: Vec<(&str, u64)> = rejects.iter().map(|(l, v)| (l.as_str(), *v)).collect();
+        counter(
+            "widgetry_ingest_rejects_total",
+            "Payloads rejected by the ingestor, by reason.",
+            &rejects,
+        );
+        counter(
+            "widgetry_web_requests_total",
+            "HTTP requests served.",
+            &[("", get(&self.http_requests))],
+        );
+        let _ = writeln!(
+            out,
+            "# HELP widgetry_ingest_lag_seconds Receive-to-commit time of the oldest message in the last commit.\n# TYPE widgetry_ingest_lag_seconds gauge\nwidgetry_ingest_lag_seconds {}",
+            self.ingest_lag_ms.load(Ordering::Relaxed) as f64 / 1000.0
+        );
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_rejects_by_reason() {
+        let m = Metrics::default();
+        m.reject("bad_json");
+        m.reject("bad_json");
+        m.reject("not-a-code");
+        let text = m.render();
+        assert!(text.contains("widgetry_ingest_rejects_total{reason=\"bad_json\"} 2"), "{text}");
+        assert!(text.contains("widgetry_ingest_rejects_total{reason=\"other\"} 1"), "{text}");
+        assert_eq!(m.rejects("bad_json"), 2);
+    }
+}
