@@ -180,11 +180,7 @@ pub async fn run(
                     outbox.mark_all_unsent();
                 }
                 Ok(Event::Incoming(Packet::Publish(p))) if p.topic == ack_topic => {
-                    if let Ok(ack) = serde_json::from_slice::<Ack>(&p.payload) {
-                        if ack.session == session {
-                            outbox.ack(&ack);
-                        }
-                    }
+                    apply_ack(&p.payload, session, &mut outbox);
                 }
                 Ok(_) => {}
                 Err(_) => {
@@ -232,11 +228,7 @@ pub async fn run(
                     outbox.mark_all_unsent();
                 }
                 Ok(Event::Incoming(Packet::Publish(p))) if p.topic == ack_topic => {
-                    if let Ok(ack) = serde_json::from_slice::<Ack>(&p.payload) {
-                        if ack.session == session {
-                            outbox.ack(&ack);
-                        }
-                    }
+                    apply_ack(&p.payload, session, &mut outbox);
                 }
                 Ok(_) => {}
                 Err(_) => {
@@ -247,7 +239,12 @@ pub async fn run(
         }
     }
     if connected {
-        let _ = client.try_publish(&status_topic, QoS::AtLeastOnce, true, status(session, State::Offline));
+        let _ = client.try_publish(
+            &status_topic,
+            QoS::AtLeastOnce,
+            true,
+            status(session, State::Offline),
+        );
         let _ = client.try_disconnect();
         let _ = tokio::time::timeout(Duration::from_secs(2), async {
             loop {
@@ -264,6 +261,15 @@ pub async fn run(
         batches_dropped: outbox.dropped,
         batches_unacked: outbox.len() as u64,
     })
+}
+
+/// Applies an `…/ack` message addressed to this session; acks of earlier
+/// sessions (retained or late) are ignored.
+fn apply_ack(payload: &[u8], session: SessionId, outbox: &mut Outbox) {
+    match serde_json::from_slice::<Ack>(payload) {
+        Ok(ack) if ack.session == session => outbox.ack(&ack),
+        _ => {}
+    }
 }
 
 /// Session-local id of `key`, registering it on first use.

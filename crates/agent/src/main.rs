@@ -24,6 +24,7 @@ OPTIONS:
                               counted) beyond this [default 10000]
     --username USER           MQTT username [env WIDGETRY_MQTT_USERNAME]
     --password PASS           MQTT password [env WIDGETRY_MQTT_PASSWORD; prefer the env var]
+    --check                   validate the arguments, print the settings and exit
     -h, --help                show this help
     -V, --version             show the version
 
@@ -44,7 +45,11 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
         "s" => n,
         "m" => n * 60.0,
         "h" => n * 3600.0,
-        _ => return Err(format!("{text:?}: unknown unit {unit:?} (use ms, s, m or h)")),
+        _ => {
+            return Err(format!(
+                "{text:?}: unknown unit {unit:?} (use ms, s, m or h)"
+            ));
+        }
     };
     if !(secs > 0.0 && secs <= 86_400.0) {
         return Err(format!("{text:?} is out of range (above 0, at most 24h)"));
@@ -52,7 +57,7 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(secs))
 }
 
-fn parse_args(args: Vec<String>) -> Result<AgentConfig, Vec<String>> {
+fn parse_args(args: Vec<String>) -> Result<(AgentConfig, bool), Vec<String>> {
     let env = |k: &str| std::env::var(k).ok();
     let mut broker = env("WIDGETRY_BROKER").unwrap_or_else(|| "127.0.0.1:1883".into());
     let mut device = env("WIDGETRY_DEVICE");
@@ -60,6 +65,7 @@ fn parse_args(args: Vec<String>) -> Result<AgentConfig, Vec<String>> {
     let mut password = env("WIDGETRY_MQTT_PASSWORD");
     let mut problems = Vec::new();
     let mut cfg = AgentConfig::new("", 0, "");
+    let mut check = false;
     let mut it = args.into_iter();
     while let Some(flag) = it.next() {
         let (flag, inline) = match flag.split_once('=') {
@@ -83,6 +89,7 @@ fn parse_args(args: Vec<String>) -> Result<AgentConfig, Vec<String>> {
                 println!("widgetry-agent {}", widgetry_agent::VERSION);
                 std::process::exit(0);
             }
+            "--check" => check = true,
             "--broker" => broker = need("--broker").unwrap_or_default(),
             "--device" => device = need("--device"),
             "--username" => username = need("--username"),
@@ -100,14 +107,15 @@ fn parse_args(args: Vec<String>) -> Result<AgentConfig, Vec<String>> {
             "--batch-max-samples" | "--max-pending" => {
                 if let Some(v) = need(&flag) {
                     match v.parse::<usize>() {
-                        Ok(n) if n >= 1 && n <= 1_000_000 => {
+                        Ok(n) if (1..=1_000_000).contains(&n) => {
                             if flag == "--max-pending" {
                                 cfg.max_pending = n;
                             } else {
                                 cfg.batch_max_samples = n;
                             }
                         }
-                        _ => problems.push(format!("{flag}: {v:?} is not a number from 1 to 1000000")),
+                        _ => problems
+                            .push(format!("{flag}: {v:?} is not a number from 1 to 1000000")),
                     }
                 }
             }
@@ -119,7 +127,9 @@ fn parse_args(args: Vec<String>) -> Result<AgentConfig, Vec<String>> {
             cfg.broker_host = host.trim_matches(['[', ']']).to_string();
             cfg.broker_port = port;
         }
-        _ => problems.push(format!("--broker: {broker:?} is not HOST:PORT (e.g. 127.0.0.1:1883)")),
+        _ => problems.push(format!(
+            "--broker: {broker:?} is not HOST:PORT (e.g. 127.0.0.1:1883)"
+        )),
     }
     match device {
         Some(d) => match widgetry_proto::validate::validate_device(&d) {
@@ -133,7 +143,11 @@ fn parse_args(args: Vec<String>) -> Result<AgentConfig, Vec<String>> {
         (None, None) => {}
         _ => problems.push("give both --username and --password, or neither".into()),
     }
-    if problems.is_empty() { Ok(cfg) } else { Err(problems) }
+    if problems.is_empty() {
+        Ok((cfg, check))
+    } else {
+        Err(problems)
+    }
 }
 
 async fn shutdown_signal() {
@@ -153,7 +167,14 @@ async fn shutdown_signal() {
 
 fn main() -> ExitCode {
     let cfg = match parse_args(std::env::args().skip(1).collect()) {
-        Ok(c) => c,
+        Ok((c, true)) => {
+            println!(
+                "arguments ok: device {} broker {}:{} interval {:?}",
+                c.device, c.broker_host, c.broker_port, c.interval
+            );
+            return ExitCode::SUCCESS;
+        }
+        Ok((c, false)) => c,
         Err(problems) => {
             for p in problems {
                 eprintln!("widgetry-agent: {p}");
@@ -161,7 +182,10 @@ fn main() -> ExitCode {
             return ExitCode::from(64);
         }
     };
-    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("widgetry-agent: cannot start the runtime: {e}");
@@ -206,7 +230,15 @@ mod tests {
 
     #[test]
     fn all_problems_reported() {
-        let args = ["--device", "bad id", "--broker", "nope", "--interval", "zz", "--bogus"];
+        let args = [
+            "--device",
+            "bad id",
+            "--broker",
+            "nope",
+            "--interval",
+            "zz",
+            "--bogus",
+        ];
         let errs = parse_args(args.iter().map(|s| s.to_string()).collect()).expect_err("invalid");
         assert_eq!(errs.len(), 4, "{errs:#?}");
     }

@@ -160,10 +160,22 @@ mod tests {
         o.push(&batch(2, o.unacked_defs(&series)));
         o.push(&batch(3, vec![]));
         let session = SessionId([1; 16]);
-        o.ack(&Ack { session, through: 0, seqs: vec![3] });
+        o.ack(&Ack {
+            session,
+            through: 0,
+            seqs: vec![3],
+        });
         assert_eq!((o.len(), o.acked), (2, 1));
-        assert_eq!(o.unacked_defs(&series).len(), 1, "batch 3 carried no definition");
-        o.ack(&Ack { session, through: 2, seqs: vec![] });
+        assert_eq!(
+            o.unacked_defs(&series).len(),
+            1,
+            "batch 3 carried no definition"
+        );
+        o.ack(&Ack {
+            session,
+            through: 2,
+            seqs: vec![],
+        });
         assert!(o.is_empty());
         assert!(o.unacked_defs(&series).is_empty());
     }

@@ -330,10 +330,7 @@ mod tests {
             proptest::collection::vec(
                 (
                     0u32..10,
-                    proptest::collection::vec(
-                        (MIN_TS..NOW, -1e12f64..1e12f64),
-                        0..20,
-                    ),
+                    proptest::collection::vec((MIN_TS..NOW, -1e12f64..1e12f64), 0..20),
                 ),
                 0..5,
             ),
@@ -413,7 +410,10 @@ mod tests {
         check(&|b| b.points[0].values[0] = f64::NAN, "bad_value");
         check(&|b| b.points[0].ts_delta_ms[0] = 5, "bad_timestamp");
         check(&|b| b.points[0].ts_delta_ms[1] = i64::MAX, "bad_timestamp");
-        check(&|b| b.points[0].values.pop().map(|_| ()).unwrap_or(()), "bad_series");
+        check(
+            &|b| b.points[0].values.pop().map(|_| ()).unwrap_or(()),
+            "bad_series",
+        );
         check(&|b| b.series[0].name = "bad name".into(), "bad_series");
         check(&|b| b.series[1].id = b.series[0].id, "bad_series");
         let big = vec![0u8; limits.max_payload_bytes + 1];

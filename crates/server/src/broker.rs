@@ -16,7 +16,9 @@ use crate::config::BrokerConfig;
 /// Errors starting the broker.
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
-    #[error("MQTT listen address {addr}: {source}; is another broker running? choose another port with --mqtt-listen")]
+    #[error(
+        "MQTT listen address {addr}: {source}; is another broker running? choose another port with --mqtt-listen"
+    )]
     Bind {
         addr: SocketAddr,
         #[source]
@@ -46,8 +48,7 @@ pub fn connect_addr(listen: SocketAddr) -> SocketAddr {
 pub fn start(cfg: BrokerConfig) -> Result<(), BrokerError> {
     let addr = cfg.mqtt_listen;
     // Fail clearly if the port is taken: rumqttd would only log it.
-    TcpListener::bind(addr)
-        .map_err(|source| BrokerError::Bind { addr, source })?;
+    TcpListener::bind(addr).map_err(|source| BrokerError::Bind { addr, source })?;
     let users = crate::config::auth_users(&cfg.rumqttd);
     let (done_tx, done_rx) = std::sync::mpsc::channel();
     std::thread::Builder::new()

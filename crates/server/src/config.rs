@@ -163,14 +163,13 @@ pub fn parse_broker_config(
         return Err(ConfigError(p.0));
     }
     let mut value = toml::Value::Table(table);
-    if let Some(addr) = listen_override {
-        if let Some(server) = value
+    if let Some(addr) = listen_override
+        && let Some(server) = value
             .get_mut("v4")
             .and_then(|v| v.get_mut(&first_v4))
             .and_then(|v| v.as_table_mut())
-        {
-            server.insert("listen".into(), toml::Value::String(addr.to_string()));
-        }
+    {
+        server.insert("listen".into(), toml::Value::String(addr.to_string()));
     }
     let rumqttd: rumqttd::Config = value.try_into().map_err(|e: toml::de::Error| {
         ConfigError(vec![Problem {
@@ -374,7 +373,11 @@ fn check_server(file: &str, path: &str, s: &toml::Table, p: &mut Problems) {
 }
 
 fn check_connections(file: &str, path: &str, c: &toml::Table, p: &mut Problems) {
-    for need in ["connection_timeout_ms", "max_payload_size", "max_inflight_count"] {
+    for need in [
+        "connection_timeout_ms",
+        "max_payload_size",
+        "max_inflight_count",
+    ] {
         if !c.contains_key(need) {
             p.add(file, format!("{path} {need}"), "missing");
         }
@@ -406,7 +409,11 @@ fn check_connections(file: &str, path: &str, c: &toml::Table, p: &mut Problems) 
         }
     }
     if !c.contains_key("dynamic_filters") {
-        p.add(file, format!("{path} dynamic_filters"), "missing; set it to true");
+        p.add(
+            file,
+            format!("{path} dynamic_filters"),
+            "missing; set it to true",
+        );
     }
 }
 
@@ -447,9 +454,11 @@ pub fn parse_addr(
         key: key.to_string(),
         message,
     };
-    let addr: SocketAddr = value
-        .parse()
-        .map_err(|e| problem(format!("{value:?}: {e} (expected IP:PORT, e.g. 0.0.0.0:8080)")))?;
+    let addr: SocketAddr = value.parse().map_err(|e| {
+        problem(format!(
+            "{value:?}: {e} (expected IP:PORT, e.g. 0.0.0.0:8080)"
+        ))
+    })?;
     if addr.port() == 0 && !allow_port_zero {
         return Err(problem(format!(
             "{value:?}: port 0 is not allowed here; pick a free port"
@@ -518,14 +527,27 @@ mod tests {
         let text = DEFAULT_BROKER_TOML
             .replace("listen = \"0.0.0.0:1883\"", "listen = \"0.0.0.0:99999\"")
             .replace("max_segment_count = 4", "max_segment_count = 4\nbogus = 1")
-            .replace("connection_timeout_ms = 5000", "connection_timeout_ms = 70000");
+            .replace(
+                "connection_timeout_ms = 5000",
+                "connection_timeout_ms = 70000",
+            );
         let got = problems(&text);
         assert_eq!(got.len(), 3, "{got:#?}");
         assert!(got[0].contains("b.toml") || got.iter().all(|g| g.starts_with("config b.toml")));
-        assert!(got.iter().any(|g| g.contains("[router] bogus") && g.contains("unknown key")), "{got:#?}");
-        assert!(got.iter().any(|g| g.contains("[v4.1] listen") && g.contains("99999")), "{got:#?}");
         assert!(
-            got.iter().any(|g| g.contains("[v4.1.connections] connection_timeout_ms") && g.contains("out of range")),
+            got.iter()
+                .any(|g| g.contains("[router] bogus") && g.contains("unknown key")),
+            "{got:#?}"
+        );
+        assert!(
+            got.iter()
+                .any(|g| g.contains("[v4.1] listen") && g.contains("99999")),
+            "{got:#?}"
+        );
+        assert!(
+            got.iter()
+                .any(|g| g.contains("[v4.1.connections] connection_timeout_ms")
+                    && g.contains("out of range")),
             "{got:#?}"
         );
     }
@@ -535,8 +557,15 @@ mod tests {
         let text = DEFAULT_BROKER_TOML.replace("dynamic_filters = true", "dynamic_filters = false")
             + "\n[console]\nlisten = \"0.0.0.0:3030\"\n";
         let got = problems(&text);
-        assert!(got.iter().any(|g| g.contains("dynamic_filters")), "{got:#?}");
-        assert!(got.iter().any(|g| g.contains("console") && g.contains("not supported")), "{got:#?}");
+        assert!(
+            got.iter().any(|g| g.contains("dynamic_filters")),
+            "{got:#?}"
+        );
+        assert!(
+            got.iter()
+                .any(|g| g.contains("console") && g.contains("not supported")),
+            "{got:#?}"
+        );
         assert!(!problems("id = 0\n").is_empty());
         assert!(!problems("this is not toml").is_empty());
     }

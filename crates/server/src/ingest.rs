@@ -138,11 +138,7 @@ pub async fn run(
     // The publisher's event loop must outlive the writer so the last acks go
     // out; it has its own token, cancelled after the writer finishes.
     let pub_stop = CancellationToken::new();
-    let publisher = tokio::spawn(drive_publisher(
-        pub_loop,
-        metrics.clone(),
-        pub_stop.clone(),
-    ));
+    let publisher = tokio::spawn(drive_publisher(pub_loop, metrics.clone(), pub_stop.clone()));
     let writer = tokio::spawn(
         Writer {
             store,
@@ -289,7 +285,9 @@ fn classify(topic: &str, payload: &[u8], limits: &Limits, metrics: &Metrics) -> 
             })
         }
         TopicKind::SamplesJson => {
-            metrics.messages_samples_json.fetch_add(1, Ordering::Relaxed);
+            metrics
+                .messages_samples_json
+                .fetch_add(1, Ordering::Relaxed);
             parse_samples(payload, limits, received_ms).map(|samples| {
                 let mut keys: Vec<widgetry_proto::SeriesKey> = Vec::new();
                 let mut builder = widgetry_proto::BatchBuilder::default();
@@ -410,7 +408,11 @@ impl Writer {
     }
 
     async fn process(&mut self, items: Vec<Item>) {
-        let oldest = items.iter().map(Item::received_ms).min().unwrap_or_else(now_ms);
+        let oldest = items
+            .iter()
+            .map(Item::received_ms)
+            .min()
+            .unwrap_or_else(now_ms);
         let mut new_bindings = Vec::new();
         let mut sessions = HashMap::new();
         match self
@@ -428,10 +430,12 @@ impl Writer {
                 self.sessions.extend(sessions);
                 let m = &self.metrics;
                 m.commits.fetch_add(1, Ordering::Relaxed);
-                m.batches_stored.fetch_add(outcome.batches, Ordering::Relaxed);
+                m.batches_stored
+                    .fetch_add(outcome.batches, Ordering::Relaxed);
                 m.batches_duplicate
                     .fetch_add(outcome.duplicates, Ordering::Relaxed);
-                m.samples_stored.fetch_add(outcome.samples, Ordering::Relaxed);
+                m.samples_stored
+                    .fetch_add(outcome.samples, Ordering::Relaxed);
                 m.ingest_lag_ms.store(now_ms() - oldest, Ordering::Relaxed);
                 self.publish(outcome).await;
             }
@@ -509,7 +513,13 @@ impl Writer {
                             }
                         }
                         Err(reject) => {
-                            self.reject(&device, Topic::name(&device, TopicKind::Samples), reject, received_ms, &mut out);
+                            self.reject(
+                                &device,
+                                Topic::name(&device, TopicKind::Samples),
+                                reject,
+                                received_ms,
+                                &mut out,
+                            );
                             seen.entry(device).or_insert((received_ms, 0)).1 += 1;
                         }
                     }
@@ -527,7 +537,13 @@ impl Writer {
                         .store_batch(&mut tx, &device, batch, received_ms, new_bindings, &mut out)
                         .await?
                     {
-                        self.reject(&device, Topic::name(&device, TopicKind::SamplesJson), reject, received_ms, &mut out);
+                        self.reject(
+                            &device,
+                            Topic::name(&device, TopicKind::SamplesJson),
+                            reject,
+                            received_ms,
+                            &mut out,
+                        );
                     }
                 }
                 Item::Status {
@@ -646,7 +662,9 @@ impl Writer {
                         Some(g) => Some(*g),
                         None => match new_bindings.iter().find(|(k, _)| *k == cache_key) {
                             Some((_, g)) => Some(*g),
-                            None => store::session_series(tx, device, &session, run.series_id).await?,
+                            None => {
+                                store::session_series(tx, device, &session, run.series_id).await?
+                            }
                         },
                     };
                     match found {
@@ -663,9 +681,8 @@ impl Writer {
                     }
                 }
             };
-            run.series_id = u32::try_from(global).map_err(|_| {
-                StoreError::Corrupt(format!("series id {global} exceeds u32"))
-            })?;
+            run.series_id = u32::try_from(global)
+                .map_err(|_| StoreError::Corrupt(format!("series id {global} exceeds u32")))?;
         }
         let samples = batch.sample_count() as i64;
         let (min_ts, max_ts) = batch.ts_range().unwrap_or((received_ms, received_ms));

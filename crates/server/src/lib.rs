@@ -115,15 +115,19 @@ impl Running {
 }
 
 /// Starts broker, ingestor and web service; returns once all listen.
-pub async fn start_serve(cfg: ServeConfig, shutdown: CancellationToken) -> Result<Running, ServeError> {
+pub async fn start_serve(
+    cfg: ServeConfig,
+    shutdown: CancellationToken,
+) -> Result<Running, ServeError> {
     let store = Store::open(&cfg.database).await?;
     info!(database = %cfg.database.display(), "database open");
-    let listener = TcpListener::bind(cfg.http_listen)
-        .await
-        .map_err(|source| ServeError::HttpBind {
-            addr: cfg.http_listen,
-            source,
-        })?;
+    let listener =
+        TcpListener::bind(cfg.http_listen)
+            .await
+            .map_err(|source| ServeError::HttpBind {
+                addr: cfg.http_listen,
+                source,
+            })?;
     let http_addr = listener.local_addr().map_err(ServeError::Http)?;
     let mqtt_addr = cfg.broker.mqtt_listen;
     let broker_cfg = cfg.broker.clone();
@@ -135,7 +139,12 @@ pub async fn start_serve(cfg: ServeConfig, shutdown: CancellationToken) -> Resul
     let ingest_cfg = IngestConfig::new(target.ip().to_string(), target.port());
     let ingest = ingest::run(ingest_cfg, store.clone(), metrics.clone(), shutdown.clone());
     tasks.spawn(async move { Ok(ingest.await?) });
-    tasks.spawn(serve_http(listener, store.clone(), metrics.clone(), shutdown.clone()));
+    tasks.spawn(serve_http(
+        listener,
+        store.clone(),
+        metrics.clone(),
+        shutdown.clone(),
+    ));
     info!(http = %http_addr, mqtt = %mqtt_addr, "widgetry serving");
     Ok(Running {
         http_addr,
@@ -179,7 +188,13 @@ pub async fn run_web(
             source,
         })?;
     info!(http = %listener.local_addr().map_err(ServeError::Http)?, "web service listening");
-    let res = serve_http(listener, store.clone(), Arc::new(Metrics::default()), shutdown).await;
+    let res = serve_http(
+        listener,
+        store.clone(),
+        Arc::new(Metrics::default()),
+        shutdown,
+    )
+    .await;
     store.close().await;
     res
 }

@@ -25,7 +25,12 @@ const EXIT_CONFIG: u8 = 64;
 )]
 struct Cli {
     /// Log output format.
-    #[arg(long, global = true, env = "WIDGETRY_LOG_FORMAT", default_value = "text")]
+    #[arg(
+        long,
+        global = true,
+        env = "WIDGETRY_LOG_FORMAT",
+        default_value = "text"
+    )]
     log_format: LogFormat,
     #[command(subcommand)]
     cmd: Cmd,
@@ -290,7 +295,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     // Validate everything before any runtime, socket or file is touched.
     enum Role {
-        Serve(ServeConfig),
+        Serve(Box<ServeConfig>),
         Ingest(IngestConfig, PathBuf),
         Web(SocketAddr, PathBuf),
     }
@@ -309,7 +314,7 @@ fn main() -> ExitCode {
                 Err(e) => config_failure(e),
             };
         }
-        Cmd::Serve(args) => resolve_serve(args).map(Role::Serve),
+        Cmd::Serve(args) => resolve_serve(args).map(|c| Role::Serve(Box::new(c))),
         Cmd::Ingest(args) => resolve_ingest(args).map(|(c, d)| Role::Ingest(c, d)),
         Cmd::Web(args) => resolve_web(args).map(|(h, d)| Role::Web(h, d)),
     };
@@ -318,7 +323,10 @@ fn main() -> ExitCode {
         Err(e) => return config_failure(e),
     };
     init_tracing(cli.log_format);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("widgetry: cannot start the async runtime: {e}");
@@ -329,7 +337,7 @@ fn main() -> ExitCode {
         let token = CancellationToken::new();
         spawn_signal_handler(token.clone());
         match role {
-            Role::Serve(cfg) => widgetry_server::run_serve(cfg, token).await,
+            Role::Serve(cfg) => widgetry_server::run_serve(*cfg, token).await,
             Role::Ingest(cfg, db) => widgetry_server::run_ingest(cfg, db, token).await,
             Role::Web(http, db) => widgetry_server::run_web(http, db, token).await,
         }

@@ -143,8 +143,14 @@ mod tests {
         m.reject("bad_json");
         m.reject("not-a-code");
         let text = m.render();
-        assert!(text.contains("widgetry_ingest_rejects_total{reason=\"bad_json\"} 2"), "{text}");
-        assert!(text.contains("widgetry_ingest_rejects_total{reason=\"other\"} 1"), "{text}");
+        assert!(
+            text.contains("widgetry_ingest_rejects_total{reason=\"bad_json\"} 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("widgetry_ingest_rejects_total{reason=\"other\"} 1"),
+            "{text}"
+        );
         assert_eq!(m.rejects("bad_json"), 2);
     }
 }

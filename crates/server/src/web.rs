@@ -265,7 +265,16 @@ mod tests {
         let (width, b) = downsample(&points, 0, 999, 10);
         assert_eq!(width, 100);
         assert_eq!(b.len(), 10);
-        assert_eq!(b[0], Bucket { ts: 0, min: 0.0, avg: 49.5, max: 99.0, count: 100 });
+        assert_eq!(
+            b[0],
+            Bucket {
+                ts: 0,
+                min: 0.0,
+                avg: 49.5,
+                max: 99.0,
+                count: 100
+            }
+        );
         assert_eq!(b[9].max, 999.0);
         let (_, b) = downsample(&points, 0, 999, 7);
         assert!(b.len() <= 7, "{} buckets", b.len());

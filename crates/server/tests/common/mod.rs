@@ -1,0 +1,199 @@
+//! Helpers for the integration tests: free ports, an in-process `serve`,
+//! a tiny HTTP client, in-process agents, and waiting on conditions with a
+//! deadline (never sleeping as synchronisation).
+
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use widgetry_server::config::{BrokerSource, DEFAULT_BROKER_TOML, parse_broker_config};
+use widgetry_server::{Running, ServeConfig, start_serve};
+
+/// A port that was free a moment ago (the broker cannot bind port 0).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("bind an ephemeral port on 127.0.0.1")
+}
+
+/// A running in-process `widgetry serve` on free ports with its database in
+/// a temporary directory.
+pub struct Stack {
+    pub running: Option<Running>,
+    pub http: SocketAddr,
+    pub mqtt: SocketAddr,
+    pub db: PathBuf,
+    pub dir: tempfile::TempDir,
+}
+
+impl Stack {
+    pub async fn start() -> Stack {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let db = dir.path().join("widgetry.db");
+        let mqtt: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+        let broker = parse_broker_config(&BrokerSource::BuiltIn, DEFAULT_BROKER_TOML, Some(mqtt))
+            .expect("shipped broker.toml is valid");
+        let cfg = ServeConfig {
+            broker,
+            http_listen: "127.0.0.1:0".parse().expect("addr"),
+            database: db.clone(),
+        };
+        let running = start_serve(cfg, CancellationToken::new())
+            .await
+            .expect("serve starts");
+        let http = running.http_addr;
+        Stack {
+            running: Some(running),
+            http,
+            mqtt,
+            db,
+            dir,
+        }
+    }
+
+    pub async fn get(&self, path: &str) -> (u16, serde_json::Value) {
+        http_get_json(self.http, path).await
+    }
+
+    pub async fn get_text(&self, path: &str) -> (u16, String) {
+        let addr = self.http;
+        let path = path.to_string();
+        tokio::task::spawn_blocking(move || http_get(addr, &path))
+            .await
+            .expect("join")
+    }
+
+    /// Counts rows with a SQL query on a separate read-only connection.
+    pub async fn count(&self, sql: &str) -> i64 {
+        let running = self.running.as_ref().expect("running");
+        let row: (i64,) = sqlx::query_as(sqlx::AssertSqlSafe(sql.to_string()))
+            .fetch_one(running.store.reader())
+            .await
+            .expect("count query");
+        row.0
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(r) = self.running.take() {
+            r.shutdown();
+            r.wait().await.expect("serve stops cleanly");
+        }
+    }
+}
+
+/// Plain HTTP/1.0 GET; returns status and body.
+pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).expect("connect to the web service");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    write!(s, "GET {path} HTTP/1.0\r\nHost: test\r\n\r\n").expect("write request");
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).expect("read response");
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (status, body.to_string())
+}
+
+pub async fn http_get_json(addr: SocketAddr, path: &str) -> (u16, serde_json::Value) {
+    let p = path.to_string();
+    let (status, body) = tokio::task::spawn_blocking(move || http_get(addr, &p))
+        .await
+        .expect("join");
+    let value = serde_json::from_str(&body)
+        .unwrap_or_else(|e| panic!("GET {path}: body is not JSON ({e}): {body}"));
+    (status, value)
+}
+
+/// Polls `check` every 50 ms until it returns `Some`, or panics with
+/// `what` after `timeout`.
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        if tokio::time::Instant::now() > deadline {
+            panic!("timed out after {timeout:?} waiting for: {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// An agent running in this process until dropped or stopped.
+pub struct Agent {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    handle: tokio::task::JoinHandle<Result<widgetry_agent::Report, widgetry_agent::AgentError>>,
+}
+
+impl Agent {
+    pub fn start(mqtt: SocketAddr, device: &str) -> Agent {
+        let mut cfg = widgetry_agent::AgentConfig::new("127.0.0.1", mqtt.port(), device);
+        cfg.interval = Duration::from_millis(200);
+        cfg.batch_max_wait = Duration::from_millis(200);
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let handle = tokio::spawn(widgetry_agent::run(
+            cfg,
+            async move {
+                let _ = rx.await;
+            },
+            Duration::from_secs(5),
+        ));
+        Agent {
+            stop: Some(tx),
+            handle,
+        }
+    }
+
+    pub async fn stop(mut self) -> widgetry_agent::Report {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        (&mut self.handle)
+            .await
+            .expect("agent task")
+            .expect("agent ran")
+    }
+}
+
+/// Path of a binary of this workspace, next to the test executable's
+/// directory (`target/<profile>/`).
+pub fn workspace_bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .expect("target/<profile>/deps");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: build the workspace first (cargo build --workspace)",
+        path.display()
+    );
+    path
+}
+
+/// Whether an external tool is installed (the test command installs them).
+pub fn require_tool(name: &str) -> PathBuf {
+    let found = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|d| d.join(name))
+            .find(|p| p.exists())
+    });
+    found.unwrap_or_else(|| {
+        panic!("{name} is not installed: run the README's test command (scripts/test.sh), which installs it")
+    })
+}

@@ -1,0 +1,471 @@
+//! Full-stack tests: `serve` in-process on free ports (real rumqttd, real
+//! SQLite in a temp dir), agents, real MQTT clients (rumqttc and the
+//! mosquitto command-line tools) and real HTTP requests.
+
+mod common;
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::*;
+use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS};
+use widgetry_proto::json::{Ack, ErrorReport};
+use widgetry_proto::{BatchBuilder, DecodedBatch, Limits, SeriesKey, SessionId};
+
+const T: Duration = Duration::from_secs(20);
+
+fn client(stack: &Stack, id: &str) -> (AsyncClient, EventLoop) {
+    let mut o = MqttOptions::new(id, "127.0.0.1", stack.mqtt.port());
+    o.set_keep_alive(Duration::from_secs(30));
+    o.set_max_packet_size(2 << 20, 2 << 20);
+    AsyncClient::new(o, 100)
+}
+
+/// Drives `ev` until the subscription to `filter` is acknowledged.
+async fn subscribed(c: &AsyncClient, ev: &mut EventLoop, filter: &str) {
+    c.subscribe(filter, QoS::AtLeastOnce)
+        .await
+        .expect("subscribe");
+    tokio::time::timeout(T, async {
+        loop {
+            if let Event::Incoming(Packet::SubAck(_)) = ev.poll().await.expect("mqtt connection") {
+                return;
+            }
+        }
+    })
+    .await
+    .expect("SUBACK within the deadline");
+}
+
+/// Next publish received on `ev`.
+async fn next_publish(ev: &mut EventLoop, what: &str) -> rumqttc::Publish {
+    tokio::time::timeout(T, async {
+        loop {
+            if let Event::Incoming(Packet::Publish(p)) = ev.poll().await.expect("mqtt connection") {
+                return p;
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
+}
+
+async fn device_listed(stack: &Stack, device: &str) -> Option<serde_json::Value> {
+    let (status, body) = stack.get("/api/v1/devices").await;
+    assert_eq!(status, 200, "{body}");
+    body.as_array()?
+        .iter()
+        .find(|d| d["device"] == device)
+        .cloned()
+}
+
+async fn points(stack: &Stack, device: &str, series: &str) -> Vec<(i64, f64)> {
+    let (status, body) = stack
+        .get(&format!(
+            "/api/v1/series?device={device}&series={series}&from=0"
+        ))
+        .await;
+    if status == 404 {
+        return Vec::new();
+    }
+    assert_eq!(status, 200, "{body}");
+    serde_json::from_value(body["points"].clone()).expect("points are [ts, value] pairs")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_agents_are_stored_and_served() {
+    let stack = Stack::start().await;
+    let a = Agent::start(stack.mqtt, "agent-a");
+    let b = Agent::start(stack.mqtt, "agent-b");
+    for dev in ["agent-a", "agent-b"] {
+        let d = wait_for(&format!("{dev} online with its series"), T, || async {
+            device_listed(&stack, dev).await.filter(|d| {
+                d["state"] == "online" && d["series"].as_array().is_some_and(|s| s.len() == 3)
+            })
+        })
+        .await;
+        assert_eq!(
+            d["series"],
+            serde_json::json!(["cpu.usage_pct", "mem.total_bytes", "mem.used_bytes"])
+        );
+        let pts = wait_for(&format!("{dev} cpu points via the API"), T, || async {
+            let p = points(&stack, dev, "cpu.usage_pct").await;
+            (p.len() >= 2).then_some(p)
+        })
+        .await;
+        assert!(
+            pts.iter().all(|(_, v)| (0.0..=100.0).contains(v)),
+            "cpu % out of range: {pts:?}"
+        );
+        assert!(
+            pts.windows(2).all(|w| w[0].0 <= w[1].0),
+            "points sorted by time"
+        );
+        let mem = points(&stack, dev, "mem.total_bytes").await;
+        assert!(
+            mem.iter().all(|(_, v)| *v > 0.0),
+            "total memory must be positive: {mem:?}"
+        );
+    }
+    // The rows are in SQLite, not only in memory.
+    let rows = stack
+        .count("SELECT COUNT(*) FROM batches WHERE device IN ('agent-a', 'agent-b')")
+        .await;
+    assert!(
+        rows >= 2,
+        "expected batches of both agents in SQLite, found {rows}"
+    );
+    let ra = a.stop().await;
+    let rb = b.stop().await;
+    for r in [&ra, &rb] {
+        assert!(r.batches_acked >= 1, "{r:?}");
+        assert_eq!((r.batches_dropped, r.batches_unacked), (0, 0), "{r:?}");
+    }
+    // Every acknowledged batch is in the database.
+    let stored = stack
+        .count("SELECT COUNT(*) FROM batches WHERE device IN ('agent-a', 'agent-b')")
+        .await;
+    assert_eq!(stored as u64, ra.batches_acked + rb.batches_acked);
+    // A graceful stop publishes the offline status.
+    for dev in ["agent-a", "agent-b"] {
+        wait_for(&format!("{dev} offline after stop"), T, || async {
+            device_listed(&stack, dev)
+                .await
+                .filter(|d| d["state"] == "offline")
+        })
+        .await;
+    }
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mosquitto_pub_json_is_stored_and_queryable() {
+    let pub_bin = require_tool("mosquitto_pub");
+    let stack = Stack::start().await;
+    let port = stack.mqtt.port().to_string();
+    let send = |topic: &str, msg: &str| {
+        let status = std::process::Command::new(&pub_bin)
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port,
+                "-q",
+                "1",
+                "-t",
+                topic,
+                "-m",
+                msg,
+            ])
+            .status()
+            .expect("run mosquitto_pub");
+        assert!(status.success(), "mosquitto_pub {topic} {msg}: {status}");
+    };
+    send(
+        "widgetry/v1/demo/samples/json",
+        r#"{"series":"temp","value":21.5}"#,
+    );
+    send(
+        "widgetry/v1/demo/samples/json",
+        r#"{"samples":[{"series":"temp","ts":1700000000000,"value":19.25},{"series":"rh","labels":{"room":"lab"},"value":40}]}"#,
+    );
+    let pts = wait_for("both temp points", T, || async {
+        let p = points(&stack, "demo", "temp").await;
+        (p.len() == 2).then_some(p)
+    })
+    .await;
+    assert_eq!(pts[0], (1_700_000_000_000, 19.25));
+    assert_eq!(pts[1].1, 21.5);
+    let now = widgetry_server::util::now_ms();
+    assert!(
+        (now - pts[1].0).abs() < 60_000,
+        "ts defaults to arrival time: {}",
+        pts[1].0
+    );
+    let rh = points(&stack, "demo", "rh%7Broom=lab%7D").await;
+    assert_eq!(rh.len(), 1, "labelled series is queryable by its key");
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mosquitto_sub_receives_agent_batches() {
+    let sub_bin = require_tool("mosquitto_sub");
+    let stack = Stack::start().await;
+    // -F %x prints each payload as hex; -C 2 exits after two messages.
+    let mut child = tokio::process::Command::new(sub_bin)
+        .args(["-h", "127.0.0.1", "-p", &stack.mqtt.port().to_string()])
+        .args([
+            "-t",
+            "widgetry/v1/subdev/samples",
+            "-q",
+            "1",
+            "-C",
+            "2",
+            "-F",
+            "%x",
+        ])
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("run mosquitto_sub");
+    // mosquitto_sub has no "subscribed" signal: the agent keeps publishing,
+    // so the subscriber gets the next two batches whenever it is ready.
+    let agent = Agent::start(stack.mqtt, "subdev");
+    let out = tokio::time::timeout(T, async {
+        let mut out = Vec::new();
+        let mut stdout = child.stdout.take().expect("stdout");
+        tokio::io::AsyncReadExt::read_to_end(&mut stdout, &mut out)
+            .await
+            .expect("read");
+        out
+    })
+    .await
+    .expect("mosquitto_sub received two messages in time");
+    let text = String::from_utf8(out).expect("hex is utf-8");
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 2, "{text}");
+    let mut seqs = Vec::new();
+    for hex in lines {
+        let bytes: Vec<u8> = (0..hex.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).expect("hex"))
+            .collect();
+        let batch =
+            DecodedBatch::decode(&bytes, &Limits::default(), widgetry_server::util::now_ms())
+                .expect("mosquitto_sub payload decodes as a Batch");
+        assert!(batch.sample_count() >= 3, "{batch:?}");
+        seqs.push(batch.seq);
+    }
+    assert!(seqs[0] < seqs[1], "batches arrive in seq order: {seqs:?}");
+    agent.stop().await;
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_payload_is_rejected_and_others_keep_flowing() {
+    let pub_bin = require_tool("mosquitto_pub");
+    let stack = Stack::start().await;
+    let agent = Agent::start(stack.mqtt, "good");
+    let (c, mut ev) = client(&stack, "test-errors");
+    subscribed(&c, &mut ev, "widgetry/v1/bad/errors").await;
+    let status = std::process::Command::new(&pub_bin)
+        .args(["-h", "127.0.0.1", "-p", &stack.mqtt.port().to_string()])
+        .args([
+            "-t",
+            "widgetry/v1/bad/samples",
+            "-m",
+            "this is not protobuf",
+        ])
+        .status()
+        .expect("run mosquitto_pub");
+    assert!(status.success());
+    let p = next_publish(&mut ev, "an error report for device bad").await;
+    let report: ErrorReport = serde_json::from_slice(&p.payload).expect("error report is JSON");
+    assert_eq!(report.code, "bad_protobuf", "{report:?}");
+    assert_eq!(report.topic, "widgetry/v1/bad/samples");
+    assert!(report.message.contains("protobuf"), "{report:?}");
+    // The operator sees it too: counter and device reject count.
+    let (_, metrics) = stack.get_text("/metrics").await;
+    assert!(
+        metrics.contains("widgetry_ingest_rejects_total{reason=\"bad_protobuf\"} 1"),
+        "{metrics}"
+    );
+    let bad = wait_for("device bad listed with 1 reject", T, || async {
+        device_listed(&stack, "bad")
+            .await
+            .filter(|d| d["rejects"] == 1)
+    })
+    .await;
+    assert_eq!(bad["series"], serde_json::json!([]));
+    // The good device's data keeps arriving after the reject.
+    let before = stack
+        .count("SELECT COUNT(*) FROM batches WHERE device = 'good'")
+        .await;
+    wait_for("more batches from the good device", T, || async {
+        let n = stack
+            .count("SELECT COUNT(*) FROM batches WHERE device = 'good'")
+            .await;
+        (n > before).then_some(())
+    })
+    .await;
+    // Oversize, bad JSON and bad timestamps are rejected with their reasons.
+    let send = |topic: &str, msg: &str| {
+        std::process::Command::new(&pub_bin)
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &stack.mqtt.port().to_string(),
+                "-t",
+                topic,
+                "-m",
+                msg,
+            ])
+            .status()
+            .expect("mosquitto_pub")
+    };
+    send(
+        "widgetry/v1/bad/samples/json",
+        r#"{"series":"t","value":1,"ts":12}"#,
+    );
+    let p = next_publish(&mut ev, "bad timestamp report").await;
+    let report: ErrorReport = serde_json::from_slice(&p.payload).expect("json");
+    assert_eq!(report.code, "bad_timestamp", "{report:?}");
+    send("widgetry/v1/bad/samples/json", r#"{"series":"t"}"#);
+    let p = next_publish(&mut ev, "bad json report").await;
+    let report: ErrorReport = serde_json::from_slice(&p.payload).expect("json");
+    assert_eq!(report.code, "bad_json", "{report:?}");
+    agent.stop().await;
+    stack.stop().await;
+}
+
+fn test_batch(session: SessionId, seq: u64) -> Vec<u8> {
+    let mut b = BatchBuilder::default();
+    let now = widgetry_server::util::now_ms();
+    for i in 0..10 {
+        b.push(0, now - 10_000 + i * 1000, i as f64);
+    }
+    b.finish(session, seq, vec![(0, SeriesKey::plain("dup.test"))])
+        .encode()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_published_twice_is_stored_once_and_acked_twice() {
+    let stack = Stack::start().await;
+    let (c, mut ev) = client(&stack, "dup-device");
+    subscribed(&c, &mut ev, "widgetry/v1/dup/ack").await;
+    let session = SessionId::generate();
+    let payload = test_batch(session, 1);
+    for round in 1..=2 {
+        c.publish(
+            "widgetry/v1/dup/samples",
+            QoS::AtLeastOnce,
+            false,
+            payload.clone(),
+        )
+        .await
+        .expect("publish");
+        let p = next_publish(&mut ev, &format!("ack #{round}")).await;
+        let ack: Ack = serde_json::from_slice(&p.payload).expect("ack is JSON");
+        assert_eq!(
+            ack,
+            Ack {
+                session,
+                through: 1,
+                seqs: vec![]
+            },
+            "round {round}"
+        );
+    }
+    assert_eq!(
+        stack
+            .count("SELECT COUNT(*) FROM batches WHERE device = 'dup'")
+            .await,
+        1
+    );
+    assert_eq!(points(&stack, "dup", "dup.test").await.len(), 10);
+    // Out-of-order seqs are acknowledged selectively, then contiguously.
+    c.publish(
+        "widgetry/v1/dup/samples",
+        QoS::AtLeastOnce,
+        false,
+        test_batch(session, 3),
+    )
+    .await
+    .expect("publish");
+    let ack: Ack =
+        serde_json::from_slice(&next_publish(&mut ev, "ack of 3").await.payload).expect("json");
+    assert_eq!((ack.through, ack.seqs.clone()), (1, vec![3]));
+    c.publish(
+        "widgetry/v1/dup/samples",
+        QoS::AtLeastOnce,
+        false,
+        test_batch(session, 2),
+    )
+    .await
+    .expect("publish");
+    let ack: Ack =
+        serde_json::from_slice(&next_publish(&mut ev, "ack of 2").await.payload).expect("json");
+    assert_eq!((ack.through, ack.seqs), (3, vec![]));
+    let (_, metrics) = stack.get_text("/metrics").await;
+    assert!(
+        metrics.contains("widgetry_ingest_batches_duplicate_total 1"),
+        "{metrics}"
+    );
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_batches_survive_a_restart_and_redelivery() {
+    let mut stack = Stack::start().await;
+    let (c, mut ev) = client(&stack, "restart-device");
+    subscribed(&c, &mut ev, "widgetry/v1/rs/ack").await;
+    let session = SessionId::generate();
+    c.publish(
+        "widgetry/v1/rs/samples",
+        QoS::AtLeastOnce,
+        false,
+        test_batch(session, 1),
+    )
+    .await
+    .expect("publish");
+    let _ = next_publish(&mut ev, "ack before restart").await;
+    // Stop the server roles and reopen the same database on a new stack.
+    let db = stack.db.clone();
+    let dir = std::mem::replace(&mut stack.dir, tempfile::tempdir().expect("dir"));
+    stack.stop().await;
+    drop(c);
+    let store = widgetry_server::store::Store::open(&db)
+        .await
+        .expect("reopen");
+    let n: (i64,) = sqlx::query_as("SELECT COUNT(*) FROM batches WHERE device = 'rs'")
+        .fetch_one(store.reader())
+        .await
+        .expect("count");
+    assert_eq!(n.0, 1, "the acknowledged batch is on disk after shutdown");
+    let through: (i64,) = sqlx::query_as("SELECT through FROM sessions WHERE device = 'rs'")
+        .fetch_one(store.reader())
+        .await
+        .expect("session row");
+    assert_eq!(through.0, 1);
+    store.close().await;
+    drop(dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_errors_are_json_with_4xx() {
+    let stack = Stack::start().await;
+    for (path, status, needle) in [
+        ("/api/v1/series?series=x", 400, "device"),
+        (
+            "/api/v1/series?device=bad%20id&series=x",
+            400,
+            "bad device id",
+        ),
+        (
+            "/api/v1/series?device=d&series=x&from=10&to=5",
+            400,
+            "after",
+        ),
+        (
+            "/api/v1/series?device=d&series=x&max_points=0",
+            400,
+            "max_points",
+        ),
+        ("/api/v1/series?device=d&series=x&from=abc", 400, "from"),
+        ("/api/v1/series?device=d&series=nope", 404, "no series"),
+        ("/api/v1/nothing", 404, "no route"),
+    ] {
+        let (got, body) = stack.get(path).await;
+        assert_eq!(got, status, "{path}: {body}");
+        let msg = body["error"]["message"].as_str().unwrap_or_default();
+        assert!(msg.contains(needle), "{path}: {body}");
+        assert!(body["error"]["code"].is_string(), "{path}: {body}");
+    }
+    let (status, body) = stack.get("/healthz").await;
+    assert_eq!((status, body["status"].as_str()), (200, Some("ok")));
+    let (status, html) = stack.get_text("/").await;
+    assert_eq!(status, 200);
+    assert!(html.contains("Widgetry"));
+    stack.stop().await;
+}
