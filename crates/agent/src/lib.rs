@@ -13,7 +13,8 @@ pub mod sampler;
 use std::future::Future;
 use std::time::Duration;
 
-use rumqttc::{AsyncClient, Event, LastWill, MqttOptions, Packet, QoS};
+use rumqttc::{AsyncClient, Event, EventLoop, LastWill, MqttOptions, Packet, QoS};
+use tokio::sync::mpsc;
 use tokio::time::{Instant, MissedTickBehavior};
 use widgetry_proto::json::{Ack, State, Status};
 use widgetry_proto::{BatchBuilder, SeriesKey, SessionId, Topic, TopicKind};
@@ -139,7 +140,13 @@ pub async fn run(
     if let Some((u, p)) = &cfg.credentials {
         opts.set_credentials(u.clone(), p.clone());
     }
-    let (client, mut events) = AsyncClient::new(opts, cfg.window * 2 + 16);
+    let (client, events) = AsyncClient::new(opts, cfg.window * 2 + 16);
+    // The event loop runs in its own task: `poll()` must never be cancelled
+    // mid-handshake by another select! branch, or the connection is torn
+    // down and made again (and rumqttd then loses the new connection's will).
+    let (link_tx, mut link) = mpsc::channel(256);
+    let seed = u64::from_le_bytes(session.0[..8].try_into().unwrap_or([7; 8])) | 1;
+    let conn = tokio::spawn(drive(events, ack_topic.clone(), link_tx, seed));
 
     let mut sampler = Sampler::new().map_err(AgentError::Sampler)?;
     let mut series: Vec<SeriesKey> = Vec::new();
@@ -148,14 +155,11 @@ pub async fn run(
     let mut batch_started: Option<Instant> = None;
     let mut seq = 0u64;
     let mut connected = false;
-    let mut failures = 0u32;
-    let mut seed = u64::from_le_bytes(session.0[..8].try_into().unwrap_or([7; 8])) | 1;
 
     let mut tick = tokio::time::interval(cfg.interval);
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut housekeeping = tokio::time::interval(Duration::from_millis(250));
     housekeeping.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    let mut reconnect_at: Option<Instant> = None;
     tokio::pin!(shutdown);
 
     loop {
@@ -170,27 +174,8 @@ pub async fn run(
                 batch_started.get_or_insert_with(Instant::now);
             }
             _ = housekeeping.tick() => {}
-            ev = events.poll(), if reconnect_at.is_none() => match ev {
-                Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                    connected = true;
-                    failures = 0;
-                    let _ = client.try_subscribe(&ack_topic, QoS::AtLeastOnce);
-                    let _ = client.try_publish(&status_topic, QoS::AtLeastOnce, true, status(session, State::Online));
-                    // Everything unacknowledged goes out again, in order.
-                    outbox.mark_all_unsent();
-                }
-                Ok(Event::Incoming(Packet::Publish(p))) if p.topic == ack_topic => {
-                    apply_ack(&p.payload, session, &mut outbox);
-                }
-                Ok(_) => {}
-                Err(_) => {
-                    connected = false;
-                    failures += 1;
-                    reconnect_at = Some(Instant::now() + backoff(failures, &mut seed));
-                }
-            },
-            _ = async { tokio::time::sleep_until(reconnect_at.unwrap_or_else(Instant::now)).await }, if reconnect_at.is_some() => {
-                reconnect_at = None;
+            Some(ev) = link.recv() => {
+                connected = on_link(ev, &client, &status_topic, &ack_topic, session, &mut outbox, connected);
             }
         }
         let full = builder.len() >= cfg.batch_max_samples;
@@ -198,8 +183,7 @@ pub async fn run(
         if !builder.is_empty() && (full || due) {
             seq += 1;
             let defs = outbox.unacked_defs(&series);
-            let batch = builder.finish(session, seq, defs);
-            outbox.push(&batch);
+            outbox.push(&builder.finish(session, seq, defs));
             batch_started = None;
         }
         if connected {
@@ -211,8 +195,7 @@ pub async fn run(
     if !builder.is_empty() {
         seq += 1;
         let defs = outbox.unacked_defs(&series);
-        let batch = builder.finish(session, seq, defs);
-        outbox.push(&batch);
+        outbox.push(&builder.finish(session, seq, defs));
     }
     let deadline = Instant::now() + drain;
     while !outbox.is_empty() && Instant::now() < deadline {
@@ -221,21 +204,10 @@ pub async fn run(
         }
         tokio::select! {
             _ = tokio::time::sleep_until(deadline) => break,
-            ev = events.poll() => match ev {
-                Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                    connected = true;
-                    let _ = client.try_subscribe(&ack_topic, QoS::AtLeastOnce);
-                    outbox.mark_all_unsent();
-                }
-                Ok(Event::Incoming(Packet::Publish(p))) if p.topic == ack_topic => {
-                    apply_ack(&p.payload, session, &mut outbox);
-                }
-                Ok(_) => {}
-                Err(_) => {
-                    connected = false;
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                }
-            },
+            _ = housekeeping.tick() => {}
+            Some(ev) = link.recv() => {
+                connected = on_link(ev, &client, &status_topic, &ack_topic, session, &mut outbox, connected);
+            }
         }
     }
     if connected {
@@ -246,21 +218,97 @@ pub async fn run(
             status(session, State::Offline),
         );
         let _ = client.try_disconnect();
-        let _ = tokio::time::timeout(Duration::from_secs(2), async {
-            loop {
-                match events.poll().await {
-                    Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) | Err(_) => break,
-                    Ok(_) => {}
-                }
-            }
-        })
-        .await;
+    }
+    drop(link);
+    // The connection task ends once the DISCONNECT is written.
+    let abort = conn.abort_handle();
+    if tokio::time::timeout(Duration::from_secs(2), conn)
+        .await
+        .is_err()
+    {
+        abort.abort();
     }
     Ok(Report {
         batches_acked: outbox.acked,
         batches_dropped: outbox.dropped,
         batches_unacked: outbox.len() as u64,
     })
+}
+
+/// What the connection task reports to the main loop.
+#[derive(Debug)]
+enum Link {
+    Connected,
+    Disconnected,
+    Ack(Vec<u8>),
+}
+
+/// Drives the MQTT event loop, reconnecting with jittered backoff.
+async fn drive(mut events: EventLoop, ack_topic: String, tx: mpsc::Sender<Link>, mut seed: u64) {
+    let mut failures = 0u32;
+    loop {
+        let report = match events.poll().await {
+            Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                failures = 0;
+                Some(Link::Connected)
+            }
+            Ok(Event::Incoming(Packet::Publish(p))) if p.topic == ack_topic => {
+                Some(Link::Ack(p.payload.to_vec()))
+            }
+            Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => {
+                // Flush the DISCONNECT before the socket is dropped.
+                let _ = tokio::time::timeout(Duration::from_millis(500), events.poll()).await;
+                return;
+            }
+            Ok(_) => None,
+            Err(_) => {
+                if tx.is_closed() {
+                    // The main loop has finished: nobody to reconnect for.
+                    return;
+                }
+                failures += 1;
+                let _ = tx.send(Link::Disconnected).await;
+                tokio::time::sleep(backoff(failures, &mut seed)).await;
+                None
+            }
+        };
+        if let Some(r) = report {
+            // After the main loop has finished, keep polling until the
+            // DISCONNECT is written.
+            let _ = tx.send(r).await;
+        }
+    }
+}
+
+/// Applies one connection event; returns the new connected state.
+fn on_link(
+    ev: Link,
+    client: &AsyncClient,
+    status_topic: &str,
+    ack_topic: &str,
+    session: SessionId,
+    outbox: &mut Outbox,
+    connected: bool,
+) -> bool {
+    match ev {
+        Link::Connected => {
+            let _ = client.try_subscribe(ack_topic, QoS::AtLeastOnce);
+            let _ = client.try_publish(
+                status_topic,
+                QoS::AtLeastOnce,
+                true,
+                status(session, State::Online),
+            );
+            // Everything unacknowledged goes out again, in order.
+            outbox.mark_all_unsent();
+            true
+        }
+        Link::Disconnected => false,
+        Link::Ack(payload) => {
+            apply_ack(&payload, session, outbox);
+            connected
+        }
+    }
 }
 
 /// Applies an `…/ack` message addressed to this session; acks of earlier

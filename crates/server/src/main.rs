@@ -236,7 +236,7 @@ fn resolve_web(args: &WebArgs) -> Result<(SocketAddr, PathBuf), ConfigError> {
 fn init_tracing(format: LogFormat) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new("info,rumqttd=warn,sqlx=warn"));
+        .unwrap_or_else(|_| EnvFilter::new("info,rumqttd=off,sqlx=warn"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

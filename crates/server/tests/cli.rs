@@ -181,14 +181,34 @@ async fn killed_agent_goes_offline_and_serve_stops_on_sigterm() {
         .filter(|(s, _)| *s == 200)
     })
     .await;
-    let agent = Proc(
-        Command::new(workspace_bin("widgetry-agent"))
-            .args(["--broker", &format!("127.0.0.1:{mqtt}"), "--device", "demo"])
-            .args(["--interval", "200ms", "--batch-max-wait", "200ms"])
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start widgetry-agent"),
+    let agent = |device: &str| {
+        Proc(
+            Command::new(workspace_bin("widgetry-agent"))
+                .args(["--broker", &format!("127.0.0.1:{mqtt}"), "--device", device])
+                .args(["--interval", "200ms", "--batch-max-wait", "200ms"])
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("start widgetry-agent"),
+        )
+    };
+    // A graceful stop first: it exits 0 and reports itself offline. (It
+    // also used to make the next agent's last will go missing: see
+    // `drive` in crates/agent/src/lib.rs.)
+    let mut grace = agent("grace");
+    wait_for("grace online", T, || async {
+        (state_of(http_addr, "grace").await.as_deref() == Some("online")).then_some(())
+    })
+    .await;
+    signal(&grace.0, "-TERM");
+    assert_eq!(
+        wait_exit(&mut grace.0, "agent after SIGTERM").code(),
+        Some(0)
     );
+    wait_for("grace offline after SIGTERM", T, || async {
+        (state_of(http_addr, "grace").await.as_deref() == Some("offline")).then_some(())
+    })
+    .await;
+    let agent = agent("demo");
     wait_for("demo online", T, || async {
         (state_of(http_addr, "demo").await.as_deref() == Some("online")).then_some(())
     })

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Runs every Widgetry test on a fresh Debian machine with Rust installed.
+# Installs what the tests need (mosquitto clients) first, then checks
+# formatting and lints, builds the workspace and runs all tests.
+# Exits non-zero when anything fails.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+step() { printf '\n==> %s\n' "$*"; }
+
+need_apt=()
+command -v mosquitto_pub >/dev/null 2>&1 || need_apt+=(mosquitto-clients)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  step "installing ${need_apt[*]} (apt-get)"
+  SUDO=""
+  [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}" >/dev/null
+fi
+
+start=$(date +%s)
+step "cargo fmt --check"
+cargo fmt --all -- --check
+
+step "cargo clippy --all-targets -- -D warnings"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+step "cargo build --workspace (binaries used by the process-level tests)"
+cargo build --workspace --locked
+
+step "cargo test --workspace"
+cargo test --workspace --locked
+
+printf '\nall tests passed in %ss\n' "$(( $(date +%s) - start ))"
