@@ -9,8 +9,10 @@
 
 pub mod outbox;
 pub mod sampler;
+pub mod spool;
 
 use std::future::Future;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use rumqttc::{AsyncClient, Event, EventLoop, LastWill, MqttOptions, Packet, QoS};
@@ -21,6 +23,7 @@ use widgetry_proto::{BatchBuilder, SeriesKey, SessionId, Topic, TopicKind};
 
 use crate::outbox::Outbox;
 use crate::sampler::Sampler;
+use crate::spool::Spool;
 
 /// Agent settings (validated by `main.rs` before anything connects).
 #[derive(Debug, Clone)]
@@ -37,9 +40,11 @@ pub struct AgentConfig {
     pub batch_max_wait: Duration,
     /// A sent batch not acknowledged within this time is sent again.
     pub ack_timeout: Duration,
-    /// Most unacknowledged batches kept in memory; the oldest is dropped
-    /// (and counted) beyond it.
-    pub max_pending: usize,
+    /// Directory of the disk spool (created if missing).
+    pub spool_dir: PathBuf,
+    /// Most bytes the spool may hold; beyond it the oldest batches are
+    /// dropped and reported as gaps.
+    pub spool_max_bytes: u64,
     /// Most batches in flight (sent, not yet acknowledged) at once.
     pub window: usize,
 }
@@ -56,7 +61,8 @@ impl AgentConfig {
             batch_max_samples: 300,
             batch_max_wait: Duration::from_secs(1),
             ack_timeout: Duration::from_secs(10),
-            max_pending: 10_000,
+            spool_dir: PathBuf::from("widgetry-spool"),
+            spool_max_bytes: 64 * 1024 * 1024,
             window: 64,
         }
     }
@@ -65,8 +71,16 @@ impl AgentConfig {
 /// What a finished run did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Report {
+    /// Samples taken by this run.
+    pub samples_taken: u64,
+    /// Unacknowledged batches of earlier runs found in the spool at start.
+    pub batches_recovered: u64,
     pub batches_acked: u64,
+    /// Batches and samples lost because the spool was full (reported to
+    /// the server as gaps).
     pub batches_dropped: u64,
+    pub samples_dropped: u64,
+    /// Batches still in the spool at exit (sent by the next run).
     pub batches_unacked: u64,
 }
 
@@ -75,6 +89,8 @@ pub struct Report {
 pub enum AgentError {
     #[error("cannot read system statistics: {0}")]
     Sampler(String),
+    #[error(transparent)]
+    Spool(#[from] spool::SpoolError),
 }
 
 /// The agent's version, reported in its status.
@@ -148,9 +164,20 @@ pub async fn run(
     let seed = u64::from_le_bytes(session.0[..8].try_into().unwrap_or([7; 8])) | 1;
     let conn = tokio::spawn(drive(events, ack_topic.clone(), link_tx, seed));
 
+    let segment_bytes = (cfg.spool_max_bytes / 8).clamp(4096, 1 << 20);
+    let (spool, recovery) = Spool::open(&cfg.spool_dir, cfg.spool_max_bytes, segment_bytes)?;
+    if recovery.batches > 0 || recovery.torn_bytes > 0 {
+        eprintln!(
+            "widgetry-agent: spool {}: {} unacknowledged batches from earlier runs will be sent first; {} bytes of torn records discarded",
+            cfg.spool_dir.display(),
+            recovery.batches,
+            recovery.torn_bytes
+        );
+    }
     let mut sampler = Sampler::new().map_err(AgentError::Sampler)?;
     let mut series: Vec<SeriesKey> = Vec::new();
-    let mut outbox = Outbox::new(cfg.max_pending);
+    let mut outbox = Outbox::new(spool);
+    let mut samples_taken = 0u64;
     let mut builder = BatchBuilder::default();
     let mut batch_started: Option<Instant> = None;
     let mut seq = 0u64;
@@ -170,6 +197,7 @@ pub async fn run(
                 sampler.sample(|key, value| {
                     let id = series_id(&mut series, &mut outbox, key);
                     builder.push(id, ts, value);
+                    samples_taken += 1;
                 });
                 batch_started.get_or_insert_with(Instant::now);
             }
@@ -183,11 +211,11 @@ pub async fn run(
         if !builder.is_empty() && (full || due) {
             seq += 1;
             let defs = outbox.unacked_defs(&series);
-            outbox.push(&builder.finish(session, seq, defs));
+            spool_result(outbox.push(builder.finish(session, seq, defs)));
             batch_started = None;
         }
         if connected {
-            outbox.send(&client, &samples_topic, cfg.window, cfg.ack_timeout);
+            spool_result(outbox.send(&client, &samples_topic, cfg.window, cfg.ack_timeout));
         }
     }
 
@@ -195,12 +223,12 @@ pub async fn run(
     if !builder.is_empty() {
         seq += 1;
         let defs = outbox.unacked_defs(&series);
-        outbox.push(&builder.finish(session, seq, defs));
+        spool_result(outbox.push(builder.finish(session, seq, defs)));
     }
     let deadline = Instant::now() + drain;
     while !outbox.is_empty() && Instant::now() < deadline {
         if connected {
-            outbox.send(&client, &samples_topic, cfg.window, cfg.ack_timeout);
+            spool_result(outbox.send(&client, &samples_topic, cfg.window, cfg.ack_timeout));
         }
         tokio::select! {
             _ = tokio::time::sleep_until(deadline) => break,
@@ -229,8 +257,11 @@ pub async fn run(
         abort.abort();
     }
     Ok(Report {
+        samples_taken,
+        batches_recovered: recovery.batches as u64,
         batches_acked: outbox.acked,
-        batches_dropped: outbox.dropped,
+        batches_dropped: outbox.dropped_batches,
+        samples_dropped: outbox.dropped_samples,
         batches_unacked: outbox.len() as u64,
     })
 }
@@ -311,12 +342,21 @@ fn on_link(
     }
 }
 
-/// Applies an `…/ack` message addressed to this session; acks of earlier
-/// sessions (retained or late) are ignored.
+/// Applies an `…/ack` message addressed to this session or to an earlier
+/// run whose batches are still spooled; anything else is ignored.
 fn apply_ack(payload: &[u8], session: SessionId, outbox: &mut Outbox) {
-    match serde_json::from_slice::<Ack>(payload) {
-        Ok(ack) if ack.session == session => outbox.ack(&ack),
-        _ => {}
+    if let Ok(ack) = serde_json::from_slice::<Ack>(payload)
+        && (ack.session == session || outbox.has_session(ack.session))
+    {
+        spool_result(outbox.ack(&ack));
+    }
+}
+
+/// Spool failures (e.g. a full disk) do not stop sampling: the affected
+/// batch is reported as a gap. Say so on stderr.
+fn spool_result(r: Result<(), spool::SpoolError>) {
+    if let Err(e) = r {
+        eprintln!("widgetry-agent: {e}");
     }
 }
 

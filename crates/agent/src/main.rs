@@ -20,8 +20,10 @@ OPTIONS:
     --batch-max-samples N     publish a batch once it holds N samples [default 300]
     --batch-max-wait DURATION publish a batch once its oldest sample is this old [default 1s]
     --ack-timeout DURATION    resend a batch not acknowledged within this time [default 10s]
-    --max-pending N           unacknowledged batches kept; the oldest is dropped (and
-                              counted) beyond this [default 10000]
+    --spool-dir DIR           disk spool of unacknowledged batches [env WIDGETRY_SPOOL_DIR,
+                              default ./widgetry-spool]
+    --spool-max-bytes N       spool size bound; beyond it the oldest batches are dropped
+                              and reported to the server as a gap [default 67108864]
     --username USER           MQTT username [env WIDGETRY_MQTT_USERNAME]
     --password PASS           MQTT password [env WIDGETRY_MQTT_PASSWORD; prefer the env var]
     --check                   validate the arguments, print the settings and exit
@@ -63,6 +65,7 @@ fn parse_args(args: Vec<String>) -> Result<(AgentConfig, bool), Vec<String>> {
     let mut device = env("WIDGETRY_DEVICE");
     let mut username = env("WIDGETRY_MQTT_USERNAME");
     let mut password = env("WIDGETRY_MQTT_PASSWORD");
+    let mut spool_dir = env("WIDGETRY_SPOOL_DIR");
     let mut problems = Vec::new();
     let mut cfg = AgentConfig::new("", 0, "");
     let mut check = false;
@@ -104,18 +107,28 @@ fn parse_args(args: Vec<String>) -> Result<(AgentConfig, bool), Vec<String>> {
                     }
                 }
             }
-            "--batch-max-samples" | "--max-pending" => {
+            "--batch-max-samples" => {
                 if let Some(v) = need(&flag) {
                     match v.parse::<usize>() {
-                        Ok(n) if (1..=1_000_000).contains(&n) => {
-                            if flag == "--max-pending" {
-                                cfg.max_pending = n;
-                            } else {
-                                cfg.batch_max_samples = n;
-                            }
+                        Ok(n) if (1..=100_000).contains(&n) => cfg.batch_max_samples = n,
+                        _ => {
+                            problems.push(format!("{flag}: {v:?} is not a number from 1 to 100000"))
                         }
-                        _ => problems
-                            .push(format!("{flag}: {v:?} is not a number from 1 to 1000000")),
+                    }
+                }
+            }
+            "--spool-dir" => {
+                if let Some(v) = need(&flag) {
+                    spool_dir = Some(v);
+                }
+            }
+            "--spool-max-bytes" => {
+                if let Some(v) = need(&flag) {
+                    match v.parse::<u64>() {
+                        Ok(n) if n >= 64 * 1024 => cfg.spool_max_bytes = n,
+                        _ => problems.push(format!(
+                            "{flag}: {v:?} is not a number of bytes of at least 65536"
+                        )),
                     }
                 }
             }
@@ -137,6 +150,9 @@ fn parse_args(args: Vec<String>) -> Result<(AgentConfig, bool), Vec<String>> {
             Err(e) => problems.push(format!("--device: {e}")),
         },
         None => problems.push("--device is required (or env WIDGETRY_DEVICE)".into()),
+    }
+    if let Some(d) = spool_dir {
+        cfg.spool_dir = d.into();
     }
     match (username, password) {
         (Some(u), Some(p)) => cfg.credentials = Some((u, p)),
@@ -203,8 +219,12 @@ fn main() -> ExitCode {
     match rt.block_on(run(cfg, shutdown_signal(), Duration::from_secs(5))) {
         Ok(report) => {
             eprintln!(
-                "widgetry-agent: stopped; {} batches acknowledged, {} dropped, {} unacknowledged",
-                report.batches_acked, report.batches_dropped, report.batches_unacked
+                "widgetry-agent: stopped; {} samples taken, {} batches acknowledged, {} unacknowledged (kept in the spool), {} dropped ({} samples, reported as gaps)",
+                report.samples_taken,
+                report.batches_acked,
+                report.batches_unacked,
+                report.batches_dropped,
+                report.samples_dropped
             );
             ExitCode::SUCCESS
         }

@@ -96,6 +96,22 @@ pub struct Run {
     pub values: Vec<f64>,
 }
 
+/// Batches a device lost (spool full): a contiguous seq range of one
+/// session, with its sample count and time range.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Gap {
+    pub session: SessionId,
+    pub from_seq: u64,
+    pub to_seq: u64,
+    pub samples: u64,
+    pub from_ts_ms: i64,
+    pub to_ts_ms: i64,
+}
+
+/// Most gap reports in one batch, and most seqs one report may span.
+pub const MAX_GAPS: usize = 1000;
+pub const MAX_GAP_SPAN: u64 = 1_000_000;
+
 /// A decoded and validated batch.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DecodedBatch {
@@ -104,6 +120,8 @@ pub struct DecodedBatch {
     /// Series definitions carried by this batch (session-local ids).
     pub series: Vec<(u32, SeriesKey)>,
     pub runs: Vec<Run>,
+    /// Lost batches reported by the device.
+    pub gaps: Vec<Gap>,
 }
 
 impl DecodedBatch {
@@ -188,11 +206,36 @@ impl DecodedBatch {
                 values: p.values,
             });
         }
+        if raw.gaps.len() > MAX_GAPS {
+            return Err(Reject::TooMany(format!(
+                "{} gap reports; at most {MAX_GAPS}",
+                raw.gaps.len()
+            )));
+        }
+        let mut gaps = Vec::with_capacity(raw.gaps.len());
+        for g in raw.gaps {
+            let session = SessionId::from_slice(&g.session)?;
+            if g.from_seq == 0 || g.from_seq > g.to_seq || g.to_seq - g.from_seq >= MAX_GAP_SPAN {
+                return Err(Reject::Session(format!(
+                    "gap seq range {}..={} is empty, starts at 0 or spans more than {MAX_GAP_SPAN} batches",
+                    g.from_seq, g.to_seq
+                )));
+            }
+            gaps.push(Gap {
+                session,
+                from_seq: g.from_seq,
+                to_seq: g.to_seq,
+                samples: g.samples,
+                from_ts_ms: g.from_ts_ms,
+                to_ts_ms: g.to_ts_ms,
+            });
+        }
         Ok(DecodedBatch {
             session,
             seq: raw.seq,
             series,
             runs,
+            gaps,
         })
     }
 
@@ -233,6 +276,18 @@ impl DecodedBatch {
                     series_id: r.series_id,
                     ts_delta_ms: delta_encode(&r.ts_ms),
                     values: r.values.clone(),
+                })
+                .collect(),
+            gaps: self
+                .gaps
+                .iter()
+                .map(|g| pb::Gap {
+                    session: g.session.0.to_vec(),
+                    from_seq: g.from_seq,
+                    to_seq: g.to_seq,
+                    samples: g.samples,
+                    from_ts_ms: g.from_ts_ms,
+                    to_ts_ms: g.to_ts_ms,
                 })
                 .collect(),
         }
@@ -303,6 +358,7 @@ impl BatchBuilder {
             seq,
             series,
             runs,
+            gaps: Vec::new(),
         }
     }
 }
@@ -335,7 +391,21 @@ mod tests {
                 0..5,
             ),
         )
-            .prop_map(|(session, seq, keys, runs)| DecodedBatch {
+            .prop_flat_map(|(session, seq, keys, runs)| {
+                proptest::collection::vec(
+                    (
+                        any::<[u8; 16]>(),
+                        1u64..1000,
+                        0u64..100,
+                        any::<u64>(),
+                        any::<i64>(),
+                        any::<i64>(),
+                    ),
+                    0..3,
+                )
+                .prop_map(move |gaps| (session, seq, keys.clone(), runs.clone(), gaps))
+            })
+            .prop_map(|(session, seq, keys, runs, gaps)| DecodedBatch {
                 session: SessionId(session),
                 seq,
                 series: keys
@@ -349,6 +419,17 @@ mod tests {
                         series_id,
                         ts_ms: pts.iter().map(|p| p.0).collect(),
                         values: pts.iter().map(|p| p.1).collect(),
+                    })
+                    .collect(),
+                gaps: gaps
+                    .into_iter()
+                    .map(|(s, from, span, samples, a, b)| Gap {
+                        session: SessionId(s),
+                        from_seq: from,
+                        to_seq: from + span,
+                        samples,
+                        from_ts_ms: a,
+                        to_ts_ms: b,
                     })
                     .collect(),
             })

@@ -349,6 +349,21 @@ struct SessionAcks {
 }
 
 impl SessionAcks {
+    /// Settles a whole range (batches the device reported as lost).
+    fn commit_range(&mut self, from: u64, to: u64) {
+        if from <= self.through + 1 {
+            self.through = self.through.max(to);
+            self.above = self.above.split_off(&(self.through + 1));
+            while self.above.remove(&(self.through + 1)) {
+                self.through += 1;
+            }
+        } else {
+            for seq in from..=to {
+                self.commit(seq);
+            }
+        }
+    }
+
     fn commit(&mut self, seq: u64) {
         if seq > self.through {
             self.above.insert(seq);
@@ -388,6 +403,7 @@ struct Outcome {
     batches: u64,
     duplicates: u64,
     samples: u64,
+    gaps: u64,
 }
 
 impl Writer {
@@ -490,24 +506,32 @@ impl Writer {
             match item {
                 Item::Batch {
                     device,
-                    batch,
+                    mut batch,
                     received_ms,
                 } => {
                     seen.entry(device.clone()).or_insert((received_ms, 0)).0 = received_ms;
+                    for gap in std::mem::take(&mut batch.gaps) {
+                        if let Some(lost) =
+                            store::insert_gap(&mut tx, &device, &gap, received_ms).await?
+                        {
+                            out.gaps += 1;
+                            warn!(device = %device, session = %gap.session, from_seq = gap.from_seq, to_seq = gap.to_seq, samples = lost, "device reports batches lost to a full spool");
+                        }
+                        let key = (device.clone(), gap.session);
+                        self.session_state(&mut tx, &key, sessions, &mut touched)
+                            .await?;
+                        if let Some(s) = sessions.get_mut(&key) {
+                            s.commit_range(gap.from_seq, gap.to_seq);
+                        }
+                    }
                     match self
                         .store_batch(&mut tx, &device, batch, received_ms, new_bindings, &mut out)
                         .await?
                     {
                         Ok((session, seq)) => {
                             let key = (device.clone(), session);
-                            if !sessions.contains_key(&key) {
-                                let state = match self.sessions.get(&key) {
-                                    Some(s) => s.clone(),
-                                    None => load_session(&mut tx, &device, &session).await?,
-                                };
-                                sessions.insert(key.clone(), state);
-                                touched.push(key.clone());
-                            }
+                            self.session_state(&mut tx, &key, sessions, &mut touched)
+                                .await?;
                             if let Some(s) = sessions.get_mut(&key) {
                                 s.commit(seq);
                             }
@@ -593,6 +617,25 @@ impl Writer {
             }
         }
         Ok(out)
+    }
+
+    /// Brings a session's ack state into this transaction's working set.
+    async fn session_state(
+        &self,
+        tx: &mut store::WriteTx,
+        key: &SessionKey,
+        sessions: &mut HashMap<SessionKey, SessionAcks>,
+        touched: &mut Vec<SessionKey>,
+    ) -> Result<(), StoreError> {
+        if !sessions.contains_key(key) {
+            let state = match self.sessions.get(key) {
+                Some(s) => s.clone(),
+                None => load_session(tx, &key.0, &key.1).await?,
+            };
+            sessions.insert(key.clone(), state);
+            touched.push(key.clone());
+        }
+        Ok(())
     }
 
     fn reject(
@@ -749,5 +792,16 @@ mod tests {
         assert_eq!(s.above.iter().copied().collect::<Vec<_>>(), vec![5]);
         s.commit(2);
         assert_eq!(s.through, 3, "old seqs do not move the watermark");
+        s.commit(9);
+        s.commit_range(4, 6);
+        assert_eq!(
+            (s.through, s.above.len()),
+            (6, 1),
+            "range settles and absorbs nothing past 7"
+        );
+        s.commit_range(8, 8);
+        assert_eq!(s.through, 6);
+        s.commit(7);
+        assert_eq!((s.through, s.above.len()), (9, 0));
     }
 }

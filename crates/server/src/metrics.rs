@@ -22,6 +22,7 @@ pub struct Metrics {
     pub db_errors: AtomicU64,
     pub mqtt_reconnects: AtomicU64,
     pub acks_published: AtomicU64,
+    pub gaps_reported: AtomicU64,
     /// Milliseconds between receiving the oldest message of the last
     /// committed transaction and its commit.
     pub ingest_lag_ms: AtomicI64,
@@ -102,6 +103,11 @@ impl Metrics {
             "widgetry_ingest_acks_published_total",
             "Acknowledgements published to devices.",
             &[("", get(&self.acks_published))],
+        );
+        counter(
+            "widgetry_ingest_gaps_reported_total",
+            "Gap reports from devices (batches lost to a full device spool).",
+            &[("", get(&self.gaps_reported))],
         );
         let rejects: Vec<(String, u64)> = Reject::CODES
             .iter()

@@ -260,6 +260,49 @@ pub async fn set_session_through(
     Ok(())
 }
 
+/// Records a gap report, counting only batches of its range that were
+/// never stored (a batch may reach the server and then be dropped from the
+/// device's spool before its ack arrived). Returns the samples really lost,
+/// or `None` if the report was already recorded or nothing was lost.
+pub async fn insert_gap(
+    conn: &mut SqliteConnection,
+    device: &str,
+    gap: &widgetry_proto::Gap,
+    now_ms: i64,
+) -> Result<Option<i64>, StoreError> {
+    let (stored_batches, stored_samples): (i64, i64) = sqlx::query_as(
+        "SELECT COUNT(*), COALESCE(SUM(samples), 0) FROM batches
+         WHERE device = ? AND session = ? AND seq BETWEEN ? AND ?",
+    )
+    .bind(device)
+    .bind(&gap.session.0[..])
+    .bind(gap.from_seq as i64)
+    .bind(gap.to_seq as i64)
+    .fetch_one(&mut *conn)
+    .await?;
+    let batches = (gap.to_seq - gap.from_seq + 1) as i64 - stored_batches;
+    let samples = (gap.samples.min(i64::MAX as u64) as i64 - stored_samples).max(0);
+    if batches <= 0 {
+        return Ok(None);
+    }
+    let res = sqlx::query(
+        "INSERT OR IGNORE INTO gaps (device, session, from_seq, to_seq, batches, samples, from_ts, to_ts, reported_ms)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+    )
+    .bind(device)
+    .bind(&gap.session.0[..])
+    .bind(gap.from_seq as i64)
+    .bind(gap.to_seq as i64)
+    .bind(batches)
+    .bind(samples)
+    .bind(gap.from_ts_ms)
+    .bind(gap.to_ts_ms)
+    .bind(now_ms)
+    .execute(&mut *conn)
+    .await?;
+    Ok((res.rows_affected() == 1).then_some(samples))
+}
+
 /// Marks a device as seen at `now_ms`, adding `rejects` to its count.
 pub async fn touch_device(
     conn: &mut SqliteConnection,
@@ -318,6 +361,10 @@ pub struct DeviceInfo {
     pub first_seen: i64,
     pub last_seen: i64,
     pub rejects: i64,
+    /// Gap reports from the device (batches lost to a full spool).
+    pub gaps: i64,
+    /// Samples lost in those gaps.
+    pub lost_samples: i64,
     pub series: Vec<String>,
 }
 
@@ -325,8 +372,10 @@ impl Store {
     /// Every device with its series, ordered by id.
     pub async fn devices(&self) -> Result<Vec<DeviceInfo>, StoreError> {
         let rows = sqlx::query(
-            "SELECT device, state, session, agent, host, first_seen_ms, last_seen_ms, rejects
-             FROM devices ORDER BY device",
+            "SELECT d.device, d.state, d.session, d.agent, d.host, d.first_seen_ms, d.last_seen_ms,
+                    d.rejects, COUNT(g.device), COALESCE(SUM(g.samples), 0)
+             FROM devices d LEFT JOIN gaps g ON g.device = d.device
+             GROUP BY d.device ORDER BY d.device",
         )
         .fetch_all(&self.reader)
         .await?;
@@ -341,6 +390,8 @@ impl Store {
                 first_seen: r.get(5),
                 last_seen: r.get(6),
                 rejects: r.get(7),
+                gaps: r.get(8),
+                lost_samples: r.get(9),
                 series: Vec::new(),
             })
             .collect();

@@ -12,15 +12,6 @@ use common::*;
 
 const T: Duration = Duration::from_secs(20);
 
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 fn signal(child: &Child, sig: &str) {
     let status = Command::new("kill")
         .args([sig, &child.id().to_string()])
@@ -159,32 +150,14 @@ async fn state_of(http: SocketAddr, device: &str) -> Option<String> {
 async fn killed_agent_goes_offline_and_serve_stops_on_sigterm() {
     let dir = tempfile::tempdir().expect("dir");
     let (mqtt, http) = (free_port(), free_port());
-    let http_addr: SocketAddr = format!("127.0.0.1:{http}").parse().expect("addr");
-    let mut serve = Proc(
-        Command::new(workspace_bin("widgetry"))
-            .current_dir(dir.path())
-            .args(["serve", "--mqtt-listen", &format!("127.0.0.1:{mqtt}")])
-            .args(["--http-listen", &http_addr.to_string()])
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start widgetry serve"),
-    );
-    wait_for("serve answers /healthz", T, || async {
-        tokio::task::spawn_blocking(move || {
-            std::net::TcpStream::connect(http_addr)
-                .ok()
-                .map(|_| http_get(http_addr, "/healthz"))
-        })
-        .await
-        .ok()
-        .flatten()
-        .filter(|(s, _)| *s == 200)
-    })
-    .await;
+    let mut serve = ServeProc::start(mqtt, http, dir.path()).await;
+    let http_addr = serve.http;
     let agent = |device: &str| {
-        Proc(
+        ChildGuard(
             Command::new(workspace_bin("widgetry-agent"))
+                .current_dir(dir.path())
                 .args(["--broker", &format!("127.0.0.1:{mqtt}"), "--device", device])
+                .args(["--spool-dir", &format!("spool-{device}")])
                 .args(["--interval", "200ms", "--batch-max-wait", "200ms"])
                 .stderr(Stdio::null())
                 .spawn()
@@ -224,8 +197,8 @@ async fn killed_agent_goes_offline_and_serve_stops_on_sigterm() {
         (state_of(http_addr, "demo").await.as_deref() == Some("offline")).then_some(())
     })
     .await;
-    signal(&serve.0, "-TERM");
-    let status = wait_exit(&mut serve.0, "widgetry serve after SIGTERM");
+    signal(&serve.child, "-TERM");
+    let status = wait_exit(&mut serve.child, "widgetry serve after SIGTERM");
     assert_eq!(status.code(), Some(0), "graceful shutdown exits 0");
     assert!(
         dir.path().join("widgetry.db").exists(),

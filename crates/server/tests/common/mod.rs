@@ -137,13 +137,20 @@ where
 pub struct Agent {
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     handle: tokio::task::JoinHandle<Result<widgetry_agent::Report, widgetry_agent::AgentError>>,
+    pub spool: tempfile::TempDir,
 }
 
 impl Agent {
     pub fn start(mqtt: SocketAddr, device: &str) -> Agent {
+        let spool = tempfile::tempdir().expect("spool dir");
         let mut cfg = widgetry_agent::AgentConfig::new("127.0.0.1", mqtt.port(), device);
         cfg.interval = Duration::from_millis(200);
         cfg.batch_max_wait = Duration::from_millis(200);
+        cfg.spool_dir = spool.path().to_path_buf();
+        Agent::with_config(cfg, spool)
+    }
+
+    pub fn with_config(cfg: widgetry_agent::AgentConfig, spool: tempfile::TempDir) -> Agent {
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let handle = tokio::spawn(widgetry_agent::run(
             cfg,
@@ -155,6 +162,7 @@ impl Agent {
         Agent {
             stop: Some(tx),
             handle,
+            spool,
         }
     }
 
@@ -196,4 +204,62 @@ pub fn require_tool(name: &str) -> PathBuf {
     found.unwrap_or_else(|| {
         panic!("{name} is not installed: run the README's test command (scripts/test.sh), which installs it")
     })
+}
+
+/// `widgetry serve` as a child process (so it can be SIGKILLed), on fixed
+/// ports chosen by the caller and a database in `dir`.
+pub struct ServeProc {
+    pub child: std::process::Child,
+    pub http: SocketAddr,
+}
+
+impl ServeProc {
+    pub async fn start(mqtt: u16, http: u16, dir: &std::path::Path) -> ServeProc {
+        let http: SocketAddr = format!("127.0.0.1:{http}").parse().expect("addr");
+        let child = std::process::Command::new(workspace_bin("widgetry"))
+            .current_dir(dir)
+            .args(["serve", "--mqtt-listen", &format!("127.0.0.1:{mqtt}")])
+            .args(["--http-listen", &http.to_string()])
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start widgetry serve");
+        wait_for(
+            "serve answers /healthz",
+            Duration::from_secs(20),
+            || async {
+                tokio::task::spawn_blocking(move || {
+                    TcpStream::connect(http)
+                        .ok()
+                        .map(|_| http_get(http, "/healthz"))
+                })
+                .await
+                .ok()
+                .flatten()
+                .filter(|(s, _)| *s == 200)
+            },
+        )
+        .await;
+        ServeProc { child, http }
+    }
+
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for ServeProc {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// A child process that is killed when the guard drops (also on panic).
+pub struct ChildGuard(pub std::process::Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }

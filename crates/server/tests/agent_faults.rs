@@ -1,0 +1,329 @@
+//! Fault tests of the agent's spool and end-to-end acknowledgements: the
+//! server SIGKILLed for 30 s, the agent SIGKILLed and restarted, and a
+//! spool too small for an outage. Each counts what is stored against what
+//! was sampled.
+
+mod common;
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+use widgetry_agent::AgentConfig;
+use widgetry_agent::spool::Spool;
+use widgetry_server::store::Store;
+
+const SERIES: [&str; 3] = ["cpu.usage_pct", "mem.total_bytes", "mem.used_bytes"];
+
+async fn series_points(http: SocketAddr, device: &str, series: &str) -> Vec<(i64, f64)> {
+    let (status, body) = http_get_json(
+        http,
+        &format!("/api/v1/series?device={device}&series={series}&from=0&max_points=100000"),
+    )
+    .await;
+    if status == 404 {
+        return Vec::new();
+    }
+    assert_eq!(status, 200, "{body}");
+    serde_json::from_value(body["points"].clone()).expect("points")
+}
+
+/// Asserts every series has strictly increasing timestamps (no duplicate
+/// sample) and returns the total number of samples stored.
+async fn stored_samples_without_duplicates(http: SocketAddr, device: &str) -> usize {
+    let mut total = 0;
+    for s in SERIES {
+        let pts = series_points(http, device, s).await;
+        for w in pts.windows(2) {
+            assert!(
+                w[0].0 < w[1].0,
+                "{device}/{s}: duplicate or unordered sample at ts {}",
+                w[1].0
+            );
+        }
+        total += pts.len();
+    }
+    total
+}
+
+async fn open_db(dir: &std::path::Path) -> Store {
+    Store::open(&dir.join("widgetry.db"))
+        .await
+        .expect("open the server's database")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_killed_for_30s_loses_and_duplicates_nothing() {
+    let dir = tempfile::tempdir().expect("dir");
+    let (mqtt, http) = (free_port(), free_port());
+    let mut serve = ServeProc::start(mqtt, http, dir.path()).await;
+    let spool = tempfile::tempdir().expect("spool");
+    let mut cfg = AgentConfig::new("127.0.0.1", mqtt, "tenhz");
+    cfg.interval = Duration::from_millis(100);
+    cfg.batch_max_wait = Duration::from_millis(300);
+    cfg.ack_timeout = Duration::from_secs(3);
+    cfg.spool_dir = spool.path().to_path_buf();
+    let agent = Agent::with_config(cfg, spool);
+    wait_for("first samples stored", Duration::from_secs(20), || async {
+        (series_points(serve.http, "tenhz", "cpu.usage_pct")
+            .await
+            .len()
+            >= 5)
+            .then_some(())
+    })
+    .await;
+    serve.kill9();
+    let killed_at = widgetry_server::util::now_ms();
+    // The outage itself (scenario time, not synchronisation).
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    let serve = ServeProc::start(mqtt, http, dir.path()).await;
+    // Samples taken after the restart arrive only after the spooled ones
+    // were sent (in order); wait for them.
+    wait_for(
+        "post-outage samples stored",
+        Duration::from_secs(90),
+        || async {
+            let pts = series_points(serve.http, "tenhz", "cpu.usage_pct").await;
+            pts.last()
+                .is_some_and(|p| p.0 > killed_at + 31_000)
+                .then_some(())
+        },
+    )
+    .await;
+    let report = agent.stop().await;
+    assert_eq!(
+        report.batches_unacked, 0,
+        "everything acknowledged: {report:?}"
+    );
+    assert_eq!(report.batches_dropped, 0, "{report:?}");
+    let stored = stored_samples_without_duplicates(serve.http, "tenhz").await;
+    assert_eq!(
+        stored as u64, report.samples_taken,
+        "every sample exactly once: {report:?}"
+    );
+    // In order: batches in seq order cover increasing, disjoint time ranges.
+    let store = open_db(dir.path()).await;
+    let rows: Vec<(i64, i64, i64)> = sqlx::query_as(
+        "SELECT seq, min_ts, max_ts FROM batches WHERE device = 'tenhz' ORDER BY seq",
+    )
+    .fetch_all(store.reader())
+    .await
+    .expect("batches");
+    // ~35 s of 10 Hz sampling in batches of up to 300 ms.
+    assert!(rows.len() > 50, "{} batches", rows.len());
+    for w in rows.windows(2) {
+        assert_eq!(w[0].0 + 1, w[1].0, "no seq missing");
+        assert!(
+            w[0].2 < w[1].1,
+            "batch {} overlaps batch {} in time",
+            w[0].0,
+            w[1].0
+        );
+    }
+    let outage: i64 = sqlx::query_scalar(
+        "SELECT SUM(samples) FROM batches WHERE device = 'tenhz' AND min_ts > ? AND max_ts < ?",
+    )
+    .bind(killed_at + 1000)
+    .bind(killed_at + 29_000)
+    .fetch_one(store.reader())
+    .await
+    .expect("sum");
+    assert!(
+        outage >= 3 * 10 * 25,
+        "samples taken during the outage are stored: {outage}"
+    );
+    store.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_killed_and_restarted_resends_its_spool_without_duplicates() {
+    let dir = tempfile::tempdir().expect("dir");
+    let (mqtt, http) = (free_port(), free_port());
+    let mut serve = ServeProc::start(mqtt, http, dir.path()).await;
+    let spool_dir = dir.path().join("agent-spool");
+    let start_agent = || {
+        Command::new(workspace_bin("widgetry-agent"))
+            .args([
+                "--broker",
+                &format!("127.0.0.1:{mqtt}"),
+                "--device",
+                "phoenix",
+            ])
+            .args([
+                "--interval",
+                "50ms",
+                "--batch-max-wait",
+                "100ms",
+                "--ack-timeout",
+                "2s",
+            ])
+            .arg("--spool-dir")
+            .arg(&spool_dir)
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start agent")
+    };
+    let mut first = ChildGuard(start_agent());
+    wait_for(
+        "first run stores samples",
+        Duration::from_secs(20),
+        || async {
+            (series_points(serve.http, "phoenix", "cpu.usage_pct")
+                .await
+                .len()
+                >= 10)
+                .then_some(())
+        },
+    )
+    .await;
+    // Take the server away so the agent has unacknowledged batches in its
+    // spool, then kill the agent too.
+    serve.kill9();
+    let spooled = spool_dir.clone();
+    wait_for(
+        "batches spooled while the server is down",
+        Duration::from_secs(20),
+        || async {
+            let bytes: u64 = std::fs::read_dir(&spooled)
+                .map(|d| {
+                    d.filter_map(|e| e.ok()?.metadata().ok())
+                        .map(|m| m.len())
+                        .sum()
+                })
+                .unwrap_or(0);
+            (bytes > 4096).then_some(())
+        },
+    )
+    .await;
+    first.0.kill().expect("kill -9");
+    first.0.wait().expect("reap");
+    // What the killed run had spooled but not yet seen acknowledged.
+    let (spool, _) = Spool::open(&spool_dir, 64 << 20, 1 << 20).expect("open spool");
+    let pending: Vec<(String, i64)> = spool
+        .pending()
+        .map(|e| (e.session.to_string(), e.seq as i64))
+        .collect();
+    drop(spool);
+    assert!(
+        pending.len() > 5,
+        "the killed run left {} batches in its spool",
+        pending.len()
+    );
+    let serve = ServeProc::start(mqtt, http, dir.path()).await;
+    let store = open_db(dir.path()).await;
+    let stored_batches = || async {
+        let rows: Vec<(Vec<u8>, i64)> =
+            sqlx::query_as("SELECT session, seq FROM batches WHERE device = 'phoenix'")
+                .fetch_all(store.reader())
+                .await
+                .expect("batches");
+        rows.into_iter()
+            .map(|(s, q)| (s.iter().map(|b| format!("{b:02x}")).collect::<String>(), q))
+            .collect::<HashSet<_>>()
+    };
+    let first_session: HashSet<String> = stored_batches().await.into_iter().map(|k| k.0).collect();
+    assert_eq!(first_session.len(), 1);
+    let mut second = ChildGuard(start_agent());
+    wait_for(
+        "every spooled batch of the killed run is stored, and the new run's batches too",
+        Duration::from_secs(30),
+        || async {
+            let stored = stored_batches().await;
+            let new_run = stored.iter().any(|k| !first_session.contains(&k.0));
+            (new_run && pending.iter().all(|k| stored.contains(k))).then_some(())
+        },
+    )
+    .await;
+    let sessions: i64 =
+        sqlx::query_scalar("SELECT COUNT(DISTINCT session) FROM batches WHERE device = 'phoenix'")
+            .fetch_one(store.reader())
+            .await
+            .expect("sessions");
+    assert_eq!(sessions, 2, "two runs, two sessions");
+    let status = Command::new("kill")
+        .args(["-TERM", &second.0.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    assert_eq!(second.0.wait().expect("wait").code(), Some(0));
+    stored_samples_without_duplicates(serve.http, "phoenix").await;
+    store.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_spool_reports_the_gap_and_keeps_going() {
+    let dir = tempfile::tempdir().expect("dir");
+    let (mqtt, http) = (free_port(), free_port());
+    let spool = tempfile::tempdir().expect("spool");
+    let mut cfg = AgentConfig::new("127.0.0.1", mqtt, "tiny");
+    cfg.interval = Duration::from_millis(20);
+    cfg.batch_max_samples = 3;
+    cfg.spool_max_bytes = 16 * 1024;
+    cfg.spool_dir = spool.path().to_path_buf();
+    let started = widgetry_server::util::now_ms();
+    // No server yet: the agent samples into its spool until it overflows.
+    let agent = Agent::with_config(cfg, spool);
+    let spool_path = agent.spool.path().to_path_buf();
+    wait_for("spool overflows", Duration::from_secs(30), || async {
+        let bytes: u64 = std::fs::read_dir(&spool_path)
+            .map(|d| {
+                d.filter_map(|e| e.ok()?.metadata().ok())
+                    .map(|m| m.len())
+                    .sum()
+            })
+            .unwrap_or(0);
+        // The spool stays bounded; give it time to drop several segments.
+        assert!(bytes <= 16 * 1024, "spool grew past its bound: {bytes}");
+        let elapsed = widgetry_server::util::now_ms() - started;
+        (elapsed > 4000).then_some(())
+    })
+    .await;
+    let serve = ServeProc::start(mqtt, http, dir.path()).await;
+    let device = wait_for(
+        "gap reported on the device",
+        Duration::from_secs(60),
+        || async {
+            let (_, body) = http_get_json(serve.http, "/api/v1/devices").await;
+            body.as_array()?
+                .iter()
+                .find(|d| d["device"] == "tiny" && d["gaps"].as_i64() > Some(0))
+                .cloned()
+        },
+    )
+    .await;
+    let report = agent.stop().await;
+    assert!(report.batches_dropped > 0, "{report:?}");
+    assert_eq!(
+        report.batches_unacked, 0,
+        "the watermark moved past the gap: {report:?}"
+    );
+    // The agent counts every batch it dropped; the server counts only those
+    // it never received (some reached it before the agent dropped them).
+    let lost = device["lost_samples"].as_u64().expect("lost_samples");
+    assert!(
+        lost > 0 && lost <= report.samples_dropped,
+        "{device} vs {report:?}"
+    );
+    let store = open_db(dir.path()).await;
+    let (from_ts, to_ts, lost_batches): (i64, i64, i64) = sqlx::query_as(
+        "SELECT MIN(from_ts), MAX(to_ts), SUM(batches) FROM gaps WHERE device = 'tiny'",
+    )
+    .fetch_one(store.reader())
+    .await
+    .expect("gaps");
+    assert!(lost_batches > 0 && lost_batches as u64 <= report.batches_dropped);
+    assert!(
+        from_ts >= started && from_ts <= to_ts,
+        "gap time range {from_ts}..{to_ts}"
+    );
+    // Stored + lost = taken: nothing unaccounted for.
+    let stored = stored_samples_without_duplicates(serve.http, "tiny").await as u64;
+    assert_eq!(
+        stored + lost,
+        report.samples_taken,
+        "stored {stored}, lost {lost}: {report:?}"
+    );
+    store.close().await;
+}
