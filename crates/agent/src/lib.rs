@@ -10,6 +10,7 @@
 pub mod outbox;
 pub mod sampler;
 pub mod spool;
+pub mod statsd;
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -47,6 +48,10 @@ pub struct AgentConfig {
     pub spool_max_bytes: u64,
     /// Most batches in flight (sent, not yet acknowledged) at once.
     pub window: usize,
+    /// UDP address of the statsd listener, if enabled.
+    pub statsd: Option<std::net::SocketAddr>,
+    /// statsd aggregation interval.
+    pub statsd_flush: Duration,
 }
 
 impl AgentConfig {
@@ -64,6 +69,8 @@ impl AgentConfig {
             spool_dir: PathBuf::from("widgetry-spool"),
             spool_max_bytes: 64 * 1024 * 1024,
             window: 64,
+            statsd: None,
+            statsd_flush: Duration::from_secs(10),
         }
     }
 }
@@ -91,6 +98,12 @@ pub enum AgentError {
     Sampler(String),
     #[error(transparent)]
     Spool(#[from] spool::SpoolError),
+    #[error("statsd listener {addr}: {source}; choose another address with --statsd")]
+    StatsdBind {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// The agent's version, reported in its status.
@@ -174,6 +187,19 @@ pub async fn run(
             recovery.torn_bytes
         );
     }
+    let statsd_sock = match cfg.statsd {
+        Some(addr) => Some(
+            tokio::net::UdpSocket::bind(addr)
+                .await
+                .map_err(|source| AgentError::StatsdBind { addr, source })?,
+        ),
+        None => None,
+    };
+    let mut statsd = statsd::Aggregator::new(10_000, 10_000);
+    let mut statsd_buf = vec![0u8; 65_536];
+    let mut statsd_tick =
+        tokio::time::interval_at(Instant::now() + cfg.statsd_flush, cfg.statsd_flush);
+    statsd_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut sampler = Sampler::new().map_err(AgentError::Sampler)?;
     let mut series: Vec<SeriesKey> = Vec::new();
     let mut outbox = Outbox::new(spool);
@@ -204,6 +230,20 @@ pub async fn run(
             _ = housekeeping.tick() => {}
             Some(ev) = link.recv() => {
                 connected = on_link(ev, &client, &status_topic, &ack_topic, session, &mut outbox, connected);
+            }
+            r = recv_opt(statsd_sock.as_ref(), &mut statsd_buf), if statsd_sock.is_some() => {
+                if let Ok(n) = r {
+                    statsd.ingest(&statsd_buf[..n]);
+                }
+            }
+            _ = statsd_tick.tick(), if statsd_sock.is_some() => {
+                let ts = now_ms();
+                statsd.flush(cfg.statsd_flush.as_secs_f64(), |key, value| {
+                    let id = series_id(&mut series, &mut outbox, &key);
+                    builder.push(id, ts, value);
+                    samples_taken += 1;
+                });
+                batch_started.get_or_insert_with(Instant::now);
             }
         }
         let full = builder.len() >= cfg.batch_max_samples;
@@ -264,6 +304,14 @@ pub async fn run(
         samples_dropped: outbox.dropped_samples,
         batches_unacked: outbox.len() as u64,
     })
+}
+
+/// Receives a datagram, or waits forever when there is no socket.
+async fn recv_opt(sock: Option<&tokio::net::UdpSocket>, buf: &mut [u8]) -> std::io::Result<usize> {
+    match sock {
+        Some(s) => s.recv(buf).await,
+        None => std::future::pending().await,
+    }
 }
 
 /// What the connection task reports to the main loop.

@@ -24,6 +24,9 @@ OPTIONS:
                               default ./widgetry-spool]
     --spool-max-bytes N       spool size bound; beyond it the oldest batches are dropped
                               and reported to the server as a gap [default 67108864]
+    --statsd ADDR             listen for statsd/DogStatsD on this UDP address, e.g.
+                              127.0.0.1:8125 [env WIDGETRY_STATSD; default off]
+    --statsd-flush DURATION   statsd aggregation interval [default 10s]
     --username USER           MQTT username [env WIDGETRY_MQTT_USERNAME]
     --password PASS           MQTT password [env WIDGETRY_MQTT_PASSWORD; prefer the env var]
     --check                   validate the arguments, print the settings and exit
@@ -66,6 +69,7 @@ fn parse_args(args: Vec<String>) -> Result<(AgentConfig, bool), Vec<String>> {
     let mut username = env("WIDGETRY_MQTT_USERNAME");
     let mut password = env("WIDGETRY_MQTT_PASSWORD");
     let mut spool_dir = env("WIDGETRY_SPOOL_DIR");
+    let mut statsd = env("WIDGETRY_STATSD");
     let mut problems = Vec::new();
     let mut cfg = AgentConfig::new("", 0, "");
     let mut check = false;
@@ -97,11 +101,17 @@ fn parse_args(args: Vec<String>) -> Result<(AgentConfig, bool), Vec<String>> {
             "--device" => device = need("--device"),
             "--username" => username = need("--username"),
             "--password" => password = need("--password"),
-            "--interval" | "--batch-max-wait" | "--ack-timeout" => {
+            "--statsd" => {
+                if let Some(v) = need(&flag) {
+                    statsd = Some(v);
+                }
+            }
+            "--interval" | "--batch-max-wait" | "--ack-timeout" | "--statsd-flush" => {
                 if let Some(v) = need(&flag) {
                     match parse_duration(&v) {
                         Ok(d) if flag == "--interval" => cfg.interval = d,
                         Ok(d) if flag == "--batch-max-wait" => cfg.batch_max_wait = d,
+                        Ok(d) if flag == "--statsd-flush" => cfg.statsd_flush = d,
                         Ok(d) => cfg.ack_timeout = d,
                         Err(e) => problems.push(format!("{flag}: {e}")),
                     }
@@ -150,6 +160,14 @@ fn parse_args(args: Vec<String>) -> Result<(AgentConfig, bool), Vec<String>> {
             Err(e) => problems.push(format!("--device: {e}")),
         },
         None => problems.push("--device is required (or env WIDGETRY_DEVICE)".into()),
+    }
+    if let Some(addr) = statsd {
+        match addr.parse() {
+            Ok(a) => cfg.statsd = Some(a),
+            Err(_) => problems.push(format!(
+                "--statsd: {addr:?} is not IP:PORT (e.g. 127.0.0.1:8125)"
+            )),
+        }
     }
     if let Some(d) = spool_dir {
         cfg.spool_dir = d.into();

@@ -469,3 +469,58 @@ async fn api_errors_are_json_with_4xx() {
     assert!(html.contains("Widgetry"));
     stack.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn statsd_packets_become_series_after_one_flush() {
+    let stack = Stack::start().await;
+    let udp = std::net::UdpSocket::bind("127.0.0.1:0").expect("udp");
+    let statsd_addr = udp.local_addr().expect("addr");
+    drop(udp);
+    let spool = tempfile::tempdir().expect("spool");
+    let mut cfg = widgetry_agent::AgentConfig::new("127.0.0.1", stack.mqtt.port(), "statsd-dev");
+    cfg.interval = Duration::from_secs(3600);
+    cfg.batch_max_wait = Duration::from_millis(100);
+    cfg.spool_dir = spool.path().to_path_buf();
+    cfg.statsd = Some(statsd_addr);
+    cfg.statsd_flush = Duration::from_millis(300);
+    let agent = Agent::with_config(cfg, spool);
+    // The agent binds its statsd socket before it reports itself online.
+    wait_for("statsd-dev online", T, || async {
+        device_listed(&stack, "statsd-dev")
+            .await
+            .filter(|d| d["state"] == "online")
+    })
+    .await;
+    // One multi-metric packet, so every line lands in the same flush.
+    let packet = "gorets:1|c\ngorets:1|c|@0.1\ngaugor:333|g\ngaugor:-10|g\ngaugor:+4|g\n\
+                  uniques:765|s\nuniques:766|s\nuniques:765|s\nglork:320|ms\nglork:100|ms\n\
+                  glork:200|ms|@0.5\npage.views:2|c|#env:prod\nnot a metric";
+    let sender = std::net::UdpSocket::bind("127.0.0.1:0").expect("udp");
+    sender
+        .send_to(packet.as_bytes(), statsd_addr)
+        .expect("send");
+    let first = |series: &'static str| {
+        let stack = &stack;
+        async move {
+            wait_for(series, T, || async {
+                points(stack, "statsd-dev", series)
+                    .await
+                    .first()
+                    .map(|p| p.1)
+            })
+            .await
+        }
+    };
+    assert_eq!(first("gorets.count").await, 11.0, "1 + 1/0.1");
+    assert_eq!(first("gaugor").await, 327.0);
+    assert_eq!(first("uniques.count").await, 2.0);
+    assert_eq!(first("glork.count").await, 4.0);
+    assert_eq!(first("glork.min").await, 100.0);
+    assert_eq!(first("glork.max").await, 320.0);
+    assert_eq!(first("glork.p50").await, 200.0);
+    assert_eq!(first("page.views.count%7Benv=prod%7D").await, 2.0);
+    let rate = first("gorets.rate").await;
+    assert!((rate - 11.0 / 0.3).abs() < 1e-6, "rate per second: {rate}");
+    agent.stop().await;
+    stack.stop().await;
+}
