@@ -4,6 +4,7 @@
 # DURATION seconds (default 60). Only loopback is used; ports are picked free.
 #
 #   bash scripts/bench-footprint.sh [DURATION_SECONDS]
+# Extra agent flags can be given in AGENT_ARGS, e.g. AGENT_ARGS="--batch-max-wait 60s".
 set -euo pipefail
 cd "$(dirname "$0")/.."
 duration=${1:-60}
@@ -23,7 +24,7 @@ trap cleanup EXIT
 "$server" serve --mqtt-listen 127.0.0.1:$mqtt --http-listen 127.0.0.1:$http --database "$work/w.db" 2>"$work/serve.log" &
 spid=$!
 for _ in $(seq 100); do curl -fs "http://127.0.0.1:$http/healthz" >/dev/null 2>&1 && break; sleep 0.1; done
-"$agent" --broker 127.0.0.1:$mqtt --device bench --interval 1s 2>"$work/agent.log" &
+"$agent" --broker 127.0.0.1:$mqtt --device bench --interval 1s ${AGENT_ARGS:-} --spool-dir "$work/spool" 2>"$work/agent.log" &
 apid=$!
 
 ticks=$(getconf CLK_TCK)
@@ -36,6 +37,19 @@ for i in $(seq "$duration"); do
 done
 t1=$(date +%s.%N); c1=$(cpu_ticks $apid)
 stored=$(curl -fs "http://127.0.0.1:$http/metrics" | awk '/^widgetry_ingest_samples_stored_total/ {print $2}')
+# Bytes on the wire per sample: MQTT PUBLISH payloads as stored in the batch
+# log (the agent's payload less its series definitions) plus the topic and
+# fixed header of each PUBLISH.
+wire=$(python3 - "$work/w.db" <<'PY'
+import sqlite3, sys
+db = sqlite3.connect(sys.argv[1])
+n, payload, samples = db.execute(
+    "SELECT COUNT(*), SUM(LENGTH(payload)), SUM(samples) FROM batches WHERE device = 'bench'").fetchone()
+topic = len("widgetry/v1/bench/samples")
+per_publish = 2 + 2 + topic + 2  # fixed header, topic length, topic, packet id
+print(f"{(payload + n * per_publish) / samples:.2f} bytes/sample ({samples} samples in {n} batches)")
+PY
+)
 
 echo
 echo "widgetry (release, not stripped) size:   $(stat -c %s $server) bytes"
@@ -44,3 +58,4 @@ echo "agent RSS after ${duration}s:              $(rss_kb $apid) KiB"
 echo "agent CPU over ${duration}s:               $(python3 -c "print(f'{($c1-$c0)/$ticks/($t1-$t0)*100:.3f} % of one core')")"
 echo "server RSS:                               $(rss_kb $spid) KiB"
 echo "samples stored:                           $stored"
+echo "on the wire (payload + PUBLISH header):   $wire"

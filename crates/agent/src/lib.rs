@@ -48,6 +48,8 @@ pub struct AgentConfig {
     pub spool_max_bytes: u64,
     /// Most batches in flight (sent, not yet acknowledged) at once.
     pub window: usize,
+    /// Processes to watch (by name or pid).
+    pub watch: Vec<sampler::Target>,
     /// UDP address of the statsd listener, if enabled.
     pub statsd: Option<std::net::SocketAddr>,
     /// statsd aggregation interval.
@@ -69,6 +71,7 @@ impl AgentConfig {
             spool_dir: PathBuf::from("widgetry-spool"),
             spool_max_bytes: 64 * 1024 * 1024,
             window: 64,
+            watch: Vec::new(),
             statsd: None,
             statsd_flush: Duration::from_secs(10),
         }
@@ -200,7 +203,7 @@ pub async fn run(
     let mut statsd_tick =
         tokio::time::interval_at(Instant::now() + cfg.statsd_flush, cfg.statsd_flush);
     statsd_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    let mut sampler = Sampler::new().map_err(AgentError::Sampler)?;
+    let mut sampler = Sampler::new(&cfg.watch).map_err(AgentError::Sampler)?;
     let mut series: Vec<SeriesKey> = Vec::new();
     let mut outbox = Outbox::new(spool);
     let mut samples_taken = 0u64;

@@ -24,6 +24,9 @@ OPTIONS:
                               default ./widgetry-spool]
     --spool-max-bytes N       spool size bound; beyond it the oldest batches are dropped
                               and reported to the server as a gap [default 67108864]
+    --watch NAME              watch processes with this exact name (repeatable): CPU %,
+                              RSS, threads, count, up, restarts as proc.* series
+    --watch-pid PID           watch one process by pid (repeatable)
     --statsd ADDR             listen for statsd/DogStatsD on this UDP address, e.g.
                               127.0.0.1:8125 [env WIDGETRY_STATSD; default off]
     --statsd-flush DURATION   statsd aggregation interval [default 10s]
@@ -101,6 +104,23 @@ fn parse_args(args: Vec<String>) -> Result<(AgentConfig, bool), Vec<String>> {
             "--device" => device = need("--device"),
             "--username" => username = need("--username"),
             "--password" => password = need("--password"),
+            "--watch" => {
+                if let Some(v) = need(&flag) {
+                    if v.is_empty() || v.len() > 64 {
+                        problems.push(format!("--watch: {v:?} must be 1-64 characters"));
+                    } else {
+                        cfg.watch.push(widgetry_agent::sampler::Target::Name(v));
+                    }
+                }
+            }
+            "--watch-pid" => {
+                if let Some(v) = need(&flag) {
+                    match v.parse::<u32>() {
+                        Ok(p) if p > 0 => cfg.watch.push(widgetry_agent::sampler::Target::Pid(p)),
+                        _ => problems.push(format!("--watch-pid: {v:?} is not a process id")),
+                    }
+                }
+            }
             "--statsd" => {
                 if let Some(v) = need(&flag) {
                     statsd = Some(v);

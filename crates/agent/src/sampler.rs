@@ -1,27 +1,130 @@
-//! System sampling with sysinfo: global CPU % and memory. Series keys are
-//! built once; each sample call allocates nothing of its own.
+//! System sampling with sysinfo: global CPU % and memory, and the process
+//! watchdog. Series keys are built once; a sample call allocates nothing of
+//! its own beyond sysinfo's refresh.
+//!
+//! Watched processes (by exact name, or by pid) yield, labelled
+//! `process=<name>` (and `pid=<pid>` for pid watches):
+//! `proc.cpu_pct` (sum over matching processes, % of one core),
+//! `proc.rss_bytes`, `proc.threads`, `proc.count`, `proc.up` (1/0) and
+//! `proc.restarts` (times the process went away or was replaced and came
+//! back, during this agent run). The full process table is scanned only
+//! every few ticks (or while a watched name is down); in between only the
+//! known pids are refreshed, which keeps the agent's own CPU low.
 
-use sysinfo::System;
+use std::collections::BTreeMap;
+
+use sysinfo::{Pid, ProcessRefreshKind, ProcessesToUpdate, System};
 use widgetry_proto::SeriesKey;
 
-/// Reads CPU and memory statistics.
+/// Full process-table scans happen every this many ticks.
+const SCAN_EVERY: u32 = 10;
+
+struct Keys {
+    cpu: SeriesKey,
+    rss: SeriesKey,
+    threads: SeriesKey,
+    count: SeriesKey,
+    up: SeriesKey,
+    restarts: SeriesKey,
+}
+
+impl Keys {
+    fn new(labels: BTreeMap<String, String>) -> Keys {
+        let key = |name: &str| SeriesKey {
+            name: name.to_string(),
+            labels: labels.clone(),
+        };
+        Keys {
+            cpu: key("proc.cpu_pct"),
+            rss: key("proc.rss_bytes"),
+            threads: key("proc.threads"),
+            count: key("proc.count"),
+            up: key("proc.up"),
+            restarts: key("proc.restarts"),
+        }
+    }
+}
+
+/// What to watch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    Name(String),
+    Pid(u32),
+}
+
+struct Watch {
+    target: Target,
+    keys: Keys,
+    pids: Vec<Pid>,
+    /// Start time of the oldest matching process when last seen.
+    oldest_start: Option<u64>,
+    was_up: bool,
+    restarts: u64,
+}
+
+/// Reads CPU, memory and watched-process statistics.
 pub struct Sampler {
     sys: System,
     cpu: SeriesKey,
     used: SeriesKey,
     total: SeriesKey,
+    watches: Vec<Watch>,
+    tick: u32,
+}
+
+fn label_value(s: &str) -> String {
+    let v: String = s
+        .chars()
+        .filter(|c| !c.is_control())
+        .map(|c| {
+            if matches!(c, ',' | '{' | '}' | '=' | '"') {
+                '_'
+            } else {
+                c
+            }
+        })
+        .take(64)
+        .collect();
+    if v.is_empty() { "unknown".into() } else { v }
 }
 
 impl Sampler {
     /// Creates a sampler; the first CPU reading is a baseline.
-    pub fn new() -> Result<Self, String> {
+    pub fn new(targets: &[Target]) -> Result<Self, String> {
         let mut sys = System::new().map_err(|e| e.to_string())?;
         sys.refresh_cpu_usage();
+        let watches = targets
+            .iter()
+            .map(|t| {
+                let mut labels = BTreeMap::new();
+                match t {
+                    Target::Name(n) => {
+                        labels.insert("process".to_string(), label_value(n));
+                    }
+                    Target::Pid(p) => {
+                        labels.insert("pid".to_string(), p.to_string());
+                    }
+                }
+                Watch {
+                    target: t.clone(),
+                    keys: Keys::new(labels),
+                    pids: match t {
+                        Target::Pid(p) => vec![Pid::from_u32(*p)],
+                        Target::Name(_) => Vec::new(),
+                    },
+                    oldest_start: None,
+                    was_up: false,
+                    restarts: 0,
+                }
+            })
+            .collect();
         Ok(Sampler {
             sys,
             cpu: SeriesKey::plain("cpu.usage_pct"),
             used: SeriesKey::plain("mem.used_bytes"),
             total: SeriesKey::plain("mem.total_bytes"),
+            watches,
+            tick: 0,
         })
     }
 
@@ -32,5 +135,129 @@ impl Sampler {
         emit(&self.cpu, f64::from(self.sys.global_cpu_usage()));
         emit(&self.used, self.sys.used_memory() as f64);
         emit(&self.total, self.sys.total_memory() as f64);
+        if !self.watches.is_empty() {
+            self.sample_processes(&mut emit);
+        }
+    }
+
+    fn sample_processes(&mut self, emit: &mut impl FnMut(&SeriesKey, f64)) {
+        let kind = ProcessRefreshKind::nothing().with_cpu().with_memory();
+        let scan = self.tick % SCAN_EVERY == 0
+            || self
+                .watches
+                .iter()
+                .any(|w| matches!(w.target, Target::Name(_)) && w.pids.is_empty());
+        self.tick = self.tick.wrapping_add(1);
+        if scan {
+            self.sys
+                .refresh_processes_specifics(ProcessesToUpdate::All, true, kind.with_tasks());
+            for w in &mut self.watches {
+                if let Target::Name(name) = &w.target {
+                    w.pids = self
+                        .sys
+                        .processes_by_exact_name(name.as_ref())
+                        .map(|p| p.pid())
+                        .collect();
+                }
+            }
+        } else {
+            let pids: Vec<Pid> = self.watches.iter().flat_map(|w| w.pids.clone()).collect();
+            self.sys.refresh_processes_specifics(
+                ProcessesToUpdate::Some(&pids),
+                true,
+                kind.with_tasks(),
+            );
+        }
+        for w in &mut self.watches {
+            let (mut cpu, mut rss, mut threads, mut count) = (0.0f64, 0u64, 0usize, 0u32);
+            let mut oldest: Option<u64> = None;
+            w.pids.retain(|pid| self.sys.process(*pid).is_some());
+            for pid in &w.pids {
+                if let Some(p) = self.sys.process(*pid) {
+                    cpu += f64::from(p.cpu_usage());
+                    rss += p.memory();
+                    threads += p.tasks().map_or(1, |t| t.len().max(1));
+                    count += 1;
+                    oldest = Some(oldest.map_or(p.start_time(), |o: u64| o.min(p.start_time())));
+                }
+            }
+            let up = count > 0;
+            // Back after being down, or the oldest process was replaced.
+            let replaced = matches!((w.oldest_start, oldest), (Some(a), Some(b)) if b > a);
+            if up && (replaced || (!w.was_up && w.oldest_start.is_some())) {
+                w.restarts += 1;
+            }
+            if up {
+                w.oldest_start = oldest;
+            }
+            w.was_up = up;
+            emit(&w.keys.up, if up { 1.0 } else { 0.0 });
+            emit(&w.keys.count, f64::from(count));
+            emit(&w.keys.restarts, w.restarts as f64);
+            if up {
+                emit(&w.keys.cpu, cpu);
+                emit(&w.keys.rss, rss as f64);
+                emit(&w.keys.threads, threads as f64);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+    use std::process::Command;
+
+    fn readings(s: &mut Sampler) -> HashMap<String, f64> {
+        let mut out = HashMap::new();
+        s.sample(|k, v| {
+            out.insert(k.to_string(), v);
+        });
+        out
+    }
+
+    #[test]
+    fn watches_a_process_by_name_and_counts_restarts() {
+        // A copy of `sleep` under a name no other process has (Linux keeps
+        // 15 characters of a process name).
+        let dir = tempfile::tempdir().expect("dir");
+        let name = format!("wdgs{}", std::process::id() % 1_000_000);
+        let bin = dir.path().join(&name);
+        let sleep = ["/bin/sleep", "/usr/bin/sleep"]
+            .into_iter()
+            .find(|p| std::path::Path::new(p).exists())
+            .expect("sleep binary");
+        std::fs::copy(sleep, &bin).expect("copy sleep");
+        let start = || Command::new(&bin).arg("30").spawn().expect("spawn");
+        let key = |series: &str| format!("{series}{{process={name}}}");
+        let mut child = start();
+        let mut s = Sampler::new(&[Target::Name(name.clone()), Target::Pid(std::process::id())])
+            .expect("sampler");
+        let r = readings(&mut s);
+        assert_eq!(r[&key("proc.up")], 1.0, "{r:?}");
+        assert_eq!(r[&key("proc.count")], 1.0);
+        assert!(r[&key("proc.rss_bytes")] > 0.0);
+        assert!(r[&key("proc.threads")] >= 1.0);
+        assert_eq!(r[&key("proc.restarts")], 0.0);
+        let me = format!("proc.rss_bytes{{pid={}}}", std::process::id());
+        assert!(
+            r[&me] > 0.0,
+            "the test process itself is watched by pid: {r:?}"
+        );
+        child.kill().expect("kill");
+        child.wait().expect("reap");
+        let r = readings(&mut s);
+        assert_eq!(r[&key("proc.up")], 0.0, "{r:?}");
+        assert!(
+            !r.contains_key(&key("proc.cpu_pct")),
+            "no cpu reading while down"
+        );
+        let mut again = start();
+        let r = readings(&mut s);
+        assert_eq!(r[&key("proc.up")], 1.0);
+        assert_eq!(r[&key("proc.restarts")], 1.0, "{r:?}");
+        again.kill().expect("kill");
+        again.wait().expect("reap");
     }
 }
