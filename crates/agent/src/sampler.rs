@@ -142,7 +142,7 @@ impl Sampler {
 
     fn sample_processes(&mut self, emit: &mut impl FnMut(&SeriesKey, f64)) {
         let kind = ProcessRefreshKind::nothing().with_cpu().with_memory();
-        let scan = self.tick % SCAN_EVERY == 0
+        let scan = self.tick.is_multiple_of(SCAN_EVERY)
             || self
                 .watches
                 .iter()
