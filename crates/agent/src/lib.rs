@@ -7,6 +7,7 @@
 //! never drop a batch silently: a batch leaves the outbox only when it is
 //! acknowledged or when the outbox is full, and then it is counted.
 
+pub mod local;
 pub mod outbox;
 pub mod sampler;
 pub mod spool;
@@ -50,6 +51,12 @@ pub struct AgentConfig {
     pub window: usize,
     /// Processes to watch (by name or pid).
     pub watch: Vec<sampler::Target>,
+    /// Unix datagram socket for the local app protocol, if enabled.
+    pub events_socket: Option<PathBuf>,
+    /// Loopback UDP address for the local app protocol, if enabled.
+    pub events_udp: Option<std::net::SocketAddr>,
+    /// Most app events queued for publishing; the oldest is dropped beyond it.
+    pub events_queue: usize,
     /// UDP address of the statsd listener, if enabled.
     pub statsd: Option<std::net::SocketAddr>,
     /// statsd aggregation interval.
@@ -72,6 +79,9 @@ impl AgentConfig {
             spool_max_bytes: 64 * 1024 * 1024,
             window: 64,
             watch: Vec::new(),
+            events_socket: None,
+            events_udp: None,
+            events_queue: 10_000,
             statsd: None,
             statsd_flush: Duration::from_secs(10),
         }
@@ -92,6 +102,10 @@ pub struct Report {
     pub samples_dropped: u64,
     /// Batches still in the spool at exit (sent by the next run).
     pub batches_unacked: u64,
+    /// App events dropped because the local queue was full, and local
+    /// protocol lines that did not parse.
+    pub events_dropped: u64,
+    pub local_bad_lines: u64,
 }
 
 /// Errors that stop the agent.
@@ -101,6 +115,12 @@ pub enum AgentError {
     Sampler(String),
     #[error(transparent)]
     Spool(#[from] spool::SpoolError),
+    #[error("local protocol socket {what}: {source}")]
+    LocalBind {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("statsd listener {addr}: {source}; choose another address with --statsd")]
     StatsdBind {
         addr: std::net::SocketAddr,
@@ -198,8 +218,39 @@ pub async fn run(
         ),
         None => None,
     };
+    let local_unix = match &cfg.events_socket {
+        Some(path) => {
+            // A socket file left by an earlier run would make bind fail.
+            if std::fs::symlink_metadata(path).is_ok_and(|m| {
+                use std::os::unix::fs::FileTypeExt;
+                m.file_type().is_socket()
+            }) {
+                let _ = std::fs::remove_file(path);
+            }
+            Some(
+                tokio::net::UnixDatagram::bind(path).map_err(|source| AgentError::LocalBind {
+                    what: path.display().to_string(),
+                    source,
+                })?,
+            )
+        }
+        None => None,
+    };
+    let local_udp = match cfg.events_udp {
+        Some(addr) => Some(tokio::net::UdpSocket::bind(addr).await.map_err(|source| {
+            AgentError::LocalBind {
+                what: addr.to_string(),
+                source,
+            }
+        })?),
+        None => None,
+    };
+    let events_topic = Topic::name(&cfg.device, TopicKind::Events);
+    let mut events = local::EventQueue::new(cfg.events_queue);
+    let mut local_buf = vec![0u8; if local_unix.is_some() { 65_536 } else { 0 }];
+    let mut udp_buf = vec![0u8; if local_udp.is_some() { 65_536 } else { 0 }];
     let mut statsd = statsd::Aggregator::new(10_000, 10_000);
-    let mut statsd_buf = vec![0u8; 65_536];
+    let mut statsd_buf = vec![0u8; if statsd_sock.is_some() { 65_536 } else { 0 }];
     let mut statsd_tick =
         tokio::time::interval_at(Instant::now() + cfg.statsd_flush, cfg.statsd_flush);
     statsd_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -239,6 +290,26 @@ pub async fn run(
                     statsd.ingest(&statsd_buf[..n]);
                 }
             }
+            r = recv_unix(local_unix.as_ref(), &mut local_buf), if local_unix.is_some() => {
+                if let Ok(n) = r {
+                    on_local(&local_buf[..n], &mut events, |key, ts, value| {
+                        let id = series_id(&mut series, &mut outbox, key);
+                        builder.push(id, ts, value);
+                        samples_taken += 1;
+                    });
+                    batch_started.get_or_insert_with(Instant::now);
+                }
+            }
+            r = recv_opt(local_udp.as_ref(), &mut udp_buf), if local_udp.is_some() => {
+                if let Ok(n) = r {
+                    on_local(&udp_buf[..n], &mut events, |key, ts, value| {
+                        let id = series_id(&mut series, &mut outbox, key);
+                        builder.push(id, ts, value);
+                        samples_taken += 1;
+                    });
+                    batch_started.get_or_insert_with(Instant::now);
+                }
+            }
             _ = statsd_tick.tick(), if statsd_sock.is_some() => {
                 let ts = now_ms();
                 statsd.flush(cfg.statsd_flush.as_secs_f64(), |key, value| {
@@ -259,6 +330,13 @@ pub async fn run(
         }
         if connected {
             spool_result(outbox.send(&client, &samples_topic, cfg.window, cfg.ack_timeout));
+            if !events.is_empty() {
+                events.publish(session, 1000, |payload| {
+                    client
+                        .try_publish(&events_topic, QoS::AtLeastOnce, false, payload)
+                        .is_ok()
+                });
+            }
         }
     }
 
@@ -282,6 +360,18 @@ pub async fn run(
         }
     }
     if connected {
+        while !events.is_empty() {
+            let mut sent = false;
+            events.publish(session, 1000, |payload| {
+                sent = client
+                    .try_publish(&events_topic, QoS::AtLeastOnce, false, payload)
+                    .is_ok();
+                sent
+            });
+            if !sent {
+                break;
+            }
+        }
         let _ = client.try_publish(
             &status_topic,
             QoS::AtLeastOnce,
@@ -306,6 +396,8 @@ pub async fn run(
         batches_dropped: outbox.dropped_batches,
         samples_dropped: outbox.dropped_samples,
         batches_unacked: outbox.len() as u64,
+        events_dropped: events.dropped,
+        local_bad_lines: events.bad_lines,
     })
 }
 
@@ -314,6 +406,33 @@ async fn recv_opt(sock: Option<&tokio::net::UdpSocket>, buf: &mut [u8]) -> std::
     match sock {
         Some(s) => s.recv(buf).await,
         None => std::future::pending().await,
+    }
+}
+
+/// Receives a datagram on the Unix socket, or waits forever without one.
+async fn recv_unix(
+    sock: Option<&tokio::net::UnixDatagram>,
+    buf: &mut [u8],
+) -> std::io::Result<usize> {
+    match sock {
+        Some(s) => s.recv(buf).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Handles one local-protocol datagram: events are queued, samples handed
+/// to `sample`, bad lines counted.
+fn on_local(
+    bytes: &[u8],
+    events: &mut local::EventQueue,
+    mut sample: impl FnMut(&SeriesKey, i64, f64),
+) {
+    for item in local::parse_datagram(bytes, now_ms()) {
+        match item {
+            Ok(local::Local::Event(e)) => events.push(e),
+            Ok(local::Local::Sample(s)) => sample(&s.series, s.ts_ms, s.value),
+            Err(_) => events.bad_lines += 1,
+        }
     }
 }
 

@@ -27,6 +27,9 @@ OPTIONS:
     --watch NAME              watch processes with this exact name (repeatable): CPU %,
                               RSS, threads, count, up, restarts as proc.* series
     --watch-pid PID           watch one process by pid (repeatable)
+    --events-socket PATH      local protocol: Unix datagram socket for newline-delimited JSON
+                              events {\"event\":\"name\",...} and samples {\"series\":..,\"value\":..}
+    --events-udp ADDR         local protocol on a loopback UDP address, e.g. 127.0.0.1:8126
     --statsd ADDR             listen for statsd/DogStatsD on this UDP address, e.g.
                               127.0.0.1:8125 [env WIDGETRY_STATSD; default off]
     --statsd-flush DURATION   statsd aggregation interval [default 10s]
@@ -118,6 +121,22 @@ fn parse_args(args: Vec<String>) -> Result<(AgentConfig, bool), Vec<String>> {
                     match v.parse::<u32>() {
                         Ok(p) if p > 0 => cfg.watch.push(widgetry_agent::sampler::Target::Pid(p)),
                         _ => problems.push(format!("--watch-pid: {v:?} is not a process id")),
+                    }
+                }
+            }
+            "--events-socket" => {
+                if let Some(v) = need(&flag) {
+                    cfg.events_socket = Some(v.into());
+                }
+            }
+            "--events-udp" => {
+                if let Some(v) = need(&flag) {
+                    match v.parse::<std::net::SocketAddr>() {
+                        Ok(a) if a.ip().is_loopback() => cfg.events_udp = Some(a),
+                        Ok(a) => problems.push(format!(
+                            "--events-udp: {a} is not a loopback address; the local protocol is for apps on this device (use 127.0.0.1)"
+                        )),
+                        Err(_) => problems.push(format!("--events-udp: {v:?} is not IP:PORT")),
                     }
                 }
             }

@@ -137,6 +137,92 @@ pub struct Ack {
     pub seqs: Vec<u64>,
 }
 
+/// Device → server on `…/events`: app events from the device's local
+/// protocol. `(session, seq)` names the message so a redelivery is stored
+/// once; `dropped` counts events the device's bounded queue had to drop
+/// since the previous message.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EventBatch {
+    pub session: SessionId,
+    pub seq: u64,
+    pub events: Vec<serde_json::Map<String, serde_json::Value>>,
+    #[serde(default)]
+    pub dropped: u64,
+}
+
+/// Longest event name.
+pub const MAX_EVENT_NAME: usize = 128;
+/// Most events in one message.
+pub const MAX_EVENTS: usize = 10_000;
+
+/// One validated event: its time, name and the whole JSON object.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Event {
+    pub ts_ms: i64,
+    pub name: String,
+    pub body: serde_json::Map<String, serde_json::Value>,
+}
+
+/// Validates one event object: `event` is a 1-128 character string, `ts`
+/// (ms since the Unix epoch) is optional and defaults to `now_ms`.
+pub fn validate_event(
+    mut body: serde_json::Map<String, serde_json::Value>,
+    now_ms: i64,
+) -> Result<Event, Reject> {
+    let name = match body.get("event") {
+        Some(serde_json::Value::String(s)) if !s.is_empty() && s.len() <= MAX_EVENT_NAME => {
+            s.clone()
+        }
+        _ => {
+            return Err(Reject::Json(format!(
+                "event needs an \"event\" string of 1-{MAX_EVENT_NAME} characters, e.g. {{\"event\":\"upload_started\",\"size\":123}}"
+            )));
+        }
+    };
+    let ts_ms = match body.get("ts") {
+        None => now_ms,
+        Some(v) => v.as_i64().ok_or_else(|| {
+            Reject::Timestamp(format!(
+                "event ts {v} is not an integer (ms since the Unix epoch)"
+            ))
+        })?,
+    };
+    validate_ts(ts_ms, now_ms)?;
+    body.insert("ts".into(), ts_ms.into());
+    Ok(Event { ts_ms, name, body })
+}
+
+/// Parses and validates an `…/events` payload.
+pub fn parse_events(
+    bytes: &[u8],
+    limits: &Limits,
+    now_ms: i64,
+) -> Result<(EventBatch, Vec<Event>), Reject> {
+    if bytes.len() > limits.max_payload_bytes {
+        return Err(Reject::Oversize {
+            size: bytes.len(),
+            limit: limits.max_payload_bytes,
+        });
+    }
+    let batch: EventBatch = serde_json::from_slice(bytes).map_err(|e| {
+        Reject::Json(format!(
+            "events: {e}; expected {{\"session\":…,\"seq\":N,\"events\":[{{\"event\":…}}]}}"
+        ))
+    })?;
+    if batch.events.len() > MAX_EVENTS {
+        return Err(Reject::TooMany(format!(
+            "{} events; at most {MAX_EVENTS}",
+            batch.events.len()
+        )));
+    }
+    let events = batch
+        .events
+        .iter()
+        .map(|e| validate_event(e.clone(), now_ms))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok((batch, events))
+}
+
 /// Server → device on `…/errors`: why a payload was refused.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ErrorReport {
@@ -191,6 +277,25 @@ mod tests {
                 "{}",
                 String::from_utf8_lossy(bad)
             );
+        }
+    }
+
+    #[test]
+    fn events() {
+        let l = Limits::default();
+        let payload = br#"{"session":"0101010101010101010101010101010a","seq":1,"events":[{"event":"upload_started","size":123},{"event":"done","ts":1700000000000}]}"#;
+        let (batch, events) = parse_events(payload, &l, NOW).expect("valid");
+        assert_eq!(batch.seq, 1);
+        assert_eq!(events[0].name, "upload_started");
+        assert_eq!(events[0].ts_ms, NOW);
+        assert_eq!(events[0].body["size"], 123);
+        assert_eq!(events[1].ts_ms, 1_700_000_000_000);
+        for bad in [
+            &br#"{"session":"01","seq":1,"events":[]}"#[..],
+            br#"{"session":"0101010101010101010101010101010a","seq":1,"events":[{"size":1}]}"#,
+            br#"{"session":"0101010101010101010101010101010a","seq":1,"events":[{"event":"x","ts":"soon"}]}"#,
+        ] {
+            assert!(parse_events(bad, &l, NOW).is_err(), "{}", String::from_utf8_lossy(bad));
         }
     }
 

@@ -19,7 +19,10 @@ use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
-use widgetry_proto::json::{Ack, ErrorReport, Status, parse_samples, parse_status};
+use widgetry_proto::json::{
+    Ack, ErrorReport, Event as AppEvent, EventBatch, Status, parse_events, parse_samples,
+    parse_status,
+};
 use widgetry_proto::{DecodedBatch, Limits, Reject, SessionId, Topic, TopicKind};
 
 use crate::metrics::Metrics;
@@ -87,6 +90,12 @@ enum Item {
         status: Status,
         received_ms: i64,
     },
+    Events {
+        device: String,
+        batch: EventBatch,
+        events: Vec<AppEvent>,
+        received_ms: i64,
+    },
     Rejected {
         device: Option<String>,
         topic: String,
@@ -101,6 +110,7 @@ impl Item {
             Item::Batch { received_ms, .. }
             | Item::Json { received_ms, .. }
             | Item::Status { received_ms, .. }
+            | Item::Events { received_ms, .. }
             | Item::Rejected { received_ms, .. } => *received_ms,
         }
     }
@@ -216,6 +226,7 @@ async fn subscribe_loop(
                     TopicKind::Samples,
                     TopicKind::SamplesJson,
                     TopicKind::Status,
+                    TopicKind::Events,
                 ]
                 .map(|k| rumqttc::SubscribeFilter::new(k.filter(), QoS::AtLeastOnce));
                 if let Err(e) = client.try_subscribe_many(filters) {
@@ -326,7 +337,16 @@ fn classify(topic: &str, payload: &[u8], limits: &Limits, metrics: &Metrics) -> 
                 received_ms,
             })
         }
-        TopicKind::Events | TopicKind::Ack | TopicKind::Errors => {
+        TopicKind::Events => {
+            metrics.messages_events.fetch_add(1, Ordering::Relaxed);
+            parse_events(payload, limits, received_ms).map(|(batch, events)| Item::Events {
+                device: device.clone(),
+                batch,
+                events,
+                received_ms,
+            })
+        }
+        TopicKind::Ack | TopicKind::Errors => {
             metrics.messages_other.fetch_add(1, Ordering::Relaxed);
             return None;
         }
@@ -404,6 +424,8 @@ struct Outcome {
     duplicates: u64,
     samples: u64,
     gaps: u64,
+    events: u64,
+    events_dropped: u64,
 }
 
 impl Writer {
@@ -576,6 +598,32 @@ impl Writer {
                     received_ms,
                 } => {
                     store::set_status(&mut tx, &device, &status, received_ms).await?;
+                }
+                Item::Events {
+                    device,
+                    batch,
+                    events,
+                    received_ms,
+                } => {
+                    seen.entry(device.clone()).or_insert((received_ms, 0)).0 = received_ms;
+                    for (idx, event) in events.iter().enumerate() {
+                        if store::insert_event(
+                            &mut tx,
+                            &device,
+                            &batch.session,
+                            batch.seq,
+                            idx,
+                            event,
+                        )
+                        .await?
+                        {
+                            out.events += 1;
+                        }
+                    }
+                    if batch.dropped > 0 {
+                        out.events_dropped += batch.dropped;
+                        warn!(device = %device, dropped = batch.dropped, "device dropped app events (its local queue was full)");
+                    }
                 }
                 Item::Rejected {
                     device,

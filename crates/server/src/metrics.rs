@@ -14,6 +14,9 @@ pub struct Metrics {
     pub messages_samples: AtomicU64,
     pub messages_samples_json: AtomicU64,
     pub messages_status: AtomicU64,
+    pub messages_events: AtomicU64,
+    pub events_stored: AtomicU64,
+    pub events_dropped_by_devices: AtomicU64,
     pub messages_other: AtomicU64,
     pub batches_stored: AtomicU64,
     pub batches_duplicate: AtomicU64,
@@ -66,6 +69,7 @@ impl Metrics {
                 ("{kind=\"samples\"}", get(&self.messages_samples)),
                 ("{kind=\"samples_json\"}", get(&self.messages_samples_json)),
                 ("{kind=\"status\"}", get(&self.messages_status)),
+                ("{kind=\"events\"}", get(&self.messages_events)),
                 ("{kind=\"other\"}", get(&self.messages_other)),
             ],
         );
@@ -108,6 +112,16 @@ impl Metrics {
             "widgetry_ingest_gaps_reported_total",
             "Gap reports from devices (batches lost to a full device spool).",
             &[("", get(&self.gaps_reported))],
+        );
+        counter(
+            "widgetry_ingest_events_stored_total",
+            "App events stored.",
+            &[("", get(&self.events_stored))],
+        );
+        counter(
+            "widgetry_ingest_events_dropped_by_devices_total",
+            "App events devices reported dropping because their local queue was full.",
+            &[("", get(&self.events_dropped_by_devices))],
         );
         let rejects: Vec<(String, u64)> = Reject::CODES
             .iter()

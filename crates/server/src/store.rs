@@ -303,6 +303,30 @@ pub async fn insert_gap(
     Ok((res.rows_affected() == 1).then_some(samples))
 }
 
+/// Stores one event; returns false if it was already stored.
+pub async fn insert_event(
+    conn: &mut SqliteConnection,
+    device: &str,
+    session: &SessionId,
+    seq: u64,
+    idx: usize,
+    event: &widgetry_proto::json::Event,
+) -> Result<bool, StoreError> {
+    let res = sqlx::query(
+        "INSERT OR IGNORE INTO events (device, session, seq, idx, ts, name, body) VALUES (?, ?, ?, ?, ?, ?, ?)",
+    )
+    .bind(device)
+    .bind(&session.0[..])
+    .bind(seq as i64)
+    .bind(idx as i64)
+    .bind(event.ts_ms)
+    .bind(&event.name)
+    .bind(serde_json::Value::Object(event.body.clone()).to_string())
+    .execute(&mut *conn)
+    .await?;
+    Ok(res.rows_affected() == 1)
+}
+
 /// Marks a device as seen at `now_ms`, adding `rejects` to its count.
 pub async fn touch_device(
     conn: &mut SqliteConnection,
@@ -406,6 +430,37 @@ impl Store {
             d.series = by_device.remove(&d.device).unwrap_or_default();
         }
         Ok(out)
+    }
+
+    /// Events of a device in `[from, to]` (ms), oldest first, at most `limit`.
+    pub async fn events(
+        &self,
+        device: &str,
+        from: i64,
+        to: i64,
+        limit: i64,
+    ) -> Result<Vec<serde_json::Value>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT ts, name, body FROM events WHERE device = ? AND ts BETWEEN ? AND ?
+             ORDER BY ts, session, seq, idx LIMIT ?",
+        )
+        .bind(device)
+        .bind(from)
+        .bind(to)
+        .bind(limit)
+        .fetch_all(&self.reader)
+        .await?;
+        Ok(rows
+            .iter()
+            .map(|r| {
+                let body: String = r.get(2);
+                serde_json::json!({
+                    "ts": r.get::<i64, _>(0),
+                    "event": r.get::<String, _>(1),
+                    "body": serde_json::from_str::<serde_json::Value>(&body).unwrap_or(serde_json::Value::Null),
+                })
+            })
+            .collect())
     }
 
     /// Points of one series in `[from, to]` (ms), ascending by time. `None`

@@ -82,6 +82,7 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(metrics))
         .route("/api/v1/devices", get(devices))
         .route("/api/v1/series", get(series))
+        .route("/api/v1/events", get(events))
         .fallback(not_found)
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
@@ -140,6 +141,52 @@ pub struct SeriesQuery {
     to: Option<i64>,
     /// Most points or buckets returned; default 1000, at most 100000.
     max_points: Option<usize>,
+}
+
+/// Query of `GET /api/v1/events`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EventsQuery {
+    device: Option<String>,
+    /// ms since the Unix epoch; default: one day before `to`.
+    from: Option<i64>,
+    /// ms since the Unix epoch; default: now.
+    to: Option<i64>,
+    /// Most events returned, oldest first; default 1000, at most 100000.
+    limit: Option<i64>,
+}
+
+async fn events(
+    State(state): State<AppState>,
+    query: Result<Query<EventsQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<serde_json::Value>, AppError> {
+    let Query(q) = query.map_err(|e| {
+        AppError::bad_request(format!(
+            "{}; expected device, from, to (ms since epoch), limit",
+            e.body_text()
+        ))
+    })?;
+    let device = q
+        .device
+        .ok_or_else(|| AppError::bad_request("missing parameter device"))?;
+    validate_device(&device).map_err(|e| AppError::bad_request(e.to_string()))?;
+    let to = q.to.unwrap_or_else(now_ms);
+    let from = q.from.unwrap_or(to - 86_400_000);
+    if from > to {
+        return Err(AppError::bad_request(format!(
+            "from ({from}) is after to ({to})"
+        )));
+    }
+    let limit = q.limit.unwrap_or(1000);
+    if !(1..=MAX_POINTS_LIMIT as i64).contains(&limit) {
+        return Err(AppError::bad_request(format!(
+            "limit {limit} is out of range (1-{MAX_POINTS_LIMIT})"
+        )));
+    }
+    let events = state.store.events(&device, from, to, limit).await?;
+    Ok(Json(
+        json!({"device": device, "from": from, "to": to, "events": events}),
+    ))
 }
 
 /// One min/avg/max bucket of a downsampled range.

@@ -524,3 +524,72 @@ async fn statsd_packets_become_series_after_one_flush() {
     agent.stop().await;
     stack.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_protocol_events_and_samples_reach_the_server() {
+    let stack = Stack::start().await;
+    let spool = tempfile::tempdir().expect("spool");
+    let sock_path = spool.path().join("events.sock");
+    let udp = std::net::UdpSocket::bind("127.0.0.1:0").expect("udp");
+    let udp_addr = udp.local_addr().expect("addr");
+    drop(udp);
+    let mut cfg = widgetry_agent::AgentConfig::new("127.0.0.1", stack.mqtt.port(), "app-dev");
+    cfg.interval = Duration::from_secs(3600);
+    cfg.batch_max_wait = Duration::from_millis(100);
+    cfg.spool_dir = spool.path().join("spool");
+    cfg.events_socket = Some(sock_path.clone());
+    cfg.events_udp = Some(udp_addr);
+    let agent = Agent::with_config(cfg, spool);
+    // The sockets are bound before the agent reports itself online.
+    wait_for("app-dev online", T, || async {
+        device_listed(&stack, "app-dev")
+            .await
+            .filter(|d| d["state"] == "online")
+    })
+    .await;
+    let unix = std::os::unix::net::UnixDatagram::unbound().expect("unix socket");
+    unix.send_to(
+        b"{\"event\":\"upload_started\",\"size\":123}\n{\"series\":\"queue.depth\",\"value\":3,\"labels\":{\"queue\":\"uploads\"}}\nnot json\n",
+        &sock_path,
+    )
+    .expect("send to the events socket");
+    let sender = std::net::UdpSocket::bind("127.0.0.1:0").expect("udp");
+    sender
+        .send_to(
+            b"{\"event\":\"upload_done\",\"ts\":1700000000000,\"ok\":true}",
+            udp_addr,
+        )
+        .expect("send udp");
+    let events = wait_for("both events stored", T, || async {
+        let (status, body) = stack.get("/api/v1/events?device=app-dev&from=0").await;
+        assert_eq!(status, 200, "{body}");
+        let ev = body["events"].as_array().cloned().unwrap_or_default();
+        (ev.len() == 2).then_some(ev)
+    })
+    .await;
+    assert_eq!(
+        events[0]["event"], "upload_done",
+        "oldest first: {events:?}"
+    );
+    assert_eq!(events[0]["ts"], 1_700_000_000_000i64);
+    assert_eq!(events[0]["body"]["ok"], true);
+    assert_eq!(events[1]["event"], "upload_started");
+    assert_eq!(events[1]["body"]["size"], 123);
+    let depth = wait_for("local sample stored", T, || async {
+        points(&stack, "app-dev", "queue.depth%7Bqueue=uploads%7D")
+            .await
+            .first()
+            .map(|p| p.1)
+    })
+    .await;
+    assert_eq!(depth, 3.0);
+    let report = agent.stop().await;
+    assert_eq!(
+        (report.events_dropped, report.local_bad_lines),
+        (0, 1),
+        "{report:?}"
+    );
+    let (status, body) = stack.get("/api/v1/events?device=bad%20id").await;
+    assert_eq!(status, 400, "{body}");
+    stack.stop().await;
+}
