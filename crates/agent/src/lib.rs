@@ -7,6 +7,7 @@
 //! never drop a batch silently: a batch leaves the outbox only when it is
 //! acknowledged or when the outbox is full, and then it is counted.
 
+pub mod conf;
 pub mod local;
 pub mod outbox;
 pub mod sampler;

@@ -35,6 +35,10 @@ OPTIONS:
     --statsd-flush DURATION   statsd aggregation interval [default 10s]
     --username USER           MQTT username [env WIDGETRY_MQTT_USERNAME]
     --password PASS           MQTT password [env WIDGETRY_MQTT_PASSWORD; prefer the env var]
+    --events-queue N          app events kept while they cannot be published [default 10000]
+    --config FILE             agent.toml: the same settings as keys with _ for -, e.g.
+                              batch_max_wait = \"5s\", watch = [\"nginx\"] [env WIDGETRY_AGENT_CONFIG]
+                              Precedence: flags, then environment, then the file.
     --check                   validate the arguments, print the settings and exit
     -h, --help                show this help
     -V, --version             show the version
@@ -68,30 +72,106 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(secs))
 }
 
+/// Every setting, as a flag name without `--`; the same names (with `_`
+/// for `-`) are the keys of `agent.toml`.
+const KEYS: [&str; 18] = [
+    "broker",
+    "device",
+    "username",
+    "password",
+    "interval",
+    "batch-max-samples",
+    "batch-max-wait",
+    "ack-timeout",
+    "spool-dir",
+    "spool-max-bytes",
+    "watch",
+    "watch-pid",
+    "events-socket",
+    "events-udp",
+    "statsd",
+    "statsd-flush",
+    "events-queue",
+    "config",
+];
+
+/// Environment variables, by setting.
+const ENV: [(&str, &str); 7] = [
+    ("broker", "WIDGETRY_BROKER"),
+    ("device", "WIDGETRY_DEVICE"),
+    ("username", "WIDGETRY_MQTT_USERNAME"),
+    ("password", "WIDGETRY_MQTT_PASSWORD"),
+    ("spool-dir", "WIDGETRY_SPOOL_DIR"),
+    ("statsd", "WIDGETRY_STATSD"),
+    ("config", "WIDGETRY_AGENT_CONFIG"),
+];
+
+/// Raw settings gathered from the file, the environment and the flags
+/// (later sources win; `watch` and `watch-pid` accumulate).
+#[derive(Default)]
+struct Raw {
+    values: std::collections::HashMap<&'static str, (String, String)>,
+    lists: Vec<(&'static str, String, String)>,
+}
+
+impl Raw {
+    fn set(&mut self, key: &'static str, value: String, source: String) {
+        if matches!(key, "watch" | "watch-pid") {
+            self.lists.push((key, value, source));
+        } else {
+            self.values.insert(key, (value, source));
+        }
+    }
+}
+
+fn key_of(name: &str) -> Option<&'static str> {
+    KEYS.iter().copied().find(|k| *k == name)
+}
+
+/// Reads `agent.toml`: every key is a setting name with `_` for `-`.
+fn load_file(path: &str, raw: &mut Raw, problems: &mut Vec<String>) {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) => return problems.push(format!("config {path}: cannot read: {e}")),
+    };
+    let entries = match widgetry_agent::conf::parse(&text) {
+        Ok(e) => e,
+        Err(errs) => {
+            problems.extend(errs.into_iter().map(|e| format!("config {path}: {e}")));
+            return;
+        }
+    };
+    for (k, v) in entries {
+        let source = format!("config {path}: key {k}");
+        let Some(key) = key_of(&k.replace('_', "-")).filter(|k| *k != "config") else {
+            problems.push(format!(
+                "{source}: unknown key (see widgetry-agent --help for the settings)"
+            ));
+            continue;
+        };
+        match (v, key) {
+            (widgetry_agent::conf::Value::List(items), "watch" | "watch-pid") => {
+                for item in items {
+                    raw.set(key, item, source.clone());
+                }
+            }
+            (widgetry_agent::conf::Value::Scalar(s), _) => raw.set(key, s, source),
+            (widgetry_agent::conf::Value::List(_), _) => {
+                problems.push(format!("{source}: expected a single value, not a list"))
+            }
+        }
+    }
+}
+
 fn parse_args(args: Vec<String>) -> Result<(AgentConfig, bool), Vec<String>> {
-    let env = |k: &str| std::env::var(k).ok();
-    let mut broker = env("WIDGETRY_BROKER").unwrap_or_else(|| "127.0.0.1:1883".into());
-    let mut device = env("WIDGETRY_DEVICE");
-    let mut username = env("WIDGETRY_MQTT_USERNAME");
-    let mut password = env("WIDGETRY_MQTT_PASSWORD");
-    let mut spool_dir = env("WIDGETRY_SPOOL_DIR");
-    let mut statsd = env("WIDGETRY_STATSD");
     let mut problems = Vec::new();
-    let mut cfg = AgentConfig::new("", 0, "");
+    let mut flags = Raw::default();
     let mut check = false;
     let mut it = args.into_iter();
-    while let Some(flag) = it.next() {
-        let (flag, inline) = match flag.split_once('=') {
+    while let Some(arg) = it.next() {
+        let (flag, inline) = match arg.split_once('=') {
             Some((f, v)) if f.starts_with("--") => (f.to_string(), Some(v.to_string())),
-            _ => (flag, None),
-        };
-        let mut value = || inline.clone().or_else(|| it.next());
-        let mut need = |name: &str| match value() {
-            Some(v) => Some(v),
-            None => {
-                problems.push(format!("{name} needs a value"));
-                None
-            }
+            _ => (arg, None),
         };
         match flag.as_str() {
             "-h" | "--help" => {
@@ -103,124 +183,147 @@ fn parse_args(args: Vec<String>) -> Result<(AgentConfig, bool), Vec<String>> {
                 std::process::exit(0);
             }
             "--check" => check = true,
-            "--broker" => broker = need("--broker").unwrap_or_default(),
-            "--device" => device = need("--device"),
-            "--username" => username = need("--username"),
-            "--password" => password = need("--password"),
-            "--watch" => {
-                if let Some(v) = need(&flag) {
-                    if v.is_empty() || v.len() > 64 {
-                        problems.push(format!("--watch: {v:?} must be 1-64 characters"));
-                    } else {
-                        cfg.watch.push(widgetry_agent::sampler::Target::Name(v));
-                    }
-                }
-            }
-            "--watch-pid" => {
-                if let Some(v) = need(&flag) {
-                    match v.parse::<u32>() {
-                        Ok(p) if p > 0 => cfg.watch.push(widgetry_agent::sampler::Target::Pid(p)),
-                        _ => problems.push(format!("--watch-pid: {v:?} is not a process id")),
-                    }
-                }
-            }
-            "--events-socket" => {
-                if let Some(v) = need(&flag) {
-                    cfg.events_socket = Some(v.into());
-                }
-            }
-            "--events-udp" => {
-                if let Some(v) = need(&flag) {
-                    match v.parse::<std::net::SocketAddr>() {
-                        Ok(a) if a.ip().is_loopback() => cfg.events_udp = Some(a),
-                        Ok(a) => problems.push(format!(
-                            "--events-udp: {a} is not a loopback address; the local protocol is for apps on this device (use 127.0.0.1)"
-                        )),
-                        Err(_) => problems.push(format!("--events-udp: {v:?} is not IP:PORT")),
-                    }
-                }
-            }
-            "--statsd" => {
-                if let Some(v) = need(&flag) {
-                    statsd = Some(v);
-                }
-            }
-            "--interval" | "--batch-max-wait" | "--ack-timeout" | "--statsd-flush" => {
-                if let Some(v) = need(&flag) {
-                    match parse_duration(&v) {
-                        Ok(d) if flag == "--interval" => cfg.interval = d,
-                        Ok(d) if flag == "--batch-max-wait" => cfg.batch_max_wait = d,
-                        Ok(d) if flag == "--statsd-flush" => cfg.statsd_flush = d,
-                        Ok(d) => cfg.ack_timeout = d,
-                        Err(e) => problems.push(format!("{flag}: {e}")),
-                    }
-                }
-            }
-            "--batch-max-samples" => {
-                if let Some(v) = need(&flag) {
-                    match v.parse::<usize>() {
-                        Ok(n) if (1..=100_000).contains(&n) => cfg.batch_max_samples = n,
-                        _ => {
-                            problems.push(format!("{flag}: {v:?} is not a number from 1 to 100000"))
-                        }
-                    }
-                }
-            }
-            "--spool-dir" => {
-                if let Some(v) = need(&flag) {
-                    spool_dir = Some(v);
-                }
-            }
-            "--spool-max-bytes" => {
-                if let Some(v) = need(&flag) {
-                    match v.parse::<u64>() {
-                        Ok(n) if n >= 64 * 1024 => cfg.spool_max_bytes = n,
-                        _ => problems.push(format!(
-                            "{flag}: {v:?} is not a number of bytes of at least 65536"
-                        )),
-                    }
-                }
-            }
-            other => problems.push(format!("unknown argument {other:?}; see --help")),
+            _ => match flag.strip_prefix("--").and_then(key_of) {
+                Some(key) => match inline.or_else(|| it.next()) {
+                    Some(v) => flags.set(key, v, format!("--{key}")),
+                    None => problems.push(format!("--{key} needs a value")),
+                },
+                None => problems.push(format!("unknown argument {flag:?}; see --help")),
+            },
         }
     }
+    // Lowest precedence first: file, then environment, then flags.
+    let mut raw = Raw::default();
+    let config_path = flags
+        .values
+        .get("config")
+        .map(|(v, _)| v.clone())
+        .or_else(|| std::env::var("WIDGETRY_AGENT_CONFIG").ok());
+    if let Some(path) = config_path {
+        load_file(&path, &mut raw, &mut problems);
+    }
+    for (key, var) in ENV {
+        if let Ok(v) = std::env::var(var) {
+            raw.set(key, v, format!("env {var}"));
+        }
+    }
+    for (k, v) in flags.values {
+        raw.values.insert(k, v);
+    }
+    raw.lists.extend(flags.lists);
+    match build(raw, &mut problems) {
+        Some(cfg) if problems.is_empty() => Ok((cfg, check)),
+        _ => Err(problems),
+    }
+}
+
+fn bad(problems: &mut Vec<String>, (value, source): &(String, String), why: &str) {
+    problems.push(format!("{source}: {value:?} {why}"));
+}
+
+/// Validates the gathered settings; every problem names its source.
+fn build(raw: Raw, problems: &mut Vec<String>) -> Option<AgentConfig> {
+    let mut cfg = AgentConfig::new("", 0, "");
+    let get = |k: &str| raw.values.get(k).cloned();
+    let (broker, src) = get("broker").unwrap_or(("127.0.0.1:1883".into(), "default".into()));
     match broker.rsplit_once(':').map(|(h, p)| (h, p.parse::<u16>())) {
         Some((host, Ok(port))) if !host.is_empty() && port != 0 => {
             cfg.broker_host = host.trim_matches(['[', ']']).to_string();
             cfg.broker_port = port;
         }
-        _ => problems.push(format!(
-            "--broker: {broker:?} is not HOST:PORT (e.g. 127.0.0.1:1883)"
-        )),
+        _ => bad(
+            problems,
+            &(broker, src),
+            "is not HOST:PORT (e.g. 127.0.0.1:1883)",
+        ),
     }
-    match device {
-        Some(d) => match widgetry_proto::validate::validate_device(&d) {
-            Ok(()) => cfg.device = d,
-            Err(e) => problems.push(format!("--device: {e}")),
+    match get("device") {
+        Some(d) => match widgetry_proto::validate::validate_device(&d.0) {
+            Ok(()) => cfg.device = d.0,
+            Err(e) => problems.push(format!("{}: {e}", d.1)),
         },
-        None => problems.push("--device is required (or env WIDGETRY_DEVICE)".into()),
+        None => problems
+            .push("--device is required (or env WIDGETRY_DEVICE, or device in agent.toml)".into()),
     }
-    if let Some(addr) = statsd {
-        match addr.parse() {
-            Ok(a) => cfg.statsd = Some(a),
-            Err(_) => problems.push(format!(
-                "--statsd: {addr:?} is not IP:PORT (e.g. 127.0.0.1:8125)"
-            )),
+    for (key, slot) in [
+        ("interval", &mut cfg.interval),
+        ("batch-max-wait", &mut cfg.batch_max_wait),
+        ("ack-timeout", &mut cfg.ack_timeout),
+        ("statsd-flush", &mut cfg.statsd_flush),
+    ] {
+        if let Some(v) = get(key) {
+            match parse_duration(&v.0) {
+                Ok(d) => *slot = d,
+                Err(e) => problems.push(format!("{}: {e}", v.1)),
+            }
         }
     }
-    if let Some(d) = spool_dir {
-        cfg.spool_dir = d.into();
+    let mut number = |key: &str, min: u64, max: u64| -> Option<u64> {
+        let v = get(key)?;
+        match v.0.parse::<u64>() {
+            Ok(n) if (min..=max).contains(&n) => Some(n),
+            _ => {
+                bad(
+                    problems,
+                    &v,
+                    &format!("is not a number from {min} to {max}"),
+                );
+                None
+            }
+        }
+    };
+    if let Some(n) = number("batch-max-samples", 1, 100_000) {
+        cfg.batch_max_samples = n as usize;
     }
-    match (username, password) {
-        (Some(u), Some(p)) => cfg.credentials = Some((u, p)),
+    if let Some(n) = number("spool-max-bytes", 64 * 1024, u64::MAX / 2) {
+        cfg.spool_max_bytes = n;
+    }
+    if let Some(n) = number("events-queue", 1, 1_000_000) {
+        cfg.events_queue = n as usize;
+    }
+    if let Some(v) = get("spool-dir") {
+        cfg.spool_dir = v.0.into();
+    }
+    if let Some(v) = get("events-socket") {
+        cfg.events_socket = Some(v.0.into());
+    }
+    if let Some(v) = get("events-udp") {
+        match v.0.parse::<std::net::SocketAddr>() {
+            Ok(a) if a.ip().is_loopback() => cfg.events_udp = Some(a),
+            Ok(_) => bad(
+                problems,
+                &v,
+                "is not a loopback address; the local protocol is for apps on this device (use 127.0.0.1)",
+            ),
+            Err(_) => bad(problems, &v, "is not IP:PORT (e.g. 127.0.0.1:8126)"),
+        }
+    }
+    if let Some(v) = get("statsd") {
+        match v.0.parse() {
+            Ok(a) => cfg.statsd = Some(a),
+            Err(_) => bad(problems, &v, "is not IP:PORT (e.g. 127.0.0.1:8125)"),
+        }
+    }
+    for (key, value, source) in &raw.lists {
+        let item = (value.clone(), source.clone());
+        match *key {
+            "watch" if !value.is_empty() && value.len() <= 64 => cfg
+                .watch
+                .push(widgetry_agent::sampler::Target::Name(value.clone())),
+            "watch" => bad(problems, &item, "must be 1-64 characters"),
+            _ => match value.parse::<u32>() {
+                Ok(p) if p > 0 => cfg.watch.push(widgetry_agent::sampler::Target::Pid(p)),
+                _ => bad(problems, &item, "is not a process id"),
+            },
+        }
+    }
+    match (get("username"), get("password")) {
+        (Some(u), Some(p)) => cfg.credentials = Some((u.0, p.0)),
         (None, None) => {}
-        _ => problems.push("give both --username and --password, or neither".into()),
+        // Never echo a password.
+        _ => problems.push("give both username and password, or neither".into()),
     }
-    if problems.is_empty() {
-        Ok((cfg, check))
-    } else {
-        Err(problems)
-    }
+    Some(cfg)
 }
 
 async fn shutdown_signal() {
@@ -318,5 +421,54 @@ mod tests {
         ];
         let errs = parse_args(args.iter().map(|s| s.to_string()).collect()).expect_err("invalid");
         assert_eq!(errs.len(), 4, "{errs:#?}");
+    }
+}
+
+#[cfg(test)]
+mod config_tests {
+    use super::*;
+
+    fn args(a: &[&str]) -> Vec<String> {
+        a.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn config_file_keys_with_flag_precedence_and_all_errors() {
+        let dir = tempfile::tempdir().expect("dir");
+        let good = dir.path().join("agent.toml");
+        std::fs::write(
+            &good,
+            "device = \"kiosk-1\"\nbroker = \"10.0.0.5:1883\"\nbatch_max_wait = \"5s\"\n\
+             watch = [\"nginx\", \"sshd\"]\nspool_max_bytes = 1048576\n",
+        )
+        .expect("write");
+        let path = good.display().to_string();
+        let (cfg, _) =
+            parse_args(args(&["--config", &path, "--batch-max-wait", "2s"])).expect("valid");
+        assert_eq!(cfg.device, "kiosk-1");
+        assert_eq!(cfg.broker_host, "10.0.0.5");
+        assert_eq!(
+            cfg.batch_max_wait,
+            Duration::from_secs(2),
+            "the flag wins over the file"
+        );
+        assert_eq!(cfg.watch.len(), 2);
+        assert_eq!(cfg.spool_max_bytes, 1_048_576);
+        let bad = dir.path().join("bad.toml");
+        std::fs::write(
+            &bad,
+            "device = \"ok\"\ninterval = \"fast\"\nbogus = 1\nspool_max_bytes = 5\n",
+        )
+        .expect("write");
+        let errs =
+            parse_args(args(&["--config", &bad.display().to_string()])).expect_err("invalid");
+        assert_eq!(errs.len(), 3, "{errs:#?}");
+        assert!(errs.iter().all(|e| e.contains("bad.toml")), "{errs:#?}");
+        assert!(
+            errs.iter()
+                .any(|e| e.contains("key bogus") && e.contains("unknown")),
+            "{errs:#?}"
+        );
+        assert!(errs.iter().any(|e| e.contains("key interval")), "{errs:#?}");
     }
 }
