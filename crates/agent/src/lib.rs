@@ -341,8 +341,13 @@ pub async fn run(
         }
     }
 
-    // Drain: publish the partial batch and wait for acknowledgements.
-    if !builder.is_empty() {
+    // Drain: publish the partial batch, and gap reports that no batch has
+    // carried yet (spooling a batch can itself drop older ones, hence the
+    // loop), then wait for acknowledgements.
+    for _ in 0..3 {
+        if builder.is_empty() && !outbox.has_pending_gaps() {
+            break;
+        }
         seq += 1;
         let defs = outbox.unacked_defs(&series);
         spool_result(outbox.push(builder.finish(session, seq, defs)));

@@ -155,6 +155,11 @@ impl Outbox {
         self.spool.pending().any(|e| e.session == session)
     }
 
+    /// True when gap reports wait for a batch to carry them.
+    pub fn has_pending_gaps(&self) -> bool {
+        !self.gaps_pending.is_empty()
+    }
+
     /// After a reconnect everything must be sent again.
     pub fn mark_all_unsent(&mut self) {
         self.sent_at.clear();

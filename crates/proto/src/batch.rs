@@ -173,15 +173,16 @@ impl DecodedBatch {
         let mut total = 0usize;
         let mut runs = Vec::with_capacity(raw.points.len());
         for p in raw.points {
-            if p.ts_delta_ms.len() != p.values.len() {
+            let values = decode_values(&p)?;
+            if p.ts_delta_ms.len() != values.len() {
                 return Err(Reject::Series(format!(
                     "series id {}: {} timestamps but {} values",
                     p.series_id,
                     p.ts_delta_ms.len(),
-                    p.values.len()
+                    values.len()
                 )));
             }
-            total += p.values.len();
+            total += values.len();
             if total > limits.max_samples {
                 return Err(Reject::TooMany(format!(
                     "more than {} samples in one batch",
@@ -197,13 +198,13 @@ impl DecodedBatch {
                 validate_ts(ts, now_ms)?;
                 ts_ms.push(ts);
             }
-            for v in &p.values {
+            for v in &values {
                 validate_value(*v)?;
             }
             runs.push(Run {
                 series_id: p.series_id,
                 ts_ms,
-                values: p.values,
+                values,
             });
         }
         if raw.gaps.len() > MAX_GAPS {
@@ -272,11 +273,7 @@ impl DecodedBatch {
             points: self
                 .runs
                 .iter()
-                .map(|r| pb::Points {
-                    series_id: r.series_id,
-                    ts_delta_ms: delta_encode(&r.ts_ms),
-                    values: r.values.clone(),
-                })
+                .map(|r| encode_points(r.series_id, &r.ts_ms, &r.values))
                 .collect(),
             gaps: self
                 .gaps
@@ -296,6 +293,65 @@ impl DecodedBatch {
     /// Encodes the batch as protobuf bytes.
     pub fn encode(&self) -> Vec<u8> {
         self.to_pb().encode_to_vec()
+    }
+}
+
+/// Largest magnitude an f64 holds every integer up to.
+const EXACT_INT: f64 = 9_007_199_254_740_992.0;
+
+fn is_exact_int(v: f64) -> bool {
+    v.fract() == 0.0 && v.abs() < EXACT_INT && !(v == 0.0 && v.is_sign_negative())
+}
+
+/// Encodes one series' samples, picking the smallest exact value encoding.
+fn encode_points(series_id: u32, ts: &[i64], values: &[f64]) -> pb::Points {
+    let mut p = pb::Points {
+        series_id,
+        ts_delta_ms: delta_encode(ts),
+        ..Default::default()
+    };
+    if values.iter().all(|v| is_exact_int(*v)) {
+        let ints: Vec<i64> = values.iter().map(|v| *v as i64).collect();
+        p.int_values = delta_encode(&ints);
+    } else if values.iter().all(|v| f64::from(*v as f32) == *v) {
+        p.f32_values = values.iter().map(|v| *v as f32).collect();
+    } else {
+        p.values = values.to_vec();
+    }
+    p
+}
+
+/// Decodes whichever value encoding a `Points` uses.
+pub fn decode_values(p: &pb::Points) -> Result<Vec<f64>, Reject> {
+    let used = [
+        !p.values.is_empty(),
+        !p.int_values.is_empty(),
+        !p.f32_values.is_empty(),
+    ]
+    .iter()
+    .filter(|u| **u)
+    .count();
+    if used > 1 {
+        return Err(Reject::Series(format!(
+            "series id {}: values given in more than one encoding",
+            p.series_id
+        )));
+    }
+    if !p.int_values.is_empty() {
+        let mut acc: i64 = 0;
+        p.int_values
+            .iter()
+            .map(|d| {
+                acc = acc.checked_add(*d).ok_or_else(|| {
+                    Reject::Value(format!("series id {}: integer value overflow", p.series_id))
+                })?;
+                Ok(acc as f64)
+            })
+            .collect()
+    } else if !p.f32_values.is_empty() {
+        Ok(p.f32_values.iter().map(|v| f64::from(*v)).collect())
+    } else {
+        Ok(p.values.clone())
     }
 }
 
@@ -451,6 +507,27 @@ mod tests {
         }
 
         #[test]
+        fn every_value_encoding_round_trips(
+            kind in 0u8..3,
+            ints in proptest::collection::vec(-(1i64 << 52)..(1i64 << 52), 1..30),
+            floats in proptest::collection::vec(any::<f32>().prop_filter("finite", |f| f.is_finite()), 1..30),
+            doubles in proptest::collection::vec(-1e300f64..1e300, 1..30),
+        ) {
+            let values: Vec<f64> = match kind {
+                0 => ints.iter().map(|i| *i as f64).collect(),
+                1 => floats.iter().map(|f| f64::from(*f)).collect(),
+                _ => doubles,
+            };
+            let ts: Vec<i64> = (0..values.len() as i64).collect();
+            let p = encode_points(3, &ts, &values);
+            let back = decode_values(&p).expect("decodes");
+            prop_assert_eq!(back.len(), values.len());
+            for (a, b) in back.iter().zip(&values) {
+                prop_assert_eq!(a.to_bits(), b.to_bits());
+            }
+        }
+
+        #[test]
         fn session_hex_round_trip(raw in any::<[u8; 16]>()) {
             let id = SessionId(raw);
             prop_assert_eq!(id.to_string().parse::<SessionId>(), Ok(id));
@@ -467,6 +544,31 @@ mod tests {
             1,
             vec![(1, SeriesKey::plain("a")), (2, SeriesKey::plain("b"))],
         )
+    }
+
+    #[test]
+    fn picks_the_smallest_exact_encoding() {
+        let p = encode_points(1, &[1, 2, 3], &[1e9, 1e9 + 4096.0, 2.0]);
+        assert!(!p.int_values.is_empty() && p.values.is_empty() && p.f32_values.is_empty());
+        let p = encode_points(1, &[1, 2], &[0.5, 12.25]);
+        assert!(!p.f32_values.is_empty(), "{p:?}");
+        let p = encode_points(1, &[1, 2], &[0.1, -0.0]);
+        assert!(!p.values.is_empty(), "{p:?}");
+        for p in [
+            encode_points(1, &[1], &[-0.0]),
+            encode_points(1, &[1, 2], &[f64::from(0.1f32), 3.0]),
+        ] {
+            let back = decode_values(&p).expect("decodes");
+            assert_eq!(back.len(), 1.max(p.ts_delta_ms.len()));
+        }
+        let both = pb::Points {
+            series_id: 1,
+            ts_delta_ms: vec![1],
+            values: vec![1.0],
+            int_values: vec![1],
+            f32_values: vec![],
+        };
+        assert!(decode_values(&both).is_err());
     }
 
     #[test]
@@ -488,11 +590,18 @@ mod tests {
         };
         check(&|b| b.session.truncate(3), "bad_session");
         check(&|b| b.seq = 0, "bad_session");
-        check(&|b| b.points[0].values[0] = f64::NAN, "bad_value");
+        check(
+            &|b| {
+                b.points[0].int_values.clear();
+                b.points[0].values = vec![f64::NAN, 1.0];
+            },
+            "bad_value",
+        );
+        check(&|b| b.points[0].int_values[1] = i64::MAX, "bad_value");
         check(&|b| b.points[0].ts_delta_ms[0] = 5, "bad_timestamp");
         check(&|b| b.points[0].ts_delta_ms[1] = i64::MAX, "bad_timestamp");
         check(
-            &|b| b.points[0].values.pop().map(|_| ()).unwrap_or(()),
+            &|b| b.points[0].int_values.pop().map(|_| ()).unwrap_or(()),
             "bad_series",
         );
         check(&|b| b.series[0].name = "bad name".into(), "bad_series");

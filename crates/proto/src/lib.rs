@@ -16,6 +16,6 @@ pub mod pb {
     include!(concat!(env!("OUT_DIR"), "/widgetry.v1.rs"));
 }
 
-pub use batch::{BatchBuilder, DecodedBatch, Gap, SessionId};
+pub use batch::{BatchBuilder, DecodedBatch, Gap, SessionId, decode_values};
 pub use topic::{Topic, TopicKind};
 pub use validate::{Limits, Reject, SeriesKey};

@@ -497,8 +497,10 @@ impl Store {
             let batch =
                 pb::Batch::decode(payload).map_err(|e| StoreError::Corrupt(e.to_string()))?;
             for run in batch.points.iter().filter(|p| p.series_id == series_id) {
+                let values = widgetry_proto::decode_values(run)
+                    .map_err(|e| StoreError::Corrupt(e.to_string()))?;
                 let mut ts = 0i64;
-                for (d, v) in run.ts_delta_ms.iter().zip(&run.values) {
+                for (d, v) in run.ts_delta_ms.iter().zip(&values) {
                     ts = ts.wrapping_add(*d);
                     if (from..=to).contains(&ts) {
                         points.push((ts, *v));

@@ -261,6 +261,10 @@ async fn full_spool_reports_the_gap_and_keeps_going() {
     cfg.interval = Duration::from_millis(20);
     cfg.batch_max_samples = 3;
     cfg.spool_max_bytes = 16 * 1024;
+    // Batches published before the restarted ingestor has subscribed are
+    // lost by the broker and resent after the ack timeout: keep it short so
+    // the agent's 5 s drain at stop sees every batch acknowledged.
+    cfg.ack_timeout = Duration::from_secs(1);
     cfg.spool_dir = spool.path().to_path_buf();
     let started = widgetry_server::util::now_ms();
     // No server yet: the agent samples into its spool until it overflows.
@@ -281,7 +285,7 @@ async fn full_spool_reports_the_gap_and_keeps_going() {
     })
     .await;
     let serve = ServeProc::start(mqtt, http, dir.path()).await;
-    let device = wait_for(
+    wait_for(
         "gap reported on the device",
         Duration::from_secs(60),
         || async {
@@ -295,6 +299,12 @@ async fn full_spool_reports_the_gap_and_keeps_going() {
     .await;
     let report = agent.stop().await;
     assert!(report.batches_dropped > 0, "{report:?}");
+    // Read the device again: gap reports kept arriving until the agent stopped.
+    let (_, body) = http_get_json(serve.http, "/api/v1/devices").await;
+    let device = body
+        .as_array()
+        .and_then(|a| a.iter().find(|d| d["device"] == "tiny").cloned())
+        .expect("device tiny");
     assert_eq!(
         report.batches_unacked, 0,
         "the watermark moved past the gap: {report:?}"
