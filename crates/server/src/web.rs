@@ -143,6 +143,39 @@ pub struct SeriesQuery {
     max_points: Option<usize>,
 }
 
+/// Maps a query-string error to a 400 naming the expected parameters.
+fn query_or_400<T>(
+    query: Result<Query<T>, axum::extract::rejection::QueryRejection>,
+    expected: &str,
+) -> Result<T, AppError> {
+    query
+        .map(|Query(q)| q)
+        .map_err(|e| AppError::bad_request(format!("{}; expected {expected}", e.body_text())))
+}
+
+/// The required, valid `device` parameter.
+fn device_param(device: Option<String>) -> Result<String, AppError> {
+    let device = device.ok_or_else(|| AppError::bad_request("missing parameter device"))?;
+    validate_device(&device).map_err(|e| AppError::bad_request(e.to_string()))?;
+    Ok(device)
+}
+
+/// `[from, to]` in ms: `to` defaults to now, `from` to `default_span` before it.
+fn time_range(
+    from: Option<i64>,
+    to: Option<i64>,
+    default_span: i64,
+) -> Result<(i64, i64), AppError> {
+    let to = to.unwrap_or_else(now_ms);
+    let from = from.unwrap_or(to - default_span);
+    if from > to {
+        return Err(AppError::bad_request(format!(
+            "from ({from}) is after to ({to})"
+        )));
+    }
+    Ok((from, to))
+}
+
 /// Query of `GET /api/v1/events`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -160,23 +193,9 @@ async fn events(
     State(state): State<AppState>,
     query: Result<Query<EventsQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<serde_json::Value>, AppError> {
-    let Query(q) = query.map_err(|e| {
-        AppError::bad_request(format!(
-            "{}; expected device, from, to (ms since epoch), limit",
-            e.body_text()
-        ))
-    })?;
-    let device = q
-        .device
-        .ok_or_else(|| AppError::bad_request("missing parameter device"))?;
-    validate_device(&device).map_err(|e| AppError::bad_request(e.to_string()))?;
-    let to = q.to.unwrap_or_else(now_ms);
-    let from = q.from.unwrap_or(to - 86_400_000);
-    if from > to {
-        return Err(AppError::bad_request(format!(
-            "from ({from}) is after to ({to})"
-        )));
-    }
+    let q = query_or_400(query, "device, from, to (ms since epoch), limit")?;
+    let device = device_param(q.device)?;
+    let (from, to) = time_range(q.from, q.to, 86_400_000)?;
     let limit = q.limit.unwrap_or(1000);
     if !(1..=MAX_POINTS_LIMIT as i64).contains(&limit) {
         return Err(AppError::bad_request(format!(
@@ -220,27 +239,16 @@ async fn series(
     State(state): State<AppState>,
     query: Result<Query<SeriesQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<serde_json::Value>, AppError> {
-    let Query(q) = query.map_err(|e| {
-        AppError::bad_request(format!(
-            "{}; expected device, series, from, to (ms since epoch), max_points",
-            e.body_text()
-        ))
-    })?;
-    let device = q
-        .device
-        .ok_or_else(|| AppError::bad_request("missing parameter device"))?;
-    validate_device(&device).map_err(|e| AppError::bad_request(e.to_string()))?;
+    let q = query_or_400(
+        query,
+        "device, series, from, to (ms since epoch), max_points",
+    )?;
+    let device = device_param(q.device)?;
     let series = q
         .series
         .ok_or_else(|| AppError::bad_request("missing parameter series"))?;
     let key = SeriesKey::parse(&series).map_err(|e| AppError::bad_request(e.to_string()))?;
-    let to = q.to.unwrap_or_else(now_ms);
-    let from = q.from.unwrap_or(to - 3_600_000);
-    if from > to {
-        return Err(AppError::bad_request(format!(
-            "from ({from}) is after to ({to})"
-        )));
-    }
+    let (from, to) = time_range(q.from, q.to, 3_600_000)?;
     let max_points = q.max_points.unwrap_or(1000);
     if max_points == 0 || max_points > MAX_POINTS_LIMIT {
         return Err(AppError::bad_request(format!(
