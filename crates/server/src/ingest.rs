@@ -233,6 +233,9 @@ async fn subscribe_loop(
                     error!(error = %e, "cannot queue subscription");
                 }
             }
+            Ok(Event::Incoming(Packet::SubAck(_))) => {
+                metrics.ingest_subscribed.store(1, Ordering::Relaxed);
+            }
             Ok(Event::Incoming(Packet::Publish(p))) => {
                 let item = classify(&p.topic, &p.payload, &cfg.limits, metrics);
                 if let Some(item) = item {
@@ -248,6 +251,7 @@ async fn subscribe_loop(
             Ok(_) => {}
             Err(e) => {
                 failures += 1;
+                metrics.ingest_subscribed.store(0, Ordering::Relaxed);
                 metrics.mqtt_reconnects.fetch_add(1, Ordering::Relaxed);
                 warn!(error = %e, attempt = failures, "ingestor lost the broker connection; reconnecting");
                 tokio::select! {
@@ -257,6 +261,7 @@ async fn subscribe_loop(
             }
         }
     }
+    metrics.ingest_subscribed.store(0, Ordering::Relaxed);
     let _ = client.try_disconnect();
     // Flush the DISCONNECT so a persistent session ends cleanly.
     let _ = tokio::time::timeout(Duration::from_millis(500), async {

@@ -8,6 +8,7 @@
 pub mod broker;
 pub mod config;
 pub mod ingest;
+pub mod loadgen;
 pub mod metrics;
 pub mod store;
 pub mod util;
@@ -145,6 +146,21 @@ pub async fn start_serve(
         metrics.clone(),
         shutdown.clone(),
     ));
+    // Messages published before the ingestor subscribes are dropped by the
+    // broker (devices resend them after their ack timeout); wait for the
+    // subscription so "serving" means data is being stored.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while metrics
+        .ingest_subscribed
+        .load(std::sync::atomic::Ordering::Relaxed)
+        == 0
+    {
+        if tokio::time::Instant::now() > deadline {
+            warn!("the ingestor has not subscribed to the broker after 10 s; continuing");
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     info!(http = %http_addr, mqtt = %mqtt_addr, "widgetry serving");
     Ok(Running {
         http_addr,

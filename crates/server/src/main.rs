@@ -52,6 +52,45 @@ enum Cmd {
     Web(WebArgs),
     /// Validate the `serve` configuration and exit: 0 when valid, 64 otherwise.
     CheckConfig(ServeArgs),
+    /// Simulate devices publishing batches to a broker and report what the server committed.
+    Loadgen(LoadgenArgs),
+}
+
+#[derive(Args)]
+struct LoadgenArgs {
+    /// MQTT broker, HOST:PORT.
+    #[arg(long, default_value = "127.0.0.1:1883")]
+    broker: String,
+    /// Web service base URL (e.g. http://127.0.0.1:8080) to read samples back and count duplicates.
+    #[arg(long)]
+    http: Option<String>,
+    /// Simulated devices (one MQTT connection each).
+    #[arg(long, default_value_t = 2000)]
+    devices: usize,
+    /// Batches per second per device, e.g. 1/s, 10/s or 0.5.
+    #[arg(long, default_value = "1/s")]
+    rate: String,
+    /// Samples per batch (spread over up to 10 series per device).
+    #[arg(long, default_value_t = 10)]
+    samples_per_batch: usize,
+    /// How long to publish, e.g. 60s, 10m.
+    #[arg(long, default_value = "60s")]
+    duration: String,
+    /// MQTT QoS of the publishes (0 or 1).
+    #[arg(long, default_value_t = 1)]
+    qos: u8,
+    /// Resend a batch not acknowledged within this many seconds.
+    #[arg(long, default_value_t = 5.0)]
+    ack_timeout: f64,
+    /// Seconds to wait for outstanding acknowledgements after the run.
+    #[arg(long, default_value_t = 30.0)]
+    grace: f64,
+    /// Device id prefix.
+    #[arg(long, default_value = "load-")]
+    prefix: String,
+    /// Pid of the server (and embedded broker) process, to report its RSS and CPU.
+    #[arg(long)]
+    server_pid: Option<u32>,
 }
 
 #[derive(Args)]
@@ -233,6 +272,112 @@ fn resolve_web(args: &WebArgs) -> Result<(SocketAddr, PathBuf), ConfigError> {
     }
 }
 
+fn parse_secs(text: &str, what: &str) -> Result<f64, Problem> {
+    let (num, mult) = match text {
+        t if t.ends_with("ms") => (&t[..t.len() - 2], 0.001),
+        t if t.ends_with('s') => (&t[..t.len() - 1], 1.0),
+        t if t.ends_with('m') => (&t[..t.len() - 1], 60.0),
+        t if t.ends_with('h') => (&t[..t.len() - 1], 3600.0),
+        t => (t, 1.0),
+    };
+    match num.parse::<f64>() {
+        Ok(n) if n > 0.0 && n.is_finite() => Ok(n * mult),
+        _ => Err(Problem {
+            file: FLAG.into(),
+            key: what.into(),
+            message: format!("{text:?} is not a positive duration (e.g. 60s, 10m)"),
+        }),
+    }
+}
+
+fn resolve_loadgen(a: &LoadgenArgs) -> Result<widgetry_server::loadgen::LoadConfig, ConfigError> {
+    let mut problems = Vec::new();
+    let (host, port) = match a
+        .broker
+        .rsplit_once(':')
+        .map(|(h, p)| (h, p.parse::<u16>()))
+    {
+        Some((h, Ok(p))) if !h.is_empty() && p != 0 => (h.to_string(), p),
+        _ => {
+            problems.push(Problem {
+                file: FLAG.into(),
+                key: "broker".into(),
+                message: format!("{:?} is not HOST:PORT", a.broker),
+            });
+            (String::new(), 0)
+        }
+    };
+    let rate = match a.rate.trim_end_matches("/s").parse::<f64>() {
+        Ok(r) if r > 0.0 && r <= 1000.0 => r,
+        _ => {
+            problems.push(Problem {
+                file: FLAG.into(),
+                key: "rate".into(),
+                message: format!(
+                    "{:?} is not a rate from 0 to 1000 batches/s (e.g. 1/s)",
+                    a.rate
+                ),
+            });
+            1.0
+        }
+    };
+    let duration = parse_secs(&a.duration, "duration")
+        .map_err(|p| problems.push(p))
+        .unwrap_or(1.0);
+    if a.devices == 0 || a.devices > 100_000 {
+        problems.push(Problem {
+            file: FLAG.into(),
+            key: "devices".into(),
+            message: format!("{} is out of range (1-100000)", a.devices),
+        });
+    }
+    if a.samples_per_batch == 0 || a.samples_per_batch > 100_000 {
+        problems.push(Problem {
+            file: FLAG.into(),
+            key: "samples-per-batch".into(),
+            message: format!("{} is out of range (1-100000)", a.samples_per_batch),
+        });
+    }
+    let qos = match a.qos {
+        0 => rumqttc::QoS::AtMostOnce,
+        1 => rumqttc::QoS::AtLeastOnce,
+        q => {
+            problems.push(Problem {
+                file: FLAG.into(),
+                key: "qos".into(),
+                message: format!("{q}: use 0 or 1"),
+            });
+            rumqttc::QoS::AtLeastOnce
+        }
+    };
+    if let Some(h) = &a.http
+        && !h.starts_with("http://")
+    {
+        problems.push(Problem {
+            file: FLAG.into(),
+            key: "http".into(),
+            message: format!("{h:?}: expected http://HOST:PORT"),
+        });
+    }
+    if !problems.is_empty() {
+        return Err(ConfigError(problems));
+    }
+    Ok(widgetry_server::loadgen::LoadConfig {
+        broker_host: host,
+        broker_port: port,
+        http: a.http.clone(),
+        devices: a.devices,
+        rate,
+        samples_per_batch: a.samples_per_batch,
+        duration: std::time::Duration::from_secs_f64(duration),
+        qos,
+        ack_timeout: std::time::Duration::from_secs_f64(a.ack_timeout.max(0.1)),
+        grace: std::time::Duration::from_secs_f64(a.grace.max(0.0)),
+        prefix: a.prefix.clone(),
+        server_pid: a.server_pid,
+    })
+}
+
 fn init_tracing(format: LogFormat) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env()
@@ -312,6 +457,31 @@ fn main() -> ExitCode {
                     ExitCode::SUCCESS
                 }
                 Err(e) => config_failure(e),
+            };
+        }
+        Cmd::Loadgen(args) => {
+            let cfg = match resolve_loadgen(args) {
+                Ok(c) => c,
+                Err(e) => return config_failure(e),
+            };
+            let runtime = match tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("widgetry: cannot start the async runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            let report = runtime.block_on(widgetry_server::loadgen::run(cfg, |line| {
+                eprintln!("{line}")
+            }));
+            println!("{}", report.render());
+            return if report.batches_lost == 0 && report.readback.is_none_or(|r| r == (0, 0)) {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
             };
         }
         Cmd::Serve(args) => resolve_serve(args).map(|c| Role::Serve(Box::new(c))),

@@ -31,6 +31,8 @@ pub struct Metrics {
     pub ingest_lag_ms: AtomicI64,
     rejects: [AtomicU64; Reject::CODES.len() + 1],
     pub http_requests: AtomicU64,
+    /// 1 while the ingestor's subscriptions are acknowledged by the broker.
+    pub ingest_subscribed: AtomicU64,
 }
 
 impl Metrics {
@@ -142,6 +144,11 @@ impl Metrics {
             "widgetry_web_requests_total",
             "HTTP requests served.",
             &[("", get(&self.http_requests))],
+        );
+        let _ = writeln!(
+            out,
+            "# HELP widgetry_ingest_subscribed 1 while the ingestor is connected and subscribed to the broker.\n# TYPE widgetry_ingest_subscribed gauge\nwidgetry_ingest_subscribed {}",
+            get(&self.ingest_subscribed)
         );
         let _ = writeln!(
             out,

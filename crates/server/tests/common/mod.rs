@@ -224,18 +224,18 @@ impl ServeProc {
             .spawn()
             .expect("start widgetry serve");
         wait_for(
-            "serve answers /healthz",
+            "serve's ingestor is subscribed",
             Duration::from_secs(20),
             || async {
                 tokio::task::spawn_blocking(move || {
                     TcpStream::connect(http)
                         .ok()
-                        .map(|_| http_get(http, "/healthz"))
+                        .map(|_| http_get(http, "/metrics"))
                 })
                 .await
                 .ok()
                 .flatten()
-                .filter(|(s, _)| *s == 200)
+                .filter(|(s, body)| *s == 200 && body.contains("widgetry_ingest_subscribed 1"))
             },
         )
         .await;
