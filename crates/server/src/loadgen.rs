@@ -38,6 +38,9 @@ pub struct LoadConfig {
     pub prefix: String,
     /// Pid of the server, to report its RSS and CPU.
     pub server_pid: Option<u32>,
+    /// Batches created during this first part of the run are left out of
+    /// the latency percentiles (connections and series are being set up).
+    pub warmup: Duration,
 }
 
 #[derive(Default)]
@@ -58,6 +61,7 @@ pub struct LoadReport {
     pub batches_lost: u64,
     pub samples_committed: u64,
     pub elapsed_secs: f64,
+    pub warmup_secs: f64,
     pub latency_ms: Vec<f64>,
     pub connect_errors: u64,
     /// From reading back over HTTP: samples found above / below the
@@ -103,7 +107,7 @@ impl LoadReport {
         format!(
             "devices {}\nbatches published {} (resent {})\nbatches acknowledged {}\nlost {}\n{}\n\
              samples committed {} ({:.0} samples/s over {:.1} s)\n\
-             publish->commit latency p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms\nconnect errors {}\n{}",
+             publish->commit latency p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms (batches created after a {:.0} s warm-up)\nconnect errors {}\n{}",
             self.devices,
             self.batches_published,
             self.batches_resent,
@@ -116,6 +120,7 @@ impl LoadReport {
             self.pct(50.0),
             self.pct(99.0),
             self.latency_ms.last().copied().unwrap_or(f64::NAN),
+            self.warmup_secs,
             self.connect_errors,
             match self.server {
                 Some((rss, cpu)) => format!("server RSS {rss} KiB, CPU {cpu:.1} % of one core"),
@@ -149,11 +154,15 @@ pub async fn run(cfg: LoadConfig, mut progress: impl FnMut(String)) -> LoadRepor
         let acked_per_device = acked_per_device.clone();
         // Spread connects and first publishes over one interval.
         let offset = Duration::from_secs_f64(n as f64 / cfg.devices as f64 / cfg.rate.max(0.01));
+        let measure_from = start + cfg.warmup;
         tasks.spawn(async move {
-            let (acked, lost) = device_loop(
-                &cfg, &device, offset, run_until, give_up, &totals, &latencies,
-            )
-            .await;
+            let when = Schedule {
+                offset,
+                run_until,
+                give_up,
+                measure_from,
+            };
+            let (acked, lost) = device_loop(&cfg, &device, when, &totals, &latencies).await;
             acked_per_device.lock().await.insert(device, (acked, lost));
         });
     }
@@ -192,6 +201,7 @@ pub async fn run(cfg: LoadConfig, mut progress: impl FnMut(String)) -> LoadRepor
         batches_lost: lost,
         samples_committed: acked * cfg.samples_per_batch as u64,
         elapsed_secs: elapsed,
+        warmup_secs: cfg.warmup.as_secs_f64(),
         latency_ms,
         connect_errors: totals.connect_errors.load(Ordering::Relaxed),
         readback: None,
@@ -217,16 +227,29 @@ fn start_ms(elapsed_secs: f64) -> i64 {
     now_ms() - (elapsed_secs * 1000.0) as i64 - 60_000
 }
 
+/// When one simulated device starts, stops publishing, gives up waiting
+/// for acks, and starts measuring latency.
+struct Schedule {
+    offset: Duration,
+    run_until: Instant,
+    give_up: Instant,
+    measure_from: Instant,
+}
+
 /// One simulated device; returns (batches acknowledged, batches lost).
 async fn device_loop(
     cfg: &LoadConfig,
     device: &str,
-    offset: Duration,
-    run_until: Instant,
-    give_up: Instant,
+    when: Schedule,
     totals: &Totals,
     latencies: &Mutex<Vec<f64>>,
 ) -> (u64, u64) {
+    let Schedule {
+        offset,
+        run_until,
+        give_up,
+        measure_from,
+    } = when;
     let session = SessionId::generate();
     let samples_topic = Topic::name(device, TopicKind::Samples);
     let ack_topic = Topic::name(device, TopicKind::Ack);
@@ -349,13 +372,17 @@ async fn device_loop(
                             .filter(|s| *s <= ack.through || ack.seqs.binary_search(s).is_ok())
                             .collect();
                         let mut lat = Vec::with_capacity(done.len());
+                        let mut newly = 0u64;
                         for s in done {
                             if let Some(p) = pending.remove(&s) {
-                                lat.push((now - p.first_sent).as_secs_f64() * 1000.0);
+                                if p.first_sent >= measure_from {
+                                    lat.push((now - p.first_sent).as_secs_f64() * 1000.0);
+                                }
                                 acked += 1;
+                                newly += 1;
                             }
                         }
-                        totals.acked.fetch_add(lat.len() as u64, Ordering::Relaxed);
+                        totals.acked.fetch_add(newly, Ordering::Relaxed);
                         latencies.lock().await.extend(lat);
                     }
                 }

@@ -91,6 +91,9 @@ struct LoadgenArgs {
     /// Pid of the server (and embedded broker) process, to report its RSS and CPU.
     #[arg(long)]
     server_pid: Option<u32>,
+    /// Leave batches created in this first part of the run out of the latency figures, e.g. 10s.
+    #[arg(long, default_value = "0s")]
+    warmup: String,
 }
 
 #[derive(Args)]
@@ -321,6 +324,13 @@ fn resolve_loadgen(a: &LoadgenArgs) -> Result<widgetry_server::loadgen::LoadConf
             1.0
         }
     };
+    let warmup = if a.warmup.trim_end_matches(['m', 's', 'h']).parse::<f64>() == Ok(0.0) {
+        0.0
+    } else {
+        parse_secs(&a.warmup, "warmup")
+            .map_err(|p| problems.push(p))
+            .unwrap_or(0.0)
+    };
     let duration = parse_secs(&a.duration, "duration")
         .map_err(|p| problems.push(p))
         .unwrap_or(1.0);
@@ -375,6 +385,7 @@ fn resolve_loadgen(a: &LoadgenArgs) -> Result<widgetry_server::loadgen::LoadConf
         grace: std::time::Duration::from_secs_f64(a.grace.max(0.0)),
         prefix: a.prefix.clone(),
         server_pid: a.server_pid,
+        warmup: std::time::Duration::from_secs_f64(warmup),
     })
 }
 
