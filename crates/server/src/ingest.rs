@@ -151,7 +151,7 @@ pub async fn run(
     let publisher = tokio::spawn(drive_publisher(pub_loop, metrics.clone(), pub_stop.clone()));
     let writer = tokio::spawn(
         Writer {
-            store,
+            store: store.clone(),
             metrics: metrics.clone(),
             client: pub_client.clone(),
             json_session: SessionId::generate(),
@@ -163,6 +163,24 @@ pub async fn run(
         }
         .run(rx),
     );
+    // WAL checkpoints run beside the writer, once a second.
+    let checkpointer = tokio::spawn({
+        let store = store.clone();
+        let stop = pub_stop.clone();
+        async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tick.tick() => {
+                        if let Err(e) = store.checkpoint().await {
+                            warn!(error = %e, "WAL checkpoint failed");
+                        }
+                    }
+                }
+            }
+        }
+    });
     subscribe_loop(&cfg, sub_client.clone(), sub_loop, tx, &metrics, &shutdown).await;
     // The subscriber dropped its sender: the writer drains and exits.
     let res = writer.await;
@@ -176,6 +194,7 @@ pub async fn run(
     .await;
     pub_stop.cancel();
     let _ = publisher.await;
+    let _ = checkpointer.await;
     info!("ingestor stopped");
     res.map_err(IngestError::from)
 }

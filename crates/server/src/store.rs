@@ -41,11 +41,13 @@ pub enum StoreError {
     Corrupt(String),
 }
 
-/// Handle on the database: one writer connection, a few readers.
+/// Handle on the database: one writer connection, a few readers, and one
+/// connection for WAL checkpoints.
 #[derive(Clone)]
 pub struct Store {
     writer: SqlitePool,
     reader: SqlitePool,
+    maint: SqlitePool,
 }
 
 /// A write transaction.
@@ -67,9 +69,12 @@ impl Store {
             .synchronous(SqliteSynchronous::Full)
             .busy_timeout(Duration::from_secs(10))
             .pragma("foreign_keys", "ON");
+        // The writer never checkpoints itself: a checkpoint inside a commit
+        // stalls ingest for its fsyncs. `checkpoint()` runs them from
+        // another connection (see the ingestor's checkpoint task).
         let writer = SqlitePoolOptions::new()
             .max_connections(1)
-            .connect_with(opts.clone())
+            .connect_with(opts.clone().pragma("wal_autocheckpoint", "0"))
             .await
             .map_err(|source| StoreError::Open {
                 path: label.clone(),
@@ -82,6 +87,14 @@ impl Store {
                 path: label.clone(),
                 source,
             })?;
+        let maint = SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect_with(opts.clone())
+            .await
+            .map_err(|source| StoreError::Open {
+                path: label.clone(),
+                source,
+            })?;
         let reader = SqlitePoolOptions::new()
             .max_connections(4)
             .connect_with(opts.read_only(true))
@@ -90,7 +103,11 @@ impl Store {
                 path: label,
                 source,
             })?;
-        Ok(Store { writer, reader })
+        Ok(Store {
+            writer,
+            reader,
+            maint,
+        })
     }
 
     /// Starts a write transaction.
@@ -98,10 +115,22 @@ impl Store {
         Ok(self.writer.begin().await?)
     }
 
-    /// Closes both pools, waiting for in-flight statements.
+    /// Copies committed WAL frames into the database file without blocking
+    /// the writer or readers (a PASSIVE checkpoint).
+    pub async fn checkpoint(&self) -> Result<(), StoreError> {
+        sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
+            .execute(&self.maint)
+            .await?;
+        Ok(())
+    }
+
+    /// Closes the pools, waiting for in-flight statements, after a final
+    /// checkpoint.
     pub async fn close(&self) {
+        let _ = self.checkpoint().await;
         self.writer.close().await;
         self.reader.close().await;
+        self.maint.close().await;
     }
 
     /// Raw reader pool, for tests and tools.
