@@ -173,7 +173,8 @@ pub async fn run(
                 tokio::select! {
                     _ = stop.cancelled() => return,
                     _ = tick.tick() => {
-                        if let Err(e) = store.checkpoint().await {
+                        // 16k pages: 64 MiB of WAL with 4 KiB pages.
+                        if let Err(e) = store.checkpoint(16_384).await {
                             warn!(error = %e, "WAL checkpoint failed");
                         }
                     }

@@ -115,19 +115,27 @@ impl Store {
         Ok(self.writer.begin().await?)
     }
 
-    /// Copies committed WAL frames into the database file without blocking
-    /// the writer or readers (a PASSIVE checkpoint).
-    pub async fn checkpoint(&self) -> Result<(), StoreError> {
-        sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
-            .execute(&self.maint)
+    /// Copies committed WAL frames into the database file. Normally a
+    /// PASSIVE checkpoint, which never blocks the writer or readers; when
+    /// the WAL has grown past `max_wal_pages` (the writer never paused long
+    /// enough for it to be reset) a TRUNCATE checkpoint briefly waits for
+    /// the writer and shrinks the file, so the WAL cannot fill the disk.
+    pub async fn checkpoint(&self, max_wal_pages: i64) -> Result<(), StoreError> {
+        let (_busy, log, _done): (i64, i64, i64) = sqlx::query_as("PRAGMA wal_checkpoint(PASSIVE)")
+            .fetch_one(&self.maint)
             .await?;
+        if log > max_wal_pages {
+            sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
+                .execute(&self.maint)
+                .await?;
+        }
         Ok(())
     }
 
     /// Closes the pools, waiting for in-flight statements, after a final
     /// checkpoint.
     pub async fn close(&self) {
-        let _ = self.checkpoint().await;
+        let _ = self.checkpoint(0).await;
         self.writer.close().await;
         self.reader.close().await;
         self.maint.close().await;
