@@ -39,6 +39,9 @@ pub struct AgentConfig {
     pub interval: Duration,
     /// A batch is published when it holds this many samples...
     pub batch_max_samples: usize,
+    /// ...or when its encoded size may exceed this many bytes (series
+    /// definitions not counted)...
+    pub batch_max_bytes: usize,
     /// ...or when its oldest sample is this old.
     pub batch_max_wait: Duration,
     /// A sent batch not acknowledged within this time is sent again.
@@ -74,6 +77,7 @@ impl AgentConfig {
             credentials: None,
             interval: Duration::from_secs(1),
             batch_max_samples: 300,
+            batch_max_bytes: 256 * 1024,
             batch_max_wait: Duration::from_secs(1),
             ack_timeout: Duration::from_secs(10),
             spool_dir: PathBuf::from("widgetry-spool"),
@@ -321,7 +325,8 @@ pub async fn run(
                 batch_started.get_or_insert_with(Instant::now);
             }
         }
-        let full = builder.len() >= cfg.batch_max_samples;
+        let full = builder.len() >= cfg.batch_max_samples
+            || builder.max_encoded_len() >= cfg.batch_max_bytes;
         let due = batch_started.is_some_and(|t| t.elapsed() >= cfg.batch_max_wait);
         if !builder.is_empty() && (full || due) {
             seq += 1;

@@ -18,6 +18,8 @@ OPTIONS:
     --device ID               device id, [A-Za-z0-9_.-]{1,64} [env WIDGETRY_DEVICE, required]
     --interval DURATION       sampling interval, e.g. 1s, 500ms [default 1s]
     --batch-max-samples N     publish a batch once it holds N samples [default 300]
+    --batch-max-bytes N       publish a batch before its encoded size can exceed N bytes
+                              (1024-1048576) [default 262144]
     --batch-max-wait DURATION publish a batch once its oldest sample is this old [default 1s]
     --ack-timeout DURATION    resend a batch not acknowledged within this time [default 10s]
     --spool-dir DIR           disk spool of unacknowledged batches [env WIDGETRY_SPOOL_DIR,
@@ -74,13 +76,14 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
 
 /// Every setting, as a flag name without `--`; the same names (with `_`
 /// for `-`) are the keys of `agent.toml`.
-const KEYS: [&str; 18] = [
+const KEYS: [&str; 19] = [
     "broker",
     "device",
     "username",
     "password",
     "interval",
     "batch-max-samples",
+    "batch-max-bytes",
     "batch-max-wait",
     "ack-timeout",
     "spool-dir",
@@ -274,6 +277,10 @@ fn build(raw: Raw, problems: &mut Vec<String>) -> Option<AgentConfig> {
     };
     if let Some(n) = number("batch-max-samples", 1, 100_000) {
         cfg.batch_max_samples = n as usize;
+    }
+    // The broker's default max_payload_size is 1 MiB (broker.toml).
+    if let Some(n) = number("batch-max-bytes", 1024, 1024 * 1024) {
+        cfg.batch_max_bytes = n as usize;
     }
     if let Some(n) = number("spool-max-bytes", 64 * 1024, u64::MAX / 2) {
         cfg.spool_max_bytes = n;

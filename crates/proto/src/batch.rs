@@ -387,6 +387,12 @@ impl BatchBuilder {
         self.samples
     }
 
+    /// Upper bound of the encoded size of the accumulated samples (10 bytes
+    /// per timestamp, 9 per value, 16 per series), without definitions.
+    pub fn max_encoded_len(&self) -> usize {
+        self.samples * 19 + self.runs.len() * 16 + 48
+    }
+
     /// True when nothing has been pushed since the last `finish`.
     pub fn is_empty(&self) -> bool {
         self.samples == 0
@@ -569,6 +575,20 @@ mod tests {
             f32_values: vec![],
         };
         assert!(decode_values(&both).is_err());
+    }
+
+    #[test]
+    fn max_encoded_len_is_an_upper_bound() {
+        let mut b = BatchBuilder::default();
+        for i in 0..500 {
+            b.push(i % 7, NOW - i64::from(i) * 997, f64::from(i) * 1.1e300);
+        }
+        let bound = b.max_encoded_len();
+        let real = b
+            .finish(SessionId([1; 16]), u64::MAX >> 1, vec![])
+            .encode()
+            .len();
+        assert!(real <= bound, "{real} > {bound}");
     }
 
     #[test]
