@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs every Widgetry test on a fresh Debian machine with Rust installed.
-# Installs what the tests need (mosquitto clients) first, then checks
+# Installs what the tests need (mosquitto clients and broker) first, then checks
 # formatting and lints, builds the workspace and runs all tests.
 # Exits non-zero when anything fails.
 set -euo pipefail
@@ -10,6 +10,8 @@ step() { printf '\n==> %s\n' "$*"; }
 
 need_apt=()
 command -v mosquitto_pub >/dev/null 2>&1 || need_apt+=(mosquitto-clients)
+# The external-broker test runs its own Mosquitto on a free loopback port.
+command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need_apt+=(mosquitto)
 if [ ${#need_apt[@]} -gt 0 ]; then
   step "installing ${need_apt[*]} (apt-get)"
   SUDO=""

@@ -40,6 +40,9 @@ pub struct IngestConfig {
     /// queues messages for it while it is down.
     pub client_id: String,
     pub credentials: Option<(String, String)>,
+    /// MQTT shared-subscription group: several ingestors with the same
+    /// group (and distinct client ids) split the messages between them.
+    pub shared_group: Option<String>,
     /// Most items per transaction.
     pub max_batch_items: usize,
     /// Longest an item waits for its transaction.
@@ -57,6 +60,7 @@ impl IngestConfig {
             broker_port,
             client_id: "widgetry-ingest".into(),
             credentials: None,
+            shared_group: None,
             max_batch_items: 1000,
             max_wait: Duration::from_millis(20),
             queue: 4096,
@@ -248,7 +252,13 @@ async fn subscribe_loop(
                     TopicKind::Status,
                     TopicKind::Events,
                 ]
-                .map(|k| rumqttc::SubscribeFilter::new(k.filter(), QoS::AtLeastOnce));
+                .map(|k| {
+                    let filter = match &cfg.shared_group {
+                        Some(g) => format!("$share/{g}/{}", k.filter()),
+                        None => k.filter(),
+                    };
+                    rumqttc::SubscribeFilter::new(filter, QoS::AtLeastOnce)
+                });
                 if let Err(e) = client.try_subscribe_many(filters) {
                     error!(error = %e, "cannot queue subscription");
                 }

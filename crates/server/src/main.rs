@@ -129,6 +129,10 @@ struct IngestArgs {
     /// MQTT client id (persistent session; give each ingestor its own).
     #[arg(long, env = "WIDGETRY_CLIENT_ID", default_value = "widgetry-ingest")]
     client_id: String,
+    /// Share the work with other ingestors: subscribe as members of this MQTT
+    /// shared-subscription group ($share/GROUP/...); give each its own --client-id.
+    #[arg(long, env = "WIDGETRY_SHARED_GROUP")]
+    shared_group: Option<String>,
     /// MQTT username, if the broker requires one.
     #[arg(long, env = "WIDGETRY_MQTT_USERNAME")]
     username: Option<String>,
@@ -240,6 +244,16 @@ fn resolve_ingest(args: &IngestArgs) -> Result<(IngestConfig, PathBuf), ConfigEr
         Some((host, Ok(port))) if !host.is_empty() && port != 0 => {
             let mut c = IngestConfig::new(host.trim_matches(['[', ']']), port);
             c.client_id = args.client_id.clone();
+            match &args.shared_group {
+                Some(g) if g.is_empty() || g.len() > 64 || g.contains(['/', '+', '#', '$']) => {
+                    problems.push(Problem {
+                        file: FLAG.into(),
+                        key: "shared-group".into(),
+                        message: format!("{g:?}: use 1-64 characters without / + # $"),
+                    })
+                }
+                g => c.shared_group = g.clone(),
+            }
             match (&args.username, &args.password) {
                 (Some(u), Some(p)) => c.credentials = Some((u.clone(), p.clone())),
                 (None, None) => {}

@@ -1,0 +1,113 @@
+//! Scale-out against a real external broker (Mosquitto, started here on a
+//! free loopback port): two `widgetry ingest` processes share the load via
+//! an MQTT shared subscription and write one database; one is SIGKILLed
+//! mid-run and nothing is lost or stored twice.
+
+mod common;
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+use widgetry_agent::AgentConfig;
+use widgetry_proto::SeriesKey;
+use widgetry_server::store::Store;
+
+fn start_mosquitto(dir: &std::path::Path, port: u16) -> ChildGuard {
+    let bin = require_tool("mosquitto");
+    let conf = dir.join("mosquitto.conf");
+    let mut f = std::fs::File::create(&conf).expect("conf");
+    writeln!(
+        f,
+        "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 0"
+    )
+    .expect("write conf");
+    ChildGuard(
+        Command::new(bin)
+            .arg("-c")
+            .arg(&conf)
+            .stderr(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("start mosquitto"),
+    )
+}
+
+fn start_ingest(port: u16, db: &std::path::Path, id: &str) -> ChildGuard {
+    ChildGuard(
+        Command::new(workspace_bin("widgetry"))
+            .args(["ingest", "--broker", &format!("127.0.0.1:{port}")])
+            .arg("--database")
+            .arg(db)
+            .args(["--client-id", id, "--shared-group", "widgetry-ingest"])
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start widgetry ingest"),
+    )
+}
+
+async fn stored(store: &Store, device: &str) -> Vec<(i64, f64)> {
+    store
+        .points(device, &SeriesKey::plain("cpu.usage_pct"), 0, i64::MAX)
+        .await
+        .expect("query")
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_shared_ingestors_on_mosquitto_survive_losing_one() {
+    let dir = tempfile::tempdir().expect("dir");
+    let port = free_port();
+    let _broker = start_mosquitto(dir.path(), port);
+    wait_for("mosquitto listening", Duration::from_secs(20), || async {
+        std::net::TcpStream::connect(("127.0.0.1", port))
+            .ok()
+            .map(|_| ())
+    })
+    .await;
+    let db = dir.path().join("widgetry.db");
+    // Create the schema once before two processes open it.
+    Store::open(&db).await.expect("create db").close().await;
+    let mut first = start_ingest(port, &db, "ingest-a");
+    let _second = start_ingest(port, &db, "ingest-b");
+    let store = Store::open(&db).await.expect("open db");
+    let spool = tempfile::tempdir().expect("spool");
+    let mut cfg = AgentConfig::new("127.0.0.1", port, "mosq-dev");
+    cfg.interval = Duration::from_millis(50);
+    cfg.batch_max_wait = Duration::from_millis(100);
+    cfg.ack_timeout = Duration::from_secs(1);
+    cfg.spool_dir = spool.path().to_path_buf();
+    let agent = Agent::with_config(cfg, spool);
+    wait_for(
+        "samples stored through mosquitto",
+        Duration::from_secs(30),
+        || async { (stored(&store, "mosq-dev").await.len() >= 20).then_some(()) },
+    )
+    .await;
+    first.0.kill().expect("kill -9 one ingestor");
+    first.0.wait().expect("reap");
+    let before = stored(&store, "mosq-dev").await.len();
+    wait_for(
+        "the other ingestor keeps storing",
+        Duration::from_secs(30),
+        || async { (stored(&store, "mosq-dev").await.len() >= before + 40).then_some(()) },
+    )
+    .await;
+    let report = agent.stop().await;
+    assert_eq!(report.batches_unacked, 0, "{report:?}");
+    let pts = stored(&store, "mosq-dev").await;
+    for w in pts.windows(2) {
+        assert!(
+            w[0].0 < w[1].0,
+            "duplicate or unordered sample at {}",
+            w[1].0
+        );
+    }
+    assert_eq!(
+        pts.len() as u64 * 3,
+        report.samples_taken,
+        "every sample of the 3 series stored once: {report:?}"
+    );
+    store.close().await;
+}
