@@ -467,6 +467,20 @@ pub fn parse_addr(
     Ok(addr)
 }
 
+/// Parses `HOST:PORT` (an IPv6 host may be bracketed) for a broker address.
+pub fn parse_host_port(value: &str, source: &str, key: &str) -> Result<(String, u16), Problem> {
+    match value.rsplit_once(':').map(|(h, p)| (h, p.parse::<u16>())) {
+        Some((host, Ok(port))) if !host.is_empty() && port != 0 => {
+            Ok((host.trim_matches(['[', ']']).to_string(), port))
+        }
+        _ => Err(Problem {
+            file: source.to_string(),
+            key: key.to_string(),
+            message: format!("{value:?} is not HOST:PORT (e.g. 127.0.0.1:1883)"),
+        }),
+    }
+}
+
 /// Checks that the database's directory exists.
 pub fn check_database_path(path: &Path, source: &str, key: &str) -> Result<(), Problem> {
     let dir = match path.parent() {

@@ -240,9 +240,9 @@ fn resolve_ingest(args: &IngestArgs) -> Result<(IngestConfig, PathBuf), ConfigEr
     let (broker, src) = pick(&args.broker, &file.broker, &label)
         .unwrap_or_else(|| ("127.0.0.1:1883".into(), "default".into()));
     let mut cfg = None;
-    match broker.rsplit_once(':').map(|(h, p)| (h, p.parse::<u16>())) {
-        Some((host, Ok(port))) if !host.is_empty() && port != 0 => {
-            let mut c = IngestConfig::new(host.trim_matches(['[', ']']), port);
+    match config::parse_host_port(&broker, &src, "broker") {
+        Ok((host, port)) => {
+            let mut c = IngestConfig::new(host, port);
             c.client_id = args.client_id.clone();
             match &args.shared_group {
                 Some(g) if g.is_empty() || g.len() > 64 || g.contains(['/', '+', '#', '$']) => {
@@ -265,11 +265,7 @@ fn resolve_ingest(args: &IngestArgs) -> Result<(IngestConfig, PathBuf), ConfigEr
             }
             cfg = Some(c);
         }
-        _ => problems.push(Problem {
-            file: src,
-            key: "broker".into(),
-            message: format!("{broker:?} is not HOST:PORT (e.g. 127.0.0.1:1883)"),
-        }),
+        Err(p) => problems.push(p),
     }
     match cfg {
         Some(c) if problems.is_empty() => Ok((c, database)),
@@ -309,21 +305,9 @@ fn parse_secs(text: &str, what: &str) -> Result<f64, Problem> {
 
 fn resolve_loadgen(a: &LoadgenArgs) -> Result<widgetry_server::loadgen::LoadConfig, ConfigError> {
     let mut problems = Vec::new();
-    let (host, port) = match a
-        .broker
-        .rsplit_once(':')
-        .map(|(h, p)| (h, p.parse::<u16>()))
-    {
-        Some((h, Ok(p))) if !h.is_empty() && p != 0 => (h.to_string(), p),
-        _ => {
-            problems.push(Problem {
-                file: FLAG.into(),
-                key: "broker".into(),
-                message: format!("{:?} is not HOST:PORT", a.broker),
-            });
-            (String::new(), 0)
-        }
-    };
+    let (host, port) = config::parse_host_port(&a.broker, FLAG, "broker")
+        .map_err(|p| problems.push(p))
+        .unwrap_or_default();
     let rate = match a.rate.trim_end_matches("/s").parse::<f64>() {
         Ok(r) if r > 0.0 && r <= 1000.0 => r,
         _ => {
