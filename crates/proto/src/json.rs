@@ -232,6 +232,20 @@ pub struct ErrorReport {
     pub ts: i64,
 }
 
+/// Server → any client on `…/live`, published after the batch's
+/// transaction committed: its samples by series key. `commit` numbers
+/// committed batches in commit order across all devices (contiguous), so a
+/// reader can tell when it missed one and fetch it from the database.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Live {
+    pub commit: u64,
+    pub device: String,
+    pub session: SessionId,
+    pub seq: u64,
+    /// Series key → `[ts_ms, value]` pairs, ascending by time.
+    pub series: BTreeMap<String, Vec<(i64, f64)>>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -21,6 +21,9 @@ pub enum TopicKind {
     Ack,
     /// JSON reject reasons, server → device.
     Errors,
+    /// JSON samples of a committed batch, server → any client (the live
+    /// feed the web service bridges to websockets).
+    Live,
 }
 
 impl TopicKind {
@@ -33,6 +36,7 @@ impl TopicKind {
             TopicKind::Events => "events",
             TopicKind::Ack => "ack",
             TopicKind::Errors => "errors",
+            TopicKind::Live => "live",
         }
     }
 
@@ -71,9 +75,10 @@ impl<'a> Topic<'a> {
             "events" => TopicKind::Events,
             "ack" => TopicKind::Ack,
             "errors" => TopicKind::Errors,
+            "live" => TopicKind::Live,
             other => {
                 return Err(Reject::Topic(format!(
-                    "{topic:?}: unknown kind {other:?} (expected samples, samples/json, status, events, ack or errors)"
+                    "{topic:?}: unknown kind {other:?} (expected samples, samples/json, status, events, ack, errors or live)"
                 )));
             }
         };
@@ -94,6 +99,7 @@ mod tests {
             TopicKind::Events,
             TopicKind::Ack,
             TopicKind::Errors,
+            TopicKind::Live,
         ] {
             let name = Topic::name("dev-1", kind);
             assert_eq!(

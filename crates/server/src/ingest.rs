@@ -20,12 +20,13 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 use widgetry_proto::json::{
-    Ack, ErrorReport, Event as AppEvent, EventBatch, Status, parse_events, parse_samples,
+    Ack, ErrorReport, Event as AppEvent, EventBatch, Live, Status, parse_events, parse_samples,
     parse_status,
 };
 use widgetry_proto::{DecodedBatch, Limits, Reject, SessionId, Topic, TopicKind};
 
 use crate::metrics::Metrics;
+use crate::rollup::Rollups;
 use crate::store::{self, BatchRow, Store, StoreError};
 use crate::util::{backoff, now_ms};
 
@@ -161,6 +162,8 @@ pub async fn run(
             json_session: SessionId::generate(),
             json_seq: 0,
             series_cache: HashMap::new(),
+            keys: HashMap::new(),
+            max_packet: cfg.limits.max_payload_bytes + 64 * 1024,
             sessions: HashMap::new(),
             max_items: cfg.max_batch_items,
             max_wait: cfg.max_wait,
@@ -381,7 +384,7 @@ fn classify(topic: &str, payload: &[u8], limits: &Limits, metrics: &Metrics) -> 
                 received_ms,
             })
         }
-        TopicKind::Ack | TopicKind::Errors => {
+        TopicKind::Ack | TopicKind::Errors | TopicKind::Live => {
             metrics.messages_other.fetch_add(1, Ordering::Relaxed);
             return None;
         }
@@ -445,6 +448,11 @@ struct Writer {
     json_seq: u64,
     /// (device, session, local id) → series id, committed bindings only.
     series_cache: HashMap<(String, SessionId, u32), i64>,
+    /// series id → canonical key, for the live feed.
+    keys: HashMap<i64, String>,
+    /// Largest MQTT packet the publisher may send (live messages above it
+    /// are skipped; readers fetch those batches from the database).
+    max_packet: usize,
     sessions: HashMap<SessionKey, SessionAcks>,
     max_items: usize,
     max_wait: Duration,
@@ -461,6 +469,14 @@ struct Outcome {
     gaps: u64,
     events: u64,
     events_dropped: u64,
+    /// Committed batches for the live feed.
+    live: Vec<Live>,
+    /// Rollup deltas of the batches stored in this transaction.
+    rollups: Rollups,
+    /// Next commit id to assign (read once per transaction).
+    next_commit: Option<u64>,
+    /// series id → key learnt in this transaction.
+    new_keys: Vec<(i64, String)>,
 }
 
 impl Writer {
@@ -497,6 +513,10 @@ impl Writer {
                     self.series_cache.clear();
                 }
                 self.series_cache.extend(new_bindings);
+                if self.keys.len() + outcome.new_keys.len() > CACHE_LIMIT {
+                    self.keys.clear();
+                }
+                self.keys.extend(outcome.new_keys.iter().cloned());
                 if self.sessions.len() > CACHE_LIMIT {
                     self.sessions.clear();
                 }
@@ -521,7 +541,7 @@ impl Writer {
         }
     }
 
-    async fn publish(&self, outcome: Outcome) {
+    async fn publish(&self, mut outcome: Outcome) {
         for (device, ack) in outcome.acks {
             let topic = Topic::name(&device, TopicKind::Ack);
             let payload = serde_json::to_vec(&ack).unwrap_or_default();
@@ -534,6 +554,28 @@ impl Writer {
                     self.metrics.acks_published.fetch_add(1, Ordering::Relaxed);
                 }
                 Err(e) => warn!(device = %device, error = %e, "cannot publish ack"),
+            }
+        }
+        // The live feed never slows ingest: a message that does not fit the
+        // publisher's queue (or a packet) is skipped, and readers that see
+        // a hole in the commit ids fetch the batch from the database.
+        for live in std::mem::take(&mut outcome.live) {
+            let topic = Topic::name(&live.device, TopicKind::Live);
+            let payload = serde_json::to_vec(&live).unwrap_or_default();
+            if payload.len() > self.max_packet {
+                self.metrics.live_skipped.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            match self
+                .client
+                .try_publish(topic, QoS::AtMostOnce, false, payload)
+            {
+                Ok(()) => {
+                    self.metrics.live_published.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(_) => {
+                    self.metrics.live_skipped.fetch_add(1, Ordering::Relaxed);
+                }
             }
         }
         for (device, report) in outcome.errors {
@@ -680,6 +722,7 @@ impl Writer {
         for (device, (at, rejects)) in &seen {
             store::touch_device(&mut tx, device, *at, *rejects).await?;
         }
+        out.rollups.flush(&mut tx).await?;
         let now = now_ms();
         for key in &touched {
             if let Some(state) = sessions.get(key) {
@@ -745,7 +788,7 @@ impl Writer {
     /// Resolves series ids and appends the batch to the log. The inner
     /// result is a reject (nothing written), the outer one a database error.
     async fn store_batch(
-        &self,
+        &mut self,
         tx: &mut store::WriteTx,
         device: &str,
         mut batch: DecodedBatch,
@@ -778,6 +821,9 @@ impl Writer {
                 }
             }
             local.insert(*id, global);
+            if !self.keys.contains_key(&global) {
+                out.new_keys.push((global, key.to_string()));
+            }
         }
         for run in &mut batch.runs {
             let global = match local.get(&run.series_id) {
@@ -814,9 +860,14 @@ impl Writer {
         let (min_ts, max_ts) = batch.ts_range().unwrap_or((received_ms, received_ms));
         batch.series.clear();
         let payload = batch.encode();
+        let commit_id = match out.next_commit {
+            Some(c) => c,
+            None => store::max_commit_id(tx).await? + 1,
+        };
         let inserted = store::insert_batch(
             tx,
             &BatchRow {
+                commit_id,
                 device,
                 session: &session,
                 seq: batch.seq,
@@ -829,13 +880,58 @@ impl Writer {
         )
         .await?;
         if inserted {
+            out.next_commit = Some(commit_id + 1);
             out.batches += 1;
             out.samples += samples as u64;
+            let mut live = Live {
+                commit: commit_id,
+                device: device.to_string(),
+                session,
+                seq: batch.seq,
+                series: Default::default(),
+            };
+            for run in &batch.runs {
+                let id = i64::from(run.series_id);
+                for (ts, v) in run.ts_ms.iter().zip(&run.values) {
+                    out.rollups.add(id, *ts, *v);
+                }
+                let key = self.series_key(tx, id, out).await?;
+                live.series
+                    .entry(key)
+                    .or_default()
+                    .extend(run.ts_ms.iter().copied().zip(run.values.iter().copied()));
+            }
+            for points in live.series.values_mut() {
+                points.sort_by_key(|p| p.0);
+            }
+            out.live.push(live);
         } else {
             out.duplicates += 1;
             debug!(device = %device, session = %session, seq = batch.seq, "duplicate batch skipped");
         }
         Ok(Ok((session, batch.seq)))
+    }
+}
+
+impl Writer {
+    /// The key of a series id: from the cache, this transaction, or the database.
+    async fn series_key(
+        &self,
+        tx: &mut store::WriteTx,
+        id: i64,
+        out: &mut Outcome,
+    ) -> Result<String, StoreError> {
+        if let Some(k) = self.keys.get(&id) {
+            return Ok(k.clone());
+        }
+        if let Some((_, k)) = out.new_keys.iter().find(|(i, _)| *i == id) {
+            return Ok(k.clone());
+        }
+        let key = store::series_key(tx, id)
+            .await?
+            .ok_or_else(|| StoreError::Corrupt(format!("series id {id} has no row")))?;
+        out.new_keys.push((id, key.clone()));
+        Ok(key)
     }
 }
 

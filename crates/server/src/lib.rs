@@ -10,6 +10,7 @@ pub mod config;
 pub mod ingest;
 pub mod loadgen;
 pub mod metrics;
+pub mod rollup;
 pub mod store;
 pub mod util;
 pub mod web;

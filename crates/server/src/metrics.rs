@@ -31,6 +31,14 @@ pub struct Metrics {
     pub ingest_lag_ms: AtomicI64,
     rejects: [AtomicU64; Reject::CODES.len() + 1],
     pub http_requests: AtomicU64,
+    /// Live-feed messages published after commits, and skipped (queue full
+    /// or too large; readers fetch those from the database).
+    pub live_published: AtomicU64,
+    pub live_skipped: AtomicU64,
+    /// Websocket clients connected to `GET /api/v1/live`, and data they
+    /// lost by reading too slowly.
+    pub ws_clients: AtomicI64,
+    pub ws_lost_commits: AtomicU64,
     /// 1 while the ingestor's subscriptions are acknowledged by the broker.
     pub ingest_subscribed: AtomicU64,
 }
@@ -141,6 +149,21 @@ impl Metrics {
             &rejects,
         );
         counter(
+            "widgetry_ingest_live_published_total",
+            "Live-feed messages (…/live) published after commits.",
+            &[("", get(&self.live_published))],
+        );
+        counter(
+            "widgetry_ingest_live_skipped_total",
+            "Live-feed messages skipped (publisher queue full or message too large); readers fetch them from the database.",
+            &[("", get(&self.live_skipped))],
+        );
+        counter(
+            "widgetry_web_live_lost_commits_total",
+            "Committed batches websocket clients missed because they read too slowly (they were told).",
+            &[("", get(&self.ws_lost_commits))],
+        );
+        counter(
             "widgetry_web_requests_total",
             "HTTP requests served.",
             &[("", get(&self.http_requests))],
@@ -149,6 +172,11 @@ impl Metrics {
             out,
             "# HELP widgetry_ingest_subscribed 1 while the ingestor is connected and subscribed to the broker.\n# TYPE widgetry_ingest_subscribed gauge\nwidgetry_ingest_subscribed {}",
             get(&self.ingest_subscribed)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP widgetry_web_live_clients Websocket clients connected to /api/v1/live.\n# TYPE widgetry_web_live_clients gauge\nwidgetry_web_live_clients {}",
+            self.ws_clients.load(Ordering::Relaxed)
         );
         let _ = writeln!(
             out,

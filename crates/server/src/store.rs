@@ -20,6 +20,8 @@ use sqlx::{Row, Transaction};
 use widgetry_proto::json::Status;
 use widgetry_proto::{SeriesKey, SessionId, pb};
 
+use crate::rollup::{Agg, Resolution};
+
 /// Errors from the database.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -110,9 +112,12 @@ impl Store {
         })
     }
 
-    /// Starts a write transaction.
+    /// Starts a write transaction. IMMEDIATE takes the write lock at once,
+    /// so what the transaction reads (e.g. the last commit id) cannot be
+    /// changed by another writer (another ingestor on the same file) before
+    /// it commits.
     pub async fn begin(&self) -> Result<WriteTx, StoreError> {
-        Ok(self.writer.begin().await?)
+        Ok(self.writer.begin_with("BEGIN IMMEDIATE").await?)
     }
 
     /// Copies committed WAL frames into the database file. Normally a
@@ -209,8 +214,30 @@ pub async fn bind_session_series(
     Ok(())
 }
 
+/// The highest commit id stored so far (0 when none).
+pub async fn max_commit_id(conn: &mut SqliteConnection) -> Result<u64, StoreError> {
+    let (max,): (Option<i64>,) = sqlx::query_as("SELECT MAX(commit_id) FROM batches")
+        .fetch_one(&mut *conn)
+        .await?;
+    Ok(max.unwrap_or(0).max(0) as u64)
+}
+
+/// The canonical key of a series id, if it exists.
+pub async fn series_key(
+    conn: &mut SqliteConnection,
+    series_id: i64,
+) -> Result<Option<String>, StoreError> {
+    let row = sqlx::query("SELECT key FROM series WHERE id = ?")
+        .bind(series_id)
+        .fetch_optional(&mut *conn)
+        .await?;
+    Ok(row.map(|r| r.get(0)))
+}
+
 /// A batch to append to the batch log.
 pub struct BatchRow<'a> {
+    /// Position in commit order (see migration 0004).
+    pub commit_id: u64,
     pub device: &'a str,
     pub session: &'a SessionId,
     pub seq: u64,
@@ -228,8 +255,11 @@ pub async fn insert_batch(
     b: &BatchRow<'_>,
 ) -> Result<bool, StoreError> {
     let res = sqlx::query(
-        "INSERT OR IGNORE INTO batches (device, session, seq, received_ms, min_ts, max_ts, samples, payload)
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        // Only the idempotence key may conflict; a clash of commit ids is
+        // an error that fails the transaction, never a silent skip.
+        "INSERT INTO batches (device, session, seq, received_ms, min_ts, max_ts, samples, payload, commit_id)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
+         ON CONFLICT (device, session, seq) DO NOTHING",
     )
     .bind(b.device)
     .bind(&b.session.0[..])
@@ -239,6 +269,7 @@ pub async fn insert_batch(
     .bind(b.max_ts)
     .bind(b.samples)
     .bind(b.payload)
+    .bind(b.commit_id as i64)
     .execute(&mut *conn)
     .await?;
     Ok(res.rows_affected() == 1)
@@ -500,24 +531,44 @@ impl Store {
             .collect())
     }
 
-    /// Points of one series in `[from, to]` (ms), ascending by time. `None`
-    /// when the device has no such series.
-    pub async fn points(
+    /// The id of a device's series, if it exists.
+    pub async fn series_id(
+        &self,
+        device: &str,
+        key: &SeriesKey,
+    ) -> Result<Option<i64>, StoreError> {
+        let row = sqlx::query("SELECT id FROM series WHERE device = ? AND key = ?")
+            .bind(device)
+            .bind(key.to_string())
+            .fetch_optional(&self.reader)
+            .await?;
+        Ok(row.map(|r| r.get(0)))
+    }
+
+    /// Raw points of a device's series by key; `None` when it has no such
+    /// series.
+    pub async fn series_points(
         &self,
         device: &str,
         key: &SeriesKey,
         from: i64,
         to: i64,
     ) -> Result<Option<Vec<(i64, f64)>>, StoreError> {
-        let Some(row) = sqlx::query("SELECT id FROM series WHERE device = ? AND key = ?")
-            .bind(device)
-            .bind(key.to_string())
-            .fetch_optional(&self.reader)
-            .await?
-        else {
-            return Ok(None);
-        };
-        let series_id: i64 = row.get(0);
+        match self.series_id(device, key).await? {
+            Some(id) => Ok(Some(self.points(device, id, from, to).await?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Raw points of one series in `[from, to]` (ms), ascending by time,
+    /// decoded from the batch log.
+    pub async fn points(
+        &self,
+        device: &str,
+        series_id: i64,
+        from: i64,
+        to: i64,
+    ) -> Result<Vec<(i64, f64)>, StoreError> {
         let series_id = u32::try_from(series_id)
             .map_err(|_| StoreError::Corrupt(format!("series id {series_id} exceeds u32")))?;
         let rows = sqlx::query(
@@ -530,22 +581,350 @@ impl Store {
         .await?;
         let mut points = Vec::new();
         for r in &rows {
-            let payload: &[u8] = r.get(0);
-            let batch =
-                pb::Batch::decode(payload).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            let batch = decode_stored(r.get(0))?;
             for run in batch.points.iter().filter(|p| p.series_id == series_id) {
-                let values = widgetry_proto::decode_values(run)
-                    .map_err(|e| StoreError::Corrupt(e.to_string()))?;
-                let mut ts = 0i64;
-                for (d, v) in run.ts_delta_ms.iter().zip(&values) {
-                    ts = ts.wrapping_add(*d);
+                for (ts, v) in run_points(run)? {
                     if (from..=to).contains(&ts) {
-                        points.push((ts, *v));
+                        points.push((ts, v));
                     }
                 }
             }
         }
         points.sort_by_key(|p| p.0);
-        Ok(Some(points))
+        Ok(points)
+    }
+
+    /// Rollup rows of one series with `lo <= bucket < hi`, ascending.
+    pub async fn rollups(
+        &self,
+        resolution: Resolution,
+        series_id: i64,
+        lo: i64,
+        hi: i64,
+    ) -> Result<Vec<(i64, Agg)>, StoreError> {
+        // The table name comes from a closed enum, never from input.
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT bucket, count, sum, min, max, last_ts, last FROM {}
+             WHERE series_id = ? AND bucket >= ? AND bucket < ? ORDER BY bucket",
+            resolution.table()
+        )))
+        .bind(series_id)
+        .bind(lo)
+        .bind(hi)
+        .fetch_all(&self.reader)
+        .await?;
+        Ok(rows
+            .iter()
+            .map(|r| {
+                (
+                    r.get(0),
+                    Agg {
+                        count: r.get(1),
+                        sum: r.get(2),
+                        min: r.get(3),
+                        max: r.get(4),
+                        last_ts: r.get(5),
+                        last: r.get(6),
+                    },
+                )
+            })
+            .collect())
+    }
+
+    /// The newest commit id (0 when nothing was committed).
+    pub async fn last_commit_id(&self) -> Result<u64, StoreError> {
+        let (max,): (Option<i64>,) = sqlx::query_as("SELECT MAX(commit_id) FROM batches")
+            .fetch_one(&self.reader)
+            .await?;
+        Ok(max.unwrap_or(0).max(0) as u64)
+    }
+
+    /// Committed batches with `after < commit_id`, in commit order, at
+    /// most `limit`; series ids are the `series` table's.
+    pub async fn commits_after(
+        &self,
+        after: u64,
+        limit: i64,
+    ) -> Result<Vec<CommittedBatch>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT commit_id, device, session, seq, payload FROM batches
+             WHERE commit_id > ? ORDER BY commit_id LIMIT ?",
+        )
+        .bind(after as i64)
+        .bind(limit)
+        .fetch_all(&self.reader)
+        .await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for r in &rows {
+            let batch = decode_stored(r.get(4))?;
+            let session: &[u8] = r.get(2);
+            let mut runs = Vec::with_capacity(batch.points.len());
+            for run in &batch.points {
+                runs.push((run.series_id as i64, run_points(run)?));
+            }
+            out.push(CommittedBatch {
+                commit_id: r.get::<i64, _>(0) as u64,
+                device: r.get(1),
+                session: SessionId::from_slice(session)
+                    .map_err(|e| StoreError::Corrupt(e.to_string()))?,
+                seq: r.get::<i64, _>(3) as u64,
+                runs,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Device and key of series ids (unknown ids are left out).
+    pub async fn series_names(
+        &self,
+        ids: &[i64],
+    ) -> Result<Vec<(i64, String, String)>, StoreError> {
+        let mut out = Vec::with_capacity(ids.len());
+        for chunk in ids.chunks(500) {
+            let mut q: sqlx::QueryBuilder<sqlx::Sqlite> =
+                sqlx::QueryBuilder::new("SELECT id, device, key FROM series WHERE id IN (");
+            let mut sep = q.separated(", ");
+            for id in chunk {
+                sep.push_bind(*id);
+            }
+            q.push(")");
+            for r in q.build().fetch_all(&self.reader).await? {
+                out.push((r.get(0), r.get(1), r.get(2)));
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// A committed batch as read back for the live bridge.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CommittedBatch {
+    pub commit_id: u64,
+    pub device: String,
+    pub session: SessionId,
+    pub seq: u64,
+    /// (series id, points ascending by time).
+    pub runs: Vec<(i64, Vec<(i64, f64)>)>,
+}
+
+fn decode_stored(payload: &[u8]) -> Result<pb::Batch, StoreError> {
+    pb::Batch::decode(payload).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+/// The `(ts, value)` pairs of one stored run.
+fn run_points(run: &pb::Points) -> Result<Vec<(i64, f64)>, StoreError> {
+    let values =
+        widgetry_proto::decode_values(run).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    let mut ts = 0i64;
+    Ok(run
+        .ts_delta_ms
+        .iter()
+        .zip(values)
+        .map(|(d, v)| {
+            ts = ts.wrapping_add(*d);
+            (ts, v)
+        })
+        .collect())
+}
+
+/// One device of `GET /api/v1/fleet`: state, counters and the latest CPU
+/// and memory with per-minute sparklines, all from one query each.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct FleetDevice {
+    pub device: String,
+    pub state: String,
+    pub last_seen: i64,
+    pub agent: Option<String>,
+    pub host: Option<String>,
+    pub rejects: i64,
+    pub gaps: i64,
+    pub lost_samples: i64,
+    pub series_count: i64,
+    /// Latest `cpu.usage_pct`.
+    pub cpu: Option<f64>,
+    /// Latest `mem.used_bytes` / `mem.total_bytes` in percent.
+    pub mem_pct: Option<f64>,
+    /// Per-minute averages since `spark_from`.
+    pub cpu_spark: Vec<(i64, f64)>,
+    pub mem_spark: Vec<(i64, f64)>,
+}
+
+/// What a retention pass deleted.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Pruned {
+    pub batches: u64,
+    pub events: u64,
+    pub rollup_1m: u64,
+    pub rollup_1h: u64,
+}
+
+/// Rows deleted per statement by retention, so the write lock is held
+/// briefly and ingest is not stalled.
+const PRUNE_CHUNK: i64 = 2000;
+
+impl Store {
+    /// The whole fleet with sparklines built from minute rollups since
+    /// `spark_from` (ms).
+    pub async fn fleet(&self, spark_from: i64) -> Result<Vec<FleetDevice>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT d.device, d.state, d.last_seen_ms, d.agent, d.host, d.rejects,
+                    (SELECT COUNT(*) FROM gaps g WHERE g.device = d.device),
+                    (SELECT COALESCE(SUM(g.samples), 0) FROM gaps g WHERE g.device = d.device),
+                    (SELECT COUNT(*) FROM series s WHERE s.device = d.device)
+             FROM devices d ORDER BY d.device",
+        )
+        .fetch_all(&self.reader)
+        .await?;
+        let mut out: Vec<FleetDevice> = rows
+            .iter()
+            .map(|r| FleetDevice {
+                device: r.get(0),
+                state: r.get(1),
+                last_seen: r.get(2),
+                agent: r.get(3),
+                host: r.get(4),
+                rejects: r.get(5),
+                gaps: r.get(6),
+                lost_samples: r.get(7),
+                series_count: r.get(8),
+                cpu: None,
+                mem_pct: None,
+                cpu_spark: Vec::new(),
+                mem_spark: Vec::new(),
+            })
+            .collect();
+        let rollups = sqlx::query(
+            "SELECT s.device, s.key, r.bucket, r.sum / r.count, r.last
+             FROM series s JOIN rollup_1m r ON r.series_id = s.id AND r.bucket >= ?
+             WHERE s.key IN ('cpu.usage_pct', 'mem.used_bytes', 'mem.total_bytes')
+             ORDER BY s.device, r.bucket",
+        )
+        .bind(spark_from)
+        .fetch_all(&self.reader)
+        .await?;
+        // device → bucket → (cpu avg, used avg, total avg) and latest values.
+        #[derive(Default)]
+        struct Acc {
+            cpu: Vec<(i64, f64)>,
+            used: BTreeMap<i64, f64>,
+            total: BTreeMap<i64, f64>,
+            last_cpu: Option<f64>,
+            last_used: Option<f64>,
+            last_total: Option<f64>,
+        }
+        let mut acc: BTreeMap<String, Acc> = BTreeMap::new();
+        for r in &rollups {
+            let a = acc.entry(r.get(0)).or_default();
+            let key: &str = r.get(1);
+            let (bucket, avg, last): (i64, f64, f64) = (r.get(2), r.get(3), r.get(4));
+            match key {
+                "cpu.usage_pct" => {
+                    a.cpu.push((bucket, avg));
+                    a.last_cpu = Some(last);
+                }
+                "mem.used_bytes" => {
+                    a.used.insert(bucket, avg);
+                    a.last_used = Some(last);
+                }
+                _ => {
+                    a.total.insert(bucket, avg);
+                    a.last_total = Some(last);
+                }
+            }
+        }
+        let pct = |used: f64, total: f64| (total > 0.0).then(|| used / total * 100.0);
+        for d in &mut out {
+            if let Some(a) = acc.remove(&d.device) {
+                d.cpu = a.last_cpu;
+                d.mem_pct = a.last_used.zip(a.last_total).and_then(|(u, t)| pct(u, t));
+                d.mem_spark = a
+                    .used
+                    .iter()
+                    .filter_map(|(b, u)| a.total.get(b).and_then(|t| pct(*u, *t)).map(|p| (*b, p)))
+                    .collect();
+                d.cpu_spark = a.cpu;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Deletes raw batches and events older than `raw_before`, and rollup
+    /// rows older than their cut-offs (ms; `None` keeps everything), in
+    /// small chunks from the maintenance connection.
+    pub async fn prune(
+        &self,
+        raw_before: Option<i64>,
+        minute_before: Option<i64>,
+        hour_before: Option<i64>,
+    ) -> Result<Pruned, StoreError> {
+        let mut p = Pruned::default();
+        if let Some(cut) = raw_before {
+            let devices: Vec<(String,)> = sqlx::query_as("SELECT device FROM devices")
+                .fetch_all(&self.maint)
+                .await?;
+            for (device,) in &devices {
+                p.batches += self
+                    .delete_chunked(
+                        "DELETE FROM batches WHERE (device, session, seq) IN
+                           (SELECT device, session, seq FROM batches WHERE device = ?1 AND max_ts < ?2 LIMIT ?3)",
+                        device,
+                        cut,
+                    )
+                    .await?;
+                p.events += self
+                    .delete_chunked(
+                        "DELETE FROM events WHERE (device, session, seq, idx) IN
+                           (SELECT device, session, seq, idx FROM events WHERE device = ?1 AND ts < ?2 LIMIT ?3)",
+                        device,
+                        cut,
+                    )
+                    .await?;
+            }
+        }
+        for (res, cut) in [
+            (Resolution::Minute, minute_before),
+            (Resolution::Hour, hour_before),
+        ] {
+            let Some(cut) = cut else { continue };
+            let ids: Vec<(i64,)> = sqlx::query_as("SELECT id FROM series")
+                .fetch_all(&self.maint)
+                .await?;
+            let sql = format!(
+                "DELETE FROM {t} WHERE (series_id, bucket) IN
+                   (SELECT series_id, bucket FROM {t} WHERE series_id = ?1 AND bucket < ?2 LIMIT ?3)",
+                t = res.table()
+            );
+            let mut n = 0;
+            for (id,) in &ids {
+                n += self.delete_chunked(&sql, id, cut).await?;
+            }
+            match res {
+                Resolution::Minute => p.rollup_1m = n,
+                Resolution::Hour => p.rollup_1h = n,
+            }
+        }
+        Ok(p)
+    }
+
+    async fn delete_chunked<K>(&self, sql: &str, key: &K, cut: i64) -> Result<u64, StoreError>
+    where
+        K: Clone,
+        K: for<'q> sqlx::Encode<'q, sqlx::Sqlite> + sqlx::Type<sqlx::Sqlite> + Send + 'static,
+    {
+        let mut total = 0;
+        loop {
+            // Callers pass fixed statements (table names from an enum).
+            let n = sqlx::query(sqlx::AssertSqlSafe(sql.to_string()))
+                .bind(key.clone())
+                .bind(cut)
+                .bind(PRUNE_CHUNK)
+                .execute(&self.maint)
+                .await?
+                .rows_affected();
+            total += n;
+            if n < PRUNE_CHUNK as u64 {
+                return Ok(total);
+            }
+        }
     }
 }

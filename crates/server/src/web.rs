@@ -3,6 +3,7 @@
 //!
 //! Errors are JSON `{"error": {"code", "message"}}` with a 4xx/5xx status.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
@@ -17,6 +18,7 @@ use widgetry_proto::SeriesKey;
 use widgetry_proto::validate::validate_device;
 
 use crate::metrics::Metrics;
+use crate::rollup::{Agg, Plan};
 use crate::store::{DeviceInfo, Store, StoreError};
 use crate::util::now_ms;
 
@@ -224,6 +226,9 @@ struct SeriesResponse {
     series: String,
     from: i64,
     to: i64,
+    /// `raw` (decoded from the batch log) or the rollup resolution used
+    /// (`1m`, `1h`) for the whole buckets of the range.
+    source: &'static str,
     /// Raw `[ts, value]` pairs when they fit within `max_points`.
     points: Vec<(i64, f64)>,
     /// Width of each bucket when the range was downsampled.
@@ -255,59 +260,87 @@ async fn series(
             "max_points {max_points} is out of range (1-{MAX_POINTS_LIMIT})"
         )));
     }
-    let points = state
-        .store
-        .points(&device, &key, from, to)
-        .await?
-        .ok_or_else(|| {
-            AppError::not_found(format!(
-                "device {device:?} has no series {series:?}; GET /api/v1/devices lists them"
-            ))
-        })?;
+    let series_id = state.store.series_id(&device, &key).await?.ok_or_else(|| {
+        AppError::not_found(format!(
+            "device {device:?} has no series {series:?}; GET /api/v1/devices lists them"
+        ))
+    })?;
     let mut resp = SeriesResponse {
         device,
         series: key.to_string(),
         from,
         to,
+        source: "raw",
         points: Vec::new(),
         bucket_ms: None,
         buckets: Vec::new(),
     };
-    if points.len() <= max_points {
-        resp.points = points;
-    } else {
-        let (width, buckets) = downsample(&points, from, to, max_points);
-        resp.bucket_ms = Some(width);
-        resp.buckets = buckets;
+    let plan = Plan::new(from, to, max_points);
+    let store = &state.store;
+    let mut sums: BTreeMap<i64, Agg> = BTreeMap::new();
+    match plan.resolution {
+        None => {
+            let points = store.points(&resp.device, series_id, from, to).await?;
+            if points.len() <= max_points {
+                resp.points = points;
+                return Ok(Json(serde_json::to_value(resp).unwrap_or_default()));
+            }
+            fold_points(&plan, &points, &mut sums);
+        }
+        Some(res) => {
+            // Whole rollup buckets inside the range come from the rollup
+            // table; the partial ones at the edges from raw points.
+            let (lo, hi) = plan.rollup_span(from, to).unwrap_or((to + 1, to + 1));
+            let rows = store.rollups(res, series_id, lo, hi).await?;
+            let mut edges = Vec::new();
+            if from < lo {
+                edges.extend(
+                    store
+                        .points(&resp.device, series_id, from, lo.min(to + 1) - 1)
+                        .await?,
+                );
+            }
+            if hi <= to && hi > lo {
+                edges.extend(store.points(&resp.device, series_id, hi, to).await?);
+            }
+            let total: i64 = rows.iter().map(|(_, a)| a.count).sum::<i64>() + edges.len() as i64;
+            if total as usize <= max_points {
+                // Sparse enough to send every point.
+                resp.points = store.points(&resp.device, series_id, from, to).await?;
+                return Ok(Json(serde_json::to_value(resp).unwrap_or_default()));
+            }
+            resp.source = res.label();
+            for (bucket, agg) in &rows {
+                merge_into(&mut sums, plan.bucket_of(*bucket), agg);
+            }
+            fold_points(&plan, &edges, &mut sums);
+        }
     }
+    resp.bucket_ms = Some(plan.width);
+    resp.buckets = sums
+        .into_iter()
+        .map(|(ts, a)| Bucket {
+            ts,
+            min: a.min,
+            avg: a.sum / a.count as f64,
+            max: a.max,
+            count: a.count as u64,
+        })
+        .collect();
     Ok(Json(serde_json::to_value(resp).unwrap_or_default()))
 }
 
-/// Splits `[from, to]` into at most `max` equal buckets and summarises the
-/// (time-sorted) points in each; empty buckets are omitted.
-pub fn downsample(points: &[(i64, f64)], from: i64, to: i64, max: usize) -> (i64, Vec<Bucket>) {
-    let span = (to - from).max(1) as u128 + 1;
-    let width = span.div_ceil(max as u128).max(1) as i64;
-    let mut out: Vec<Bucket> = Vec::new();
+fn merge_into(sums: &mut BTreeMap<i64, Agg>, bucket: i64, agg: &Agg) {
+    sums.entry(bucket)
+        .and_modify(|a| a.merge(agg))
+        .or_insert(*agg);
+}
+
+/// Adds raw points to the buckets of `plan`.
+fn fold_points(plan: &Plan, points: &[(i64, f64)], sums: &mut BTreeMap<i64, Agg>) {
     for &(ts, v) in points {
-        let start = from + (ts - from) / width * width;
-        match out.last_mut() {
-            Some(b) if b.ts == start => {
-                b.min = b.min.min(v);
-                b.max = b.max.max(v);
-                b.avg += (v - b.avg) / (b.count + 1) as f64;
-                b.count += 1;
-            }
-            _ => out.push(Bucket {
-                ts: start,
-                min: v,
-                avg: v,
-                max: v,
-                count: 1,
-            }),
-        }
+        merge_into(sums, plan.bucket_of(ts), &Agg::one(ts, v));
     }
-    (width, out)
 }
 
 #[cfg(test)]
@@ -315,24 +348,21 @@ mod tests {
     use super::*;
 
     #[test]
-    fn downsample_respects_max_and_summarises() {
+    fn raw_points_fold_into_at_most_max_buckets() {
         let points: Vec<(i64, f64)> = (0..1000).map(|i| (i, i as f64)).collect();
-        let (width, b) = downsample(&points, 0, 999, 10);
-        assert_eq!(width, 100);
-        assert_eq!(b.len(), 10);
-        assert_eq!(
-            b[0],
-            Bucket {
-                ts: 0,
-                min: 0.0,
-                avg: 49.5,
-                max: 99.0,
-                count: 100
-            }
-        );
-        assert_eq!(b[9].max, 999.0);
-        let (_, b) = downsample(&points, 0, 999, 7);
-        assert!(b.len() <= 7, "{} buckets", b.len());
-        assert_eq!(b.iter().map(|b| b.count).sum::<u64>(), 1000);
+        let plan = Plan::new(0, 999, 10);
+        assert_eq!((plan.origin, plan.width), (0, 100));
+        let mut sums = BTreeMap::new();
+        fold_points(&plan, &points, &mut sums);
+        assert_eq!(sums.len(), 10);
+        let first = sums[&0];
+        assert_eq!((first.count, first.min, first.max), (100, 0.0, 99.0));
+        assert_eq!(first.sum / first.count as f64, 49.5);
+        assert_eq!(sums[&900].max, 999.0);
+        let plan = Plan::new(0, 999, 7);
+        let mut sums = BTreeMap::new();
+        fold_points(&plan, &points, &mut sums);
+        assert!(sums.len() <= 7, "{} buckets", sums.len());
+        assert_eq!(sums.values().map(|a| a.count).sum::<i64>(), 1000);
     }
 }

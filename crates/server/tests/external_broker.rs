@@ -49,7 +49,7 @@ fn start_ingest(port: u16, db: &std::path::Path, id: &str) -> ChildGuard {
 
 async fn stored(store: &Store, device: &str) -> Vec<(i64, f64)> {
     store
-        .points(device, &SeriesKey::plain("cpu.usage_pct"), 0, i64::MAX)
+        .series_points(device, &SeriesKey::plain("cpu.usage_pct"), 0, i64::MAX)
         .await
         .expect("query")
         .unwrap_or_default()
