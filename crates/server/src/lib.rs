@@ -8,6 +8,7 @@
 pub mod broker;
 pub mod config;
 pub mod ingest;
+pub mod live;
 pub mod loadgen;
 pub mod metrics;
 pub mod rollup;
@@ -141,10 +142,16 @@ pub async fn start_serve(
     let ingest_cfg = IngestConfig::new(target.ip().to_string(), target.port());
     let ingest = ingest::run(ingest_cfg, store.clone(), metrics.clone(), shutdown.clone());
     tasks.spawn(async move { Ok(ingest.await?) });
+    let bridge = live::BridgeConfig {
+        broker: Some((target.ip().to_string(), target.port())),
+        credentials: None,
+        poll: Duration::from_secs(1),
+    };
     tasks.spawn(serve_http(
         listener,
         store.clone(),
         metrics.clone(),
+        bridge,
         shutdown.clone(),
     ));
     // Messages published before the ingestor subscribes are dropped by the
@@ -191,10 +198,11 @@ pub async fn run_ingest(
     Ok(res?)
 }
 
-/// Runs the web role alone.
+/// Runs the web role alone; its live bridge follows `bridge`.
 pub async fn run_web(
     http_listen: SocketAddr,
     database: PathBuf,
+    bridge: live::BridgeConfig,
     shutdown: CancellationToken,
 ) -> Result<(), ServeError> {
     let store = Store::open(&database).await?;
@@ -209,6 +217,7 @@ pub async fn run_web(
         listener,
         store.clone(),
         Arc::new(Metrics::default()),
+        bridge,
         shutdown,
     )
     .await;
@@ -220,13 +229,28 @@ async fn serve_http(
     listener: TcpListener,
     store: Store,
     metrics: Arc<Metrics>,
+    bridge: live::BridgeConfig,
     shutdown: CancellationToken,
 ) -> Result<(), ServeError> {
-    let app = web::router(web::AppState { store, metrics });
-    axum::serve(listener, app)
+    let hub = live::Hub::new(store.last_commit_id().await?);
+    let bridge_task = tokio::spawn(live::run_bridge(
+        bridge,
+        store.clone(),
+        hub.clone(),
+        shutdown.clone(),
+    ));
+    let app = web::router(web::AppState {
+        store,
+        metrics,
+        hub,
+        shutdown: shutdown.clone(),
+    });
+    let served = axum::serve(listener, app)
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await
-        .map_err(ServeError::Http)?;
+        .map_err(ServeError::Http);
+    bridge_task.await??;
+    served?;
     info!("web service stopped");
     Ok(())
 }

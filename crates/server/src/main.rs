@@ -12,6 +12,7 @@ use widgetry_server::config::{
     self, ConfigError, DEFAULT_DATABASE, DEFAULT_HTTP_LISTEN, FileConfig, Problem,
 };
 use widgetry_server::ingest::IngestConfig;
+use widgetry_server::live::BridgeConfig;
 use widgetry_server::{ServeConfig, ServeError};
 
 /// Exit status for bad configuration (EX_CONFIG is 78; DESIGN.md §6.7 fixes 64, EX_USAGE).
@@ -152,6 +153,16 @@ struct WebArgs {
     /// SQLite database file [default: widgetry.db].
     #[arg(long, env = "WIDGETRY_DATABASE")]
     database: Option<PathBuf>,
+    /// MQTT broker (HOST:PORT) whose `widgetry/v1/+/live` feed the live
+    /// websocket bridges; without it the bridge polls the database each second.
+    #[arg(long, env = "WIDGETRY_BROKER")]
+    broker: Option<String>,
+    /// MQTT username for --broker, if it requires one.
+    #[arg(long, env = "WIDGETRY_MQTT_USERNAME")]
+    username: Option<String>,
+    /// MQTT password for --broker (prefer the environment variable).
+    #[arg(long, env = "WIDGETRY_MQTT_PASSWORD", hide_env_values = true)]
+    password: Option<String>,
 }
 
 const FLAG: &str = "command line/environment";
@@ -254,15 +265,7 @@ fn resolve_ingest(args: &IngestArgs) -> Result<(IngestConfig, PathBuf), ConfigEr
                 }
                 g => c.shared_group = g.clone(),
             }
-            match (&args.username, &args.password) {
-                (Some(u), Some(p)) => c.credentials = Some((u.clone(), p.clone())),
-                (None, None) => {}
-                _ => problems.push(Problem {
-                    file: FLAG.into(),
-                    key: "username/password".into(),
-                    message: "give both --username and --password, or neither".into(),
-                }),
-            }
+            c.credentials = resolve_credentials(&args.username, &args.password, &mut problems);
             cfg = Some(c);
         }
         Err(p) => problems.push(p),
@@ -273,15 +276,45 @@ fn resolve_ingest(args: &IngestArgs) -> Result<(IngestConfig, PathBuf), ConfigEr
     }
 }
 
-fn resolve_web(args: &WebArgs) -> Result<(SocketAddr, PathBuf), ConfigError> {
+fn resolve_web(args: &WebArgs) -> Result<(SocketAddr, PathBuf, BridgeConfig), ConfigError> {
     let file = load_file(&args.config)?;
     let label = file_label(&args.config);
     let mut problems = Vec::new();
     let http = resolve_http(&args.http_listen, &file, &label, &mut problems);
     let database = resolve_database(&args.database, &file, &label, &mut problems);
+    let mut bridge = BridgeConfig {
+        broker: None,
+        credentials: resolve_credentials(&args.username, &args.password, &mut problems),
+        poll: std::time::Duration::from_secs(1),
+    };
+    if let Some((text, src)) = pick(&args.broker, &file.broker, &label) {
+        match config::parse_host_port(&text, &src, "broker") {
+            Ok(hp) => bridge.broker = Some(hp),
+            Err(p) => problems.push(p),
+        }
+    }
     match http {
-        Some(h) if problems.is_empty() => Ok((h, database)),
+        Some(h) if problems.is_empty() => Ok((h, database, bridge)),
         _ => Err(ConfigError(problems)),
+    }
+}
+
+fn resolve_credentials(
+    username: &Option<String>,
+    password: &Option<String>,
+    problems: &mut Vec<Problem>,
+) -> Option<(String, String)> {
+    match (username, password) {
+        (Some(u), Some(p)) => Some((u.clone(), p.clone())),
+        (None, None) => None,
+        _ => {
+            problems.push(Problem {
+                file: FLAG.into(),
+                key: "username/password".into(),
+                message: "give both --username and --password, or neither".into(),
+            });
+            None
+        }
     }
 }
 
@@ -451,7 +484,7 @@ fn main() -> ExitCode {
     enum Role {
         Serve(Box<ServeConfig>),
         Ingest(IngestConfig, PathBuf),
-        Web(SocketAddr, PathBuf),
+        Web(SocketAddr, PathBuf, BridgeConfig),
     }
     let role = match &cli.cmd {
         Cmd::CheckConfig(args) => {
@@ -495,7 +528,7 @@ fn main() -> ExitCode {
         }
         Cmd::Serve(args) => resolve_serve(args).map(|c| Role::Serve(Box::new(c))),
         Cmd::Ingest(args) => resolve_ingest(args).map(|(c, d)| Role::Ingest(c, d)),
-        Cmd::Web(args) => resolve_web(args).map(|(h, d)| Role::Web(h, d)),
+        Cmd::Web(args) => resolve_web(args).map(|(h, d, b)| Role::Web(h, d, b)),
     };
     let role = match role {
         Ok(r) => r,
@@ -518,7 +551,7 @@ fn main() -> ExitCode {
         match role {
             Role::Serve(cfg) => widgetry_server::run_serve(*cfg, token).await,
             Role::Ingest(cfg, db) => widgetry_server::run_ingest(cfg, db, token).await,
-            Role::Web(http, db) => widgetry_server::run_web(http, db, token).await,
+            Role::Web(http, db, bridge) => widgetry_server::run_web(http, db, bridge, token).await,
         }
     });
     // The embedded broker's thread cannot be stopped; leaving main ends it.

@@ -7,9 +7,10 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{Query, State};
 use axum::http::{StatusCode, header};
-use axum::response::{Html, IntoResponse, Response};
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
@@ -17,19 +18,26 @@ use serde_json::json;
 use widgetry_proto::SeriesKey;
 use widgetry_proto::validate::validate_device;
 
+use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
+
+use crate::live::{Hub, HubMsg, Subscription};
 use crate::metrics::Metrics;
 use crate::rollup::{Agg, Plan};
 use crate::store::{DeviceInfo, Store, StoreError};
 use crate::util::now_ms;
 
-/// The dashboard page.
-const INDEX_HTML: &str = include_str!("../../../web-ui/index.html");
+// The dashboard: every file of `web-ui/dist/`, embedded by build.rs.
+include!(concat!(env!("OUT_DIR"), "/assets.rs"));
 
 /// Shared state of the handlers.
 #[derive(Clone)]
 pub struct AppState {
     pub store: Store,
     pub metrics: Arc<Metrics>,
+    pub hub: Arc<Hub>,
+    /// Cancelled at shutdown: websocket clients are closed.
+    pub shutdown: CancellationToken,
 }
 
 /// An error answered as JSON.
@@ -80,6 +88,9 @@ impl IntoResponse for AppError {
 pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/", get(index))
+        .route("/assets/{*path}", get(asset))
+        .route("/api/v1/fleet", get(fleet))
+        .route("/api/v1/live", get(live))
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .route("/api/v1/devices", get(devices))
@@ -102,14 +113,242 @@ async fn count_requests(
     next.run(req).await
 }
 
-async fn not_found(uri: axum::http::Uri) -> AppError {
+async fn not_found(uri: axum::http::Uri) -> Response {
+    // Other files of the dashboard (icons etc.) live at the root.
+    let path = uri.path().trim_start_matches('/');
+    if !path.starts_with("api/") && ASSETS.iter().any(|(p, _, _)| *p == path) {
+        return serve_asset(path);
+    }
     AppError::not_found(format!(
-        "no route for {uri}; the API is under /api/v1/ (devices, series)"
+        "no route for {uri}; the API is under /api/v1/ (devices, fleet, series, events, live)"
     ))
+    .into_response()
 }
 
-async fn index() -> Html<&'static str> {
-    Html(INDEX_HTML)
+async fn index() -> Response {
+    serve_asset("index.html")
+}
+
+async fn asset(axum::extract::Path(path): axum::extract::Path<String>) -> Response {
+    serve_asset(&format!("assets/{path}"))
+}
+
+fn serve_asset(path: &str) -> Response {
+    match ASSETS.iter().find(|(p, _, _)| *p == path) {
+        Some((_, mime, body)) => {
+            // Hashed asset names never change content; index.html may.
+            let cache = if path == "index.html" {
+                "no-cache"
+            } else {
+                "public, max-age=31536000, immutable"
+            };
+            (
+                [
+                    (header::CONTENT_TYPE, *mime),
+                    (header::CACHE_CONTROL, cache),
+                ],
+                *body,
+            )
+                .into_response()
+        }
+        None => AppError::not_found(format!("no dashboard file {path}")).into_response(),
+    }
+}
+
+/// `GET /api/v1/fleet`: every device with state, counters, latest CPU and
+/// memory and 30-minute sparklines, in one answer.
+async fn fleet(State(state): State<AppState>) -> Result<Json<serde_json::Value>, AppError> {
+    let now = now_ms();
+    let devices = state.store.fleet(now - 30 * 60_000).await?;
+    Ok(Json(json!({"now": now, "devices": devices})))
+}
+
+/// Largest backlog (committed batches) replayed to a client that
+/// resubscribes with `since`; past it the client is told it lost data and
+/// reloads from history.
+const MAX_BACKLOG: u64 = 200_000;
+/// A client that cannot take a message for this long is disconnected.
+const WS_SEND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+async fn live(ws: WebSocketUpgrade, State(state): State<AppState>) -> Response {
+    ws.max_message_size(64 * 1024)
+        .on_upgrade(move |socket| live_client(socket, state))
+}
+
+/// Counts a connected websocket client while alive.
+struct ClientGuard(Arc<Metrics>);
+
+impl Drop for ClientGuard {
+    fn drop(&mut self) {
+        self.0.ws_clients.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ClientRequest {
+    subscribe: Subscription,
+}
+
+/// Why a live client's session ended.
+enum Ended {
+    Closed,
+    SendFailed,
+}
+
+async fn send_text(socket: &mut WebSocket, text: String) -> Result<(), Ended> {
+    match tokio::time::timeout(WS_SEND_TIMEOUT, socket.send(Message::Text(text.into()))).await {
+        Ok(Ok(())) => Ok(()),
+        _ => Err(Ended::SendFailed),
+    }
+}
+
+async fn live_client(mut socket: WebSocket, state: AppState) {
+    state.metrics.ws_clients.fetch_add(1, Ordering::Relaxed);
+    let _guard = ClientGuard(state.metrics.clone());
+    let mut active: Option<(Subscription, broadcast::Receiver<Arc<HubMsg>>, u64)> = None;
+    let ended = loop {
+        let hub_msg = async {
+            match active.as_mut() {
+                Some((_, rx, _)) => rx.recv().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = state.shutdown.cancelled() => {
+                let _ = socket.send(Message::Close(None)).await;
+                break Ended::Closed;
+            }
+            incoming = socket.recv() => match incoming {
+                Some(Ok(Message::Text(text))) => {
+                    match serde_json::from_str::<ClientRequest>(text.as_str()) {
+                        Ok(req) => match start_subscription(&mut socket, &state, req.subscribe).await {
+                            Ok(a) => active = Some(a),
+                            Err(e) => break e,
+                        },
+                        Err(e) => {
+                            let msg = json!({"type": "error", "message": format!(
+                                "{e}; expected {{\"subscribe\": {{\"devices\": [..] | null, \"series\": [..] | null, \"status\": bool, \"events\": bool, \"since\": N | null}}}}"
+                            )});
+                            if let Err(e) = send_text(&mut socket, msg.to_string()).await {
+                                break e;
+                            }
+                        }
+                    }
+                }
+                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break Ended::Closed,
+                Some(Ok(_)) => {}
+            },
+            msg = hub_msg => {
+                let Some((sub, _, cursor)) = active.as_mut() else { continue };
+                match msg {
+                    Ok(m) => {
+                        if let HubMsg::Samples(l) = &*m {
+                            if l.commit <= *cursor {
+                                continue;
+                            }
+                            *cursor = l.commit;
+                        }
+                        if let Some(text) = sub.render(&m)
+                            && let Err(e) = send_text(&mut socket, text).await
+                        {
+                            break e;
+                        }
+                    }
+                    Err(broadcast::error::RecvError::Lagged(n)) => {
+                        // This client read too slowly; tell it, and go on
+                        // from what the hub has now.
+                        state.metrics.ws_lost_commits.fetch_add(n, Ordering::Relaxed);
+                        *cursor = state.hub.last();
+                        let text = json!({"type": "lost", "commits": n, "cursor": *cursor,
+                            "reason": "the client read too slowly; reload the range from /api/v1/series"}).to_string();
+                        if let Err(e) = send_text(&mut socket, text).await {
+                            break e;
+                        }
+                    }
+                    Err(broadcast::error::RecvError::Closed) => break Ended::Closed,
+                }
+            }
+        }
+    };
+    if let Ended::SendFailed = ended {
+        tracing::debug!(
+            "live client dropped: it did not take a message within {WS_SEND_TIMEOUT:?}"
+        );
+    }
+}
+
+/// Applies a subscription: replays what the client missed after `since`
+/// from the database, then answers `hello` with the cursor live data
+/// continues from.
+async fn start_subscription(
+    socket: &mut WebSocket,
+    state: &AppState,
+    sub: Subscription,
+) -> Result<(Subscription, broadcast::Receiver<Arc<HubMsg>>, u64), Ended> {
+    for d in sub.devices.iter().flatten() {
+        if let Err(e) = validate_device(d) {
+            let msg = json!({"type": "error", "message": format!("subscribe.devices: {e}")});
+            send_text(socket, msg.to_string()).await?;
+            return Err(Ended::Closed);
+        }
+    }
+    // Subscribe before reading the database, so nothing committed in
+    // between can fall through.
+    let rx = state.hub.subscribe();
+    let mut cursor = state.hub.last();
+    if let Some(since) = sub.since {
+        let newest = match state.store.last_commit_id().await {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read the commit log for a live client");
+                cursor
+            }
+        };
+        if since > newest || newest - since > MAX_BACKLOG {
+            let reason = if since > newest {
+                "cursor is newer than this server's data (was the database replaced?); reload from /api/v1/series"
+            } else {
+                "too much to replay; reload from /api/v1/series"
+            };
+            let msg = json!({"type": "lost", "commits": newest.abs_diff(since), "cursor": cursor, "reason": reason});
+            send_text(socket, msg.to_string()).await?;
+        } else {
+            cursor = since;
+            loop {
+                let batches = match state.store.commits_after(cursor, 1000).await {
+                    Ok(b) => b,
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot replay the commit log to a live client");
+                        break;
+                    }
+                };
+                let n = batches.len();
+                let lives = match state.hub.to_live(&state.store, batches).await {
+                    Ok(l) => l,
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot replay the commit log to a live client");
+                        break;
+                    }
+                };
+                for l in lives {
+                    cursor = l.commit;
+                    if let Some(text) = sub.render_samples(&l) {
+                        send_text(socket, text).await?;
+                    }
+                }
+                if n < 1000 {
+                    break;
+                }
+            }
+        }
+    }
+    send_text(
+        socket,
+        json!({"type": "hello", "cursor": cursor}).to_string(),
+    )
+    .await?;
+    Ok((sub, rx, cursor))
 }
 
 async fn healthz(State(state): State<AppState>) -> Result<Json<serde_json::Value>, AppError> {
