@@ -481,6 +481,38 @@ pub fn parse_host_port(value: &str, source: &str, key: &str) -> Result<(String, 
     }
 }
 
+/// Parses a retention period: `forever`, or a number with a unit s, m, h,
+/// d or w (e.g. `30d`).
+pub fn parse_retention(
+    value: &str,
+    source: &str,
+    key: &str,
+) -> Result<Option<std::time::Duration>, Problem> {
+    let problem = || Problem {
+        file: source.to_string(),
+        key: key.to_string(),
+        message: format!(
+            "{value:?} is not a retention period: use forever or a number with s, m, h, d or w (e.g. 30d)"
+        ),
+    };
+    if value == "forever" {
+        return Ok(None);
+    }
+    let unit = value.chars().last().ok_or_else(problem)?;
+    let mult: u64 = match unit {
+        's' => 1,
+        'm' => 60,
+        'h' => 3600,
+        'd' => 86_400,
+        'w' => 7 * 86_400,
+        _ => return Err(problem()),
+    };
+    match value[..value.len() - 1].parse::<u64>() {
+        Ok(n) if n > 0 && n < 1_000_000 => Ok(Some(std::time::Duration::from_secs(n * mult))),
+        _ => Err(problem()),
+    }
+}
+
 /// Checks that the database's directory exists.
 pub fn check_database_path(path: &Path, source: &str, key: &str) -> Result<(), Problem> {
     let dir = match path.parent() {
@@ -517,6 +549,24 @@ pub fn auth_users(cfg: &rumqttd::Config) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn retention_periods() {
+        let d = |s| parse_retention(s, "f", "k");
+        assert_eq!(d("forever"), Ok(None));
+        assert_eq!(
+            d("30d"),
+            Ok(Some(std::time::Duration::from_secs(30 * 86_400)))
+        );
+        assert_eq!(
+            d("2w"),
+            Ok(Some(std::time::Duration::from_secs(14 * 86_400)))
+        );
+        assert_eq!(d("90m"), Ok(Some(std::time::Duration::from_secs(5400))));
+        for bad in ["", "0d", "30", "d", "-1d", "1.5d", "30x"] {
+            assert!(d(bad).is_err(), "{bad:?} accepted");
+        }
+    }
 
     fn problems(text: &str) -> Vec<String> {
         match parse_broker_config(&BrokerSource::File("b.toml".into()), text, None) {

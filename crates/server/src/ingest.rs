@@ -51,6 +51,30 @@ pub struct IngestConfig {
     /// Items queued between the subscriber and the writer.
     pub queue: usize,
     pub limits: Limits,
+    pub retention: Retention,
+}
+
+/// How long data is kept, by resolution (`None`: forever). Raw batches
+/// and events are deleted by sample time once older than `raw`; rollups
+/// once older than their own period.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retention {
+    pub raw: Option<Duration>,
+    pub minute: Option<Duration>,
+    pub hour: Option<Duration>,
+    /// Time between retention passes.
+    pub every: Duration,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Retention {
+            raw: Some(Duration::from_secs(30 * 86_400)),
+            minute: Some(Duration::from_secs(90 * 86_400)),
+            hour: None,
+            every: Duration::from_secs(600),
+        }
+    }
 }
 
 impl IngestConfig {
@@ -66,6 +90,7 @@ impl IngestConfig {
             max_wait: Duration::from_millis(20),
             queue: 4096,
             limits: Limits::default(),
+            retention: Retention::default(),
         }
     }
 }
@@ -189,6 +214,7 @@ pub async fn run(
             }
         }
     });
+    let pruner = tokio::spawn(prune_loop(cfg.retention, store.clone(), pub_stop.clone()));
     subscribe_loop(&cfg, sub_client.clone(), sub_loop, tx, &metrics, &shutdown).await;
     // The subscriber dropped its sender: the writer drains and exits.
     let res = writer.await;
@@ -203,8 +229,46 @@ pub async fn run(
     pub_stop.cancel();
     let _ = publisher.await;
     let _ = checkpointer.await;
+    let _ = pruner.await;
     info!("ingestor stopped");
     res.map_err(IngestError::from)
+}
+
+/// Applies the retention settings now and then, from the maintenance
+/// connection in small chunks (so ingest keeps going).
+async fn prune_loop(retention: Retention, store: Store, stop: CancellationToken) {
+    if retention.raw.is_none() && retention.minute.is_none() && retention.hour.is_none() {
+        return;
+    }
+    let mut tick = tokio::time::interval(retention.every);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let now = now_ms();
+        let cut = |d: Option<Duration>| d.map(|d| now - d.as_millis() as i64);
+        let pass = store.prune(
+            cut(retention.raw),
+            cut(retention.minute),
+            cut(retention.hour),
+        );
+        let res = tokio::select! {
+            _ = stop.cancelled() => return,
+            r = pass => r,
+        };
+        match res {
+            Ok(p) if p != store::Pruned::default() => info!(
+                batches = p.batches,
+                events = p.events,
+                rollup_1m = p.rollup_1m,
+                rollup_1h = p.rollup_1h,
+                "retention removed old data"
+            ),
+            Ok(_) => {}
+            Err(e) => warn!(error = %e, "retention pass failed; retrying at the next one"),
+        }
+    }
 }
 
 async fn drive_publisher(mut ev: EventLoop, metrics: Arc<Metrics>, stop: CancellationToken) {

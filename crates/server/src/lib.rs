@@ -61,6 +61,7 @@ pub struct ServeConfig {
     pub broker: BrokerConfig,
     pub http_listen: SocketAddr,
     pub database: PathBuf,
+    pub retention: ingest::Retention,
 }
 
 /// A running `serve`: the bound addresses and the handle to wait on.
@@ -139,7 +140,8 @@ pub async fn start_serve(
     let metrics = Arc::new(Metrics::default());
     let mut tasks = JoinSet::new();
     let target = broker::connect_addr(mqtt_addr);
-    let ingest_cfg = IngestConfig::new(target.ip().to_string(), target.port());
+    let mut ingest_cfg = IngestConfig::new(target.ip().to_string(), target.port());
+    ingest_cfg.retention = cfg.retention;
     let ingest = ingest::run(ingest_cfg, store.clone(), metrics.clone(), shutdown.clone());
     tasks.spawn(async move { Ok(ingest.await?) });
     let bridge = live::BridgeConfig {

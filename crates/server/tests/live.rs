@@ -490,3 +490,63 @@ async fn seven_days_of_1hz_data_match_sql_within_max_points() {
     }
     stack.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_removes_only_data_past_each_period() {
+    let stack = Stack::start().await;
+    let p = Publisher::connect(&stack, "old").await;
+    let day = 86_400_000i64;
+    let now = widgetry_server::util::now_ms();
+    p.publish(
+        1,
+        &[(
+            "temp",
+            vec![(now - 40 * day, 1.0), (now - 40 * day + 1, 2.0)],
+        )],
+    )
+    .await;
+    p.publish(2, &[("temp", vec![(now - 10 * day, 3.0)])]).await;
+    p.publish(3, &[("temp", vec![(now, 4.0)])]).await;
+    wait_for("three batches stored", T, || async {
+        (stack
+            .count("SELECT COUNT(*) FROM batches WHERE device = 'old'")
+            .await
+            == 3)
+            .then_some(())
+    })
+    .await;
+    assert_eq!(stack.count("SELECT COUNT(*) FROM rollup_1m").await, 3);
+    let store = &stack.running.as_ref().expect("running").store;
+    // Raw kept 30 days, minutes 5 days, hours forever.
+    let pruned = store
+        .prune(Some(now - 30 * day), Some(now - 5 * day), None)
+        .await
+        .expect("prune");
+    assert_eq!(
+        (pruned.batches, pruned.rollup_1m, pruned.rollup_1h),
+        (1, 2, 0)
+    );
+    assert_eq!(stack.count("SELECT COUNT(*) FROM batches").await, 2);
+    assert_eq!(stack.count("SELECT COUNT(*) FROM rollup_1m").await, 1);
+    assert_eq!(stack.count("SELECT COUNT(*) FROM rollup_1h").await, 3);
+    // Long ranges still answer from the hour rollups.
+    let (status, body) = stack
+        .get(&format!(
+            "/api/v1/series?device=old&series=temp&from={}&to={now}&max_points=2",
+            now - 50 * day
+        ))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["source"], "1h", "{body}");
+    let total: u64 = body["buckets"]
+        .as_array()
+        .expect("buckets")
+        .iter()
+        .map(|b| b["count"].as_u64().unwrap_or(0))
+        .sum();
+    assert_eq!(
+        total, 4,
+        "all four samples, the 40-day-old ones from rollups: {body}"
+    );
+    stack.stop().await;
+}

@@ -43,6 +43,7 @@ impl Stack {
             broker,
             http_listen: "127.0.0.1:0".parse().expect("addr"),
             database: db.clone(),
+            retention: Default::default(),
         };
         let running = start_serve(cfg, CancellationToken::new())
             .await
