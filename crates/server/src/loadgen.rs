@@ -4,7 +4,7 @@
 //! its acks, and with `--http` by reading the samples back), not what was
 //! sent. Bounded by device count and duration; stops by itself.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -63,6 +63,10 @@ pub struct LoadReport {
     pub elapsed_secs: f64,
     pub warmup_secs: f64,
     pub latency_ms: Vec<f64>,
+    /// Publish → websocket message latencies (with `--http`), sorted.
+    pub ws_latency_ms: Vec<f64>,
+    /// Batches the websocket delivered more than once (must be 0).
+    pub ws_duplicates: u64,
     pub connect_errors: u64,
     /// From reading back over HTTP: samples found above / below the
     /// acknowledged count (both must be 0).
@@ -88,20 +92,33 @@ fn proc_usage(pid: u32) -> Option<(u64, u64)> {
     Some((ticks, rss))
 }
 
+/// The `p`th percentile of sorted values (NaN when empty).
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let n = sorted.len();
+    sorted[((p / 100.0 * n as f64).ceil() as usize).clamp(1, n) - 1]
+}
+
 impl LoadReport {
     fn pct(&self, p: f64) -> f64 {
-        if self.latency_ms.is_empty() {
-            return f64::NAN;
-        }
-        let n = self.latency_ms.len();
-        self.latency_ms[((p / 100.0 * n as f64).ceil() as usize).clamp(1, n) - 1]
+        percentile(&self.latency_ms, p)
     }
 
     /// The final report, one figure per line.
     pub fn render(&self) -> String {
         let (dup, missing) = self.readback.unwrap_or((0, 0));
         let readback = match self.readback {
-            Some(_) => format!("duplicated {dup}\nmissing on read-back {missing}"),
+            Some(_) => format!(
+                "duplicated {dup}\nmissing on read-back {missing}\n\
+                 publish->websocket latency p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms ({} batches seen live, {} twice)",
+                percentile(&self.ws_latency_ms, 50.0),
+                percentile(&self.ws_latency_ms, 99.0),
+                self.ws_latency_ms.last().copied().unwrap_or(f64::NAN),
+                self.ws_latency_ms.len(),
+                self.ws_duplicates,
+            ),
             None => "duplicated: not checked (give --http to read samples back)".into(),
         };
         format!(
@@ -142,6 +159,12 @@ pub async fn run(cfg: LoadConfig, mut progress: impl FnMut(String)) -> LoadRepor
     let totals = Arc::new(Totals::default());
     let latencies = Arc::new(Mutex::new(Vec::new()));
     let acked_per_device = Arc::new(Mutex::new(BTreeMap::new()));
+    let sent_at: SentAt = Arc::new(std::sync::Mutex::new(HashMap::new()));
+    let watch_stop = tokio_util::sync::CancellationToken::new();
+    let watcher = cfg
+        .http
+        .clone()
+        .map(|base| tokio::spawn(watch_live(base, sent_at.clone(), watch_stop.clone())));
     let start = Instant::now();
     let run_until = start + cfg.duration;
     let give_up = run_until + cfg.grace;
@@ -152,6 +175,7 @@ pub async fn run(cfg: LoadConfig, mut progress: impl FnMut(String)) -> LoadRepor
         let totals = totals.clone();
         let latencies = latencies.clone();
         let acked_per_device = acked_per_device.clone();
+        let sent_at = cfg.http.is_some().then(|| sent_at.clone());
         // Spread connects and first publishes over one interval.
         let offset = Duration::from_secs_f64(n as f64 / cfg.devices as f64 / cfg.rate.max(0.01));
         let measure_from = start + cfg.warmup;
@@ -162,7 +186,8 @@ pub async fn run(cfg: LoadConfig, mut progress: impl FnMut(String)) -> LoadRepor
                 give_up,
                 measure_from,
             };
-            let (acked, lost) = device_loop(&cfg, &device, when, &totals, &latencies).await;
+            let (acked, lost) =
+                device_loop(&cfg, &device, when, &totals, &latencies, sent_at).await;
             acked_per_device.lock().await.insert(device, (acked, lost));
         });
     }
@@ -188,6 +213,22 @@ pub async fn run(cfg: LoadConfig, mut progress: impl FnMut(String)) -> LoadRepor
         }
     }
     let elapsed = start.elapsed().as_secs_f64();
+    // Give the websocket a moment for the last commits, then stop it.
+    let mut ws = (Vec::new(), 0);
+    if let Some(w) = watcher {
+        let _ = tokio::time::timeout(Duration::from_secs(5), async {
+            while sent_at.lock().map(|m| !m.is_empty()).unwrap_or(false) {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await;
+        watch_stop.cancel();
+        if let Ok(r) = w.await {
+            ws = r;
+        }
+    }
+    let (mut ws_latency_ms, ws_duplicates) = ws;
+    ws_latency_ms.sort_by(f64::total_cmp);
     let mut latency_ms = std::mem::take(&mut *latencies.lock().await);
     latency_ms.sort_by(f64::total_cmp);
     let per_device = std::mem::take(&mut *acked_per_device.lock().await);
@@ -203,6 +244,8 @@ pub async fn run(cfg: LoadConfig, mut progress: impl FnMut(String)) -> LoadRepor
         elapsed_secs: elapsed,
         warmup_secs: cfg.warmup.as_secs_f64(),
         latency_ms,
+        ws_latency_ms,
+        ws_duplicates,
         connect_errors: totals.connect_errors.load(Ordering::Relaxed),
         readback: None,
         server: None,
@@ -243,6 +286,7 @@ async fn device_loop(
     when: Schedule,
     totals: &Totals,
     latencies: &Mutex<Vec<f64>>,
+    sent_at: Option<SentAt>,
 ) -> (u64, u64) {
     let Schedule {
         offset,
@@ -334,6 +378,11 @@ async fn device_loop(
                 if connected {
                     let _ = client.try_publish(&samples_topic, cfg.qos, false, payload.clone());
                 }
+                if let Some(m) = sent_at.as_ref().filter(|_| sent >= measure_from)
+                    && let Ok(mut m) = m.lock()
+                {
+                    m.insert((device.to_string(), seq), sent);
+                }
                 pending.insert(seq, Pending { payload, first_sent: sent, last_sent: sent });
                 next_batch += period;
             }
@@ -396,6 +445,67 @@ async fn device_loop(
     let _ = client.try_disconnect();
     let _ = tokio::time::timeout(Duration::from_secs(2), driver).await;
     (acked, pending.len() as u64)
+}
+
+/// When each measured batch was first published, until the websocket
+/// delivers it.
+type SentAt = Arc<std::sync::Mutex<HashMap<(String, u64), Instant>>>;
+
+/// Follows `GET /api/v1/live` (series `load.s0` of every device) and
+/// measures publish → websocket latency; returns (latencies, batches
+/// delivered twice).
+async fn watch_live(
+    base: String,
+    sent_at: SentAt,
+    stop: tokio_util::sync::CancellationToken,
+) -> (Vec<f64>, u64) {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let url = format!(
+        "ws://{}/api/v1/live",
+        base.trim_start_matches("http://").trim_end_matches('/')
+    );
+    let mut lat = Vec::new();
+    let mut seen: std::collections::HashSet<(String, u64)> = Default::default();
+    let mut dup = 0;
+    let Ok((mut ws, _)) = tokio_tungstenite::connect_async(&url).await else {
+        eprintln!("loadgen: cannot open {url}; publish->websocket latency not measured");
+        return (lat, dup);
+    };
+    let sub = r#"{"subscribe":{"devices":null,"series":["load.s0"]}}"#;
+    if ws.send(Message::Text(sub.into())).await.is_err() {
+        return (lat, dup);
+    }
+    loop {
+        let msg = tokio::select! {
+            _ = stop.cancelled() => break,
+            m = ws.next() => m,
+        };
+        let Some(Ok(Message::Text(text))) = msg else {
+            if msg.is_none() {
+                break;
+            }
+            continue;
+        };
+        let now = Instant::now();
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(text.as_str()) else {
+            continue;
+        };
+        if v["type"] == "lost" {
+            eprintln!("loadgen: the live websocket reports lost data: {v}");
+        }
+        let (Some(device), Some(seq)) = (v["device"].as_str(), v["seq"].as_u64()) else {
+            continue;
+        };
+        let key = (device.to_string(), seq);
+        if let Some(t) = sent_at.lock().ok().and_then(|mut m| m.remove(&key)) {
+            lat.push((now - t).as_secs_f64() * 1000.0);
+        }
+        if !seen.insert(key) {
+            dup += 1;
+        }
+    }
+    (lat, dup)
 }
 
 /// Reads `load.s0` of every device back over HTTP and compares the count

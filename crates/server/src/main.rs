@@ -571,7 +571,10 @@ fn main() -> ExitCode {
                 eprintln!("{line}")
             }));
             println!("{}", report.render());
-            return if report.batches_lost == 0 && report.readback.is_none_or(|r| r == (0, 0)) {
+            return if report.batches_lost == 0
+                && report.readback.is_none_or(|r| r == (0, 0))
+                && report.ws_duplicates == 0
+            {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::FAILURE
