@@ -1,0 +1,154 @@
+import { describe, expect, it } from "vitest";
+import {
+  Cursor,
+  type FleetDevice,
+  backoffDelay,
+  filterFleet,
+  formatValue,
+  groupSeries,
+  mergePoints,
+  rangeFor,
+  relTime,
+  sortFleet,
+  sparkPath,
+  toSeriesData,
+  trimWindow,
+} from "./data";
+
+describe("mergePoints", () => {
+  it("appends newer points", () => {
+    expect(mergePoints([[1, 1], [2, 2]], [[3, 3]])).toEqual([[1, 1], [2, 2], [3, 3]]);
+  });
+  it("keeps one point per timestamp, incoming wins, order kept", () => {
+    const merged = mergePoints([[1, 1], [3, 3], [5, 5]], [[3, 30], [2, 2], [6, 6]]);
+    expect(merged).toEqual([[1, 1], [2, 2], [3, 30], [5, 5], [6, 6]]);
+  });
+  it("collapses duplicates inside the incoming batch", () => {
+    expect(mergePoints([], [[1, 1], [1, 2], [2, 3]])).toEqual([[1, 2], [2, 3]]);
+  });
+  it("history reloaded after live points does not duplicate them", () => {
+    const live: [number, number][] = [[10, 1], [11, 2]];
+    const history: [number, number][] = [[8, 0], [9, 0], [10, 1]];
+    expect(mergePoints(history, live)).toEqual([[8, 0], [9, 0], [10, 1], [11, 2]]);
+  });
+});
+
+describe("trimWindow", () => {
+  it("drops points before the window only", () => {
+    expect(trimWindow([[1, 1], [5, 5], [9, 9]], 5)).toEqual([[5, 5], [9, 9]]);
+    const same: [number, number][] = [[7, 1]];
+    expect(trimWindow(same, 5)).toBe(same);
+    expect(trimWindow([[1, 1]], 5)).toEqual([]);
+  });
+});
+
+describe("Cursor", () => {
+  it("accepts increasing commits and rejects replays", () => {
+    const c = new Cursor();
+    expect(c.accept(5)).toBe(true);
+    expect(c.accept(5)).toBe(false);
+    expect(c.accept(4)).toBe(false);
+    expect(c.accept(6)).toBe(true);
+    expect(c.value).toBe(6);
+  });
+  it("hello after a replay never moves the cursor back", () => {
+    const c = new Cursor();
+    c.accept(10);
+    c.hello(8);
+    expect(c.value).toBe(10);
+    c.hello(12);
+    expect(c.value).toBe(12);
+    expect(c.accept(11)).toBe(false);
+  });
+  it("a lost notice resets to the server's cursor", () => {
+    const c = new Cursor();
+    c.accept(3);
+    c.reset(100);
+    expect(c.accept(50)).toBe(false);
+    expect(c.accept(101)).toBe(true);
+  });
+});
+
+describe("toSeriesData", () => {
+  it("uses raw points when there are no buckets", () => {
+    expect(toSeriesData({ points: [[1, 2]] })).toEqual({ line: [[1, 2]], band: [] });
+  });
+  it("draws bucket averages with a min-max band", () => {
+    const d = toSeriesData({ points: [], buckets: [{ ts: 0, min: 1, avg: 2, max: 4, count: 3 }] });
+    expect(d.line).toEqual([[0, 2]]);
+    expect(d.band).toEqual([[0, 1, 4]]);
+  });
+});
+
+describe("ranges and formatting", () => {
+  it("computes last-X ranges", () => {
+    expect(rangeFor("5m", 1_000_000)).toEqual([700_000, 1_000_000]);
+    expect(rangeFor("7d", 7 * 86_400_000)).toEqual([0, 7 * 86_400_000]);
+  });
+  it("formats relative times", () => {
+    expect(relTime(0, 3_000)).toBe("3 s ago");
+    expect(relTime(0, 5 * 60_000)).toBe("5 min ago");
+    expect(relTime(0, 3 * 3_600_000)).toBe("3 h ago");
+    expect(relTime(0, 4 * 86_400_000)).toBe("4 d ago");
+    expect(relTime(10_000, 0)).toBe("0 s ago");
+  });
+  it("formats bytes and plain values", () => {
+    expect(formatValue("mem.used_bytes", 1536)).toBe("1.5 KiB");
+    expect(formatValue("mem.used_bytes", 3 * 1024 ** 3)).toBe("3.0 GiB");
+    expect(formatValue("cpu.usage_pct", 12.345)).toBe("12.35");
+    expect(formatValue("x", 12000.5)).toBe("12001");
+  });
+  it("backoff grows to 10 s with bounded jitter", () => {
+    expect(backoffDelay(0, () => 0)).toBe(375);
+    expect(backoffDelay(0, () => 1)).toBe(625);
+    expect(backoffDelay(3, () => 0.5)).toBe(4000);
+    for (let a = 0; a < 30; a++) {
+      const d = backoffDelay(a);
+      expect(d).toBeGreaterThanOrEqual(375);
+      expect(d).toBeLessThanOrEqual(12_500);
+    }
+  });
+  it("orders charts cpu, mem, proc, then by name", () => {
+    expect(groupSeries(["z.x", "proc.cpu_pct{process=a}", "mem.used_bytes", "app.req", "cpu.usage_pct"])).toEqual([
+      "cpu.usage_pct",
+      "mem.used_bytes",
+      "proc.cpu_pct{process=a}",
+      "app.req",
+      "z.x",
+    ]);
+  });
+  it("scales sparklines into the box", () => {
+    expect(sparkPath([[0, 0], [10, 10]], 80, 24)).toBe("0.0,23.0 80.0,1.0");
+    expect(sparkPath([], 80, 24)).toBe("");
+  });
+});
+
+const dev = (device: string, state: string, cpu: number | null, host = ""): FleetDevice => ({
+  device,
+  state,
+  last_seen: 0,
+  agent: null,
+  host,
+  rejects: 0,
+  gaps: 0,
+  lost_samples: 0,
+  series_count: 0,
+  cpu,
+  mem_pct: null,
+  cpu_spark: [],
+  mem_spark: [],
+});
+
+describe("fleet sorting and filtering", () => {
+  const list = [dev("b-10", "online", 50), dev("b-2", "offline", null, "rack-7"), dev("a", "online", 10)];
+  it("sorts names naturally and numbers by value, missing last", () => {
+    expect(sortFleet(list, "device", true).map((d) => d.device)).toEqual(["a", "b-2", "b-10"]);
+    expect(sortFleet(list, "cpu", false).map((d) => d.device)).toEqual(["b-10", "a", "b-2"]);
+    expect(sortFleet(list, "cpu", true).map((d) => d.device)).toEqual(["a", "b-10", "b-2"]);
+  });
+  it("filters by text across device and host, and by state", () => {
+    expect(filterFleet(list, "RACK", "all").map((d) => d.device)).toEqual(["b-2"]);
+    expect(filterFleet(list, "", "online").map((d) => d.device)).toEqual(["b-10", "a"]);
+    expect(filterFleet(list, "b-", "offline").map((d) => d.device)).toEqual(["b-2"]);
+  });
+});

@@ -1,0 +1,218 @@
+// Pure data handling for the dashboard (no DOM): merging history with live
+// points, sliding windows, the live cursor, ranges, fleet sorting and
+// filtering, formatting, reconnect backoff. Unit-tested in data.test.ts.
+
+export type Point = [number, number];
+
+export interface Bucket {
+  ts: number;
+  min: number;
+  avg: number;
+  max: number;
+  count: number;
+}
+
+/** Chart data of one series: the line plus an optional min–max band. */
+export interface SeriesData {
+  line: Point[];
+  /** [ts, min, max] per bucket when the history was downsampled. */
+  band: [number, number, number][];
+}
+
+/**
+ * Merges `incoming` points into `existing` (both ascending by time): one
+ * point per timestamp (the incoming value wins), ascending order kept.
+ */
+export function mergePoints(existing: Point[], incoming: Point[]): Point[] {
+  if (incoming.length === 0) return existing;
+  const last = existing.length ? existing[existing.length - 1][0] : -Infinity;
+  const sorted = isSorted(incoming) ? incoming : [...incoming].sort((a, b) => a[0] - b[0]);
+  // Fast path: everything new is after what we have (live appends).
+  if (sorted[0][0] > last) {
+    const out = existing.concat(dedupe(sorted));
+    return out;
+  }
+  const map = new Map<number, number>();
+  for (const [t, v] of existing) map.set(t, v);
+  for (const [t, v] of sorted) map.set(t, v);
+  return [...map.entries()].sort((a, b) => a[0] - b[0]);
+}
+
+function isSorted(p: Point[]): boolean {
+  for (let i = 1; i < p.length; i++) if (p[i][0] < p[i - 1][0]) return false;
+  return true;
+}
+
+function dedupe(p: Point[]): Point[] {
+  const out: Point[] = [];
+  for (const pt of p) {
+    if (out.length && out[out.length - 1][0] === pt[0]) out[out.length - 1] = pt;
+    else out.push(pt);
+  }
+  return out;
+}
+
+/** Drops points older than `from` (a sliding "last X" window). */
+export function trimWindow(points: Point[], from: number): Point[] {
+  let i = 0;
+  while (i < points.length && points[i][0] < from) i++;
+  return i === 0 ? points : points.slice(i);
+}
+
+/** Turns an API answer (`points` or `buckets`) into chart data. */
+export function toSeriesData(resp: { points?: Point[]; buckets?: Bucket[] }): SeriesData {
+  if (resp.buckets && resp.buckets.length) {
+    return {
+      line: resp.buckets.map((b) => [b.ts, b.avg] as Point),
+      band: resp.buckets.map((b) => [b.ts, b.min, b.max] as [number, number, number]),
+    };
+  }
+  return { line: resp.points ?? [], band: [] };
+}
+
+/**
+ * The live cursor: the highest commit id received (or announced by
+ * `hello`). Commits at or below it are duplicates and are ignored.
+ */
+export class Cursor {
+  value: number | null = null;
+
+  /** Records a `hello` cursor. */
+  hello(c: number): void {
+    this.value = this.value === null ? c : Math.max(this.value, c);
+  }
+
+  /** Returns true when `commit` is new (and advances the cursor). */
+  accept(commit: number): boolean {
+    if (this.value !== null && commit <= this.value) return false;
+    this.value = commit;
+    return true;
+  }
+
+  /** After a `lost` message the server continues from its cursor. */
+  reset(c: number): void {
+    this.value = c;
+  }
+}
+
+export type RangeKey = "5m" | "1h" | "24h" | "7d";
+
+export const RANGES: Record<RangeKey, number> = {
+  "5m": 5 * 60_000,
+  "1h": 3_600_000,
+  "24h": 86_400_000,
+  "7d": 7 * 86_400_000,
+};
+
+/** [from, to] for a "last X" range ending at `now`. */
+export function rangeFor(key: RangeKey, now: number): [number, number] {
+  return [now - RANGES[key], now];
+}
+
+/** Exponential backoff with jitter: 0.5 s doubling to 10 s, ±25 %. */
+export function backoffDelay(attempt: number, random: () => number = Math.random): number {
+  const base = Math.min(10_000, 500 * 2 ** Math.max(0, attempt));
+  return Math.round(base * (0.75 + 0.5 * random()));
+}
+
+/** "3 s ago", "5 min ago", "2 h ago", "4 d ago". */
+export function relTime(ts: number, now: number): string {
+  const s = Math.max(0, Math.round((now - ts) / 1000));
+  if (s < 60) return `${s} s ago`;
+  const m = Math.floor(s / 60);
+  if (m < 60) return `${m} min ago`;
+  const h = Math.floor(m / 60);
+  if (h < 48) return `${h} h ago`;
+  return `${Math.floor(h / 24)} d ago`;
+}
+
+export interface FleetDevice {
+  device: string;
+  state: string;
+  last_seen: number;
+  agent: string | null;
+  host: string | null;
+  rejects: number;
+  gaps: number;
+  lost_samples: number;
+  series_count: number;
+  cpu: number | null;
+  mem_pct: number | null;
+  cpu_spark: Point[];
+  mem_spark: Point[];
+}
+
+export type SortKey = "device" | "state" | "last_seen" | "cpu" | "mem_pct" | "rejects";
+
+/** Sorts a copy; missing numbers sort last in either direction. */
+export function sortFleet(list: FleetDevice[], key: SortKey, asc: boolean): FleetDevice[] {
+  const dir = asc ? 1 : -1;
+  return [...list].sort((a, b) => {
+    const x = a[key];
+    const y = b[key];
+    if (x === y) return a.device.localeCompare(b.device);
+    if (x === null || x === undefined) return 1;
+    if (y === null || y === undefined) return -1;
+    if (typeof x === "number" && typeof y === "number") return (x - y) * dir;
+    return String(x).localeCompare(String(y), undefined, { numeric: true }) * dir;
+  });
+}
+
+/** Filters by a case-insensitive text (device, host, agent) and a state. */
+export function filterFleet(
+  list: FleetDevice[],
+  text: string,
+  state: "all" | "online" | "offline",
+): FleetDevice[] {
+  const t = text.trim().toLowerCase();
+  return list.filter((d) => {
+    if (state !== "all" && (state === "online") !== (d.state === "online")) return false;
+    if (!t) return true;
+    return [d.device, d.host ?? "", d.agent ?? ""].some((s) => s.toLowerCase().includes(t));
+  });
+}
+
+/** Chart order on a device page: cpu, mem, proc.*, then the rest by name. */
+export function groupSeries(keys: string[]): string[] {
+  const rank = (k: string) =>
+    k.startsWith("cpu.") ? 0 : k.startsWith("mem.") ? 1 : k.startsWith("proc.") ? 2 : 3;
+  return [...keys].sort((a, b) => rank(a) - rank(b) || a.localeCompare(b));
+}
+
+/** SVG polyline points for a sparkline of `w`×`h` pixels. */
+export function sparkPath(points: Point[], w: number, h: number): string {
+  if (points.length === 0) return "";
+  const t0 = points[0][0];
+  const t1 = points[points.length - 1][0];
+  let lo = Infinity;
+  let hi = -Infinity;
+  for (const [, v] of points) {
+    lo = Math.min(lo, v);
+    hi = Math.max(hi, v);
+  }
+  const dt = t1 - t0 || 1;
+  const dv = hi - lo || 1;
+  return points
+    .map(([t, v]) => {
+      const x = points.length === 1 ? w : ((t - t0) / dt) * w;
+      const y = h - ((v - lo) / dv) * (h - 2) - 1;
+      return `${x.toFixed(1)},${y.toFixed(1)}`;
+    })
+    .join(" ");
+}
+
+/** Human-friendly value: bytes in KiB/MiB/GiB for *_bytes series. */
+export function formatValue(series: string, v: number): string {
+  if (series.includes("bytes")) {
+    const units = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let i = 0;
+    let x = Math.abs(v);
+    while (x >= 1024 && i < units.length - 1) {
+      x /= 1024;
+      i++;
+    }
+    return `${(Math.sign(v) * x).toFixed(i ? 1 : 0)} ${units[i]}`;
+  }
+  if (Math.abs(v) >= 1000 || Number.isInteger(v)) return v.toFixed(0);
+  return v.toFixed(2);
+}

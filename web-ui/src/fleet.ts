@@ -1,0 +1,168 @@
+// Fleet view: every device in one virtualised table (only visible rows are
+// in the DOM), polled from one `api/v1/fleet` request and updated from live
+// status messages.
+import * as api from "./api";
+import {
+  type FleetDevice,
+  type SortKey,
+  filterFleet,
+  relTime,
+  sortFleet,
+  sparkPath,
+} from "./data";
+import type { Live } from "./live";
+
+const ROW = 44;
+const POLL_MS = 5000;
+
+const COLUMNS: { key: SortKey | null; label: string; cls: string }[] = [
+  { key: "state", label: "State", cls: "c-state" },
+  { key: "device", label: "Device", cls: "c-device" },
+  { key: "last_seen", label: "Last seen", cls: "c-seen" },
+  { key: "cpu", label: "CPU", cls: "c-cpu" },
+  { key: "mem_pct", label: "Memory", cls: "c-mem" },
+  { key: "rejects", label: "Rejects", cls: "c-rej" },
+  { key: null, label: "Gaps / lost", cls: "c-gaps" },
+];
+
+export function mountFleet(root: HTMLElement, live: Live): () => void {
+  root.innerHTML = `
+    <section class="fleet">
+      <div class="toolbar">
+        <div class="summary" id="summary"></div>
+        <input id="filter" type="search" placeholder="Filter devices, hosts…" aria-label="Filter devices" />
+        <select id="state" aria-label="State filter">
+          <option value="all">All</option><option value="online">Online</option><option value="offline">Offline</option>
+        </select>
+      </div>
+      <div class="thead">${COLUMNS.map(
+        (c) => `<div class="${c.cls}" ${c.key ? `data-sort="${c.key}" role="button" tabindex="0"` : ""}>${c.label}</div>`,
+      ).join("")}</div>
+      <div class="tbody" id="tbody"><div class="spacer" id="spacer"></div></div>
+      <p class="empty" id="empty" hidden>No devices yet. Point an agent at the broker:
+        <code>widgetry-agent --broker HOST:1883 --device my-box</code></p>
+    </section>`;
+  const tbody = root.querySelector<HTMLElement>("#tbody")!;
+  const spacer = root.querySelector<HTMLElement>("#spacer")!;
+  const filter = root.querySelector<HTMLInputElement>("#filter")!;
+  const stateSel = root.querySelector<HTMLSelectElement>("#state")!;
+  const summary = root.querySelector<HTMLElement>("#summary")!;
+  const empty = root.querySelector<HTMLElement>("#empty")!;
+
+  let all: FleetDevice[] = [];
+  let view: FleetDevice[] = [];
+  let sortKey: SortKey = "device";
+  let asc = true;
+  let serverSkew = 0; // server now - local now
+  const rows = new Map<number, HTMLElement>();
+
+  const recompute = () => {
+    view = sortFleet(filterFleet(all, filter.value, stateSel.value as never), sortKey, asc);
+    spacer.style.height = `${view.length * ROW}px`;
+    const online = all.filter((d) => d.state === "online").length;
+    summary.innerHTML = `<b class="ok">${online}</b> online · <b class="bad">${all.length - online}</b> offline · ${all.length} devices`;
+    empty.hidden = all.length > 0;
+    for (const el of root.querySelectorAll<HTMLElement>("[data-sort]")) {
+      el.classList.toggle("sorted", el.dataset.sort === sortKey);
+      el.dataset.dir = asc ? "asc" : "desc";
+    }
+    rows.forEach((el) => el.remove());
+    rows.clear();
+    render();
+  };
+
+  const render = () => {
+    const first = Math.max(0, Math.floor(tbody.scrollTop / ROW) - 5);
+    const last = Math.min(view.length, Math.ceil((tbody.scrollTop + tbody.clientHeight) / ROW) + 5);
+    for (const [i, el] of rows) {
+      if (i < first || i >= last) {
+        el.remove();
+        rows.delete(i);
+      }
+    }
+    const now = Date.now() + serverSkew;
+    for (let i = first; i < last; i++) {
+      const d = view[i];
+      let el = rows.get(i);
+      if (!el) {
+        el = document.createElement("a");
+        el.className = "row";
+        el.style.top = `${i * ROW}px`;
+        tbody.appendChild(el);
+        rows.set(i, el);
+      }
+      fillRow(el, d, now);
+    }
+  };
+
+  const load = async () => {
+    try {
+      const r = await api.fleet();
+      serverSkew = r.now - Date.now();
+      all = r.devices;
+      recompute();
+    } catch (e) {
+      summary.textContent = `Cannot load the fleet: ${(e as Error).message}`;
+    }
+  };
+
+  tbody.addEventListener("scroll", () => requestAnimationFrame(render));
+  window.addEventListener("resize", render);
+  filter.addEventListener("input", recompute);
+  stateSel.addEventListener("change", recompute);
+  for (const el of root.querySelectorAll<HTMLElement>("[data-sort]")) {
+    const go = () => {
+      const k = el.dataset.sort as SortKey;
+      asc = k === sortKey ? !asc : k === "device" || k === "state";
+      sortKey = k;
+      recompute();
+    };
+    el.addEventListener("click", go);
+    el.addEventListener("keydown", (e) => e.key === "Enter" && go());
+  }
+
+  live.subscribe(
+    { devices: null, series: [], status: true, events: false },
+    {
+      status: (m) => {
+        const d = all.find((x) => x.device === m.device);
+        if (d) {
+          d.state = m.state;
+          d.last_seen = Math.max(d.last_seen, m.ts);
+          recompute();
+        } else void load();
+      },
+    },
+  );
+  void load();
+  const poll = setInterval(load, POLL_MS);
+  const tick = setInterval(render, 1000);
+  return () => {
+    clearInterval(poll);
+    clearInterval(tick);
+    window.removeEventListener("resize", render);
+  };
+}
+
+function fillRow(el: HTMLElement, d: FleetDevice, now: number) {
+  const key = `${d.device}|${d.state}|${d.last_seen}|${d.cpu}|${d.mem_pct}|${d.rejects}|${d.gaps}|${Math.floor(now / 1000)}`;
+  if (el.dataset.key === key) return;
+  el.dataset.key = key;
+  el.dataset.device = d.device;
+  el.setAttribute("href", `#/device/${encodeURIComponent(d.device)}`);
+  const pct = (v: number | null) => (v === null ? "–" : `${v.toFixed(1)} %`);
+  const spark = (p: [number, number][], cls: string) =>
+    `<svg class="spark ${cls}" viewBox="0 0 80 24" preserveAspectRatio="none"><polyline points="${sparkPath(p, 80, 24)}"/></svg>`;
+  el.innerHTML = `
+    <div class="c-state"><span class="badge" data-state="${esc(d.state)}">${esc(d.state)}</span></div>
+    <div class="c-device"><b>${esc(d.device)}</b><small>${esc(d.host ?? "")}</small></div>
+    <div class="c-seen">${relTime(d.last_seen, now)}</div>
+    <div class="c-cpu"><span class="num">${pct(d.cpu)}</span>${spark(d.cpu_spark, "cpu")}</div>
+    <div class="c-mem"><span class="num">${pct(d.mem_pct)}</span>${spark(d.mem_spark, "mem")}</div>
+    <div class="c-rej ${d.rejects > 0 ? "warn" : ""}">${d.rejects}</div>
+    <div class="c-gaps ${d.gaps > 0 ? "warn" : ""}">${d.gaps} / ${d.lost_samples}</div>`;
+}
+
+export function esc(s: string): string {
+  return s.replace(/[&<>"']/g, (c) => `&#${c.charCodeAt(0)};`);
+}

@@ -1,0 +1,33 @@
+// Entry point: hash routing between the fleet and device views, one live
+// connection for the page, and its state in the header.
+import "./style.css";
+import { mountDevice } from "./device";
+import { esc, mountFleet } from "./fleet";
+import { Live } from "./live";
+
+const app = document.getElementById("app")!;
+const conn = document.getElementById("conn")!;
+const crumbs = document.getElementById("crumbs")!;
+const live = new Live();
+live.onState = (s) => {
+  conn.dataset.conn = s;
+  conn.textContent = s === "live" ? "● live" : s === "connecting" ? "connecting…" : "reconnecting…";
+};
+
+let unmount: (() => void) | null = null;
+
+function route() {
+  unmount?.();
+  const m = location.hash.match(/^#\/device\/(.+)$/);
+  if (m) {
+    const id = decodeURIComponent(m[1]);
+    crumbs.innerHTML = `<a href="#/">Fleet</a> / <span>${esc(id)}</span>`;
+    unmount = mountDevice(app, live, id);
+  } else {
+    crumbs.innerHTML = `<span>Fleet</span>`;
+    unmount = mountFleet(app, live);
+  }
+}
+
+window.addEventListener("hashchange", route);
+route();
