@@ -1,7 +1,18 @@
 # One image for every Widgetry role and the agent.
+# The dashboard is built in a Node stage and embedded by build.rs
+# (WIDGETRY_UI_DIST), so the Rust stage needs no Node.
+FROM node:20-bookworm AS ui
+WORKDIR /ui
+COPY web-ui/package.json web-ui/package-lock.json ./
+RUN npm ci --no-audit --no-fund
+COPY web-ui/ ./
+RUN npm run build
+
 FROM rust:1-bookworm AS build
 WORKDIR /src
 COPY . .
+COPY --from=ui /ui/dist /ui-dist
+ENV WIDGETRY_UI_DIST=/ui-dist
 RUN cargo build --release -p widgetry-server \
  && cargo build --profile agent -p widgetry-agent
 

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Runs every Widgetry test on a fresh Debian machine with Rust installed.
-# Installs what the tests need (mosquitto clients and broker) first, then checks
-# formatting and lints, builds the workspace and runs all tests.
+# Installs what the tests need (mosquitto clients and broker, chromium; npm
+# packages are installed by build.rs with `npm ci`) first, then checks
+# formatting and lints, builds the workspace and runs all tests: Rust unit
+# and integration tests, the dashboard's vitest tests and its browser test.
 # Exits non-zero when anything fails.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,6 +14,10 @@ need_apt=()
 command -v mosquitto_pub >/dev/null 2>&1 || need_apt+=(mosquitto-clients)
 # The external-broker test runs its own Mosquitto on a free loopback port.
 command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need_apt+=(mosquitto)
+# The dashboard's end-to-end test drives Debian's chromium with playwright-core.
+command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)
+# build.rs builds the dashboard with npm (the machine's Node 20 normally).
+command -v npm >/dev/null 2>&1 || need_apt+=(nodejs npm)
 if [ ${#need_apt[@]} -gt 0 ]; then
   step "installing ${need_apt[*]} (apt-get)"
   SUDO=""
@@ -32,5 +38,11 @@ cargo build --workspace --locked
 
 step "cargo test --workspace"
 cargo test --workspace --locked
+
+step "dashboard unit tests (vitest)"
+(cd web-ui && npm run --silent test)
+
+step "dashboard end-to-end test (chromium + playwright-core against serve and two agents)"
+node web-ui/e2e/dashboard.e2e.mjs
 
 printf '\nall tests passed in %ss\n' "$(( $(date +%s) - start ))"

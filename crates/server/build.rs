@@ -2,9 +2,10 @@
 //! every file it produces in the binary, so `cargo run` alone serves it.
 //!
 //! Needs Node.js and npm; without them the build stops and says what to
-//! install. `WIDGETRY_SKIP_UI=1` builds without the dashboard (the server
-//! then answers `/` with a page saying so) — for tooling that must not
-//! run npm.
+//! install. `WIDGETRY_UI_DIST=DIR` embeds an already built `dist/` instead
+//! (the Dockerfile builds it in a Node stage). `WIDGETRY_SKIP_UI=1` builds
+//! without the dashboard (the server then answers `/` with a page saying
+//! so) — for tooling that must not run npm.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -16,6 +17,7 @@ fn main() {
     let out = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets it"));
     let dist = out.join("web-dist");
     println!("cargo:rerun-if-env-changed=WIDGETRY_SKIP_UI");
+    println!("cargo:rerun-if-env-changed=WIDGETRY_UI_DIST");
     for f in [
         "src",
         "index.html",
@@ -32,6 +34,17 @@ fn main() {
     let files = if skip {
         println!("cargo:warning=WIDGETRY_SKIP_UI=1: building without the dashboard");
         vec![]
+    } else if let Ok(prebuilt) = std::env::var("WIDGETRY_UI_DIST") {
+        let prebuilt = PathBuf::from(prebuilt);
+        println!("cargo:rerun-if-changed={}", prebuilt.display());
+        assert!(
+            prebuilt.join("index.html").is_file(),
+            "WIDGETRY_UI_DIST={} has no index.html: build web-ui first (npm ci && npm run build)",
+            prebuilt.display()
+        );
+        let mut files = Vec::new();
+        collect(&prebuilt, &prebuilt, &mut files);
+        files
     } else {
         build_ui(&ui, &dist);
         let mut files = Vec::new();
