@@ -4,7 +4,7 @@
 FROM node:20-bookworm AS ui
 WORKDIR /ui
 COPY web-ui/package.json web-ui/package-lock.json ./
-RUN npm ci --no-audit --no-fund
+RUN npm install --no-audit --no-fund
 COPY web-ui/ ./
 RUN npm run build
 

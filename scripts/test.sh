@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs every Widgetry test on a fresh Debian machine with Rust installed.
 # Installs what the tests need (mosquitto clients and broker, chromium; npm
-# packages are installed by build.rs with `npm ci`) first, then checks
+# packages are installed by build.rs with `npm install` from the lockfile) first, then checks
 # formatting and lints, builds the workspace and runs all tests: Rust unit
 # and integration tests, the dashboard's vitest tests and its browser test.
 # Exits non-zero when anything fails.

@@ -39,7 +39,7 @@ fn main() {
         println!("cargo:rerun-if-changed={}", prebuilt.display());
         assert!(
             prebuilt.join("index.html").is_file(),
-            "WIDGETRY_UI_DIST={} has no index.html: build web-ui first (npm ci && npm run build)",
+            "WIDGETRY_UI_DIST={} has no index.html: build web-ui first (npm install && npm run build)",
             prebuilt.display()
         );
         let mut files = Vec::new();
@@ -92,11 +92,15 @@ fn build_ui(ui: &Path, dist: &Path) {
         _ => true,
     };
     if stale {
+        // `npm install` rather than `npm ci`: it installs the versions the
+        // committed lockfile pins, but npm 10/11 leave other platforms'
+        // optional packages (rollup's native builds) out of lockfiles and
+        // `npm ci` then refuses them as out of sync (npm/cli#4828, #8320).
         run(
             Command::new(npm)
-                .args(["ci", "--no-audit", "--no-fund"])
+                .args(["install", "--no-audit", "--no-fund"])
                 .current_dir(ui),
-            "npm ci",
+            "npm install",
         );
     }
     run(
