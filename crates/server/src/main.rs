@@ -114,6 +114,13 @@ struct ServeArgs {
     /// SQLite database file, created if missing [default: widgetry.db].
     #[arg(long, env = "WIDGETRY_DATABASE")]
     database: Option<PathBuf>,
+    #[command(flatten)]
+    retention: RetentionArgs,
+}
+
+/// Retention flags of the roles that write (`serve`, `ingest`).
+#[derive(Args)]
+struct RetentionArgs {
     /// Keep raw samples and events this long (by sample time), e.g. 30d, 12h, or forever.
     #[arg(long, env = "WIDGETRY_RETAIN_RAW", default_value = "30d")]
     retain_raw: String,
@@ -149,15 +156,8 @@ struct IngestArgs {
     /// MQTT password (prefer the environment variable: flags show in `ps`).
     #[arg(long, env = "WIDGETRY_MQTT_PASSWORD", hide_env_values = true)]
     password: Option<String>,
-    /// Keep raw samples and events this long (by sample time), e.g. 30d, 12h, or forever.
-    #[arg(long, env = "WIDGETRY_RETAIN_RAW", default_value = "30d")]
-    retain_raw: String,
-    /// Keep per-minute rollups this long.
-    #[arg(long, env = "WIDGETRY_RETAIN_1M", default_value = "90d")]
-    retain_1m: String,
-    /// Keep per-hour rollups this long.
-    #[arg(long, env = "WIDGETRY_RETAIN_1H", default_value = "forever")]
-    retain_1h: String,
+    #[command(flatten)]
+    retention: RetentionArgs,
 }
 
 #[derive(Args)]
@@ -186,16 +186,14 @@ struct WebArgs {
 const FLAG: &str = "command line/environment";
 
 fn resolve_retention(
-    raw: &str,
-    minute: &str,
-    hour: &str,
+    args: &RetentionArgs,
     problems: &mut Vec<Problem>,
 ) -> widgetry_server::ingest::Retention {
     let mut r = widgetry_server::ingest::Retention::default();
     for (text, key, slot) in [
-        (raw, "retain-raw", &mut r.raw),
-        (minute, "retain-1m", &mut r.minute),
-        (hour, "retain-1h", &mut r.hour),
+        (&args.retain_raw, "retain-raw", &mut r.raw),
+        (&args.retain_1m, "retain-1m", &mut r.minute),
+        (&args.retain_1h, "retain-1h", &mut r.hour),
     ] {
         match config::parse_retention(text, FLAG, key) {
             Ok(d) => *slot = d,
@@ -271,12 +269,7 @@ fn resolve_serve(args: &ServeArgs) -> Result<ServeConfig, ConfigError> {
             None
         }
     };
-    let retention = resolve_retention(
-        &args.retain_raw,
-        &args.retain_1m,
-        &args.retain_1h,
-        &mut problems,
-    );
+    let retention = resolve_retention(&args.retention, &mut problems);
     match (broker, http_listen) {
         (Some(broker), Some(http_listen)) if problems.is_empty() => Ok(ServeConfig {
             broker,
@@ -311,12 +304,7 @@ fn resolve_ingest(args: &IngestArgs) -> Result<(IngestConfig, PathBuf), ConfigEr
                 g => c.shared_group = g.clone(),
             }
             c.credentials = resolve_credentials(&args.username, &args.password, &mut problems);
-            c.retention = resolve_retention(
-                &args.retain_raw,
-                &args.retain_1m,
-                &args.retain_1h,
-                &mut problems,
-            );
+            c.retention = resolve_retention(&args.retention, &mut problems);
             cfg = Some(c);
         }
         Err(p) => problems.push(p),
