@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # Runs every Widgetry test on a fresh Debian machine with Rust installed.
-# Installs what the tests need (mosquitto clients and broker, chromium; npm
-# packages are installed by build.rs with `npm install` from the lockfile) first, then checks
+# Installs what the tests need (mosquitto clients and broker, chromium,
+# PostgreSQL; npm packages are installed by build.rs with `npm install` from
+# the lockfile) first, then checks
 # formatting and lints, builds the workspace and runs all tests: Rust unit
-# and integration tests, the dashboard's vitest tests and its browser test.
+# and integration tests (the storage and API tests twice: on SQLite and on a
+# throwaway PostgreSQL server), the dashboard's vitest tests and its browser
+# test.
 # Exits non-zero when anything fails.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,6 +19,8 @@ command -v mosquitto_pub >/dev/null 2>&1 || need_apt+=(mosquitto-clients)
 command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need_apt+=(mosquitto)
 # The dashboard's end-to-end test drives Debian's chromium with playwright-core.
 command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)
+# The PostgreSQL storage tests start their own server from Debian's package.
+ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need_apt+=(postgresql)
 # build.rs builds the dashboard with npm (the machine's Node 20 normally).
 command -v npm >/dev/null 2>&1 || need_apt+=(nodejs npm)
 if [ ${#need_apt[@]} -gt 0 ]; then
@@ -38,6 +43,15 @@ cargo build --workspace --locked
 
 step "cargo test --workspace"
 cargo test --workspace --locked
+
+step "storage, API and scale-out tests again on PostgreSQL (scripts/pg-test-server.sh)"
+pg=$(bash scripts/pg-test-server.sh)
+pg_stop=$(sed -n 's/^STOP //p' <<<"$pg")
+trap 'eval "$pg_stop"' EXIT
+WIDGETRY_TEST_POSTGRES=$(sed -n 's/^URL //p' <<<"$pg") \
+  cargo test --locked -p widgetry-server --test stack --test live --test external_broker
+eval "$pg_stop"
+trap - EXIT
 
 step "dashboard unit tests (vitest)"
 (cd web-ui && npm run --silent test)

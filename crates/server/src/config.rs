@@ -75,8 +75,8 @@ pub struct FileConfig {
     pub mqtt_listen: Option<String>,
     /// HTTP listen address of the web service.
     pub http_listen: Option<String>,
-    /// SQLite database file.
-    pub database: Option<PathBuf>,
+    /// SQLite database file, or a `postgres://` URL.
+    pub database: Option<String>,
     /// Path of the embedded broker's configuration.
     pub broker_config: Option<PathBuf>,
     /// External broker (`host:port`) for the `ingest` role.
@@ -513,24 +513,105 @@ pub fn parse_retention(
     }
 }
 
-/// Checks that the database's directory exists.
-pub fn check_database_path(path: &Path, source: &str, key: &str) -> Result<(), Problem> {
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
-    if dir.is_dir() {
-        Ok(())
-    } else {
-        Err(Problem {
+/// Where the data lives: a SQLite file (the default) or a PostgreSQL
+/// server (`postgres://user:password@host:port/database`).
+#[derive(Clone, PartialEq, Eq)]
+pub enum Database {
+    Sqlite(PathBuf),
+    Postgres(String),
+}
+
+impl Database {
+    /// Parses a `--database` value: a `postgres://` or `postgresql://` URL,
+    /// otherwise a file path. Checks what can be checked without
+    /// connecting: the SQLite file's directory exists, the URL parses.
+    pub fn parse(value: &str, source: &str, key: &str) -> Result<Database, Problem> {
+        let problem = |message: String| Problem {
             file: source.to_string(),
             key: key.to_string(),
-            message: format!(
+            message,
+        };
+        let lower = value.to_ascii_lowercase();
+        if lower.starts_with("postgres://") || lower.starts_with("postgresql://") {
+            let rest = &value[value.find("://").map(|i| i + 3).unwrap_or(0)..];
+            let host = rest.rsplit_once('@').map(|(_, h)| h).unwrap_or(rest);
+            let host = host.split(['/', '?']).next().unwrap_or("");
+            if host.is_empty() {
+                return Err(problem(format!(
+                    "{}: no host; expected postgres://user:password@host:port/database",
+                    redact_url(value)
+                )));
+            }
+            return Ok(Database::Postgres(value.to_string()));
+        }
+        if lower.contains("://") {
+            return Err(problem(format!(
+                "{}: unsupported database URL; use a SQLite file path or postgres://user:password@host:port/database",
+                redact_url(value)
+            )));
+        }
+        if value.is_empty() {
+            return Err(problem(
+                "empty; give a SQLite file path or a postgres:// URL".into(),
+            ));
+        }
+        let path = PathBuf::from(value);
+        let dir = match path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        if dir.is_dir() {
+            Ok(Database::Sqlite(path))
+        } else {
+            Err(problem(format!(
                 "{}: directory {} does not exist; create it or choose another path",
                 path.display(),
                 dir.display()
-            ),
-        })
+            )))
+        }
+    }
+}
+
+impl Database {
+    /// The value to pass back as `--database` (with any password: keep it
+    /// out of logs; `Display` redacts it).
+    pub fn to_arg(&self) -> String {
+        match self {
+            Database::Sqlite(p) => p.display().to_string(),
+            Database::Postgres(url) => url.clone(),
+        }
+    }
+}
+
+/// Shown in logs and errors: a PostgreSQL URL without its password.
+impl std::fmt::Display for Database {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Database::Sqlite(p) => write!(f, "{}", p.display()),
+            Database::Postgres(url) => f.write_str(&redact_url(url)),
+        }
+    }
+}
+
+impl std::fmt::Debug for Database {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Database({self})")
+    }
+}
+
+/// `scheme://user:secret@host/…` → `scheme://user:***@host/…`.
+pub fn redact_url(url: &str) -> String {
+    let Some(start) = url.find("://").map(|i| i + 3) else {
+        return url.to_string();
+    };
+    let rest = &url[start..];
+    let auth_end = rest.find('/').unwrap_or(rest.len());
+    match rest[..auth_end].rfind('@') {
+        Some(at) => match rest[..at].find(':') {
+            Some(colon) => format!("{}{}:***{}", &url[..start], &rest[..colon], &rest[at..]),
+            None => url.to_string(),
+        },
+        None => url.to_string(),
     }
 }
 
@@ -549,6 +630,35 @@ pub fn auth_users(cfg: &rumqttd::Config) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn database_is_a_path_or_a_postgres_url() {
+        let dir = tempfile::tempdir().expect("dir");
+        let file = dir.path().join("w.db");
+        assert_eq!(
+            Database::parse(&file.display().to_string(), "flag", "database").expect("path"),
+            Database::Sqlite(file)
+        );
+        let url = "postgres://w:s3cret@db.example:5432/widgetry";
+        let db = Database::parse(url, "flag", "database").expect("url");
+        assert_eq!(db, Database::Postgres(url.into()));
+        assert_eq!(db.to_string(), "postgres://w:***@db.example:5432/widgetry");
+        assert_eq!(db.to_arg(), url);
+        assert!(
+            Database::parse("postgresql://h/db", "f", "database").is_ok(),
+            "postgresql:// is accepted too"
+        );
+        let e = Database::parse("postgres:///db", "f", "database").expect_err("no host");
+        assert!(e.message.contains("no host"), "{}", e.message);
+        let e = Database::parse("mysql://u:pw@h/db", "f", "database").expect_err("mysql");
+        assert!(
+            e.message.contains("unsupported") && !e.message.contains("pw"),
+            "{}",
+            e.message
+        );
+        let e = Database::parse("/no/such/dir/w.db", "f", "database").expect_err("dir");
+        assert!(e.message.contains("does not exist"), "{}", e.message);
+    }
 
     #[test]
     fn retention_periods() {

@@ -17,7 +17,6 @@ pub mod util;
 pub mod web;
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -26,7 +25,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use crate::config::BrokerConfig;
+use crate::config::{BrokerConfig, Database};
 use crate::ingest::IngestConfig;
 use crate::metrics::Metrics;
 use crate::store::Store;
@@ -60,7 +59,7 @@ pub enum ServeError {
 pub struct ServeConfig {
     pub broker: BrokerConfig,
     pub http_listen: SocketAddr,
-    pub database: PathBuf,
+    pub database: Database,
     pub retention: ingest::Retention,
 }
 
@@ -124,7 +123,7 @@ pub async fn start_serve(
     shutdown: CancellationToken,
 ) -> Result<Running, ServeError> {
     let store = Store::open(&cfg.database).await?;
-    info!(database = %cfg.database.display(), "database open");
+    info!(database = %cfg.database, "database open");
     let listener =
         TcpListener::bind(cfg.http_listen)
             .await
@@ -190,7 +189,7 @@ pub async fn run_serve(cfg: ServeConfig, shutdown: CancellationToken) -> Result<
 /// Runs the ingest role alone against an external broker.
 pub async fn run_ingest(
     cfg: IngestConfig,
-    database: PathBuf,
+    database: Database,
     shutdown: CancellationToken,
 ) -> Result<(), ServeError> {
     let store = Store::open(&database).await?;
@@ -203,7 +202,7 @@ pub async fn run_ingest(
 /// Runs the web role alone; its live bridge follows `bridge`.
 pub async fn run_web(
     http_listen: SocketAddr,
-    database: PathBuf,
+    database: Database,
     bridge: live::BridgeConfig,
     shutdown: CancellationToken,
 ) -> Result<(), ServeError> {

@@ -9,7 +9,7 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use tokio_util::sync::CancellationToken;
 use widgetry_server::config::{
-    self, ConfigError, DEFAULT_DATABASE, DEFAULT_HTTP_LISTEN, FileConfig, Problem,
+    self, ConfigError, DEFAULT_DATABASE, DEFAULT_HTTP_LISTEN, Database, FileConfig, Problem,
 };
 use widgetry_server::ingest::IngestConfig;
 use widgetry_server::live::BridgeConfig;
@@ -111,9 +111,9 @@ struct ServeArgs {
     /// HTTP listen address of the API and dashboard (port 0 picks a free port) [default: 0.0.0.0:8080].
     #[arg(long, env = "WIDGETRY_HTTP_LISTEN")]
     http_listen: Option<String>,
-    /// SQLite database file, created if missing [default: widgetry.db].
-    #[arg(long, env = "WIDGETRY_DATABASE")]
-    database: Option<PathBuf>,
+    /// SQLite database file (created if missing) or postgres://user:password@host:port/db [default: widgetry.db].
+    #[arg(long, env = "WIDGETRY_DATABASE", hide_env_values = true)]
+    database: Option<String>,
     #[command(flatten)]
     retention: RetentionArgs,
 }
@@ -140,9 +140,9 @@ struct IngestArgs {
     /// MQTT broker to subscribe to, HOST:PORT [default: 127.0.0.1:1883].
     #[arg(long, env = "WIDGETRY_BROKER")]
     broker: Option<String>,
-    /// SQLite database file, created if missing [default: widgetry.db].
-    #[arg(long, env = "WIDGETRY_DATABASE")]
-    database: Option<PathBuf>,
+    /// SQLite database file (created if missing) or postgres://user:password@host:port/db [default: widgetry.db].
+    #[arg(long, env = "WIDGETRY_DATABASE", hide_env_values = true)]
+    database: Option<String>,
     /// MQTT client id (persistent session; give each ingestor its own).
     #[arg(long, env = "WIDGETRY_CLIENT_ID", default_value = "widgetry-ingest")]
     client_id: String,
@@ -168,9 +168,9 @@ struct WebArgs {
     /// HTTP listen address [default: 0.0.0.0:8080].
     #[arg(long, env = "WIDGETRY_HTTP_LISTEN")]
     http_listen: Option<String>,
-    /// SQLite database file [default: widgetry.db].
-    #[arg(long, env = "WIDGETRY_DATABASE")]
-    database: Option<PathBuf>,
+    /// SQLite database file or postgres://user:password@host:port/db [default: widgetry.db].
+    #[arg(long, env = "WIDGETRY_DATABASE", hide_env_values = true)]
+    database: Option<String>,
     /// MQTT broker (HOST:PORT) whose `widgetry/v1/+/live` feed the live
     /// websocket bridges; without it the bridge polls the database each second.
     #[arg(long, env = "WIDGETRY_BROKER")]
@@ -224,17 +224,16 @@ fn file_label(path: &Option<PathBuf>) -> String {
 }
 
 fn resolve_database(
-    flag: &Option<PathBuf>,
+    flag: &Option<String>,
     file: &FileConfig,
     label: &str,
     problems: &mut Vec<Problem>,
-) -> PathBuf {
+) -> Option<Database> {
     let (db, src) = pick(flag, &file.database, label)
-        .unwrap_or_else(|| (PathBuf::from(DEFAULT_DATABASE), "default".into()));
-    if let Err(p) = config::check_database_path(&db, &src, "database") {
-        problems.push(p);
-    }
-    db
+        .unwrap_or_else(|| (DEFAULT_DATABASE.to_string(), "default".into()));
+    Database::parse(&db, &src, "database")
+        .map_err(|p| problems.push(p))
+        .ok()
 }
 
 fn resolve_http(
@@ -270,18 +269,20 @@ fn resolve_serve(args: &ServeArgs) -> Result<ServeConfig, ConfigError> {
         }
     };
     let retention = resolve_retention(&args.retention, &mut problems);
-    match (broker, http_listen) {
-        (Some(broker), Some(http_listen)) if problems.is_empty() => Ok(ServeConfig {
-            broker,
-            http_listen,
-            database,
-            retention,
-        }),
+    match (broker, http_listen, database) {
+        (Some(broker), Some(http_listen), Some(database)) if problems.is_empty() => {
+            Ok(ServeConfig {
+                broker,
+                http_listen,
+                database,
+                retention,
+            })
+        }
         _ => Err(ConfigError(problems)),
     }
 }
 
-fn resolve_ingest(args: &IngestArgs) -> Result<(IngestConfig, PathBuf), ConfigError> {
+fn resolve_ingest(args: &IngestArgs) -> Result<(IngestConfig, Database), ConfigError> {
     let file = load_file(&args.config)?;
     let label = file_label(&args.config);
     let mut problems = Vec::new();
@@ -309,13 +310,13 @@ fn resolve_ingest(args: &IngestArgs) -> Result<(IngestConfig, PathBuf), ConfigEr
         }
         Err(p) => problems.push(p),
     }
-    match cfg {
-        Some(c) if problems.is_empty() => Ok((c, database)),
+    match (cfg, database) {
+        (Some(c), Some(database)) if problems.is_empty() => Ok((c, database)),
         _ => Err(ConfigError(problems)),
     }
 }
 
-fn resolve_web(args: &WebArgs) -> Result<(SocketAddr, PathBuf, BridgeConfig), ConfigError> {
+fn resolve_web(args: &WebArgs) -> Result<(SocketAddr, Database, BridgeConfig), ConfigError> {
     let file = load_file(&args.config)?;
     let label = file_label(&args.config);
     let mut problems = Vec::new();
@@ -332,8 +333,8 @@ fn resolve_web(args: &WebArgs) -> Result<(SocketAddr, PathBuf, BridgeConfig), Co
             Err(p) => problems.push(p),
         }
     }
-    match http {
-        Some(h) if problems.is_empty() => Ok((h, database, bridge)),
+    match (http, database) {
+        (Some(h), Some(database)) if problems.is_empty() => Ok((h, database, bridge)),
         _ => Err(ConfigError(problems)),
     }
 }
@@ -522,8 +523,8 @@ fn main() -> ExitCode {
     // Validate everything before any runtime, socket or file is touched.
     enum Role {
         Serve(Box<ServeConfig>),
-        Ingest(IngestConfig, PathBuf),
-        Web(SocketAddr, PathBuf, BridgeConfig),
+        Ingest(IngestConfig, Database),
+        Web(SocketAddr, Database, BridgeConfig),
     }
     let role = match &cli.cmd {
         Cmd::CheckConfig(args) => {
@@ -531,9 +532,7 @@ fn main() -> ExitCode {
                 Ok(cfg) => {
                     println!(
                         "configuration ok: mqtt {} http {} database {}",
-                        cfg.broker.mqtt_listen,
-                        cfg.http_listen,
-                        cfg.database.display()
+                        cfg.broker.mqtt_listen, cfg.http_listen, cfg.database
                     );
                     ExitCode::SUCCESS
                 }

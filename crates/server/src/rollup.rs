@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 
-use sqlx::{QueryBuilder, Sqlite, SqliteConnection};
+use sqlx::AnyConnection;
 
 /// A rollup resolution.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -116,7 +116,7 @@ impl Rollups {
 
     /// Merges the deltas into the rollup tables (inside the caller's
     /// transaction) and clears them.
-    pub async fn flush(&mut self, conn: &mut SqliteConnection) -> Result<(), sqlx::Error> {
+    pub async fn flush(&mut self, conn: &mut AnyConnection) -> Result<(), sqlx::Error> {
         for res in Resolution::ALL {
             let map = match res {
                 Resolution::Minute => &mut self.minute,
@@ -124,32 +124,38 @@ impl Rollups {
             };
             let rows: Vec<((i64, i64), Agg)> = map.drain().collect();
             for chunk in rows.chunks(ROWS_PER_STATEMENT) {
-                let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(format!(
-                    "INSERT INTO {} (series_id, bucket, count, sum, min, max, last_ts, last) ",
-                    res.table()
-                ));
-                q.push_values(chunk, |mut b, ((series, bucket), a)| {
-                    b.push_bind(*series)
-                        .push_bind(*bucket)
-                        .push_bind(a.count)
-                        .push_bind(a.sum)
-                        .push_bind(a.min)
-                        .push_bind(a.max)
-                        .push_bind(a.last_ts)
-                        .push_bind(a.last);
-                });
+                let t = res.table();
+                let values: Vec<String> = (0..chunk.len())
+                    .map(|i| crate::store::params(i * 8 + 1, 8))
+                    .collect();
                 // In an UPDATE every right-hand side sees the old row, so
-                // `last` compares against the old last_ts.
-                q.push(
-                    " ON CONFLICT (series_id, bucket) DO UPDATE SET
-                       count = count + excluded.count,
-                       sum = sum + excluded.sum,
-                       min = MIN(min, excluded.min),
-                       max = MAX(max, excluded.max),
-                       last = CASE WHEN excluded.last_ts >= last_ts THEN excluded.last ELSE last END,
-                       last_ts = MAX(last_ts, excluded.last_ts)",
+                // `last` compares against the old last_ts. Written for both
+                // SQLite and PostgreSQL (CASE instead of two-argument MIN).
+                let sql = format!(
+                    "INSERT INTO {t} (series_id, bucket, count, sum, min, max, last_ts, last) VALUES {}
+                     ON CONFLICT (series_id, bucket) DO UPDATE SET
+                       count = {t}.count + excluded.count,
+                       sum = {t}.sum + excluded.sum,
+                       min = CASE WHEN excluded.min < {t}.min THEN excluded.min ELSE {t}.min END,
+                       max = CASE WHEN excluded.max > {t}.max THEN excluded.max ELSE {t}.max END,
+                       last = CASE WHEN excluded.last_ts >= {t}.last_ts THEN excluded.last ELSE {t}.last END,
+                       last_ts = CASE WHEN excluded.last_ts > {t}.last_ts THEN excluded.last_ts ELSE {t}.last_ts END",
+                    values.join(", ")
                 );
-                q.build().execute(&mut *conn).await?;
+                // The table name comes from a closed enum, never from input.
+                let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+                for ((series, bucket), a) in chunk {
+                    q = q
+                        .bind(*series)
+                        .bind(*bucket)
+                        .bind(a.count)
+                        .bind(a.sum)
+                        .bind(a.min)
+                        .bind(a.max)
+                        .bind(a.last_ts)
+                        .bind(a.last);
+                }
+                q.execute(&mut *conn).await?;
             }
         }
         Ok(())

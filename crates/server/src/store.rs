@@ -1,25 +1,28 @@
-//! SQLite storage through sqlx: opening (WAL, `synchronous = FULL`,
-//! migrations), the writes the ingestor makes inside one transaction, and
-//! the reads the web service makes.
+//! Storage through sqlx: SQLite (the default: one file, WAL,
+//! `synchronous = FULL`) or PostgreSQL (`postgres://…`), behind sqlx's
+//! `Any` driver so that every statement is written once. Opening runs the
+//! backend's migrations; the ingestor's writes happen inside one
+//! transaction; the web service reads.
 //!
 //! This module owns every SQL statement. It must never decide what to
-//! acknowledge: callers commit, then ack.
+//! acknowledge: callers commit, then ack. Statements use `$1`-style
+//! parameters and SQL both backends accept (no `INSERT OR IGNORE`, no
+//! two-argument `MAX`; aggregates cast to BIGINT because PostgreSQL's
+//! `SUM(bigint)` is `numeric`).
 
 use std::collections::BTreeMap;
-use std::path::Path;
-use std::str::FromStr;
+use std::fmt::Write as _;
 use std::time::Duration;
 
 use prost::Message;
 use serde::Serialize;
-use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
-    SqliteSynchronous,
-};
-use sqlx::{Row, Transaction};
+use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
+use sqlx::sqlite::SqliteConnectOptions;
+use sqlx::{AnyConnection, AnyPool, ConnectOptions, Executor, Row, Transaction};
 use widgetry_proto::json::Status;
 use widgetry_proto::{SeriesKey, SessionId, pb};
 
+use crate::config::Database;
 use crate::rollup::{Agg, Resolution};
 
 /// Errors from the database.
@@ -43,92 +46,139 @@ pub enum StoreError {
     Corrupt(String),
 }
 
+/// Which SQL engine a [`Store`] talks to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
 /// Handle on the database: one writer connection, a few readers, and one
-/// connection for WAL checkpoints.
+/// maintenance connection (WAL checkpoints, retention).
 #[derive(Clone)]
 pub struct Store {
-    writer: SqlitePool,
-    reader: SqlitePool,
-    maint: SqlitePool,
+    backend: Backend,
+    writer: AnyPool,
+    reader: AnyPool,
+    maint: AnyPool,
 }
 
 /// A write transaction.
-pub type WriteTx = Transaction<'static, sqlx::Sqlite>;
+pub type WriteTx = Transaction<'static, sqlx::Any>;
+
+/// Lock key that serialises writers on PostgreSQL (see [`Store::begin`]).
+const PG_WRITE_LOCK: i64 = 0x5769_6467_6574; // "Widget"
 
 impl Store {
-    /// Opens (creating if needed) the database at `path` and runs migrations.
-    pub async fn open(path: &Path) -> Result<Store, StoreError> {
-        let label = path.display().to_string();
-        let opts = SqliteConnectOptions::from_str("sqlite:")
-            .map_err(|source| StoreError::Open {
-                path: label.clone(),
-                source,
-            })?
-            .filename(path)
-            .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal)
-            // Acks promise durability (DESIGN.md §4): FULL costs 0-15 % here.
-            .synchronous(SqliteSynchronous::Full)
-            .busy_timeout(Duration::from_secs(10))
-            .pragma("foreign_keys", "ON");
-        // The writer never checkpoints itself: a checkpoint inside a commit
-        // stalls ingest for its fsyncs. `checkpoint()` runs them from
-        // another connection (see the ingestor's checkpoint task).
-        let writer = SqlitePoolOptions::new()
-            .max_connections(1)
-            .connect_with(opts.clone().pragma("wal_autocheckpoint", "0"))
-            .await
-            .map_err(|source| StoreError::Open {
-                path: label.clone(),
-                source,
-            })?;
-        sqlx::migrate!("./migrations")
-            .run(&writer)
-            .await
-            .map_err(|source| StoreError::Migrate {
-                path: label.clone(),
-                source,
-            })?;
-        let maint = SqlitePoolOptions::new()
-            .max_connections(1)
-            .connect_with(opts.clone())
-            .await
-            .map_err(|source| StoreError::Open {
-                path: label.clone(),
-                source,
-            })?;
-        let reader = SqlitePoolOptions::new()
-            .max_connections(4)
-            .connect_with(opts.read_only(true))
-            .await
-            .map_err(|source| StoreError::Open {
-                path: label,
-                source,
-            })?;
-        Ok(Store {
-            writer,
-            reader,
-            maint,
-        })
+    /// Opens the database (creating a SQLite file if needed) and runs
+    /// migrations.
+    pub async fn open(db: &Database) -> Result<Store, StoreError> {
+        sqlx::any::install_default_drivers();
+        let label = db.to_string();
+        let open_err = |source| StoreError::Open {
+            path: label.clone(),
+            source,
+        };
+        let store = match db {
+            Database::Sqlite(path) => {
+                let url = |read_only: bool| {
+                    SqliteConnectOptions::new()
+                        .filename(path)
+                        .create_if_missing(!read_only)
+                        .read_only(read_only)
+                        .to_url_lossy()
+                };
+                let rw = AnyConnectOptions::from_url(&url(false)).map_err(open_err)?;
+                let ro = AnyConnectOptions::from_url(&url(true)).map_err(open_err)?;
+                // The writer never checkpoints itself: a checkpoint inside a
+                // commit stalls ingest for its fsyncs. `checkpoint()` runs
+                // them from another connection (the ingestor's checkpoint
+                // task).
+                let writer = sqlite_pool(
+                    1,
+                    &rw,
+                    "PRAGMA journal_mode = WAL; PRAGMA wal_autocheckpoint = 0;",
+                )
+                .await
+                .map_err(open_err)?;
+                sqlx::migrate!("./migrations/sqlite")
+                    .run(&writer)
+                    .await
+                    .map_err(|source| StoreError::Migrate {
+                        path: label.clone(),
+                        source,
+                    })?;
+                Store {
+                    backend: Backend::Sqlite,
+                    writer,
+                    maint: sqlite_pool(1, &rw, "").await.map_err(open_err)?,
+                    reader: sqlite_pool(4, &ro, "").await.map_err(open_err)?,
+                }
+            }
+            Database::Postgres(url) => {
+                let opts: AnyConnectOptions = url.parse().map_err(open_err)?;
+                let pool = |n: u32| {
+                    AnyPoolOptions::new()
+                        .max_connections(n)
+                        .acquire_timeout(Duration::from_secs(30))
+                        .connect_with(opts.clone())
+                };
+                let writer = pool(1).await.map_err(open_err)?;
+                sqlx::migrate!("./migrations/postgres")
+                    .run(&writer)
+                    .await
+                    .map_err(|source| StoreError::Migrate {
+                        path: label.clone(),
+                        source,
+                    })?;
+                Store {
+                    backend: Backend::Postgres,
+                    writer,
+                    maint: pool(1).await.map_err(open_err)?,
+                    reader: pool(8).await.map_err(open_err)?,
+                }
+            }
+        };
+        Ok(store)
     }
 
-    /// Starts a write transaction. IMMEDIATE takes the write lock at once,
-    /// so what the transaction reads (e.g. the last commit id) cannot be
-    /// changed by another writer (another ingestor on the same file) before
-    /// it commits.
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    /// Starts a write transaction that excludes every other writer until
+    /// it ends, so what it reads (e.g. the last commit id) cannot change
+    /// before it commits, even with several ingestors on one database:
+    /// SQLite's `BEGIN IMMEDIATE` takes the write lock; on PostgreSQL a
+    /// transaction-scoped advisory lock does the same.
     pub async fn begin(&self) -> Result<WriteTx, StoreError> {
-        Ok(self.writer.begin_with("BEGIN IMMEDIATE").await?)
+        match self.backend {
+            Backend::Sqlite => Ok(self.writer.begin_with("BEGIN IMMEDIATE").await?),
+            Backend::Postgres => {
+                let mut tx = self.writer.begin().await?;
+                sqlx::query("SELECT pg_advisory_xact_lock($1)")
+                    .bind(PG_WRITE_LOCK)
+                    .execute(&mut *tx)
+                    .await?;
+                Ok(tx)
+            }
+        }
     }
 
-    /// Copies committed WAL frames into the database file. Normally a
-    /// PASSIVE checkpoint, which never blocks the writer or readers; when
-    /// the WAL has grown past `max_wal_pages` (the writer never paused long
-    /// enough for it to be reset) a TRUNCATE checkpoint briefly waits for
-    /// the writer and shrinks the file, so the WAL cannot fill the disk.
+    /// Copies committed WAL frames into the SQLite file (PostgreSQL
+    /// manages its own WAL: nothing to do). Normally a PASSIVE checkpoint,
+    /// which never blocks the writer or readers; when the WAL has grown past
+    /// `max_wal_pages` (the writer never paused long enough for it to be
+    /// reset) a TRUNCATE checkpoint briefly waits for the writer and shrinks
+    /// the file, so the WAL cannot fill the disk.
     pub async fn checkpoint(&self, max_wal_pages: i64) -> Result<(), StoreError> {
-        let (_busy, log, _done): (i64, i64, i64) = sqlx::query_as("PRAGMA wal_checkpoint(PASSIVE)")
+        if self.backend != Backend::Sqlite {
+            return Ok(());
+        }
+        let row = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
             .fetch_one(&self.maint)
             .await?;
+        let log: i64 = row.try_get(1)?;
         if log > max_wal_pages {
             sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
                 .execute(&self.maint)
@@ -147,23 +197,61 @@ impl Store {
     }
 
     /// Raw reader pool, for tests and tools.
-    pub fn reader(&self) -> &SqlitePool {
+    pub fn reader(&self) -> &AnyPool {
         &self.reader
     }
+}
+
+/// A SQLite pool whose connections run the durability settings (and
+/// `extra`) when they open.
+async fn sqlite_pool(
+    max: u32,
+    opts: &AnyConnectOptions,
+    extra: &'static str,
+) -> Result<AnyPool, sqlx::Error> {
+    AnyPoolOptions::new()
+        .max_connections(max)
+        .after_connect(move |conn, _| {
+            Box::pin(async move {
+                // Acks promise durability (DESIGN.md §4): FULL costs 0-15 % here.
+                let sql = format!(
+                    "PRAGMA synchronous = FULL; PRAGMA busy_timeout = 10000; PRAGMA foreign_keys = ON; {extra}"
+                );
+                conn.execute(sqlx::AssertSqlSafe(sql)).await?;
+                Ok(())
+            })
+        })
+        .connect_with(opts.clone())
+        .await
+}
+
+/// `$first, $first+1, …` for `n` parameters, comma-separated, wrapped in
+/// parentheses.
+pub(crate) fn params(first: usize, n: usize) -> String {
+    let mut s = String::with_capacity(n * 4 + 2);
+    s.push('(');
+    for i in 0..n {
+        if i > 0 {
+            s.push_str(", ");
+        }
+        let _ = write!(s, "${}", first + i);
+    }
+    s.push(')');
+    s
 }
 
 // ---- writes (inside the ingestor's transaction) ----
 
 /// Returns the id of `key` on `device`, creating the series if new.
 pub async fn upsert_series(
-    conn: &mut SqliteConnection,
+    conn: &mut AnyConnection,
     device: &str,
     key: &SeriesKey,
 ) -> Result<i64, StoreError> {
     let text = key.to_string();
     let labels = serde_json::to_string(&key.labels).unwrap_or_else(|_| "{}".into());
     let row = sqlx::query(
-        "INSERT INTO series (device, key, name, labels) VALUES (?, ?, ?, ?)
+        "INSERT INTO series (device, key, name, labels) VALUES ($1, $2, $3, $4)
          ON CONFLICT (device, key) DO UPDATE SET name = excluded.name
          RETURNING id",
     )
@@ -178,13 +266,13 @@ pub async fn upsert_series(
 
 /// The series a session-local id was bound to, if any.
 pub async fn session_series(
-    conn: &mut SqliteConnection,
+    conn: &mut AnyConnection,
     device: &str,
     session: &SessionId,
     local_id: u32,
 ) -> Result<Option<i64>, StoreError> {
     let row = sqlx::query(
-        "SELECT series_id FROM session_series WHERE device = ? AND session = ? AND local_id = ?",
+        "SELECT series_id FROM session_series WHERE device = $1 AND session = $2 AND local_id = $3",
     )
     .bind(device)
     .bind(&session.0[..])
@@ -196,14 +284,15 @@ pub async fn session_series(
 
 /// Binds a session-local id to a series.
 pub async fn bind_session_series(
-    conn: &mut SqliteConnection,
+    conn: &mut AnyConnection,
     device: &str,
     session: &SessionId,
     local_id: u32,
     series_id: i64,
 ) -> Result<(), StoreError> {
     sqlx::query(
-        "INSERT OR IGNORE INTO session_series (device, session, local_id, series_id) VALUES (?, ?, ?, ?)",
+        "INSERT INTO session_series (device, session, local_id, series_id) VALUES ($1, $2, $3, $4)
+         ON CONFLICT DO NOTHING",
     )
     .bind(device)
     .bind(&session.0[..])
@@ -215,7 +304,7 @@ pub async fn bind_session_series(
 }
 
 /// The highest commit id stored so far (0 when none).
-pub async fn max_commit_id(conn: &mut SqliteConnection) -> Result<u64, StoreError> {
+pub async fn max_commit_id(conn: &mut AnyConnection) -> Result<u64, StoreError> {
     let (max,): (Option<i64>,) = sqlx::query_as("SELECT MAX(commit_id) FROM batches")
         .fetch_one(&mut *conn)
         .await?;
@@ -224,10 +313,10 @@ pub async fn max_commit_id(conn: &mut SqliteConnection) -> Result<u64, StoreErro
 
 /// The canonical key of a series id, if it exists.
 pub async fn series_key(
-    conn: &mut SqliteConnection,
+    conn: &mut AnyConnection,
     series_id: i64,
 ) -> Result<Option<String>, StoreError> {
-    let row = sqlx::query("SELECT key FROM series WHERE id = ?")
+    let row = sqlx::query("SELECT key FROM series WHERE id = $1")
         .bind(series_id)
         .fetch_optional(&mut *conn)
         .await?;
@@ -250,15 +339,12 @@ pub struct BatchRow<'a> {
 
 /// Appends a batch; returns false when (device, session, seq) was already
 /// stored (a redelivery), in which case nothing is written.
-pub async fn insert_batch(
-    conn: &mut SqliteConnection,
-    b: &BatchRow<'_>,
-) -> Result<bool, StoreError> {
+pub async fn insert_batch(conn: &mut AnyConnection, b: &BatchRow<'_>) -> Result<bool, StoreError> {
     let res = sqlx::query(
         // Only the idempotence key may conflict; a clash of commit ids is
         // an error that fails the transaction, never a silent skip.
         "INSERT INTO batches (device, session, seq, received_ms, min_ts, max_ts, samples, payload, commit_id)
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
          ON CONFLICT (device, session, seq) DO NOTHING",
     )
     .bind(b.device)
@@ -277,11 +363,11 @@ pub async fn insert_batch(
 
 /// The stored ack watermark of a session, if the session is known.
 pub async fn session_through(
-    conn: &mut SqliteConnection,
+    conn: &mut AnyConnection,
     device: &str,
     session: &SessionId,
 ) -> Result<Option<u64>, StoreError> {
-    let row = sqlx::query("SELECT through FROM sessions WHERE device = ? AND session = ?")
+    let row = sqlx::query("SELECT through FROM sessions WHERE device = $1 AND session = $2")
         .bind(device)
         .bind(&session.0[..])
         .fetch_optional(&mut *conn)
@@ -291,13 +377,13 @@ pub async fn session_through(
 
 /// Stored seqs of a session above `through`, ascending.
 pub async fn seqs_above(
-    conn: &mut SqliteConnection,
+    conn: &mut AnyConnection,
     device: &str,
     session: &SessionId,
     through: u64,
 ) -> Result<Vec<u64>, StoreError> {
     let rows = sqlx::query(
-        "SELECT seq FROM batches WHERE device = ? AND session = ? AND seq > ? ORDER BY seq",
+        "SELECT seq FROM batches WHERE device = $1 AND session = $2 AND seq > $3 ORDER BY seq",
     )
     .bind(device)
     .bind(&session.0[..])
@@ -309,15 +395,16 @@ pub async fn seqs_above(
 
 /// Records a session's ack watermark.
 pub async fn set_session_through(
-    conn: &mut SqliteConnection,
+    conn: &mut AnyConnection,
     device: &str,
     session: &SessionId,
     through: u64,
     now_ms: i64,
 ) -> Result<(), StoreError> {
     sqlx::query(
-        "INSERT INTO sessions (device, session, through, started_ms) VALUES (?, ?, ?, ?)
-         ON CONFLICT (device, session) DO UPDATE SET through = MAX(through, excluded.through)",
+        "INSERT INTO sessions (device, session, through, started_ms) VALUES ($1, $2, $3, $4)
+         ON CONFLICT (device, session) DO UPDATE SET through =
+           CASE WHEN excluded.through > sessions.through THEN excluded.through ELSE sessions.through END",
     )
     .bind(device)
     .bind(&session.0[..])
@@ -333,14 +420,14 @@ pub async fn set_session_through(
 /// device's spool before its ack arrived). Returns the samples really lost,
 /// or `None` if the report was already recorded or nothing was lost.
 pub async fn insert_gap(
-    conn: &mut SqliteConnection,
+    conn: &mut AnyConnection,
     device: &str,
     gap: &widgetry_proto::Gap,
     now_ms: i64,
 ) -> Result<Option<i64>, StoreError> {
     let (stored_batches, stored_samples): (i64, i64) = sqlx::query_as(
-        "SELECT COUNT(*), COALESCE(SUM(samples), 0) FROM batches
-         WHERE device = ? AND session = ? AND seq BETWEEN ? AND ?",
+        "SELECT COUNT(*), CAST(COALESCE(SUM(samples), 0) AS BIGINT) FROM batches
+         WHERE device = $1 AND session = $2 AND seq BETWEEN $3 AND $4",
     )
     .bind(device)
     .bind(&gap.session.0[..])
@@ -354,8 +441,8 @@ pub async fn insert_gap(
         return Ok(None);
     }
     let res = sqlx::query(
-        "INSERT OR IGNORE INTO gaps (device, session, from_seq, to_seq, batches, samples, from_ts, to_ts, reported_ms)
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        "INSERT INTO gaps (device, session, from_seq, to_seq, batches, samples, from_ts, to_ts, reported_ms)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT DO NOTHING",
     )
     .bind(device)
     .bind(&gap.session.0[..])
@@ -373,7 +460,7 @@ pub async fn insert_gap(
 
 /// Stores one event; returns false if it was already stored.
 pub async fn insert_event(
-    conn: &mut SqliteConnection,
+    conn: &mut AnyConnection,
     device: &str,
     session: &SessionId,
     seq: u64,
@@ -381,7 +468,8 @@ pub async fn insert_event(
     event: &widgetry_proto::json::Event,
 ) -> Result<bool, StoreError> {
     let res = sqlx::query(
-        "INSERT OR IGNORE INTO events (device, session, seq, idx, ts, name, body) VALUES (?, ?, ?, ?, ?, ?, ?)",
+        "INSERT INTO events (device, session, seq, idx, ts, name, body) VALUES ($1, $2, $3, $4, $5, $6, $7)
+         ON CONFLICT DO NOTHING",
     )
     .bind(device)
     .bind(&session.0[..])
@@ -397,16 +485,17 @@ pub async fn insert_event(
 
 /// Marks a device as seen at `now_ms`, adding `rejects` to its count.
 pub async fn touch_device(
-    conn: &mut SqliteConnection,
+    conn: &mut AnyConnection,
     device: &str,
     now_ms: i64,
     rejects: i64,
 ) -> Result<(), StoreError> {
     sqlx::query(
-        "INSERT INTO devices (device, first_seen_ms, last_seen_ms, rejects) VALUES (?, ?, ?, ?)
+        "INSERT INTO devices (device, first_seen_ms, last_seen_ms, rejects) VALUES ($1, $2, $3, $4)
          ON CONFLICT (device) DO UPDATE SET
-           last_seen_ms = MAX(last_seen_ms, excluded.last_seen_ms),
-           rejects = rejects + excluded.rejects",
+           last_seen_ms = CASE WHEN excluded.last_seen_ms > devices.last_seen_ms
+                          THEN excluded.last_seen_ms ELSE devices.last_seen_ms END,
+           rejects = devices.rejects + excluded.rejects",
     )
     .bind(device)
     .bind(now_ms)
@@ -419,15 +508,15 @@ pub async fn touch_device(
 
 /// Records a device's presence from its status message.
 pub async fn set_status(
-    conn: &mut SqliteConnection,
+    conn: &mut AnyConnection,
     device: &str,
     status: &Status,
     now_ms: i64,
 ) -> Result<(), StoreError> {
     touch_device(conn, device, now_ms, 0).await?;
     sqlx::query(
-        "UPDATE devices SET state = ?, session = COALESCE(?, session), agent = COALESCE(?, agent),
-           host = COALESCE(?, host), status_ms = ? WHERE device = ?",
+        "UPDATE devices SET state = $1, session = COALESCE($2, session), agent = COALESCE($3, agent),
+           host = COALESCE($4, host), status_ms = $5 WHERE device = $6",
     )
     .bind(status.state.as_str())
     .bind(status.session.map(|s| s.to_string()))
@@ -465,7 +554,7 @@ impl Store {
     pub async fn devices(&self) -> Result<Vec<DeviceInfo>, StoreError> {
         let rows = sqlx::query(
             "SELECT d.device, d.state, d.session, d.agent, d.host, d.first_seen_ms, d.last_seen_ms,
-                    d.rejects, COUNT(g.device), COALESCE(SUM(g.samples), 0)
+                    d.rejects, COUNT(g.device), CAST(COALESCE(SUM(g.samples), 0) AS BIGINT)
              FROM devices d LEFT JOIN gaps g ON g.device = d.device
              GROUP BY d.device ORDER BY d.device",
         )
@@ -509,8 +598,8 @@ impl Store {
         limit: i64,
     ) -> Result<Vec<serde_json::Value>, StoreError> {
         let rows = sqlx::query(
-            "SELECT ts, name, body FROM events WHERE device = ? AND ts BETWEEN ? AND ?
-             ORDER BY ts, session, seq, idx LIMIT ?",
+            "SELECT ts, name, body FROM events WHERE device = $1 AND ts BETWEEN $2 AND $3
+             ORDER BY ts, session, seq, idx LIMIT $4",
         )
         .bind(device)
         .bind(from)
@@ -537,7 +626,7 @@ impl Store {
         device: &str,
         key: &SeriesKey,
     ) -> Result<Option<i64>, StoreError> {
-        let row = sqlx::query("SELECT id FROM series WHERE device = ? AND key = ?")
+        let row = sqlx::query("SELECT id FROM series WHERE device = $1 AND key = $2")
             .bind(device)
             .bind(key.to_string())
             .fetch_optional(&self.reader)
@@ -572,7 +661,7 @@ impl Store {
         let series_id = u32::try_from(series_id)
             .map_err(|_| StoreError::Corrupt(format!("series id {series_id} exceeds u32")))?;
         let rows = sqlx::query(
-            "SELECT payload FROM batches WHERE device = ? AND max_ts >= ? AND min_ts <= ?",
+            "SELECT payload FROM batches WHERE device = $1 AND max_ts >= $2 AND min_ts <= $3",
         )
         .bind(device)
         .bind(from)
@@ -605,7 +694,7 @@ impl Store {
         // The table name comes from a closed enum, never from input.
         let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
             "SELECT bucket, count, sum, min, max, last_ts, last FROM {}
-             WHERE series_id = ? AND bucket >= ? AND bucket < ? ORDER BY bucket",
+             WHERE series_id = $1 AND bucket >= $2 AND bucket < $3 ORDER BY bucket",
             resolution.table()
         )))
         .bind(series_id)
@@ -648,7 +737,7 @@ impl Store {
     ) -> Result<Vec<CommittedBatch>, StoreError> {
         let rows = sqlx::query(
             "SELECT commit_id, device, session, seq, payload FROM batches
-             WHERE commit_id > ? ORDER BY commit_id LIMIT ?",
+             WHERE commit_id > $1 ORDER BY commit_id LIMIT $2",
         )
         .bind(after as i64)
         .bind(limit)
@@ -681,14 +770,15 @@ impl Store {
     ) -> Result<Vec<(i64, String, String)>, StoreError> {
         let mut out = Vec::with_capacity(ids.len());
         for chunk in ids.chunks(500) {
-            let mut q: sqlx::QueryBuilder<sqlx::Sqlite> =
-                sqlx::QueryBuilder::new("SELECT id, device, key FROM series WHERE id IN (");
-            let mut sep = q.separated(", ");
+            let sql = format!(
+                "SELECT id, device, key FROM series WHERE id IN {}",
+                params(1, chunk.len())
+            );
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
             for id in chunk {
-                sep.push_bind(*id);
+                q = q.bind(*id);
             }
-            q.push(")");
-            for r in q.build().fetch_all(&self.reader).await? {
+            for r in q.fetch_all(&self.reader).await? {
                 out.push((r.get(0), r.get(1), r.get(2)));
             }
         }
@@ -769,7 +859,7 @@ impl Store {
         let rows = sqlx::query(
             "SELECT d.device, d.state, d.last_seen_ms, d.agent, d.host, d.rejects,
                     (SELECT COUNT(*) FROM gaps g WHERE g.device = d.device),
-                    (SELECT COALESCE(SUM(g.samples), 0) FROM gaps g WHERE g.device = d.device),
+                    (SELECT CAST(COALESCE(SUM(g.samples), 0) AS BIGINT) FROM gaps g WHERE g.device = d.device),
                     (SELECT COUNT(*) FROM series s WHERE s.device = d.device)
              FROM devices d ORDER BY d.device",
         )
@@ -795,7 +885,7 @@ impl Store {
             .collect();
         let rollups = sqlx::query(
             "SELECT s.device, s.key, r.bucket, r.sum / r.count, r.last
-             FROM series s JOIN rollup_1m r ON r.series_id = s.id AND r.bucket >= ?
+             FROM series s JOIN rollup_1m r ON r.series_id = s.id AND r.bucket >= $1
              WHERE s.key IN ('cpu.usage_pct', 'mem.used_bytes', 'mem.total_bytes')
              ORDER BY s.device, r.bucket",
         )
@@ -866,7 +956,7 @@ impl Store {
                 p.batches += self
                     .delete_chunked(
                         "DELETE FROM batches WHERE (device, session, seq) IN
-                           (SELECT device, session, seq FROM batches WHERE device = ?1 AND max_ts < ?2 LIMIT ?3)",
+                           (SELECT device, session, seq FROM batches WHERE device = $1 AND max_ts < $2 LIMIT $3)",
                         device,
                         cut,
                     )
@@ -874,7 +964,7 @@ impl Store {
                 p.events += self
                     .delete_chunked(
                         "DELETE FROM events WHERE (device, session, seq, idx) IN
-                           (SELECT device, session, seq, idx FROM events WHERE device = ?1 AND ts < ?2 LIMIT ?3)",
+                           (SELECT device, session, seq, idx FROM events WHERE device = $1 AND ts < $2 LIMIT $3)",
                         device,
                         cut,
                     )
@@ -891,7 +981,7 @@ impl Store {
                 .await?;
             let sql = format!(
                 "DELETE FROM {t} WHERE (series_id, bucket) IN
-                   (SELECT series_id, bucket FROM {t} WHERE series_id = ?1 AND bucket < ?2 LIMIT ?3)",
+                   (SELECT series_id, bucket FROM {t} WHERE series_id = $1 AND bucket < $2 LIMIT $3)",
                 t = res.table()
             );
             let mut n = 0;
@@ -909,7 +999,7 @@ impl Store {
     async fn delete_chunked<K>(&self, sql: &str, key: &K, cut: i64) -> Result<u64, StoreError>
     where
         K: Clone,
-        K: for<'q> sqlx::Encode<'q, sqlx::Sqlite> + sqlx::Type<sqlx::Sqlite> + Send + 'static,
+        K: for<'q> sqlx::Encode<'q, sqlx::Any> + sqlx::Type<sqlx::Any> + Send + 'static,
     {
         let mut total = 0;
         loop {

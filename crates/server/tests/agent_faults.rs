@@ -49,9 +49,11 @@ async fn stored_samples_without_duplicates(http: SocketAddr, device: &str) -> us
 }
 
 async fn open_db(dir: &std::path::Path) -> Store {
-    Store::open(&dir.join("widgetry.db"))
-        .await
-        .expect("open the server's database")
+    Store::open(&widgetry_server::config::Database::Sqlite(
+        dir.join("widgetry.db"),
+    ))
+    .await
+    .expect("open the server's database")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -12,6 +12,7 @@ use std::time::Duration;
 use common::*;
 use widgetry_agent::AgentConfig;
 use widgetry_proto::SeriesKey;
+use widgetry_server::config::Database;
 use widgetry_server::store::Store;
 
 fn start_mosquitto(dir: &std::path::Path, port: u16) -> ChildGuard {
@@ -34,12 +35,12 @@ fn start_mosquitto(dir: &std::path::Path, port: u16) -> ChildGuard {
     )
 }
 
-fn start_ingest(port: u16, db: &std::path::Path, id: &str) -> ChildGuard {
+fn start_ingest(port: u16, db: &Database, id: &str) -> ChildGuard {
     ChildGuard(
         Command::new(workspace_bin("widgetry"))
             .args(["ingest", "--broker", &format!("127.0.0.1:{port}")])
             .arg("--database")
-            .arg(db)
+            .arg(db.to_arg())
             .args(["--client-id", id, "--shared-group", "widgetry-ingest"])
             .stderr(Stdio::null())
             .spawn()
@@ -66,7 +67,7 @@ async fn two_shared_ingestors_on_mosquitto_survive_losing_one() {
             .map(|_| ())
     })
     .await;
-    let db = dir.path().join("widgetry.db");
+    let db = test_database(dir.path()).await;
     // Create the schema once before two processes open it.
     Store::open(&db).await.expect("create db").close().await;
     let mut first = start_ingest(port, &db, "ingest-a");

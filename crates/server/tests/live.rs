@@ -397,7 +397,7 @@ async fn seven_days_of_1hz_data_match_sql_within_max_points() {
         Duration::from_secs(120),
         || async {
             (stack
-                .count("SELECT COALESCE(SUM(samples), 0) FROM batches WHERE device = 'week'")
+                .count("SELECT CAST(COALESCE(SUM(samples), 0) AS BIGINT) FROM batches WHERE device = 'week'")
                 .await
                 == n)
                 .then_some(())

@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
-use widgetry_server::config::{BrokerSource, DEFAULT_BROKER_TOML, parse_broker_config};
+use widgetry_server::config::{BrokerSource, DEFAULT_BROKER_TOML, Database, parse_broker_config};
 use widgetry_server::{Running, ServeConfig, start_serve};
 
 /// A port that was free a moment ago (the broker cannot bind port 0).
@@ -22,20 +22,49 @@ pub fn free_port() -> u16 {
         .expect("bind an ephemeral port on 127.0.0.1")
 }
 
+/// Environment variable naming a PostgreSQL server (an admin URL such as
+/// `postgres://postgres@127.0.0.1:5432/postgres`). When set, tests that use
+/// [`test_database`] run against a fresh database on it instead of SQLite;
+/// the test command sets it for a second run of the storage and API tests.
+pub const POSTGRES_ENV: &str = "WIDGETRY_TEST_POSTGRES";
+
+/// The database a test should use: a SQLite file in `dir`, or, with
+/// `WIDGETRY_TEST_POSTGRES` set, a new empty database on that server.
+pub async fn test_database(dir: &std::path::Path) -> Database {
+    let Ok(admin) = std::env::var(POSTGRES_ENV) else {
+        return Database::Sqlite(dir.join("widgetry.db"));
+    };
+    sqlx::any::install_default_drivers();
+    let name = format!("widgetry_test_{:016x}", rand::random::<u64>());
+    let pool = sqlx::AnyPool::connect(&admin)
+        .await
+        .unwrap_or_else(|e| panic!("{POSTGRES_ENV}={admin}: cannot connect: {e}"));
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+        .execute(&pool)
+        .await
+        .expect("create a test database");
+    pool.close().await;
+    let base = admin
+        .rsplit_once('/')
+        .map(|(b, _)| b)
+        .expect("admin URL ends in /database");
+    Database::Postgres(format!("{base}/{name}"))
+}
+
 /// A running in-process `widgetry serve` on free ports with its database in
-/// a temporary directory.
+/// a temporary directory (or on PostgreSQL, see [`test_database`]).
 pub struct Stack {
     pub running: Option<Running>,
     pub http: SocketAddr,
     pub mqtt: SocketAddr,
-    pub db: PathBuf,
+    pub db: Database,
     pub dir: tempfile::TempDir,
 }
 
 impl Stack {
     pub async fn start() -> Stack {
         let dir = tempfile::tempdir().expect("temp dir");
-        let db = dir.path().join("widgetry.db");
+        let db = test_database(dir.path()).await;
         let mqtt: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
         let broker = parse_broker_config(&BrokerSource::BuiltIn, DEFAULT_BROKER_TOML, Some(mqtt))
             .expect("shipped broker.toml is valid");
