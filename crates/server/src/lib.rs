@@ -5,6 +5,7 @@
 //! they share this process. `main.rs` parses arguments and calls into here;
 //! tests call the same functions.
 
+pub mod apiload;
 pub mod broker;
 pub mod config;
 pub mod ingest;

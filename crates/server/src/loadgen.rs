@@ -41,6 +41,9 @@ pub struct LoadConfig {
     /// Batches created during this first part of the run are left out of
     /// the latency percentiles (connections and series are being set up).
     pub warmup: Duration,
+    /// Concurrent API clients (HTTP and live websocket) against `http`
+    /// while the devices publish; 0 for none.
+    pub api_clients: usize,
 }
 
 #[derive(Default)]
@@ -74,6 +77,8 @@ pub struct LoadReport {
     /// Server (with `--server-pid`): RSS at the end in KiB, CPU % of one
     /// core over the run.
     pub server: Option<(u64, f64)>,
+    /// With `--api-clients`: what the API clients measured.
+    pub api: Option<crate::apiload::ApiReport>,
 }
 
 /// (utime + stime in clock ticks, RSS in KiB) of a process, from /proc.
@@ -93,7 +98,7 @@ fn proc_usage(pid: u32) -> Option<(u64, u64)> {
 }
 
 /// The `p`th percentile of sorted values (NaN when empty).
-fn percentile(sorted: &[f64], p: f64) -> f64 {
+pub(crate) fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
     }
@@ -143,7 +148,11 @@ impl LoadReport {
                 Some((rss, cpu)) => format!("server RSS {rss} KiB, CPU {cpu:.1} % of one core"),
                 None => "server RSS/CPU: not measured (give --server-pid)".into(),
             },
-        )
+        ) + &self
+            .api
+            .as_ref()
+            .map(|a| format!("\n{}", a.render()))
+            .unwrap_or_default()
     }
 }
 
@@ -168,6 +177,26 @@ pub async fn run(cfg: LoadConfig, mut progress: impl FnMut(String)) -> LoadRepor
     let start = Instant::now();
     let run_until = start + cfg.duration;
     let give_up = run_until + cfg.grace;
+    let api_done = crate::apiload::Counter::default();
+    let api = match (&cfg.http, cfg.api_clients) {
+        (Some(base), n) if n > 0 => {
+            let devices = Arc::new(
+                (0..cfg.devices.max(1))
+                    .map(|n| format!("{}{n}", cfg.prefix))
+                    .collect(),
+            );
+            let (base, done) = (base.clone(), api_done.clone());
+            // Devices start spread over one interval; their first batches
+            // are committed within about a second more.
+            let from = (start + Duration::from_secs_f64(1.0 / cfg.rate.max(0.01) + 2.0))
+                .max(start + cfg.warmup)
+                .min(run_until);
+            Some(tokio::spawn(async move {
+                crate::apiload::run(&base, n, devices, from, run_until, done).await
+            }))
+        }
+        _ => None,
+    };
     let mut tasks = tokio::task::JoinSet::new();
     for n in 0..cfg.devices {
         let device = format!("{}{n}", cfg.prefix);
@@ -191,7 +220,7 @@ pub async fn run(cfg: LoadConfig, mut progress: impl FnMut(String)) -> LoadRepor
             acked_per_device.lock().await.insert(device, (acked, lost));
         });
     }
-    let mut last = (0u64, 0u64);
+    let mut last = (0u64, 0u64, 0u64);
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.tick().await;
     loop {
@@ -200,15 +229,17 @@ pub async fn run(cfg: LoadConfig, mut progress: impl FnMut(String)) -> LoadRepor
             _ = tick.tick() => {
                 let p = totals.published.load(Ordering::Relaxed);
                 let a = totals.acked.load(Ordering::Relaxed);
+                let r = api_done.load(Ordering::Relaxed);
                 progress(format!(
-                    "{:>5.0}s  published {:>8} batches ({:>7} /s)  acknowledged {:>8} ({:>7} /s = {:>9} samples/s)  outstanding {:>6}  resent {}",
+                    "{:>5.0}s  published {:>8} batches ({:>7} /s)  acknowledged {:>8} ({:>7} /s = {:>9} samples/s)  outstanding {:>6}  resent {}{}",
                     start.elapsed().as_secs_f64(),
                     p, p - last.0, a, a - last.1,
                     (a - last.1) * cfg.samples_per_batch as u64,
                     p.saturating_sub(a),
                     totals.resent.load(Ordering::Relaxed),
+                    if api.is_some() { format!("  API requests {:>7} /s", r - last.2) } else { String::new() },
                 ));
-                last = (p, a);
+                last = (p, a, r);
             }
         }
     }
@@ -249,7 +280,11 @@ pub async fn run(cfg: LoadConfig, mut progress: impl FnMut(String)) -> LoadRepor
         connect_errors: totals.connect_errors.load(Ordering::Relaxed),
         readback: None,
         server: None,
+        api: None,
     };
+    if let Some(task) = api {
+        report.api = task.await.ok();
+    }
     if let (Some(pid), Some((t0, _))) = (cfg.server_pid, server_before)
         && let Some((t1, rss)) = proc_usage(pid)
     {

@@ -95,6 +95,13 @@ struct LoadgenArgs {
     /// Leave batches created in this first part of the run out of the latency figures, e.g. 10s.
     #[arg(long, default_value = "0s")]
     warmup: String,
+    /// Also run this many concurrent API clients against --http while devices publish
+    /// (3 of 4 loop over devices, fleet and series queries; 1 of 4 follow the live websocket).
+    #[arg(long, default_value_t = 0)]
+    api_clients: usize,
+    /// Validate the flags and configuration, print them and exit without connecting.
+    #[arg(long)]
+    check: bool,
 }
 
 #[derive(Args)]
@@ -158,6 +165,9 @@ struct IngestArgs {
     password: Option<String>,
     #[command(flatten)]
     retention: RetentionArgs,
+    /// Validate the flags and configuration, print them and exit without connecting.
+    #[arg(long)]
+    check: bool,
 }
 
 #[derive(Args)]
@@ -181,6 +191,9 @@ struct WebArgs {
     /// MQTT password for --broker (prefer the environment variable).
     #[arg(long, env = "WIDGETRY_MQTT_PASSWORD", hide_env_values = true)]
     password: Option<String>,
+    /// Validate the flags and configuration, print them and exit without connecting.
+    #[arg(long)]
+    check: bool,
 }
 
 const FLAG: &str = "command line/environment";
@@ -440,6 +453,20 @@ fn resolve_loadgen(a: &LoadgenArgs) -> Result<widgetry_server::loadgen::LoadConf
             message: format!("{h:?}: expected http://HOST:PORT"),
         });
     }
+    if a.api_clients > 0 && a.http.is_none() {
+        problems.push(Problem {
+            file: FLAG.into(),
+            key: "api-clients".into(),
+            message: "needs --http (the web service to load)".into(),
+        });
+    }
+    if a.api_clients > 10_000 {
+        problems.push(Problem {
+            file: FLAG.into(),
+            key: "api-clients".into(),
+            message: format!("{}: use at most 10000", a.api_clients),
+        });
+    }
     if !problems.is_empty() {
         return Err(ConfigError(problems));
     }
@@ -457,6 +484,7 @@ fn resolve_loadgen(a: &LoadgenArgs) -> Result<widgetry_server::loadgen::LoadConf
         prefix: a.prefix.clone(),
         server_pid: a.server_pid,
         warmup: std::time::Duration::from_secs_f64(warmup),
+        api_clients: a.api_clients,
     })
 }
 
@@ -544,6 +572,13 @@ fn main() -> ExitCode {
                 Ok(c) => c,
                 Err(e) => return config_failure(e),
             };
+            if args.check {
+                println!(
+                    "configuration ok: loadgen broker {}:{} devices {} duration {:?}",
+                    cfg.broker_host, cfg.broker_port, cfg.devices, cfg.duration
+                );
+                return ExitCode::SUCCESS;
+            }
             let runtime = match tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()
@@ -561,6 +596,7 @@ fn main() -> ExitCode {
             return if report.batches_lost == 0
                 && report.readback.is_none_or(|r| r == (0, 0))
                 && report.ws_duplicates == 0
+                && report.api.as_ref().is_none_or(|a| a.clean())
             {
                 ExitCode::SUCCESS
             } else {
@@ -571,6 +607,25 @@ fn main() -> ExitCode {
         Cmd::Ingest(args) => resolve_ingest(args).map(|(c, d)| Role::Ingest(c, d)),
         Cmd::Web(args) => resolve_web(args).map(|(h, d, b)| Role::Web(h, d, b)),
     };
+    let check = match &cli.cmd {
+        Cmd::Ingest(a) => a.check,
+        Cmd::Web(a) => a.check,
+        _ => false,
+    };
+    match (&role, check) {
+        (Ok(Role::Ingest(c, db)), true) => {
+            println!(
+                "configuration ok: ingest broker {}:{} database {db}",
+                c.broker_host, c.broker_port
+            );
+            return ExitCode::SUCCESS;
+        }
+        (Ok(Role::Web(http, db, _)), true) => {
+            println!("configuration ok: web http {http} database {db}");
+            return ExitCode::SUCCESS;
+        }
+        _ => {}
+    }
     let role = match role {
         Ok(r) => r,
         Err(e) => return config_failure(e),

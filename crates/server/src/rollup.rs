@@ -123,10 +123,11 @@ impl Rollups {
                 Resolution::Hour => &mut self.hour,
             };
             let rows: Vec<((i64, i64), Agg)> = map.drain().collect();
+            let backend = crate::store::Backend::of(conn);
             for chunk in rows.chunks(ROWS_PER_STATEMENT) {
                 let t = res.table();
                 let values: Vec<String> = (0..chunk.len())
-                    .map(|i| crate::store::params(i * 8 + 1, 8))
+                    .map(|i| crate::store::params(backend, i * 8 + 1, 8))
                     .collect();
                 // In an UPDATE every right-hand side sees the old row, so
                 // `last` compares against the old last_ts. Written for both

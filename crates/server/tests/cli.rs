@@ -107,6 +107,7 @@ fn help_on_every_command() {
         vec!["ingest", "--help"],
         vec!["web", "--help"],
         vec!["check-config", "--help"],
+        vec!["loadgen", "--help"],
     ] {
         let out = Command::new(workspace_bin("widgetry"))
             .args(&args)
@@ -118,6 +119,22 @@ fn help_on_every_command() {
             "widgetry {args:?}"
         );
     }
+    // A PostgreSQL URL is accepted and its password never printed.
+    let out = Command::new(workspace_bin("widgetry"))
+        .args([
+            "ingest",
+            "--check",
+            "--database",
+            "postgres://w:s3cret@db:5432/w",
+        ])
+        .output()
+        .expect("run widgetry ingest --check");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(
+        stdout.contains("postgres://w:***@db:5432/w") && !stdout.contains("s3cret"),
+        "{stdout}"
+    );
     let out = Command::new(workspace_bin("widgetry-agent"))
         .arg("--help")
         .output()
@@ -242,19 +259,31 @@ fn docker_compose_commands_are_valid_invocations() {
     let text = std::fs::read_to_string(path).expect("read docker-compose.yml");
     let commands = compose_commands(&text);
     assert!(
-        commands.len() >= 3,
-        "expected server and two agents: {commands:?}"
+        commands.len() >= 9,
+        "expected the all-in-one and scale services: {commands:?}"
     );
+    let roles: Vec<&str> = commands
+        .iter()
+        .filter(|(_, a)| a[0] == "widgetry")
+        .map(|(_, a)| a[1].as_str())
+        .collect();
+    for role in ["serve", "loadgen", "ingest", "web"] {
+        assert!(roles.contains(&role), "no `widgetry {role}` service");
+    }
     let dir = tempfile::tempdir().expect("dir");
     for (service, args) in commands {
         let (bin, rest) = args.split_first().expect("non-empty command");
+        if bin == "mosquitto" {
+            // A third-party image (the scale profile's broker).
+            continue;
+        }
         let mut cmd = Command::new(workspace_bin(bin));
         cmd.current_dir(dir.path());
         match (bin.as_str(), rest.first().map(String::as_str)) {
             ("widgetry", Some("serve")) => {
                 cmd.arg("check-config").args(&rest[1..]);
             }
-            ("widgetry-agent", _) => {
+            ("widgetry", Some("ingest" | "web" | "loadgen")) | ("widgetry-agent", _) => {
                 cmd.args(rest).arg("--check");
             }
             _ => panic!("service {service}: unexpected command {args:?}"),
