@@ -38,8 +38,9 @@ printf 'listener %s 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queu
 "$mosq" -c "$work/mosquitto.conf" 2>/dev/null & mpid=$!; pids+=($mpid)
 for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/$m) 2>/dev/null && break; sleep 0.1; done
 "$w" ingest --broker 127.0.0.1:$m --database "$work/b.db" 2>/dev/null & ipid=$!; pids+=($ipid)
-"$w" web --http-listen 127.0.0.1:$h --database "$work/b.db" 2>/dev/null & wpid=$!; pids+=($wpid)
+"$w" web --http-listen 127.0.0.1:$h --database "$work/b.db" --broker 127.0.0.1:$m 2>"$work/web.log" & wpid=$!; pids+=($wpid)
 for _ in $(seq 100); do curl -fs "http://127.0.0.1:$h/healthz" >/dev/null 2>&1 && break; sleep 0.1; done
+kill -0 "$wpid" 2>/dev/null || { echo "widgetry web did not start:"; cat "$work/web.log"; exit 1; }
 sleep 1
 load "$m" "$h" "$ipid" mos- > "$work/mosquitto.txt" || true
 mrss=$(awk '/^VmRSS/ {print $2}' /proc/$mpid/status)

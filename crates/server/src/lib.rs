@@ -246,6 +246,7 @@ async fn serve_http(
         metrics,
         hub,
         shutdown: shutdown.clone(),
+        overview: Default::default(),
     });
     let served = axum::serve(listener, app)
         .with_graceful_shutdown(async move { shutdown.cancelled().await })

@@ -101,13 +101,20 @@ impl Store {
                 )
                 .await
                 .map_err(open_err)?;
-                sqlx::migrate!("./migrations/sqlite")
-                    .run(&writer)
-                    .await
-                    .map_err(|source| StoreError::Migrate {
-                        path: label.clone(),
-                        source,
-                    })?;
+                // sqlx takes no lock around SQLite migrations: processes
+                // opening a new file at once (compose starting ingestors and
+                // the web service together) would race. A lock file next to
+                // the database (like SQLite's -wal and -shm) serialises them.
+                let lock = lock_file(path).await.map_err(|e| StoreError::Open {
+                    path: label.clone(),
+                    source: sqlx::Error::Io(e),
+                })?;
+                let migrated = sqlx::migrate!("./migrations/sqlite").run(&writer).await;
+                drop(lock);
+                migrated.map_err(|source| StoreError::Migrate {
+                    path: label.clone(),
+                    source,
+                })?;
                 Store {
                     backend: Backend::Sqlite,
                     writer,
@@ -200,6 +207,24 @@ impl Store {
     pub fn reader(&self) -> &AnyPool {
         &self.reader
     }
+}
+
+/// Takes an exclusive lock on `{path}-lock`, held until the file is
+/// dropped.
+async fn lock_file(path: &std::path::Path) -> std::io::Result<std::fs::File> {
+    let mut name = path.as_os_str().to_owned();
+    name.push("-lock");
+    tokio::task::spawn_blocking(move || {
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&name)?;
+        f.lock()?;
+        Ok(f)
+    })
+    .await
+    .map_err(std::io::Error::other)?
 }
 
 /// A SQLite pool whose connections run the durability settings (and

@@ -38,6 +38,50 @@ pub struct AppState {
     pub hub: Arc<Hub>,
     /// Cancelled at shutdown: websocket clients are closed.
     pub shutdown: CancellationToken,
+    /// The fleet-wide answers (`/api/v1/devices`, `/api/v1/fleet`), shared
+    /// by every client asking within a second.
+    pub overview: Arc<OverviewCache>,
+}
+
+/// How long a fleet-wide answer is reused. Live changes reach dashboards
+/// over the websocket; this only bounds how often the whole fleet is read.
+const OVERVIEW_TTL: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// One cached JSON answer per fleet-wide endpoint. Concurrent requests for
+/// a stale answer wait for one database read instead of each starting
+/// their own (with 2,000 devices each read takes tens of milliseconds of
+/// CPU: unshared, forty polling dashboards starved the ingestor).
+#[derive(Default)]
+pub struct OverviewCache {
+    devices: Slot,
+    fleet: Slot,
+}
+
+/// The last answer of one endpoint and when it was made.
+type Slot = tokio::sync::Mutex<Option<(tokio::time::Instant, axum::body::Bytes)>>;
+
+/// The cached answer in `slot`, or a fresh one from `make`.
+async fn cached<F, Fut, T>(slot: &Slot, make: F) -> Result<Response, AppError>
+where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = Result<T, AppError>>,
+    T: Serialize,
+{
+    let mut guard = slot.lock().await;
+    let body = match &*guard {
+        Some((at, body)) if at.elapsed() < OVERVIEW_TTL => body.clone(),
+        _ => {
+            let value = make().await?;
+            let body = axum::body::Bytes::from(
+                serde_json::to_vec(&value)
+                    .map_err(|e| AppError::internal(format!("cannot encode the answer: {e}")))?,
+            );
+            *guard = Some((tokio::time::Instant::now(), body.clone()));
+            body
+        }
+    };
+    drop(guard);
+    Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
 }
 
 /// An error answered as JSON.
@@ -62,6 +106,16 @@ impl AppError {
             status: StatusCode::NOT_FOUND,
             code: "not_found",
             message: message.into(),
+        }
+    }
+
+    fn internal(message: impl Into<String>) -> Self {
+        let message = message.into();
+        tracing::error!(%message, "internal error while serving a request");
+        AppError {
+            status: StatusCode::INTERNAL_SERVER_ERROR,
+            code: "internal",
+            message,
         }
     }
 }
@@ -157,10 +211,13 @@ fn serve_asset(path: &str) -> Response {
 
 /// `GET /api/v1/fleet`: every device with state, counters, latest CPU and
 /// memory and 30-minute sparklines, in one answer.
-async fn fleet(State(state): State<AppState>) -> Result<Json<serde_json::Value>, AppError> {
-    let now = now_ms();
-    let devices = state.store.fleet(now - 30 * 60_000).await?;
-    Ok(Json(json!({"now": now, "devices": devices})))
+async fn fleet(State(state): State<AppState>) -> Result<Response, AppError> {
+    cached(&state.overview.fleet, || async {
+        let now = now_ms();
+        let devices = state.store.fleet(now - 30 * 60_000).await?;
+        Ok(json!({"now": now, "devices": devices}))
+    })
+    .await
 }
 
 /// Largest backlog (committed batches) replayed to a client that
@@ -366,8 +423,11 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     )
 }
 
-async fn devices(State(state): State<AppState>) -> Result<Json<Vec<DeviceInfo>>, AppError> {
-    Ok(Json(state.store.devices().await?))
+async fn devices(State(state): State<AppState>) -> Result<Response, AppError> {
+    cached(&state.overview.devices, || async {
+        Ok::<Vec<DeviceInfo>, AppError>(state.store.devices().await?)
+    })
+    .await
 }
 
 /// Query of `GET /api/v1/series`.

@@ -68,8 +68,9 @@ async fn two_shared_ingestors_on_mosquitto_survive_losing_one() {
     })
     .await;
     let db = test_database(dir.path()).await;
-    // Create the schema once before two processes open it.
-    Store::open(&db).await.expect("create db").close().await;
+    // Both ingestors and this test open the new database at once: its
+    // creation and migrations must be serialised (on SQLite by a lock file,
+    // on PostgreSQL by sqlx's advisory lock).
     let mut first = start_ingest(port, &db, "ingest-a");
     let _second = start_ingest(port, &db, "ingest-b");
     let store = Store::open(&db).await.expect("open db");
