@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Broker sizing: `widgetry serve` with the shipped broker.toml, or with its
-# log segments changed. DEVICES devices publish 1 batch/s for STEADY; 20 s
-# in, a second fleet of DEVICES devices publishes 9 batches/s each for
-# BURST, so the offered load is 10x for that long. Reports what each loadgen
-# measured (lost and duplicated must be 0: whatever the broker drops is
-# resent by the devices) and the server's peak RSS (VmHWM: embedded broker
-# + ingestor + web in one process). Loopback only, free ports, every phase
-# bounded by its duration (plus up to 300 s for the backlog to drain).
+# log segments changed. DEVICES devices publish 1 batch/s (10 samples) for
+# STEADY; 20 s in, every device publishes 10 batches/s for BURST. Reports
+# what loadgen measured (lost and duplicated must be 0: whatever the broker
+# drops is resent by the devices) and the server's peak RSS (VmHWM:
+# embedded broker + ingestor + web in one process) before and after the
+# burst. Loopback only, free ports, bounded by STEADY plus up to 300 s for
+# the backlog to drain.
 #
 #   bash scripts/bench-burst.sh [SEGMENT_BYTES SEGMENT_COUNT] [DEVICES] [STEADY] [BURST]
 #   e.g. bash scripts/bench-burst.sh                      # shipped broker.toml
@@ -37,24 +37,15 @@ spid=$!
 for _ in $(seq 200); do curl -fs "http://127.0.0.1:$h/metrics" 2>/dev/null | grep -q 'widgetry_ingest_subscribed 1' && break; sleep 0.1; done
 hwm() { awk '/^VmHWM/ {print $2}' /proc/$spid/status; }
 rss() { awk '/^VmRSS/ {print $2}' /proc/$spid/status; }
-load() { # name rate duration extra-args...
-  local name=$1 rate=$2 dur=$3; shift 3
-  "$w" loadgen --broker 127.0.0.1:$m --http "http://127.0.0.1:$h" --devices "$devices" --rate "$rate" \
-    --duration "$dur" --server-pid "$spid" --grace 300 --prefix "$name-" "$@" 2>"$work/$name.progress" >"$work/$name.txt" || true
-}
-report() {
-  echo "==> $1"
-  grep -E '^(batches|lost|duplicated|missing|samples committed|publish->commit|server RSS)' "$work/$1.txt" | sed 's/^/    /'
-}
-echo "broker.toml: $label; $devices devices at 1/s for $steady, plus $devices at 9/s for $burst from 20 s"
-load steady 1/s "$steady" --warmup 10s &
-steady_pid=$!
-# Scheduling the burst 20 s into the steady run (a load phase, not a wait
+echo "broker.toml: $label; $devices devices at 1/s for $steady, 10x for $burst from 20 s"
+"$w" loadgen --broker 127.0.0.1:$m --http "http://127.0.0.1:$h" --devices "$devices" --rate 1/s \
+  --duration "$steady" --warmup 10s --burst-at 20s --burst-for "$burst" --burst-factor 10 \
+  --grace 300 --server-pid "$spid" 2>"$work/progress" >"$work/report" &
+lpid=$!
+# Reading the peak just before the burst (a measurement point, not a wait
 # for a condition).
-sleep 20
+sleep 19
 peak_before=$(hwm)
-load burst 9/s "$burst" --ack-timeout 30
-wait $steady_pid
-report steady
-report burst
+wait $lpid || true
+grep -E '^(batches|lost|duplicated|missing|samples committed|publish->commit|server RSS)' "$work/report" | sed 's/^/    /'
 echo "server peak RSS (VmHWM): $peak_before KiB before the burst, $(hwm) KiB after; now $(rss) KiB; $label"

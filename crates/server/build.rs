@@ -27,7 +27,10 @@ fn main() {
         "tsconfig.json",
         "public",
     ] {
-        println!("cargo:rerun-if-changed={}", ui.join(f).display());
+        // A path that does not exist would make every build stale.
+        if ui.join(f).exists() {
+            println!("cargo:rerun-if-changed={}", ui.join(f).display());
+        }
     }
 
     let skip = std::env::var("WIDGETRY_SKIP_UI").is_ok_and(|v| v == "1");

@@ -44,6 +44,17 @@ pub struct LoadConfig {
     /// Concurrent API clients (HTTP and live websocket) against `http`
     /// while the devices publish; 0 for none.
     pub api_clients: usize,
+    /// A burst: from `at` after the start, for `len`, every device
+    /// publishes `factor` times faster.
+    pub burst: Option<Burst>,
+}
+
+/// See [`LoadConfig::burst`].
+#[derive(Debug, Clone, Copy)]
+pub struct Burst {
+    pub at: Duration,
+    pub len: Duration,
+    pub factor: f64,
 }
 
 #[derive(Default)]
@@ -208,12 +219,16 @@ pub async fn run(cfg: LoadConfig, mut progress: impl FnMut(String)) -> LoadRepor
         // Spread connects and first publishes over one interval.
         let offset = Duration::from_secs_f64(n as f64 / cfg.devices as f64 / cfg.rate.max(0.01));
         let measure_from = start + cfg.warmup;
+        let burst = cfg
+            .burst
+            .map(|b| (start + b.at, start + b.at + b.len, b.factor.max(1.0)));
         tasks.spawn(async move {
             let when = Schedule {
                 offset,
                 run_until,
                 give_up,
                 measure_from,
+                burst,
             };
             let (acked, lost) =
                 device_loop(&cfg, &device, when, &totals, &latencies, sent_at).await;
@@ -312,6 +327,8 @@ struct Schedule {
     run_until: Instant,
     give_up: Instant,
     measure_from: Instant,
+    /// (from, until, rate factor).
+    burst: Option<(Instant, Instant, f64)>,
 }
 
 /// One simulated device; returns (batches acknowledged, batches lost).
@@ -328,6 +345,7 @@ async fn device_loop(
         run_until,
         give_up,
         measure_from,
+        burst,
     } = when;
     let session = SessionId::generate();
     let samples_topic = Topic::name(device, TopicKind::Samples);
@@ -419,7 +437,12 @@ async fn device_loop(
                     m.insert((device.to_string(), seq), sent);
                 }
                 pending.insert(seq, Pending { payload, first_sent: sent, last_sent: sent });
-                next_batch += period;
+                next_batch += match burst {
+                    Some((from, until, factor)) if (from..until).contains(&next_batch) => {
+                        period.div_f64(factor)
+                    }
+                    _ => period,
+                };
             }
             _ = resend_check.tick() => {
                 if connected {

@@ -99,6 +99,16 @@ struct LoadgenArgs {
     /// (3 of 4 loop over devices, fleet and series queries; 1 of 4 follow the live websocket).
     #[arg(long, default_value_t = 0)]
     api_clients: usize,
+    /// Start a burst this long into the run (e.g. 20s): every device publishes
+    /// --burst-factor times faster for --burst-for.
+    #[arg(long)]
+    burst_at: Option<String>,
+    /// Length of the burst.
+    #[arg(long, default_value = "5s")]
+    burst_for: String,
+    /// Rate multiplier during the burst.
+    #[arg(long, default_value_t = 10.0)]
+    burst_factor: f64,
     /// Validate the flags and configuration, print them and exit without connecting.
     #[arg(long)]
     check: bool,
@@ -453,6 +463,29 @@ fn resolve_loadgen(a: &LoadgenArgs) -> Result<widgetry_server::loadgen::LoadConf
             message: format!("{h:?}: expected http://HOST:PORT"),
         });
     }
+    let burst = a.burst_at.as_ref().and_then(|at| {
+        let at = parse_secs(at, "burst-at");
+        let len = parse_secs(&a.burst_for, "burst-for");
+        if !(1.0..=1000.0).contains(&a.burst_factor) {
+            problems.push(Problem {
+                file: FLAG.into(),
+                key: "burst-factor".into(),
+                message: format!("{}: use 1 to 1000", a.burst_factor),
+            });
+        }
+        match (at, len) {
+            (Ok(at), Ok(len)) => Some(widgetry_server::loadgen::Burst {
+                at: std::time::Duration::from_secs_f64(at),
+                len: std::time::Duration::from_secs_f64(len),
+                factor: a.burst_factor,
+            }),
+            (at, len) => {
+                problems.extend(at.err());
+                problems.extend(len.err());
+                None
+            }
+        }
+    });
     if a.api_clients > 0 && a.http.is_none() {
         problems.push(Problem {
             file: FLAG.into(),
@@ -485,6 +518,7 @@ fn resolve_loadgen(a: &LoadgenArgs) -> Result<widgetry_server::loadgen::LoadConf
         server_pid: a.server_pid,
         warmup: std::time::Duration::from_secs_f64(warmup),
         api_clients: a.api_clients,
+        burst,
     })
 }
 
