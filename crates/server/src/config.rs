@@ -700,7 +700,7 @@ mod tests {
     fn reports_every_problem_with_key() {
         let text = DEFAULT_BROKER_TOML
             .replace("listen = \"0.0.0.0:1883\"", "listen = \"0.0.0.0:99999\"")
-            .replace("max_segment_count = 4", "max_segment_count = 4\nbogus = 1")
+            .replace("max_segment_count = 3", "max_segment_count = 3\nbogus = 1")
             .replace(
                 "connection_timeout_ms = 5000",
                 "connection_timeout_ms = 70000",

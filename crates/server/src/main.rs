@@ -246,17 +246,35 @@ fn file_label(path: &Option<PathBuf>) -> String {
         .unwrap_or_default()
 }
 
+/// A value from the flag, the config file or `default`, parsed by `parse`
+/// (given the text and where it came from); a problem is collected.
+fn resolve<T>(
+    flag: &Option<String>,
+    file_value: &Option<String>,
+    label: &str,
+    default: &str,
+    parse: impl FnOnce(&str, &str) -> Result<T, Problem>,
+    problems: &mut Vec<Problem>,
+) -> Option<T> {
+    let (text, src) =
+        pick(flag, file_value, label).unwrap_or_else(|| (default.to_string(), "default".into()));
+    parse(&text, &src).map_err(|p| problems.push(p)).ok()
+}
+
 fn resolve_database(
     flag: &Option<String>,
     file: &FileConfig,
     label: &str,
     problems: &mut Vec<Problem>,
 ) -> Option<Database> {
-    let (db, src) = pick(flag, &file.database, label)
-        .unwrap_or_else(|| (DEFAULT_DATABASE.to_string(), "default".into()));
-    Database::parse(&db, &src, "database")
-        .map_err(|p| problems.push(p))
-        .ok()
+    resolve(
+        flag,
+        &file.database,
+        label,
+        DEFAULT_DATABASE,
+        |t, s| Database::parse(t, s, "database"),
+        problems,
+    )
 }
 
 fn resolve_http(
@@ -265,11 +283,14 @@ fn resolve_http(
     label: &str,
     problems: &mut Vec<Problem>,
 ) -> Option<SocketAddr> {
-    let (text, src) = pick(flag, &file.http_listen, label)
-        .unwrap_or_else(|| (DEFAULT_HTTP_LISTEN.to_string(), "default".into()));
-    config::parse_addr(&text, &src, "http_listen", true)
-        .map_err(|p| problems.push(p))
-        .ok()
+    resolve(
+        flag,
+        &file.http_listen,
+        label,
+        DEFAULT_HTTP_LISTEN,
+        |t, s| config::parse_addr(t, s, "http_listen", true),
+        problems,
+    )
 }
 
 fn resolve_serve(args: &ServeArgs) -> Result<ServeConfig, ConfigError> {

@@ -40,8 +40,8 @@ fn bad_broker_config_exits_64_naming_file_and_key_before_binding() {
     let bad = dir.path().join("bad-broker.toml");
     let text = widgetry_server::config::DEFAULT_BROKER_TOML
         .replace(
-            "max_segment_count = 4",
-            "max_segment_count = 4\nmax_segmnt_size = 10",
+            "max_segment_count = 3",
+            "max_segment_count = 3\nmax_segmnt_size = 10",
         )
         .replace("max_inflight_count = 500", "max_inflight_count = -3");
     std::fs::write(&bad, text).expect("write");
