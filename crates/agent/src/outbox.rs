@@ -4,9 +4,7 @@
 //!
 //! While connected, batches are sent in spool order and sent again when not
 //! acknowledged within the ack timeout (the broker may drop messages without
-//! telling anyone), doubling the wait for each resend of the same batch up
-//! to 8× ([`widgetry_proto::resend_after`]) so a slow server is not buried
-//! under copies of its own backlog. When the spool is full its oldest batches are dropped
+//! telling anyone). When the spool is full its oldest batches are dropped
 //! and reported as [`Gap`]s in the next batches until one carrying the
 //! report is acknowledged: data is never dropped silently.
 
@@ -25,8 +23,7 @@ type Key = (SessionId, u64);
 /// The outbox; see the module docs.
 pub struct Outbox {
     spool: Spool,
-    /// When each batch was last published, and how many times.
-    sent_at: HashMap<Key, (Instant, u32)>,
+    sent_at: HashMap<Key, Instant>,
     /// Series ids whose definitions a batch of this run carries.
     defs: HashMap<Key, Vec<u32>>,
     /// Per series id: has a batch carrying its definition been acknowledged?
@@ -169,8 +166,7 @@ impl Outbox {
     }
 
     /// Publishes, in spool order, batches never sent or not acknowledged
-    /// within `timeout` (doubled per resend, see the module docs), keeping at
-    /// most `window` in flight.
+    /// within `timeout`, keeping at most `window` in flight.
     pub fn send(
         &mut self,
         client: &AsyncClient,
@@ -179,13 +175,16 @@ impl Outbox {
         timeout: Duration,
     ) -> Result<(), SpoolError> {
         let now = Instant::now();
-        let waiting = |s: &(Instant, u32)| now - s.0 < widgetry_proto::resend_after(timeout, s.1);
-        let mut in_flight = self.sent_at.values().filter(|s| waiting(s)).count();
+        let mut in_flight = self
+            .sent_at
+            .values()
+            .filter(|t| now - **t < timeout)
+            .count();
         let due: Vec<Key> = self
             .spool
             .pending()
             .map(|e| (e.session, e.seq))
-            .filter(|k| self.sent_at.get(k).is_none_or(|s| !waiting(s)))
+            .filter(|k| self.sent_at.get(k).is_none_or(|t| now - *t >= timeout))
             .take(window.saturating_sub(in_flight))
             .collect();
         for key in due {
@@ -198,8 +197,7 @@ impl Outbox {
             let payload = self.spool.read(entry)?;
             match client.try_publish(topic, QoS::AtLeastOnce, false, payload) {
                 Ok(()) => {
-                    let attempts = self.sent_at.get(&key).map_or(0, |s| s.1);
-                    self.sent_at.insert(key, (now, attempts + 1));
+                    self.sent_at.insert(key, now);
                     in_flight += 1;
                 }
                 // The client's queue is full: try again on the next round.
@@ -235,28 +233,6 @@ mod tests {
 
     fn outbox(dir: &std::path::Path, max: u64) -> Outbox {
         Outbox::new(Spool::open(dir, max, 512).expect("spool").0)
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn unacknowledged_batches_are_resent_with_doubling_waits() {
-        let dir = tempfile::tempdir().expect("dir");
-        let mut o = outbox(dir.path(), 1 << 20);
-        o.push(batch(1, vec![])).expect("push");
-        // Never polled: publishes only queue in the client's channel.
-        let (client, _ev) = AsyncClient::new(rumqttc::MqttOptions::new("t", "127.0.0.1", 1), 100);
-        let timeout = Duration::from_secs(5);
-        let attempts = |o: &Outbox| o.sent_at.get(&(S, 1)).map(|s| s.1);
-        let mut seen = Vec::new();
-        for _ in 0..8 {
-            o.send(&client, "t", 16, timeout).expect("send");
-            seen.push(attempts(&o).unwrap_or(0));
-            tokio::time::advance(timeout).await;
-        }
-        // Sent at 0 s; resent at 5 s (waited 5), 15 s (10), 35 s (20).
-        assert_eq!(seen, vec![1, 2, 2, 3, 3, 3, 3, 4]);
-        o.mark_all_unsent();
-        o.send(&client, "t", 16, timeout).expect("send");
-        assert_eq!(attempts(&o), Some(1), "a reconnect starts over");
     }
 
     #[test]

@@ -171,8 +171,6 @@ struct Pending {
     payload: Vec<u8>,
     first_sent: Instant,
     last_sent: Instant,
-    /// Times published (resends back off like the agent's).
-    attempts: u32,
 }
 
 /// Runs the load; progress lines go to `progress` once a second.
@@ -438,7 +436,7 @@ async fn device_loop(
                 {
                     m.insert((device.to_string(), seq), sent);
                 }
-                pending.insert(seq, Pending { payload, first_sent: sent, last_sent: sent, attempts: 1 });
+                pending.insert(seq, Pending { payload, first_sent: sent, last_sent: sent });
                 next_batch += match burst {
                     Some((from, until, factor)) if (from..until).contains(&next_batch) => {
                         period.div_f64(factor)
@@ -449,13 +447,9 @@ async fn device_loop(
             _ = resend_check.tick() => {
                 if connected {
                     let now = Instant::now();
-                    let due = |p: &&mut Pending| {
-                        now - p.last_sent >= widgetry_proto::resend_after(cfg.ack_timeout, p.attempts)
-                    };
-                    for p in pending.values_mut().filter(due).take(64) {
+                    for p in pending.values_mut().filter(|p| now - p.last_sent >= cfg.ack_timeout).take(64) {
                         if client.try_publish(&samples_topic, cfg.qos, false, p.payload.clone()).is_ok() {
                             p.last_sent = now;
-                            p.attempts += 1;
                             totals.resent.fetch_add(1, Ordering::Relaxed);
                         }
                     }
@@ -470,7 +464,6 @@ async fn device_loop(
                     for p in pending.values_mut() {
                         if client.try_publish(&samples_topic, cfg.qos, false, p.payload.clone()).is_ok() {
                             p.last_sent = now;
-                            p.attempts = 1;
                         }
                     }
                 }
