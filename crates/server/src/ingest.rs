@@ -568,10 +568,15 @@ impl Writer {
             .unwrap_or_else(now_ms);
         let mut new_bindings = Vec::new();
         let mut sessions = HashMap::new();
-        match self
+        self.metrics
+            .ingest_wait
+            .observe(Duration::from_millis((now_ms() - oldest).max(0) as u64));
+        let started = tokio::time::Instant::now();
+        let result = self
             .transaction(items, &mut new_bindings, &mut sessions)
-            .await
-        {
+            .await;
+        self.metrics.ingest_commit.observe(started.elapsed());
+        match result {
             Ok(outcome) => {
                 if self.series_cache.len() + new_bindings.len() > CACHE_LIMIT {
                     self.series_cache.clear();
@@ -594,7 +599,9 @@ impl Writer {
                 m.samples_stored
                     .fetch_add(outcome.samples, Ordering::Relaxed);
                 m.ingest_lag_ms.store(now_ms() - oldest, Ordering::Relaxed);
+                let published = tokio::time::Instant::now();
                 self.publish(outcome).await;
+                self.metrics.ingest_publish.observe(published.elapsed());
             }
             Err(e) => {
                 // Nothing of this transaction is acknowledged: devices resend.

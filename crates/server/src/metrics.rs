@@ -41,6 +41,59 @@ pub struct Metrics {
     pub ws_lost_commits: AtomicU64,
     /// 1 while the ingestor's subscriptions are acknowledged by the broker.
     pub ingest_subscribed: AtomicU64,
+    /// Per transaction: from receiving its oldest message to starting it
+    /// (queue and gathering), writing and committing it, and publishing
+    /// its acks and live messages. Where publish→ack latency is spent.
+    pub ingest_wait: Histogram,
+    pub ingest_commit: Histogram,
+    pub ingest_publish: Histogram,
+}
+
+/// Upper bounds (ms) of the latency histograms' buckets.
+const BUCKETS_MS: [u64; 12] = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000];
+
+/// A fixed-bucket latency histogram of atomics (never blocks or allocates).
+#[derive(Debug, Default)]
+pub struct Histogram {
+    /// Counts per bucket (not cumulative); the last one is +Inf.
+    buckets: [AtomicU64; BUCKETS_MS.len() + 1],
+    sum_us: AtomicU64,
+    count: AtomicU64,
+}
+
+impl Histogram {
+    pub fn observe(&self, d: std::time::Duration) {
+        let ms = d.as_secs_f64() * 1000.0;
+        let i = BUCKETS_MS
+            .iter()
+            .position(|b| ms <= *b as f64)
+            .unwrap_or(BUCKETS_MS.len());
+        self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        self.sum_us.fetch_add(
+            d.as_micros().min(u64::MAX as u128) as u64,
+            Ordering::Relaxed,
+        );
+        self.count.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn render(&self, out: &mut String, name: &str, help: &str) {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        let mut cumulative = 0;
+        for (i, b) in self.buckets.iter().enumerate() {
+            cumulative += b.load(Ordering::Relaxed);
+            let le = BUCKETS_MS
+                .get(i)
+                .map(|ms| format!("{}", *ms as f64 / 1000.0))
+                .unwrap_or_else(|| "+Inf".into());
+            let _ = writeln!(out, "{name}_bucket{{le=\"{le}\"}} {cumulative}");
+        }
+        let sum = self.sum_us.load(Ordering::Relaxed) as f64 / 1e6;
+        let _ = writeln!(
+            out,
+            "{name}_sum {sum}\n{name}_count {}",
+            self.count.load(Ordering::Relaxed)
+        );
+    }
 }
 
 impl Metrics {
@@ -183,6 +236,21 @@ impl Metrics {
             "# HELP widgetry_ingest_lag_seconds Receive-to-commit time of the oldest message in the last commit.\n# TYPE widgetry_ingest_lag_seconds gauge\nwidgetry_ingest_lag_seconds {}",
             self.ingest_lag_ms.load(Ordering::Relaxed) as f64 / 1000.0
         );
+        self.ingest_wait.render(
+            &mut out,
+            "widgetry_ingest_wait_seconds",
+            "Per transaction: from receiving its oldest message to starting the transaction.",
+        );
+        self.ingest_commit.render(
+            &mut out,
+            "widgetry_ingest_commit_seconds",
+            "Per transaction: writing and committing it.",
+        );
+        self.ingest_publish.render(
+            &mut out,
+            "widgetry_ingest_publish_seconds",
+            "Per transaction: publishing its acks, live messages and error reports after the commit.",
+        );
         out
     }
 }
@@ -207,5 +275,26 @@ mod tests {
             "{text}"
         );
         assert_eq!(m.rejects("bad_json"), 2);
+    }
+
+    #[test]
+    fn histograms_render_cumulative_buckets() {
+        let m = Metrics::default();
+        for ms in [0, 3, 3, 70, 9000] {
+            m.ingest_commit
+                .observe(std::time::Duration::from_millis(ms));
+        }
+        let text = m.render();
+        for line in [
+            "widgetry_ingest_commit_seconds_bucket{le=\"0.001\"} 1",
+            "widgetry_ingest_commit_seconds_bucket{le=\"0.005\"} 3",
+            "widgetry_ingest_commit_seconds_bucket{le=\"0.1\"} 4",
+            "widgetry_ingest_commit_seconds_bucket{le=\"5\"} 4",
+            "widgetry_ingest_commit_seconds_bucket{le=\"+Inf\"} 5",
+            "widgetry_ingest_commit_seconds_sum 9.076",
+            "widgetry_ingest_commit_seconds_count 5",
+        ] {
+            assert!(text.contains(line), "missing {line}: {text}");
+        }
     }
 }
