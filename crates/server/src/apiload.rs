@@ -96,10 +96,7 @@ pub async fn run(
     done: Counter,
 ) -> ApiReport {
     tokio::time::sleep_until(from).await;
-    let addr = base
-        .trim_start_matches("http://")
-        .trim_end_matches('/')
-        .to_string();
+    let addr = host_port(base).to_string();
     let start = Instant::now();
     let ws_clients = clients / 4;
     let mut tasks = tokio::task::JoinSet::new();
@@ -168,11 +165,11 @@ async fn http_client(
         let device = &devices[(i * 7919) % devices.len()];
         i += 1;
         let t0 = Instant::now();
-        let res = get(addr, &ep.path(device, now_ms())).await;
+        let res = get_json(addr, &ep.path(device, now_ms())).await;
         let ms = t0.elapsed().as_secs_f64() * 1000.0;
         let s = stats.entry(ep).or_default();
         match res {
-            Ok(()) => s.latency_ms.push(ms),
+            Ok(_) => s.latency_ms.push(ms),
             Err(e) => {
                 s.errors += 1;
                 s.first_error.get_or_insert(e);
@@ -185,8 +182,13 @@ async fn http_client(
     stats
 }
 
-/// One HTTP/1.0 GET whose answer must be 200 with a JSON body.
-async fn get(addr: &str, path: &str) -> Result<(), String> {
+/// `HOST:PORT` of a web service base URL (`http://HOST:PORT/`).
+pub(crate) fn host_port(base: &str) -> &str {
+    base.trim_start_matches("http://").trim_end_matches('/')
+}
+
+/// One HTTP/1.0 GET whose answer must be 200 with a JSON body, within 30 s.
+pub(crate) async fn get_json(addr: &str, path: &str) -> Result<serde_json::Value, String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let io = async {
         let mut s = tokio::net::TcpStream::connect(addr).await?;
@@ -208,9 +210,7 @@ async fn get(addr: &str, path: &str) -> Result<(), String> {
     if status != "200" {
         return Err(format!("{path}: HTTP {status}"));
     }
-    serde_json::from_str::<serde_json::Value>(body)
-        .map(|_| ())
-        .map_err(|e| format!("{path}: body is not JSON: {e}"))
+    serde_json::from_str(body).map_err(|e| format!("{path}: body is not JSON: {e}"))
 }
 
 /// Follows one device's live feed; returns (messages, lost notices,

@@ -570,9 +570,7 @@ impl Database {
             )))
         }
     }
-}
 
-impl Database {
     /// The value to pass back as `--database` (with any password: keep it
     /// out of logs; `Display` redacts it).
     pub fn to_arg(&self) -> String {

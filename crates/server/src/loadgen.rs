@@ -519,10 +519,7 @@ async fn watch_live(
 ) -> (Vec<f64>, u64) {
     use futures_util::{SinkExt, StreamExt};
     use tokio_tungstenite::tungstenite::Message;
-    let url = format!(
-        "ws://{}/api/v1/live",
-        base.trim_start_matches("http://").trim_end_matches('/')
-    );
+    let url = format!("ws://{}/api/v1/live", crate::apiload::host_port(&base));
     let mut lat = Vec::new();
     let mut seen: std::collections::HashSet<(String, u64)> = Default::default();
     let mut dup = 0;
@@ -575,16 +572,13 @@ async fn read_back(
     per_series: u64,
     from: i64,
 ) -> (u64, u64) {
-    let addr = base
-        .trim_start_matches("http://")
-        .trim_end_matches('/')
-        .to_string();
+    let addr = crate::apiload::host_port(base);
     let mut dup = 0;
     let mut missing = 0;
     for (device, (acked, _)) in per_device {
         let path =
             format!("/api/v1/series?device={device}&series=load.s0&from={from}&max_points=100000");
-        let count = match http_points(&addr, &path).await {
+        let count = match http_points(addr, &path).await {
             Some(c) => c,
             None => {
                 missing += acked;
@@ -603,15 +597,6 @@ async fn read_back(
 
 /// Number of points a series query returns.
 async fn http_points(addr: &str, path: &str) -> Option<u64> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: loadgen\r\n\r\n").as_bytes())
-        .await
-        .ok()?;
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw).await.ok()?;
-    let text = String::from_utf8_lossy(&raw);
-    let body = text.split_once("\r\n\r\n")?.1;
-    let v: serde_json::Value = serde_json::from_str(body).ok()?;
+    let v = crate::apiload::get_json(addr, path).await.ok()?;
     Some(v["points"].as_array()?.len() as u64)
 }

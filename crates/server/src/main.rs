@@ -659,28 +659,24 @@ fn main() -> ExitCode {
             };
         }
         Cmd::Serve(args) => resolve_serve(args).map(|c| Role::Serve(Box::new(c))),
-        Cmd::Ingest(args) => resolve_ingest(args).map(|(c, d)| Role::Ingest(c, d)),
-        Cmd::Web(args) => resolve_web(args).map(|(h, d, b)| Role::Web(h, d, b)),
+        Cmd::Ingest(args) => match resolve_ingest(args) {
+            Ok((c, db)) if args.check => {
+                println!(
+                    "configuration ok: ingest broker {}:{} database {db}",
+                    c.broker_host, c.broker_port
+                );
+                return ExitCode::SUCCESS;
+            }
+            r => r.map(|(c, d)| Role::Ingest(c, d)),
+        },
+        Cmd::Web(args) => match resolve_web(args) {
+            Ok((http, db, _)) if args.check => {
+                println!("configuration ok: web http {http} database {db}");
+                return ExitCode::SUCCESS;
+            }
+            r => r.map(|(h, d, b)| Role::Web(h, d, b)),
+        },
     };
-    let check = match &cli.cmd {
-        Cmd::Ingest(a) => a.check,
-        Cmd::Web(a) => a.check,
-        _ => false,
-    };
-    match (&role, check) {
-        (Ok(Role::Ingest(c, db)), true) => {
-            println!(
-                "configuration ok: ingest broker {}:{} database {db}",
-                c.broker_host, c.broker_port
-            );
-            return ExitCode::SUCCESS;
-        }
-        (Ok(Role::Web(http, db, _)), true) => {
-            println!("configuration ok: web http {http} database {db}");
-            return ExitCode::SUCCESS;
-        }
-        _ => {}
-    }
     let role = match role {
         Ok(r) => r,
         Err(e) => return config_failure(e),

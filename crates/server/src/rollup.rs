@@ -117,13 +117,13 @@ impl Rollups {
     /// Merges the deltas into the rollup tables (inside the caller's
     /// transaction) and clears them.
     pub async fn flush(&mut self, conn: &mut AnyConnection) -> Result<(), sqlx::Error> {
+        let backend = crate::store::Backend::of(conn);
         for res in Resolution::ALL {
             let map = match res {
                 Resolution::Minute => &mut self.minute,
                 Resolution::Hour => &mut self.hour,
             };
             let rows: Vec<((i64, i64), Agg)> = map.drain().collect();
-            let backend = crate::store::Backend::of(conn);
             for chunk in rows.chunks(ROWS_PER_STATEMENT) {
                 let t = res.table();
                 let values: Vec<String> = (0..chunk.len())

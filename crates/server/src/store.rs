@@ -79,6 +79,10 @@ impl Store {
             path: label.clone(),
             source,
         };
+        let migrate_err = |source| StoreError::Migrate {
+            path: label.clone(),
+            source,
+        };
         let store = match db {
             Database::Sqlite(path) => {
                 let url = |read_only: bool| {
@@ -111,10 +115,7 @@ impl Store {
                 })?;
                 let migrated = sqlx::migrate!("./migrations/sqlite").run(&writer).await;
                 drop(lock);
-                migrated.map_err(|source| StoreError::Migrate {
-                    path: label.clone(),
-                    source,
-                })?;
+                migrated.map_err(migrate_err)?;
                 Store {
                     backend: Backend::Sqlite,
                     writer,
@@ -134,10 +135,7 @@ impl Store {
                 sqlx::migrate!("./migrations/postgres")
                     .run(&writer)
                     .await
-                    .map_err(|source| StoreError::Migrate {
-                        path: label.clone(),
-                        source,
-                    })?;
+                    .map_err(migrate_err)?;
                 Store {
                     backend: Backend::Postgres,
                     writer,
@@ -147,10 +145,6 @@ impl Store {
             }
         };
         Ok(store)
-    }
-
-    pub fn backend(&self) -> Backend {
-        self.backend
     }
 
     /// Starts a write transaction that excludes every other writer until

@@ -309,9 +309,10 @@ async fn full_spool_reports_the_gap_and_keeps_going() {
     // stopped, and /api/v1/devices may answer from its 1 s cache, so wait
     // (with a deadline) for the final figures: stored + lost = taken,
     // nothing unaccounted for.
-    let mut last = None;
-    let settled = tokio::time::timeout(Duration::from_secs(10), async {
-        loop {
+    let (device, lost) = wait_for(
+        "stored + lost = samples taken",
+        Duration::from_secs(10),
+        || async {
             let (_, body) = http_get_json(serve.http, "/api/v1/devices").await;
             let device = body
                 .as_array()
@@ -319,17 +320,10 @@ async fn full_spool_reports_the_gap_and_keeps_going() {
                 .expect("device tiny");
             let lost = device["lost_samples"].as_u64().expect("lost_samples");
             let stored = stored_samples_without_duplicates(serve.http, "tiny").await as u64;
-            if stored + lost == report.samples_taken {
-                return (device, lost);
-            }
-            last = Some((stored, lost));
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    })
+            (stored + lost == report.samples_taken).then_some((device, lost))
+        },
+    )
     .await;
-    let (device, lost) = settled.unwrap_or_else(|_| {
-        panic!("stored + lost never equalled taken (last stored, lost: {last:?}): {report:?}")
-    });
     // The agent counts every batch it dropped; the server counts only those
     // it never received (some reached it before the agent dropped them).
     assert!(
