@@ -27,6 +27,9 @@ const serverLog = [];
 let browser;
 let page;
 let stepName = "start";
+let base = "";
+// The last websocket frames the page received, for the failure report.
+const frames = [];
 
 const log = (msg) => console.log(`[${((Date.now() - t0) / 1000).toFixed(1).padStart(5)} s] ${msg}`);
 
@@ -92,7 +95,7 @@ async function main() {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), "widgetry-e2e-"));
   const mqtt = await freePort();
   const http = await freePort();
-  const base = `http://127.0.0.1:${http}`;
+  base = `http://127.0.0.1:${http}`;
 
   await step("serve starts and answers /healthz", async () => {
     start(WIDGETRY, ["serve", "--mqtt-listen", `127.0.0.1:${mqtt}`, "--http-listen", `127.0.0.1:${http}`, "--database", path.join(dir, "w.db")], "serve");
@@ -112,6 +115,15 @@ async function main() {
   });
   page = await browser.newPage({ viewport: { width: 1600, height: 1000 } });
   page.on("pageerror", (e) => serverLog.push(`browser: page error: ${e.message}`));
+  page.on("console", (m) => serverLog.push(`browser: console.${m.type()}: ${m.text()}`));
+  page.on("websocket", (ws) => {
+    const at = () => ((Date.now() - t0) / 1000).toFixed(1);
+    frames.push(`${at()} s open ${ws.url()}`);
+    ws.on("framesent", (f) => frames.push(`${at()} s sent ${String(f.payload).slice(0, 200)}`));
+    ws.on("framereceived", (f) => frames.push(`${at()} s recv ${String(f.payload).slice(0, 200)}`));
+    ws.on("close", () => frames.push(`${at()} s closed`));
+    if (frames.length > 400) frames.splice(0, frames.length - 400);
+  });
 
   await step("fleet lists both devices online", async () => {
     await page.goto(`${base}/`);
@@ -184,6 +196,10 @@ main()
   .catch(async (e) => {
     console.error(`\nFAILED at step "${stepName}": ${e.message}`);
     if (page) await page.screenshot({ path: path.join(ARTIFACTS, "failure.png") }).catch(() => {});
+    const devices = await fetch(`${base}/api/v1/devices`).then((r) => r.text()).catch((e) => String(e));
+    console.error(`--- GET /api/v1/devices: ${devices.slice(0, 600)}`);
+    console.error("--- last 40 websocket frames of the page ---");
+    console.error(frames.slice(-40).join("\n"));
     console.error("--- last 50 lines of server/agent stderr ---");
     console.error(serverLog.slice(-50).join("\n"));
     await browser?.close().catch(() => {});

@@ -1,6 +1,7 @@
 import { describe, expect, it } from "vitest";
 import {
   Cursor,
+  LiveStates,
   type FleetDevice,
   backoffDelay,
   filterFleet,
@@ -150,5 +151,33 @@ describe("fleet sorting and filtering", () => {
     expect(filterFleet(list, "RACK", "all").map((d) => d.device)).toEqual(["b-2"]);
     expect(filterFleet(list, "", "online").map((d) => d.device)).toEqual(["b-10", "a"]);
     expect(filterFleet(list, "b-", "offline").map((d) => d.device)).toEqual(["b-2"]);
+  });
+});
+
+describe("LiveStates", () => {
+  it("a status received while a snapshot was in flight wins over the snapshot", () => {
+    const b = new LiveStates();
+    const mark = b.mark();
+    b.note("d1", "offline");
+    expect(b.resolve("d1", "online", mark)).toBe("offline");
+  });
+  it("a snapshot requested after the status is newer and wins", () => {
+    const b = new LiveStates();
+    b.note("d1", "offline");
+    const mark = b.mark();
+    expect(b.resolve("d1", "online", mark)).toBe("online");
+  });
+  it("devices without live statuses keep the snapshot state", () => {
+    const b = new LiveStates();
+    const mark = b.mark();
+    b.note("d1", "offline");
+    expect(b.resolve("d2", "online", mark)).toBe("online");
+  });
+  it("the latest live status counts", () => {
+    const b = new LiveStates();
+    const mark = b.mark();
+    b.note("d1", "offline");
+    b.note("d1", "online");
+    expect(b.resolve("d1", "offline", mark)).toBe("online");
   });
 });

@@ -95,6 +95,34 @@ export class Cursor {
   }
 }
 
+/**
+ * Online/offline states received live, kept so that a snapshot fetched from
+ * the API (which can be up to a second old: the server shares fleet-wide
+ * answers) never overwrites a newer live status. Take a `mark()` before
+ * sending the request; `resolve` keeps the live state of every device whose
+ * status arrived after that mark.
+ */
+export class LiveStates {
+  private clock = 0;
+  private latest = new Map<string, { state: string; at: number }>();
+
+  /** Records a live status message. */
+  note(device: string, state: string): void {
+    this.latest.set(device, { state, at: ++this.clock });
+  }
+
+  /** A point in the sequence of live messages, taken before a request. */
+  mark(): number {
+    return this.clock;
+  }
+
+  /** The state to show for a snapshot state requested at `mark`. */
+  resolve(device: string, snapshotState: string, mark: number): string {
+    const l = this.latest.get(device);
+    return l && l.at > mark ? l.state : snapshotState;
+  }
+}
+
 export type RangeKey = "5m" | "1h" | "24h" | "7d";
 
 export const RANGES: Record<RangeKey, number> = {
