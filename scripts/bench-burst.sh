@@ -28,7 +28,7 @@ cp broker.toml "$work/broker.toml"
 if [ -n "$seg" ]; then
   sed -i "s/^max_segment_size = .*/max_segment_size = $seg/; s/^max_segment_count = .*/max_segment_count = $count/" "$work/broker.toml"
 fi
-label="max_segment_size $(awk '/^max_segment_size/ {print $3}' "$work/broker.toml"), max_segment_count $(awk '/^max_segment_count/ {print $3}' "$work/broker.toml")"
+label="max_segment_size $(awk '/^max_segment_size/ {print $3; exit}' "$work/broker.toml"), max_segment_count $(awk '/^max_segment_count/ {print $3; exit}' "$work/broker.toml")"
 
 m=$(free_port); h=$(free_port)
 "$w" serve --broker-config "$work/broker.toml" --mqtt-listen 127.0.0.1:$m --http-listen 127.0.0.1:$h \

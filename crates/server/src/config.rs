@@ -688,6 +688,15 @@ mod tests {
         let cfg = parse_broker_config(&BrokerSource::BuiltIn, DEFAULT_BROKER_TOML, None)
             .expect("the shipped broker.toml must be valid");
         assert_eq!(cfg.mqtt_listen.to_string(), DEFAULT_MQTT_LISTEN);
+        // Per-device ack logs stay small (memory grows with the fleet otherwise).
+        let ack = cfg
+            .rumqttd
+            .router
+            .custom_segment
+            .as_ref()
+            .and_then(|c| c.get(&widgetry_proto::topic::TopicKind::Ack.filter()))
+            .expect("a custom segment for the ack filter");
+        assert!(ack.max_segment_size * ack.max_segment_count <= 8192);
         let over: SocketAddr = "127.0.0.1:4444".parse().expect("addr");
         let cfg = parse_broker_config(&BrokerSource::BuiltIn, DEFAULT_BROKER_TOML, Some(over))
             .expect("valid");
