@@ -28,8 +28,12 @@ let browser;
 let page;
 let stepName = "start";
 let base = "";
-// The last websocket frames the page received, for the failure report.
+// The last websocket frames of the page, for the failure report.
 const frames = [];
+const frame = (line) => {
+  frames.push(line);
+  if (frames.length > 400) frames.splice(0, frames.length - 400);
+};
 
 const log = (msg) => console.log(`[${((Date.now() - t0) / 1000).toFixed(1).padStart(5)} s] ${msg}`);
 
@@ -118,11 +122,10 @@ async function main() {
   page.on("console", (m) => serverLog.push(`browser: console.${m.type()}: ${m.text()}`));
   page.on("websocket", (ws) => {
     const at = () => ((Date.now() - t0) / 1000).toFixed(1);
-    frames.push(`${at()} s open ${ws.url()}`);
-    ws.on("framesent", (f) => frames.push(`${at()} s sent ${String(f.payload).slice(0, 200)}`));
-    ws.on("framereceived", (f) => frames.push(`${at()} s recv ${String(f.payload).slice(0, 200)}`));
-    ws.on("close", () => frames.push(`${at()} s closed`));
-    if (frames.length > 400) frames.splice(0, frames.length - 400);
+    frame(`${at()} s open ${ws.url()}`);
+    ws.on("framesent", (f) => frame(`${at()} s sent ${String(f.payload).slice(0, 200)}`));
+    ws.on("framereceived", (f) => frame(`${at()} s recv ${String(f.payload).slice(0, 200)}`));
+    ws.on("close", () => frame(`${at()} s closed`));
   });
 
   await step("fleet lists both devices online", async () => {

@@ -8,7 +8,6 @@ import { CanvasRenderer } from "echarts/renderers";
 
 import * as api from "./api";
 import {
-  LiveStates,
   type Point,
   type RangeKey,
   RANGES,
@@ -67,7 +66,6 @@ export function mountDevice(root: HTMLElement, live: Live, id: string): () => vo
   let events: api.AppEvent[] = [];
   let info: api.DeviceInfo | undefined;
   let loadGen = 0;
-  const states = new LiveStates();
 
   const window_ = (): [number, number] => (range.live ? rangeFor(range.key, Date.now()) : [range.from, range.to]);
 
@@ -180,7 +178,7 @@ export function mountDevice(root: HTMLElement, live: Live, id: string): () => vo
       c.line = [];
       c.band = [];
     }
-    const mark = states.mark();
+    const mark = live.states.mark();
     info = await api.device(id).catch(() => undefined);
     if (gen !== loadGen) return;
     if (!info) {
@@ -188,7 +186,7 @@ export function mountDevice(root: HTMLElement, live: Live, id: string): () => vo
       return;
     }
     // A status that arrived live while this request was in flight is newer.
-    info.state = states.resolve(id, info.state, mark);
+    info.state = live.states.resolve(id, info.state, mark);
     setState(info.state);
     showMeta();
     const [from, to] = window_();
@@ -231,7 +229,6 @@ export function mountDevice(root: HTMLElement, live: Live, id: string): () => vo
         schedule();
       },
       status: (m) => {
-        states.note(m.device, m.state);
         setState(m.state);
         if (info) info.state = m.state;
       },

@@ -3,7 +3,6 @@
 // status messages.
 import * as api from "./api";
 import {
-  LiveStates,
   type FleetDevice,
   type SortKey,
   filterFleet,
@@ -54,7 +53,6 @@ export function mountFleet(root: HTMLElement, live: Live): () => void {
   let view: FleetDevice[] = [];
   let sortKey: SortKey = "device";
   let asc = true;
-  const states = new LiveStates();
   let serverSkew = 0; // server now - local now
   const rows = new Map<number, HTMLElement>();
 
@@ -99,11 +97,11 @@ export function mountFleet(root: HTMLElement, live: Live): () => void {
 
   const load = async () => {
     try {
-      const mark = states.mark();
+      const mark = live.states.mark();
       const r = await api.fleet();
       serverSkew = r.now - Date.now();
       // Statuses that arrived live while the request was in flight are newer.
-      for (const d of r.devices) d.state = states.resolve(d.device, d.state, mark);
+      for (const d of r.devices) d.state = live.states.resolve(d.device, d.state, mark);
       all = r.devices;
       recompute();
     } catch (e) {
@@ -130,7 +128,6 @@ export function mountFleet(root: HTMLElement, live: Live): () => void {
     { devices: null, series: [], status: true, events: false },
     {
       status: (m) => {
-        states.note(m.device, m.state);
         const d = all.find((x) => x.device === m.device);
         if (d) {
           d.state = m.state;

@@ -1,7 +1,7 @@
 // The live connection (`api/v1/live` websocket): one socket for the page,
 // reconnecting with backoff and resuming from its cursor, so no committed
 // sample is missed or received twice across reconnects.
-import { Cursor, backoffDelay, type Point } from "./data";
+import { Cursor, LiveStates, backoffDelay, type Point } from "./data";
 
 export interface Subscription {
   devices: string[] | null;
@@ -37,6 +37,9 @@ export class Live {
   private timer: ReturnType<typeof setTimeout> | null = null;
   private stopped = false;
   onState: (s: ConnState) => void = () => {};
+  /** Every online/offline status received, so views can tell whether an
+   * API snapshot is older than what arrived live. */
+  readonly states = new LiveStates();
 
   constructor(private url: string = Live.defaultUrl()) {}
 
@@ -107,6 +110,7 @@ export class Live {
         if (this.cursor.accept(m.commit as number)) this.handlers.samples?.(m as unknown as SamplesMsg);
         break;
       case "status":
+        this.states.note(m.device as string, m.state as string);
         this.handlers.status?.(m as never);
         break;
       case "event":
