@@ -150,22 +150,10 @@ fn status(cfg_session: SessionId, state: State) -> Vec<u8> {
     serde_json::to_vec(&st).unwrap_or_default()
 }
 
-/// Milliseconds since the Unix epoch.
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
+pub use widgetry_common::now_ms;
 
-/// Reconnect delay with jitter: up to 200 ms doubling to 30 s.
-fn backoff(attempt: u32, seed: &mut u64) -> Duration {
-    *seed ^= *seed << 13;
-    *seed ^= *seed >> 7;
-    *seed ^= *seed << 17;
-    let cap = (100u64 << attempt.min(9)).min(30_000);
-    Duration::from_millis(cap / 2 + *seed % (cap / 2 + 1))
-}
+/// Longest wait between reconnect attempts.
+const RECONNECT_CAP: Duration = Duration::from_secs(30);
 
 /// Runs the agent until `shutdown` resolves; then publishes what it has,
 /// waits up to `drain` for acknowledgements, marks itself offline and
@@ -202,8 +190,7 @@ pub async fn run(
     // mid-handshake by another select! branch, or the connection is torn
     // down and made again (and rumqttd then loses the new connection's will).
     let (link_tx, mut link) = mpsc::channel(256);
-    let seed = u64::from_le_bytes(session.0[..8].try_into().unwrap_or([7; 8])) | 1;
-    let conn = tokio::spawn(drive(events, ack_topic.clone(), link_tx, seed));
+    let conn = tokio::spawn(drive(events, ack_topic.clone(), link_tx));
 
     let segment_bytes = (cfg.spool_max_bytes / 8).clamp(4096, 1 << 20);
     let (spool, recovery) = Spool::open(&cfg.spool_dir, cfg.spool_max_bytes, segment_bytes)?;
@@ -456,7 +443,7 @@ enum Link {
 }
 
 /// Drives the MQTT event loop, reconnecting with jittered backoff.
-async fn drive(mut events: EventLoop, ack_topic: String, tx: mpsc::Sender<Link>, mut seed: u64) {
+async fn drive(mut events: EventLoop, ack_topic: String, tx: mpsc::Sender<Link>) {
     let mut failures = 0u32;
     loop {
         let report = match events.poll().await {
@@ -480,7 +467,7 @@ async fn drive(mut events: EventLoop, ack_topic: String, tx: mpsc::Sender<Link>,
                 }
                 failures += 1;
                 let _ = tx.send(Link::Disconnected).await;
-                tokio::time::sleep(backoff(failures, &mut seed)).await;
+                tokio::time::sleep(widgetry_common::backoff(failures, RECONNECT_CAP)).await;
                 None
             }
         };

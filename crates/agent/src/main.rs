@@ -48,30 +48,14 @@ OPTIONS:
 Exit status: 0 after a clean shutdown (SIGINT/SIGTERM), 64 on bad arguments.
 ";
 
-/// Parses "1s", "250ms", "2m", "1h" or a bare number of seconds.
+/// Parses "1s", "250ms", "2m", "1h" or a bare number of seconds, above
+/// 0 and at most a day.
 fn parse_duration(text: &str) -> Result<Duration, String> {
-    let (num, unit) = match text.find(|c: char| !c.is_ascii_digit() && c != '.') {
-        Some(i) => text.split_at(i),
-        None => (text, "s"),
-    };
-    let n: f64 = num
-        .parse()
-        .map_err(|_| format!("{text:?} is not a duration (e.g. 1s, 500ms, 2m)"))?;
-    let secs = match unit {
-        "ms" => n / 1000.0,
-        "s" => n,
-        "m" => n * 60.0,
-        "h" => n * 3600.0,
-        _ => {
-            return Err(format!(
-                "{text:?}: unknown unit {unit:?} (use ms, s, m or h)"
-            ));
-        }
-    };
-    if !(secs > 0.0 && secs <= 86_400.0) {
+    let d = widgetry_common::parse_duration(text)?;
+    if d.is_zero() || d > Duration::from_secs(86_400) {
         return Err(format!("{text:?} is out of range (above 0, at most 24h)"));
     }
-    Ok(Duration::from_secs_f64(secs))
+    Ok(d)
 }
 
 /// Every setting, as a flag name without `--`; the same names (with `_`

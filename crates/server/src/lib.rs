@@ -14,7 +14,6 @@ pub mod loadgen;
 pub mod metrics;
 pub mod rollup;
 pub mod store;
-pub mod util;
 pub mod web;
 
 use std::net::SocketAddr;
@@ -33,6 +32,9 @@ use crate::store::Store;
 
 /// How long roles get to drain after a shutdown request.
 pub const DRAIN_DEADLINE: Duration = Duration::from_secs(10);
+
+/// Longest wait between reconnect attempts to the broker.
+pub const RECONNECT_CAP: Duration = Duration::from_secs(10);
 
 /// Errors that stop a role.
 #[derive(Debug, thiserror::Error)]

@@ -27,7 +27,7 @@ use widgetry_proto::json::{Live, parse_status};
 use widgetry_proto::{Topic, TopicKind};
 
 use crate::store::{CommittedBatch, Store, StoreError};
-use crate::util::backoff;
+use widgetry_common::backoff;
 
 /// Messages kept for each websocket client before it starts losing them.
 pub const CLIENT_BUFFER: usize = 2048;
@@ -254,12 +254,12 @@ async fn handle(hub: &Hub, store: &Store, topic: &str, payload: &[u8]) {
                 hub.emit(HubMsg::Status {
                     device: t.device.to_string(),
                     state: s.state.as_str().to_string(),
-                    ts: crate::util::now_ms(),
+                    ts: widgetry_common::now_ms(),
                 });
             }
         }
         TopicKind::Events => {
-            let now = crate::util::now_ms();
+            let now = widgetry_common::now_ms();
             if let Ok((_, events)) =
                 widgetry_proto::json::parse_events(payload, &Default::default(), now)
             {
@@ -321,7 +321,7 @@ async fn drive_mqtt(
                 warn!(error = %e, attempt = failures, "live bridge lost the broker; reconnecting");
                 tokio::select! {
                     _ = shutdown.cancelled() => break,
-                    _ = tokio::time::sleep(backoff(failures)) => {}
+                    _ = tokio::time::sleep(backoff(failures, crate::RECONNECT_CAP)) => {}
                 }
             }
         }

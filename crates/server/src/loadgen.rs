@@ -15,7 +15,7 @@ use tokio::time::Instant;
 use widgetry_proto::json::Ack;
 use widgetry_proto::{BatchBuilder, SeriesKey, SessionId, Topic, TopicKind};
 
-use crate::util::{backoff, now_ms};
+use widgetry_common::{backoff, now_ms};
 
 /// Loadgen settings.
 #[derive(Debug, Clone)]
@@ -383,7 +383,7 @@ async fn device_loop(
                     if ev_tx.is_closed() {
                         return;
                     }
-                    tokio::time::sleep(backoff(failures)).await;
+                    tokio::time::sleep(backoff(failures, crate::RECONNECT_CAP)).await;
                 }
             }
         }

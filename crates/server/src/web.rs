@@ -25,7 +25,7 @@ use crate::live::{Hub, HubMsg, Subscription};
 use crate::metrics::Metrics;
 use crate::rollup::{Agg, Plan};
 use crate::store::{DeviceInfo, Store, StoreError};
-use crate::util::now_ms;
+use widgetry_common::now_ms;
 
 // The dashboard: every file of `web-ui/dist/`, embedded by build.rs.
 include!(concat!(env!("OUT_DIR"), "/assets.rs"));

@@ -1,0 +1,145 @@
+//! Helpers shared by every Widgetry crate (agent, server, load generator):
+//! wall-clock time, reconnect backoff with jitter, duration and `HOST:PORT`
+//! parsing. One tested copy of each.
+//!
+//! No dependencies and no async runtime: the agent links it, and its
+//! binary must stay small.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+/// Milliseconds since the Unix epoch (0 if the clock is before it).
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+/// Process-wide jitter state (splitmix64), seeded from the clock and the
+/// process id on first use.
+static JITTER: AtomicU64 = AtomicU64::new(0);
+
+/// A pseudo-random u64 for jitter (not for anything secret).
+pub fn jitter_u64() -> u64 {
+    if JITTER.load(Ordering::Relaxed) == 0 {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(1);
+        let seed = nanos ^ (u64::from(std::process::id()) << 32) | 1;
+        let _ = JITTER.compare_exchange(0, seed, Ordering::Relaxed, Ordering::Relaxed);
+    }
+    let mut z = JITTER
+        .fetch_add(0x9E37_79B9_7F4A_7C15, Ordering::Relaxed)
+        .wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// Reconnect delay before attempt `attempt` (1, 2, …): exponential with
+/// jitter, 100–200 ms at first, doubling up to `cap`, always in
+/// `[limit/2, limit]` so many clients reconnecting at once spread out.
+pub fn backoff(attempt: u32, cap: Duration) -> Duration {
+    let cap_ms = u64::try_from(cap.as_millis()).unwrap_or(u64::MAX).max(2);
+    let limit = (100u64 << attempt.min(20)).min(cap_ms);
+    Duration::from_millis(limit / 2 + jitter_u64() % (limit / 2 + 1))
+}
+
+/// Parses a duration: a number with a unit `ms`, `s`, `m`, `h`, `d` or `w`
+/// (`250ms`, `1.5s`, `30d`), or a bare number of seconds. The error says
+/// what was wrong and gives examples.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let (num, unit) = match text.find(|c: char| !c.is_ascii_digit() && c != '.') {
+        Some(i) => text.split_at(i),
+        None => (text, "s"),
+    };
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration (e.g. 500ms, 10s, 2m, 30d)"))?;
+    let scale = match unit {
+        "ms" => 0.001,
+        "s" => 1.0,
+        "m" => 60.0,
+        "h" => 3_600.0,
+        "d" => 86_400.0,
+        "w" => 604_800.0,
+        _ => {
+            return Err(format!(
+                "{text:?}: unknown unit {unit:?} (use ms, s, m, h, d or w)"
+            ));
+        }
+    };
+    let secs = n * scale;
+    if !secs.is_finite() || secs > 1e12 {
+        return Err(format!("{text:?} is too long"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+/// Parses `HOST:PORT` (an IPv6 host may be bracketed: `[::1]:1883`); the
+/// port must be 1–65535.
+pub fn parse_host_port(text: &str) -> Result<(String, u16), String> {
+    match text.rsplit_once(':').map(|(h, p)| (h, p.parse::<u16>())) {
+        Some((host, Ok(port))) if !host.is_empty() && port != 0 => {
+            Ok((host.trim_matches(['[', ']']).to_string(), port))
+        }
+        _ => Err(format!(
+            "{text:?} is not HOST:PORT with a port of 1-65535 (e.g. 127.0.0.1:1883)"
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        let cap = Duration::from_secs(10);
+        for attempt in 1..30 {
+            let d = backoff(attempt, cap).as_millis() as u64;
+            let limit = (100u64 << attempt.min(20)).min(10_000);
+            assert!(d >= limit / 2 && d <= limit, "attempt {attempt}: {d} ms");
+        }
+        let spread: std::collections::BTreeSet<u128> =
+            (0..50).map(|_| backoff(8, cap).as_millis()).collect();
+        assert!(spread.len() > 10, "jitter spreads delays: {spread:?}");
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("30d"), Ok(Duration::from_secs(30 * 86_400)));
+        assert_eq!(parse_duration("7"), Ok(Duration::from_secs(7)));
+        assert!(parse_duration("5y").unwrap_err().contains("unknown unit"));
+        assert!(
+            parse_duration("abc")
+                .unwrap_err()
+                .contains("not a duration")
+        );
+        assert!(parse_duration("").is_err());
+        assert!(parse_duration("1e300s").is_err());
+    }
+
+    #[test]
+    fn host_ports() {
+        assert_eq!(
+            parse_host_port("127.0.0.1:1883"),
+            Ok(("127.0.0.1".into(), 1883))
+        );
+        assert_eq!(parse_host_port("[::1]:8080"), Ok(("::1".into(), 8080)));
+        assert_eq!(parse_host_port("broker:1"), Ok(("broker".into(), 1)));
+        for bad in ["", "host", ":1883", "host:0", "host:65536", "host:x"] {
+            assert!(parse_host_port(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn now_is_after_2020() {
+        assert!(now_ms() > 1_577_836_800_000);
+    }
+}
