@@ -115,10 +115,14 @@ mod tests {
         assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
         assert_eq!(parse_duration("30d"), Ok(Duration::from_secs(30 * 86_400)));
         assert_eq!(parse_duration("7"), Ok(Duration::from_secs(7)));
-        assert!(parse_duration("5y").unwrap_err().contains("unknown unit"));
+        assert!(
+            parse_duration("5y")
+                .expect_err("5y")
+                .contains("unknown unit")
+        );
         assert!(
             parse_duration("abc")
-                .unwrap_err()
+                .expect_err("abc")
                 .contains("not a duration")
         );
         assert!(parse_duration("").is_err());
