@@ -77,7 +77,7 @@ async fn server_killed_for_30s_loses_and_duplicates_nothing() {
     })
     .await;
     serve.kill9();
-    let killed_at = widgetry_server::util::now_ms();
+    let killed_at = widgetry_common::now_ms();
     // The outage itself (scenario time, not synchronisation).
     tokio::time::sleep(Duration::from_secs(30)).await;
     let serve = ServeProc::start(mqtt, http, dir.path()).await;
@@ -268,7 +268,7 @@ async fn full_spool_reports_the_gap_and_keeps_going() {
     // the agent's 5 s drain at stop sees every batch acknowledged.
     cfg.ack_timeout = Duration::from_secs(1);
     cfg.spool_dir = spool.path().to_path_buf();
-    let started = widgetry_server::util::now_ms();
+    let started = widgetry_common::now_ms();
     // No server yet: the agent samples into its spool until it overflows.
     let agent = Agent::with_config(cfg, spool);
     let spool_path = agent.spool.path().to_path_buf();
@@ -282,7 +282,7 @@ async fn full_spool_reports_the_gap_and_keeps_going() {
             .unwrap_or(0);
         // The spool stays bounded; give it time to drop several segments.
         assert!(bytes <= 16 * 1024, "spool grew past its bound: {bytes}");
-        let elapsed = widgetry_server::util::now_ms() - started;
+        let elapsed = widgetry_common::now_ms() - started;
         (elapsed > 4000).then_some(())
     })
     .await;

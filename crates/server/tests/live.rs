@@ -164,7 +164,7 @@ async fn reconnecting_with_since_receives_every_batch_exactly_once() {
         Publisher::connect(&stack, devices[0]).await,
         Publisher::connect(&stack, devices[1]).await,
     ];
-    let base = widgetry_server::util::now_ms() - 60_000;
+    let base = widgetry_common::now_ms() - 60_000;
     let publishing = tokio::spawn(async move {
         for seq in 1..=BATCHES {
             for p in &pubs {
@@ -289,7 +289,7 @@ async fn live_filters_by_device_and_series_and_forwards_status() {
     assert_eq!(ws_next(&mut ws, T).await.expect("hello")["type"], "hello");
     let one = Publisher::connect(&stack, "f-1").await;
     let two = Publisher::connect(&stack, "f-2").await;
-    let now = widgetry_server::util::now_ms();
+    let now = widgetry_common::now_ms();
     two.publish(1, &[("temp", vec![(now, 1.0)])]).await;
     one.publish(1, &[("temp", vec![(now, 2.0)]), ("hum", vec![(now, 3.0)])])
         .await;
@@ -320,7 +320,7 @@ async fn live_filters_by_device_and_series_and_forwards_status() {
 async fn fleet_lists_devices_with_latest_cpu_and_memory() {
     let stack = Stack::start().await;
     let p = Publisher::connect(&stack, "fleet-1").await;
-    let now = widgetry_server::util::now_ms();
+    let now = widgetry_common::now_ms();
     p.publish(
         1,
         &[
@@ -363,7 +363,7 @@ async fn seven_days_of_1hz_data_match_sql_within_max_points() {
     let stack = Stack::start().await;
     let p = Publisher::connect(&stack, "week").await;
     let hour = 3_600_000i64;
-    let end = widgetry_server::util::now_ms() / 1000 * 1000;
+    let end = widgetry_common::now_ms() / 1000 * 1000;
     let start = end - 7 * 24 * hour;
     // Deterministic, varied values: a daily wave, a slow trend, and noise
     // from a linear congruential generator.
@@ -496,7 +496,7 @@ async fn retention_removes_only_data_past_each_period() {
     let stack = Stack::start().await;
     let p = Publisher::connect(&stack, "old").await;
     let day = 86_400_000i64;
-    let now = widgetry_server::util::now_ms();
+    let now = widgetry_common::now_ms();
     p.publish(
         1,
         &[(

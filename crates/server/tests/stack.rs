@@ -176,7 +176,7 @@ async fn mosquitto_pub_json_is_stored_and_queryable() {
     .await;
     assert_eq!(pts[0], (1_700_000_000_000, 19.25));
     assert_eq!(pts[1].1, 21.5);
-    let now = widgetry_server::util::now_ms();
+    let now = widgetry_common::now_ms();
     assert!(
         (now - pts[1].0).abs() < 60_000,
         "ts defaults to arrival time: {}",
@@ -231,7 +231,7 @@ async fn mosquitto_sub_receives_agent_batches() {
             .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).expect("hex"))
             .collect();
         let batch =
-            DecodedBatch::decode(&bytes, &Limits::default(), widgetry_server::util::now_ms())
+            DecodedBatch::decode(&bytes, &Limits::default(), widgetry_common::now_ms())
                 .expect("mosquitto_sub payload decodes as a Batch");
         assert!(batch.sample_count() >= 3, "{batch:?}");
         seqs.push(batch.seq);
@@ -321,7 +321,7 @@ async fn malformed_payload_is_rejected_and_others_keep_flowing() {
 
 fn test_batch(session: SessionId, seq: u64) -> Vec<u8> {
     let mut b = BatchBuilder::default();
-    let now = widgetry_server::util::now_ms();
+    let now = widgetry_common::now_ms();
     for i in 0..10 {
         b.push(0, now - 10_000 + i * 1000, i as f64);
     }
