@@ -21,7 +21,7 @@ use std::time::Duration;
 use rumqttc::{AsyncClient, Event, EventLoop, LastWill, MqttOptions, Packet, QoS};
 use tokio::sync::mpsc;
 use tokio::time::{Instant, MissedTickBehavior};
-use widgetry_proto::json::{Ack, State, Status};
+use widgetry_proto::json::{Ack, ErrorReport, State, Status};
 use widgetry_proto::{BatchBuilder, SeriesKey, SessionId, Topic, TopicKind};
 
 use crate::outbox::Outbox;
@@ -111,6 +111,9 @@ pub struct Report {
     /// protocol lines that did not parse.
     pub events_dropped: u64,
     pub local_bad_lines: u64,
+    /// Acks ignored because they covered seqs this run never published
+    /// (forged or misaddressed: a real server never sends one).
+    pub acks_ignored: u64,
 }
 
 /// Errors that stop the agent.
@@ -118,6 +121,8 @@ pub struct Report {
 pub enum AgentError {
     #[error("cannot read system statistics: {0}")]
     Sampler(String),
+    #[error("cannot encode the status message: {0}")]
+    Encode(String),
     #[error(transparent)]
     Spool(#[from] spool::SpoolError),
     #[error("local protocol socket {what}: {source}")]
@@ -137,7 +142,7 @@ pub enum AgentError {
 /// The agent's version, reported in its status.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
-fn status(cfg_session: SessionId, state: State) -> Vec<u8> {
+fn status(cfg_session: SessionId, state: State) -> Result<Vec<u8>, AgentError> {
     let now = now_ms();
     let st = Status {
         state,
@@ -147,7 +152,7 @@ fn status(cfg_session: SessionId, state: State) -> Vec<u8> {
         boot_time: sysinfo::System::boot_time().ok().map(|s| s as i64 * 1000),
         ts: Some(now),
     };
-    serde_json::to_vec(&st).unwrap_or_default()
+    serde_json::to_vec(&st).map_err(|e| AgentError::Encode(e.to_string()))
 }
 
 pub use widgetry_common::now_ms;
@@ -167,6 +172,7 @@ pub async fn run(
     let status_topic = Topic::name(&cfg.device, TopicKind::Status);
     let samples_topic = Topic::name(&cfg.device, TopicKind::Samples);
     let ack_topic = Topic::name(&cfg.device, TopicKind::Ack);
+    let errors_topic = Topic::name(&cfg.device, TopicKind::Errors);
 
     let mut opts = MqttOptions::new(
         format!("widgetry-agent-{}", cfg.device),
@@ -178,7 +184,7 @@ pub async fn run(
     opts.set_max_packet_size(1024 * 1024, 1024 * 1024);
     opts.set_last_will(LastWill::new(
         &status_topic,
-        status(session, State::Offline),
+        status(session, State::Offline)?,
         QoS::AtLeastOnce,
         true,
     ));
@@ -190,7 +196,12 @@ pub async fn run(
     // mid-handshake by another select! branch, or the connection is torn
     // down and made again (and rumqttd then loses the new connection's will).
     let (link_tx, mut link) = mpsc::channel(256);
-    let conn = tokio::spawn(drive(events, ack_topic.clone(), link_tx));
+    let topics = Topics {
+        status: status_topic.clone(),
+        ack: ack_topic,
+        errors: errors_topic,
+    };
+    let conn = tokio::spawn(drive(events, topics.clone(), link_tx));
 
     let segment_bytes = (cfg.spool_max_bytes / 8).clamp(4096, 1 << 20);
     let (spool, recovery) = Spool::open(&cfg.spool_dir, cfg.spool_max_bytes, segment_bytes)?;
@@ -247,12 +258,10 @@ pub async fn run(
         tokio::time::interval_at(Instant::now() + cfg.statsd_flush, cfg.statsd_flush);
     statsd_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut sampler = Sampler::new(&cfg.watch).map_err(AgentError::Sampler)?;
-    let mut series: Vec<SeriesKey> = Vec::new();
-    let mut outbox = Outbox::new(spool);
+    let mut outbox = Outbox::new(spool, session);
     let mut samples_taken = 0u64;
     let mut builder = BatchBuilder::default();
     let mut batch_started: Option<Instant> = None;
-    let mut seq = 0u64;
     let mut connected = false;
 
     let mut tick = tokio::time::interval(cfg.interval);
@@ -267,7 +276,7 @@ pub async fn run(
             _ = tick.tick() => {
                 let ts = now_ms();
                 sampler.sample(|key, value| {
-                    let id = series_id(&mut series, &mut outbox, key);
+                    let id = outbox.series_id(key);
                     builder.push(id, ts, value);
                     samples_taken += 1;
                 });
@@ -275,7 +284,7 @@ pub async fn run(
             }
             _ = housekeeping.tick() => {}
             Some(ev) = link.recv() => {
-                connected = on_link(ev, &client, &status_topic, &ack_topic, session, &mut outbox, connected);
+                connected = on_link(ev, &client, &topics, session, &mut outbox, connected);
             }
             r = recv_opt(statsd_sock.as_ref(), &mut statsd_buf), if statsd_sock.is_some() => {
                 if let Ok(n) = r {
@@ -285,7 +294,7 @@ pub async fn run(
             r = recv_unix(local_unix.as_ref(), &mut local_buf), if local_unix.is_some() => {
                 if let Ok(n) = r {
                     on_local(&local_buf[..n], &mut events, |key, ts, value| {
-                        let id = series_id(&mut series, &mut outbox, key);
+                        let id = outbox.series_id(key);
                         builder.push(id, ts, value);
                         samples_taken += 1;
                     });
@@ -295,7 +304,7 @@ pub async fn run(
             r = recv_opt(local_udp.as_ref(), &mut udp_buf), if local_udp.is_some() => {
                 if let Ok(n) = r {
                     on_local(&udp_buf[..n], &mut events, |key, ts, value| {
-                        let id = series_id(&mut series, &mut outbox, key);
+                        let id = outbox.series_id(key);
                         builder.push(id, ts, value);
                         samples_taken += 1;
                     });
@@ -305,7 +314,7 @@ pub async fn run(
             _ = statsd_tick.tick(), if statsd_sock.is_some() => {
                 let ts = now_ms();
                 statsd.flush(cfg.statsd_flush.as_secs_f64(), |key, value| {
-                    let id = series_id(&mut series, &mut outbox, &key);
+                    let id = outbox.series_id(&key);
                     builder.push(id, ts, value);
                     samples_taken += 1;
                 });
@@ -316,9 +325,7 @@ pub async fn run(
             || builder.max_encoded_len() >= cfg.batch_max_bytes;
         let due = batch_started.is_some_and(|t| t.elapsed() >= cfg.batch_max_wait);
         if !builder.is_empty() && (full || due) {
-            seq += 1;
-            let defs = outbox.unacked_defs(&series);
-            spool_result(outbox.push(builder.finish(session, seq, defs)));
+            spool_result(outbox.seal(&mut builder));
             batch_started = None;
         }
         if connected {
@@ -340,9 +347,7 @@ pub async fn run(
         if builder.is_empty() && !outbox.has_pending_gaps() {
             break;
         }
-        seq += 1;
-        let defs = outbox.unacked_defs(&series);
-        spool_result(outbox.push(builder.finish(session, seq, defs)));
+        spool_result(outbox.seal(&mut builder));
     }
     let deadline = Instant::now() + drain;
     while !outbox.is_empty() && Instant::now() < deadline {
@@ -353,7 +358,7 @@ pub async fn run(
             _ = tokio::time::sleep_until(deadline) => break,
             _ = housekeeping.tick() => {}
             Some(ev) = link.recv() => {
-                connected = on_link(ev, &client, &status_topic, &ack_topic, session, &mut outbox, connected);
+                connected = on_link(ev, &client, &topics, session, &mut outbox, connected);
             }
         }
     }
@@ -370,12 +375,12 @@ pub async fn run(
                 break;
             }
         }
-        let _ = client.try_publish(
-            &status_topic,
-            QoS::AtLeastOnce,
-            true,
-            status(session, State::Offline),
-        );
+        match status(session, State::Offline) {
+            Ok(payload) => {
+                let _ = client.try_publish(&status_topic, QoS::AtLeastOnce, true, payload);
+            }
+            Err(e) => eprintln!("widgetry-agent: {e}"),
+        }
         let _ = client.try_disconnect();
     }
     drop(link);
@@ -396,6 +401,7 @@ pub async fn run(
         batches_unacked: outbox.len() as u64,
         events_dropped: events.dropped,
         local_bad_lines: events.bad_lines,
+        acks_ignored: outbox.acks_ignored,
     })
 }
 
@@ -440,10 +446,19 @@ enum Link {
     Connected,
     Disconnected,
     Ack(Vec<u8>),
+    Error(Vec<u8>),
+}
+
+/// The device's own topics.
+#[derive(Debug, Clone)]
+struct Topics {
+    status: String,
+    ack: String,
+    errors: String,
 }
 
 /// Drives the MQTT event loop, reconnecting with jittered backoff.
-async fn drive(mut events: EventLoop, ack_topic: String, tx: mpsc::Sender<Link>) {
+async fn drive(mut events: EventLoop, topics: Topics, tx: mpsc::Sender<Link>) {
     let mut failures = 0u32;
     loop {
         let report = match events.poll().await {
@@ -451,8 +466,11 @@ async fn drive(mut events: EventLoop, ack_topic: String, tx: mpsc::Sender<Link>)
                 failures = 0;
                 Some(Link::Connected)
             }
-            Ok(Event::Incoming(Packet::Publish(p))) if p.topic == ack_topic => {
+            Ok(Event::Incoming(Packet::Publish(p))) if p.topic == topics.ack => {
                 Some(Link::Ack(p.payload.to_vec()))
+            }
+            Ok(Event::Incoming(Packet::Publish(p))) if p.topic == topics.errors => {
+                Some(Link::Error(p.payload.to_vec()))
             }
             Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => {
                 // Flush the DISCONNECT before the socket is dropped.
@@ -483,40 +501,67 @@ async fn drive(mut events: EventLoop, ack_topic: String, tx: mpsc::Sender<Link>)
 fn on_link(
     ev: Link,
     client: &AsyncClient,
-    status_topic: &str,
-    ack_topic: &str,
+    topics: &Topics,
     session: SessionId,
     outbox: &mut Outbox,
     connected: bool,
 ) -> bool {
     match ev {
         Link::Connected => {
-            let _ = client.try_subscribe(ack_topic, QoS::AtLeastOnce);
-            let _ = client.try_publish(
-                status_topic,
-                QoS::AtLeastOnce,
-                true,
-                status(session, State::Online),
-            );
+            let _ = client.try_subscribe_many([
+                rumqttc::SubscribeFilter::new(topics.ack.clone(), QoS::AtLeastOnce),
+                rumqttc::SubscribeFilter::new(topics.errors.clone(), QoS::AtMostOnce),
+            ]);
+            match status(session, State::Online) {
+                Ok(payload) => {
+                    let _ = client.try_publish(&topics.status, QoS::AtLeastOnce, true, payload);
+                }
+                Err(e) => eprintln!("widgetry-agent: {e}"),
+            }
             // Everything unacknowledged goes out again, in order.
             outbox.mark_all_unsent();
             true
         }
         Link::Disconnected => false,
         Link::Ack(payload) => {
-            apply_ack(&payload, session, outbox);
+            if let Ok(ack) = serde_json::from_slice::<Ack>(&payload) {
+                spool_result(outbox.ack(&ack));
+            }
+            connected
+        }
+        Link::Error(payload) => {
+            on_error_report(&payload, outbox);
             connected
         }
     }
 }
 
-/// Applies an `…/ack` message addressed to this session or to an earlier
-/// run whose batches are still spooled; anything else is ignored.
-fn apply_ack(payload: &[u8], session: SessionId, outbox: &mut Outbox) {
-    if let Ok(ack) = serde_json::from_slice::<Ack>(payload)
-        && (ack.session == session || outbox.has_session(ack.session))
-    {
-        spool_result(outbox.ack(&ack));
+/// Handles a report on `…/errors`: `unknown_series` heals the session
+/// (the outbox resends with definitions); other reasons are printed once
+/// per reason, since they mean this agent sent something the server
+/// refuses.
+fn on_error_report(payload: &[u8], outbox: &mut Outbox) {
+    let Ok(report) = serde_json::from_slice::<ErrorReport>(payload) else {
+        return;
+    };
+    match outbox.on_error(&report) {
+        Ok(true) => {}
+        Ok(false) => {
+            if outbox.first_report_of(&report.code) {
+                eprintln!(
+                    "widgetry-agent: the server rejected a payload on {}: {} ({}); further reports with this reason are not printed",
+                    report.topic.escape_debug(),
+                    report
+                        .message
+                        .chars()
+                        .take(300)
+                        .collect::<String>()
+                        .escape_debug(),
+                    report.code.escape_debug()
+                );
+            }
+        }
+        Err(e) => eprintln!("widgetry-agent: {e}"),
     }
 }
 
@@ -525,17 +570,5 @@ fn apply_ack(payload: &[u8], session: SessionId, outbox: &mut Outbox) {
 fn spool_result(r: Result<(), spool::SpoolError>) {
     if let Err(e) = r {
         eprintln!("widgetry-agent: {e}");
-    }
-}
-
-/// Session-local id of `key`, registering it on first use.
-fn series_id(series: &mut Vec<SeriesKey>, outbox: &mut Outbox, key: &SeriesKey) -> u32 {
-    match series.iter().position(|k| k == key) {
-        Some(i) => i as u32,
-        None => {
-            series.push(key.clone());
-            outbox.new_series();
-            (series.len() - 1) as u32
-        }
     }
 }

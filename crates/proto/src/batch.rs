@@ -122,6 +122,9 @@ pub struct DecodedBatch {
     pub runs: Vec<Run>,
     /// Lost batches reported by the device.
     pub gaps: Vec<Gap>,
+    /// Seqs of this session at or below this are settled on the device
+    /// (acknowledged earlier or reported lost); 0 says nothing.
+    pub settled_through: u64,
 }
 
 impl DecodedBatch {
@@ -231,12 +234,19 @@ impl DecodedBatch {
                 to_ts_ms: g.to_ts_ms,
             });
         }
+        if raw.settled_through >= raw.seq {
+            return Err(Reject::Session(format!(
+                "settled_through {} must be below the batch's own seq {}",
+                raw.settled_through, raw.seq
+            )));
+        }
         Ok(DecodedBatch {
             session,
             seq: raw.seq,
             series,
             runs,
             gaps,
+            settled_through: raw.settled_through,
         })
     }
 
@@ -287,6 +297,7 @@ impl DecodedBatch {
                     to_ts_ms: g.to_ts_ms,
                 })
                 .collect(),
+            settled_through: self.settled_through,
         }
     }
 
@@ -421,6 +432,7 @@ impl BatchBuilder {
             series,
             runs,
             gaps: Vec::new(),
+            settled_through: 0,
         }
     }
 }
@@ -494,6 +506,7 @@ mod tests {
                         to_ts_ms: b,
                     })
                     .collect(),
+                settled_through: seq / 2,
             })
     }
 

@@ -84,6 +84,42 @@ pub fn parse_samples(
         .collect()
 }
 
+/// The session under which samples from plain MQTT clients
+/// (`…/samples/json`) are stored: one fixed id (`widgetry-json` in ASCII),
+/// since such clients have no session of their own.
+pub const JSON_SESSION: SessionId = SessionId(*b"widgetry-json\0\0\0");
+
+/// The seq that names a JSON message's samples in the batch log: a 63-bit
+/// hash of its content (each sample's series key, timestamp and value
+/// bits, in order), never 0. The same message delivered twice (a QoS 1
+/// redelivery, a client that resends after a reconnect, a server restart
+/// in between) gets the same seq and is stored once. A sample without an
+/// explicit `ts` takes its arrival time, so only messages with explicit
+/// timestamps are recognised when they arrive again.
+pub fn json_seq(samples: &[KeyedSample]) -> u64 {
+    // FNV-1a over the canonical bytes, then a splitmix64 finaliser so
+    // that every input bit affects every output bit. Stable across
+    // versions and platforms: it names stored data.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut feed = |bytes: &[u8]| {
+        for b in bytes {
+            h ^= u64::from(*b);
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    };
+    for s in samples {
+        feed(s.series.to_string().as_bytes());
+        feed(&[0]);
+        feed(&s.ts_ms.to_le_bytes());
+        feed(&s.value.to_bits().to_le_bytes());
+    }
+    let mut z = h;
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^= z >> 31;
+    (z >> 1).max(1)
+}
+
 /// Presence of a device, retained on `…/status`; the agent's last will is
 /// the same message with `state = offline`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -223,13 +259,42 @@ pub fn parse_events(
     Ok((batch, events))
 }
 
-/// Server → device on `…/errors`: why a payload was refused.
+/// Server → device on `…/errors`: why a payload was refused. For
+/// `unknown_series` it also names the batch and the ids it lacks, so the
+/// device can send their definitions again.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ErrorReport {
     pub topic: String,
     pub code: String,
     pub message: String,
     pub ts: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session: Option<SessionId>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seq: Option<u64>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub series_ids: Vec<u32>,
+}
+
+impl ErrorReport {
+    /// The report of `reject` for a payload received on `topic` at `ts`.
+    pub fn new(topic: String, reject: &Reject, ts: i64) -> ErrorReport {
+        let (session, seq, series_ids) = match reject {
+            Reject::UnknownSeries { session, seq, ids } => {
+                (Some(*session), Some(*seq), ids.clone())
+            }
+            _ => (None, None, Vec::new()),
+        };
+        ErrorReport {
+            topic,
+            code: reject.code().to_string(),
+            message: reject.to_string(),
+            ts,
+            session,
+            seq,
+            series_ids,
+        }
+    }
 }
 
 /// Server → any client on `…/live`, published after the batch's
@@ -273,6 +338,30 @@ mod tests {
         assert_eq!(many.len(), 2);
         assert_eq!(many[0].ts_ms, 1_700_000_000_000);
         assert_eq!(many[1].series.to_string(), "rh{room=lab}");
+    }
+
+    #[test]
+    fn json_seq_names_the_content() {
+        let l = Limits::default();
+        let a = br#"{"samples":[{"series":"t","ts":1700000000000,"value":1},{"series":"h","ts":1700000000000,"value":2}]}"#;
+        let b = br#"{"samples":[{"series":"h","ts":1700000000000,"value":2},{"series":"t","ts":1700000000000,"value":1}]}"#;
+        let seq = |p: &[u8]| json_seq(&parse_samples(p, &l, NOW).expect("valid"));
+        assert_eq!(seq(a), seq(a), "the same message, the same seq");
+        assert_ne!(seq(a), seq(b), "other content, another seq");
+        let c = br#"{"samples":[{"series":"t","ts":1700000000000,"value":1},{"series":"h","ts":1700000000001,"value":2}]}"#;
+        assert_ne!(seq(a), seq(c));
+        let mut seqs = std::collections::HashSet::new();
+        for i in 0..10_000 {
+            let s = KeyedSample {
+                series: SeriesKey::plain("x"),
+                ts_ms: NOW + i,
+                value: 0.0,
+            };
+            let q = json_seq(&[s]);
+            assert!(q >= 1 && q <= i64::MAX as u64);
+            seqs.insert(q);
+        }
+        assert_eq!(seqs.len(), 10_000, "no collisions among 10k messages");
     }
 
     #[test]

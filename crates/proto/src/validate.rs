@@ -60,6 +60,18 @@ pub enum Reject {
     Value(String),
     #[error("too many items: {0}")]
     TooMany(String),
+    /// A batch refers to series ids the server has no definition for in
+    /// its session (the server's database is new or restored, or the
+    /// batches carrying the definitions were lost). Not the device's
+    /// fault: it answers by sending the definitions again (DESIGN.md §6.9).
+    #[error(
+        "series ids {ids:?} of session {session} are not defined on the server: resend batch {seq} with their SeriesDefs"
+    )]
+    UnknownSeries {
+        session: crate::batch::SessionId,
+        seq: u64,
+        ids: Vec<u32>,
+    },
 }
 
 impl Reject {
@@ -76,11 +88,12 @@ impl Reject {
             Reject::Timestamp(_) => "bad_timestamp",
             Reject::Value(_) => "bad_value",
             Reject::TooMany(_) => "too_many",
+            Reject::UnknownSeries { .. } => "unknown_series",
         }
     }
 
     /// Every reason code, for pre-registering metrics.
-    pub const CODES: [&'static str; 10] = [
+    pub const CODES: [&'static str; 11] = [
         "bad_topic",
         "bad_device",
         "oversize",
@@ -91,6 +104,7 @@ impl Reject {
         "bad_timestamp",
         "bad_value",
         "too_many",
+        "unknown_series",
     ];
 }
 

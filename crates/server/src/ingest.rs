@@ -20,10 +20,12 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 use widgetry_proto::json::{
-    Ack, ErrorReport, Event as AppEvent, EventBatch, Live, Status, parse_events, parse_samples,
-    parse_status,
+    Ack, ErrorReport, Event as AppEvent, EventBatch, JSON_SESSION, KeyedSample, Live, Status,
+    json_seq, parse_events, parse_samples, parse_status,
 };
-use widgetry_proto::{DecodedBatch, Limits, Reject, SessionId, Topic, TopicKind};
+use widgetry_proto::{
+    BatchBuilder, DecodedBatch, Limits, Reject, SeriesKey, SessionId, Topic, TopicKind,
+};
 
 use crate::metrics::Metrics;
 use crate::rollup::Rollups;
@@ -116,7 +118,7 @@ enum Item {
     },
     Json {
         device: String,
-        batch: DecodedBatch,
+        samples: Vec<KeyedSample>,
         received_ms: i64,
     },
     Status {
@@ -188,9 +190,8 @@ pub async fn run(
             store: store.clone(),
             metrics: metrics.clone(),
             client: pub_client.clone(),
-            json_session: SessionId::generate(),
-            json_seq: 0,
             series_cache: HashMap::new(),
+            series_ids: HashMap::new(),
             keys: HashMap::new(),
             max_packet: cfg.limits.max_payload_bytes + 64 * 1024,
             sessions: HashMap::new(),
@@ -405,30 +406,10 @@ fn classify(topic: &str, payload: &[u8], limits: &Limits, metrics: &Metrics) -> 
             metrics
                 .messages_samples_json
                 .fetch_add(1, Ordering::Relaxed);
-            parse_samples(payload, limits, received_ms).map(|samples| {
-                let mut keys: Vec<widgetry_proto::SeriesKey> = Vec::new();
-                let mut builder = widgetry_proto::BatchBuilder::default();
-                for s in samples {
-                    let id = match keys.iter().position(|k| *k == s.series) {
-                        Some(i) => i,
-                        None => {
-                            keys.push(s.series);
-                            keys.len() - 1
-                        }
-                    };
-                    builder.push(id as u32, s.ts_ms, s.value);
-                }
-                let series = keys
-                    .into_iter()
-                    .enumerate()
-                    .map(|(i, k)| (i as u32, k))
-                    .collect();
-                // Session and seq are assigned by the writer.
-                Item::Json {
-                    device: device.clone(),
-                    batch: builder.finish(SessionId([0; 16]), 1, series),
-                    received_ms,
-                }
+            parse_samples(payload, limits, received_ms).map(|samples| Item::Json {
+                device: device.clone(),
+                samples,
+                received_ms,
             })
         }
         TopicKind::Status => {
@@ -507,15 +488,24 @@ const CACHE_LIMIT: usize = 200_000;
 const MAX_ACK_SEQS: usize = 256;
 
 type SessionKey = (String, SessionId);
+type BindingKey = (String, SessionId, u32);
+
+/// Series rows and session bindings written by the transaction under way:
+/// they join the writer's caches only once it has committed.
+#[derive(Default)]
+struct Pending {
+    bindings: HashMap<BindingKey, i64>,
+    series: HashMap<(String, String), i64>,
+}
 
 struct Writer {
     store: Store,
     metrics: Arc<Metrics>,
     client: AsyncClient,
-    json_session: SessionId,
-    json_seq: u64,
     /// (device, session, local id) → series id, committed bindings only.
-    series_cache: HashMap<(String, SessionId, u32), i64>,
+    series_cache: HashMap<BindingKey, i64>,
+    /// (device, series key) → series id, committed rows only.
+    series_ids: HashMap<(String, String), i64>,
     /// series id → canonical key, for the live feed.
     keys: HashMap<i64, String>,
     /// Largest MQTT packet the publisher may send (live messages above it
@@ -544,7 +534,7 @@ struct Outcome {
     /// Next commit id to assign (read once per transaction).
     next_commit: Option<u64>,
     /// series id → key learnt in this transaction.
-    new_keys: Vec<(i64, String)>,
+    new_keys: HashMap<i64, String>,
 }
 
 impl Writer {
@@ -570,26 +560,29 @@ impl Writer {
             .map(Item::received_ms)
             .min()
             .unwrap_or_else(now_ms);
-        let mut new_bindings = Vec::new();
+        let mut pending = Pending::default();
         let mut sessions = HashMap::new();
         self.metrics
             .ingest_wait
             .observe(Duration::from_millis((now_ms() - oldest).max(0) as u64));
         let started = tokio::time::Instant::now();
-        let result = self
-            .transaction(items, &mut new_bindings, &mut sessions)
-            .await;
+        let result = self.transaction(items, &mut pending, &mut sessions).await;
         self.metrics.ingest_commit.observe(started.elapsed());
         match result {
             Ok(outcome) => {
-                if self.series_cache.len() + new_bindings.len() > CACHE_LIMIT {
+                if self.series_cache.len() + pending.bindings.len() > CACHE_LIMIT {
                     self.series_cache.clear();
                 }
-                self.series_cache.extend(new_bindings);
+                self.series_cache.extend(pending.bindings);
+                if self.series_ids.len() + pending.series.len() > CACHE_LIMIT {
+                    self.series_ids.clear();
+                }
+                self.series_ids.extend(pending.series);
                 if self.keys.len() + outcome.new_keys.len() > CACHE_LIMIT {
                     self.keys.clear();
                 }
-                self.keys.extend(outcome.new_keys.iter().cloned());
+                self.keys
+                    .extend(outcome.new_keys.iter().map(|(k, v)| (*k, v.clone())));
                 if self.sessions.len() > CACHE_LIMIT {
                     self.sessions.clear();
                 }
@@ -602,6 +595,10 @@ impl Writer {
                     .fetch_add(outcome.duplicates, Ordering::Relaxed);
                 m.samples_stored
                     .fetch_add(outcome.samples, Ordering::Relaxed);
+                m.gaps_reported.fetch_add(outcome.gaps, Ordering::Relaxed);
+                m.events_stored.fetch_add(outcome.events, Ordering::Relaxed);
+                m.events_dropped_by_devices
+                    .fetch_add(outcome.events_dropped, Ordering::Relaxed);
                 m.ingest_lag_ms.store(now_ms() - oldest, Ordering::Relaxed);
                 let published = tokio::time::Instant::now();
                 self.publish(outcome).await;
@@ -619,7 +616,9 @@ impl Writer {
     async fn publish(&self, mut outcome: Outcome) {
         for (device, ack) in outcome.acks {
             let topic = Topic::name(&device, TopicKind::Ack);
-            let payload = serde_json::to_vec(&ack).unwrap_or_default();
+            let Some(payload) = to_json(&ack, &topic) else {
+                continue;
+            };
             match self
                 .client
                 .publish(topic, QoS::AtLeastOnce, false, payload)
@@ -636,7 +635,10 @@ impl Writer {
         // a hole in the commit ids fetch the batch from the database.
         for live in std::mem::take(&mut outcome.live) {
             let topic = Topic::name(&live.device, TopicKind::Live);
-            let payload = serde_json::to_vec(&live).unwrap_or_default();
+            let Some(payload) = to_json(&live, &topic) else {
+                self.metrics.live_skipped.fetch_add(1, Ordering::Relaxed);
+                continue;
+            };
             if payload.len() > self.max_packet {
                 self.metrics.live_skipped.fetch_add(1, Ordering::Relaxed);
                 continue;
@@ -655,7 +657,9 @@ impl Writer {
         }
         for (device, report) in outcome.errors {
             let topic = Topic::name(&device, TopicKind::Errors);
-            let payload = serde_json::to_vec(&report).unwrap_or_default();
+            let Some(payload) = to_json(&report, &topic) else {
+                continue;
+            };
             if let Err(e) = self
                 .client
                 .publish(topic, QoS::AtMostOnce, false, payload)
@@ -669,7 +673,7 @@ impl Writer {
     async fn transaction(
         &mut self,
         items: Vec<Item>,
-        new_bindings: &mut Vec<((String, SessionId, u32), i64)>,
+        pending: &mut Pending,
         sessions: &mut HashMap<SessionKey, SessionAcks>,
     ) -> Result<Outcome, StoreError> {
         let mut tx = self.store.begin().await?;
@@ -698,8 +702,18 @@ impl Writer {
                             s.commit_range(gap.from_seq, gap.to_seq);
                         }
                     }
+                    if batch.settled_through > 0 {
+                        // The device no longer holds these seqs: a server
+                        // that lost its state can still move its watermark.
+                        let key = (device.clone(), batch.session);
+                        self.session_state(&mut tx, &key, sessions, &mut touched)
+                            .await?;
+                        if let Some(s) = sessions.get_mut(&key) {
+                            s.commit_range(1, batch.settled_through);
+                        }
+                    }
                     match self
-                        .store_batch(&mut tx, &device, batch, received_ms, new_bindings, &mut out)
+                        .store_batch(&mut tx, &device, batch, received_ms, pending, &mut out)
                         .await?
                     {
                         Ok((session, seq)) => {
@@ -711,6 +725,9 @@ impl Writer {
                             }
                         }
                         Err(reject) => {
+                            // Unknown series is a request to resend the
+                            // definitions, not bad input from the device.
+                            let counts = !matches!(reject, Reject::UnknownSeries { .. });
                             self.reject(
                                 &device,
                                 Topic::name(&device, TopicKind::Samples),
@@ -718,31 +735,20 @@ impl Writer {
                                 received_ms,
                                 &mut out,
                             );
-                            seen.entry(device).or_insert((received_ms, 0)).1 += 1;
+                            if counts {
+                                seen.entry(device).or_insert((received_ms, 0)).1 += 1;
+                            }
                         }
                     }
                 }
                 Item::Json {
                     device,
-                    mut batch,
+                    samples,
                     received_ms,
                 } => {
                     seen.entry(device.clone()).or_insert((received_ms, 0)).0 = received_ms;
-                    self.json_seq += 1;
-                    batch.session = self.json_session;
-                    batch.seq = self.json_seq;
-                    if let Err(reject) = self
-                        .store_batch(&mut tx, &device, batch, received_ms, new_bindings, &mut out)
-                        .await?
-                    {
-                        self.reject(
-                            &device,
-                            Topic::name(&device, TopicKind::SamplesJson),
-                            reject,
-                            received_ms,
-                            &mut out,
-                        );
-                    }
+                    self.store_json(&mut tx, &device, samples, received_ms, pending, &mut out)
+                        .await?;
                 }
                 Item::Status {
                     device,
@@ -851,39 +857,29 @@ impl Writer {
         warn!(device = %device, topic = %topic, reason = reject.code(), "rejected payload: {reject}");
         out.errors.push((
             device.to_string(),
-            ErrorReport {
-                topic,
-                code: reject.code().to_string(),
-                message: reject.to_string(),
-                ts: received_ms,
-            },
+            ErrorReport::new(topic, &reject, received_ms),
         ));
     }
 
-    /// Resolves series ids and appends the batch to the log. The inner
-    /// result is a reject (nothing written), the outer one a database error.
+    /// Resolves a device batch's session-local series ids and appends it
+    /// to the log. The inner result is a reject (nothing written), the
+    /// outer one a database error.
     async fn store_batch(
         &mut self,
         tx: &mut store::WriteTx,
         device: &str,
         mut batch: DecodedBatch,
         received_ms: i64,
-        new_bindings: &mut Vec<((String, SessionId, u32), i64)>,
+        pending: &mut Pending,
         out: &mut Outcome,
     ) -> Result<Result<(SessionId, u64), Reject>, StoreError> {
         let session = batch.session;
-        let mut local: HashMap<u32, i64> = HashMap::new();
+        let seq = batch.seq;
+        let mut local: HashMap<u32, i64> = HashMap::with_capacity(batch.series.len());
         for (id, key) in &batch.series {
-            let global = store::upsert_series(tx, device, key).await?;
-            let cache_key = (device.to_string(), session, *id);
-            let bound = match self.series_cache.get(&cache_key) {
-                Some(g) => Some(*g),
-                None => match new_bindings.iter().find(|(k, _)| *k == cache_key) {
-                    Some((_, g)) => Some(*g),
-                    None => store::session_series(tx, device, &session, *id).await?,
-                },
-            };
-            match bound {
+            let global = self.series_id(tx, device, key, pending, out).await?;
+            let binding = (device.to_string(), session, *id);
+            match self.bound(tx, &binding, pending).await? {
                 Some(g) if g != global => {
                     return Ok(Err(Reject::Series(format!(
                         "series id {id} was already bound to another series in session {session}; ids cannot be reused within a session"
@@ -892,48 +888,127 @@ impl Writer {
                 Some(_) => {}
                 None => {
                     store::bind_session_series(tx, device, &session, *id, global).await?;
-                    new_bindings.push((cache_key, global));
+                    pending.bindings.insert(binding, global);
                 }
             }
             local.insert(*id, global);
-            if !self.keys.contains_key(&global) {
-                out.new_keys.push((global, key.to_string()));
+        }
+        let mut missing = Vec::new();
+        for run in &batch.runs {
+            if local.contains_key(&run.series_id) {
+                continue;
+            }
+            let binding = (device.to_string(), session, run.series_id);
+            match self.bound(tx, &binding, pending).await? {
+                Some(g) => {
+                    local.insert(run.series_id, g);
+                }
+                None => missing.push(run.series_id),
             }
         }
+        if !missing.is_empty() {
+            missing.sort_unstable();
+            missing.dedup();
+            return Ok(Err(Reject::UnknownSeries {
+                session,
+                seq,
+                ids: missing,
+            }));
+        }
         for run in &mut batch.runs {
-            let global = match local.get(&run.series_id) {
-                Some(g) => *g,
-                None => {
-                    let cache_key = (device.to_string(), session, run.series_id);
-                    let found = match self.series_cache.get(&cache_key) {
-                        Some(g) => Some(*g),
-                        None => match new_bindings.iter().find(|(k, _)| *k == cache_key) {
-                            Some((_, g)) => Some(*g),
-                            None => {
-                                store::session_series(tx, device, &session, run.series_id).await?
-                            }
-                        },
-                    };
-                    match found {
-                        Some(g) => {
-                            local.insert(run.series_id, g);
-                            g
-                        }
-                        None => {
-                            return Ok(Err(Reject::Series(format!(
-                                "series id {} was never defined in session {session}: resend its SeriesDef",
-                                run.series_id
-                            ))));
-                        }
-                    }
-                }
-            };
+            let global = local.get(&run.series_id).copied().unwrap_or_default();
             run.series_id = u32::try_from(global)
                 .map_err(|_| StoreError::Corrupt(format!("series id {global} exceeds u32")))?;
         }
+        batch.series.clear();
+        self.append(tx, device, batch, received_ms, out).await?;
+        Ok(Ok((session, seq)))
+    }
+
+    /// Appends the samples of one `…/samples/json` message to the log,
+    /// named by its content ([`json_seq`]) so a redelivery is stored once.
+    /// Plain clients have no session: series are resolved by key, never
+    /// through session-local ids, so no message can conflict with another.
+    async fn store_json(
+        &mut self,
+        tx: &mut store::WriteTx,
+        device: &str,
+        samples: Vec<KeyedSample>,
+        received_ms: i64,
+        pending: &mut Pending,
+        out: &mut Outcome,
+    ) -> Result<(), StoreError> {
+        let seq = json_seq(&samples);
+        let mut builder = BatchBuilder::default();
+        for s in samples {
+            let global = self.series_id(tx, device, &s.series, pending, out).await?;
+            let id = u32::try_from(global)
+                .map_err(|_| StoreError::Corrupt(format!("series id {global} exceeds u32")))?;
+            builder.push(id, s.ts_ms, s.value);
+        }
+        let batch = builder.finish(JSON_SESSION, seq, Vec::new());
+        self.append(tx, device, batch, received_ms, out).await
+    }
+
+    /// The database id of a device's series, created if new.
+    async fn series_id(
+        &self,
+        tx: &mut store::WriteTx,
+        device: &str,
+        key: &SeriesKey,
+        pending: &mut Pending,
+        out: &mut Outcome,
+    ) -> Result<i64, StoreError> {
+        let name = (device.to_string(), key.to_string());
+        if let Some(g) = self
+            .series_ids
+            .get(&name)
+            .or_else(|| pending.series.get(&name))
+        {
+            return Ok(*g);
+        }
+        let global = store::upsert_series(tx, device, key).await?;
+        if !self.keys.contains_key(&global) {
+            out.new_keys.insert(global, name.1.clone());
+        }
+        pending.series.insert(name, global);
+        Ok(global)
+    }
+
+    /// The series a session-local id is bound to, if any.
+    async fn bound(
+        &self,
+        tx: &mut store::WriteTx,
+        binding: &BindingKey,
+        pending: &mut Pending,
+    ) -> Result<Option<i64>, StoreError> {
+        if let Some(g) = self
+            .series_cache
+            .get(binding)
+            .or_else(|| pending.bindings.get(binding))
+        {
+            return Ok(Some(*g));
+        }
+        let found = store::session_series(tx, &binding.0, &binding.1, binding.2).await?;
+        if let Some(g) = found {
+            pending.bindings.insert(binding.clone(), g);
+        }
+        Ok(found)
+    }
+
+    /// Appends a batch whose series ids are database ids to the log, with
+    /// its rollups and live message; a batch already stored is skipped.
+    async fn append(
+        &mut self,
+        tx: &mut store::WriteTx,
+        device: &str,
+        batch: DecodedBatch,
+        received_ms: i64,
+        out: &mut Outcome,
+    ) -> Result<(), StoreError> {
+        let session = batch.session;
         let samples = batch.sample_count() as i64;
         let (min_ts, max_ts) = batch.ts_range().unwrap_or((received_ms, received_ms));
-        batch.series.clear();
         let payload = batch.encode();
         let commit_id = match out.next_commit {
             Some(c) => c,
@@ -984,7 +1059,7 @@ impl Writer {
             out.duplicates += 1;
             debug!(device = %device, session = %session, seq = batch.seq, "duplicate batch skipped");
         }
-        Ok(Ok((session, batch.seq)))
+        Ok(())
     }
 }
 
@@ -999,14 +1074,26 @@ impl Writer {
         if let Some(k) = self.keys.get(&id) {
             return Ok(k.clone());
         }
-        if let Some((_, k)) = out.new_keys.iter().find(|(i, _)| *i == id) {
+        if let Some(k) = out.new_keys.get(&id) {
             return Ok(k.clone());
         }
         let key = store::series_key(tx, id)
             .await?
             .ok_or_else(|| StoreError::Corrupt(format!("series id {id} has no row")))?;
-        out.new_keys.push((id, key.clone()));
+        out.new_keys.insert(id, key.clone());
         Ok(key)
+    }
+}
+
+/// Serialises a message for `topic`; a failure is logged as an error and
+/// nothing is published (never an empty payload).
+fn to_json<T: serde::Serialize>(msg: &T, topic: &str) -> Option<Vec<u8>> {
+    match serde_json::to_vec(msg) {
+        Ok(p) => Some(p),
+        Err(e) => {
+            error!(topic = %topic, error = %e, "cannot serialise message; not published");
+            None
+        }
     }
 }
 

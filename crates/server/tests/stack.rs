@@ -230,9 +230,8 @@ async fn mosquitto_sub_receives_agent_batches() {
             .step_by(2)
             .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).expect("hex"))
             .collect();
-        let batch =
-            DecodedBatch::decode(&bytes, &Limits::default(), widgetry_common::now_ms())
-                .expect("mosquitto_sub payload decodes as a Batch");
+        let batch = DecodedBatch::decode(&bytes, &Limits::default(), widgetry_common::now_ms())
+            .expect("mosquitto_sub payload decodes as a Batch");
         assert!(batch.sample_count() >= 3, "{batch:?}");
         seqs.push(batch.seq);
     }

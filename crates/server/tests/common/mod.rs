@@ -293,3 +293,40 @@ impl Drop for ChildGuard {
         let _ = self.0.wait();
     }
 }
+
+/// Plain HTTP GET from async code; returns status and body.
+pub async fn http_get_text(addr: SocketAddr, path: &str) -> (u16, String) {
+    let p = path.to_string();
+    tokio::task::spawn_blocking(move || http_get(addr, &p))
+        .await
+        .expect("join")
+}
+
+/// The value of one series (`name` or `name{labels}`, exactly as
+/// rendered) in a Prometheus text exposition; panics if it is absent, so
+/// a renamed or vanished counter fails the test that reads it.
+pub fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix(series)
+                .and_then(|rest| rest.strip_prefix(' '))
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .unwrap_or_else(|| panic!("{series} is not on /metrics:\n{text}"))
+}
+
+/// The sum of every series of metric `name` (all label sets); panics if
+/// there is none.
+pub fn metric_sum(text: &str, name: &str) -> f64 {
+    let values: Vec<f64> = text
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let base = series.split('{').next()?;
+            (base == name).then(|| value.parse().ok()).flatten()
+        })
+        .collect();
+    assert!(!values.is_empty(), "{name} is not on /metrics:\n{text}");
+    values.iter().sum()
+}
