@@ -80,7 +80,7 @@ fn messages(client: usize, seed: &mut u64) -> Vec<(String, String)> {
                 rest = later;
                 let sample = |s: usize| {
                     let value = (client * 1_000_000 + s * 1000) as f64 + round as f64 + 0.25;
-                    if s % 10 == 0 {
+                    if s.is_multiple_of(10) {
                         format!(
                             r#"{{"series":"s{s:03}","labels":{{"line":"l{}"}},"ts":{ts},"value":{value}}}"#,
                             s % 3
@@ -104,10 +104,10 @@ fn messages(client: usize, seed: &mut u64) -> Vec<(String, String)> {
 }
 
 fn series_key(s: usize) -> SeriesKey {
-    if s % 10 == 0 {
+    if s.is_multiple_of(10) {
         SeriesKey::parse(&format!("s{s:03}{{line=l{}}}", s % 3)).expect("key")
     } else {
-        SeriesKey::plain(&format!("s{s:03}"))
+        SeriesKey::plain(format!("s{s:03}"))
     }
 }
 
