@@ -5,48 +5,12 @@
 
 mod common;
 
-use std::io::Write;
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::*;
 use widgetry_agent::AgentConfig;
 use widgetry_proto::SeriesKey;
-use widgetry_server::config::Database;
 use widgetry_server::store::Store;
-
-fn start_mosquitto(dir: &std::path::Path, port: u16) -> ChildGuard {
-    let bin = require_tool("mosquitto");
-    let conf = dir.join("mosquitto.conf");
-    let mut f = std::fs::File::create(&conf).expect("conf");
-    writeln!(
-        f,
-        "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 0"
-    )
-    .expect("write conf");
-    ChildGuard(
-        Command::new(bin)
-            .arg("-c")
-            .arg(&conf)
-            .stderr(Stdio::null())
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("start mosquitto"),
-    )
-}
-
-fn start_ingest(port: u16, db: &Database, id: &str) -> ChildGuard {
-    ChildGuard(
-        Command::new(workspace_bin("widgetry"))
-            .args(["ingest", "--broker", &format!("127.0.0.1:{port}")])
-            .arg("--database")
-            .arg(db.to_arg())
-            .args(["--client-id", id, "--shared-group", "widgetry-ingest"])
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start widgetry ingest"),
-    )
-}
 
 async fn stored(store: &Store, device: &str) -> Vec<(i64, f64)> {
     store

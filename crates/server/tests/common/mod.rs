@@ -330,3 +330,40 @@ pub fn metric_sum(text: &str, name: &str) -> f64 {
     assert!(!values.is_empty(), "{name} is not on /metrics:\n{text}");
     values.iter().sum()
 }
+
+/// A Mosquitto broker on `127.0.0.1:port` (anonymous, no persistence,
+/// never dropping queued messages), stopped when the guard drops.
+pub fn start_mosquitto(dir: &std::path::Path, port: u16) -> ChildGuard {
+    let bin = require_tool("mosquitto");
+    let conf = dir.join("mosquitto.conf");
+    let mut f = std::fs::File::create(&conf).expect("conf");
+    writeln!(
+        f,
+        "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 0"
+    )
+    .expect("write conf");
+    ChildGuard(
+        std::process::Command::new(bin)
+            .arg("-c")
+            .arg(&conf)
+            .stderr(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("start mosquitto"),
+    )
+}
+
+/// `widgetry ingest` as a process against a broker on `127.0.0.1:port`,
+/// in shared-subscription group `widgetry-ingest` with client id `id`.
+pub fn start_ingest(port: u16, db: &widgetry_server::config::Database, id: &str) -> ChildGuard {
+    ChildGuard(
+        std::process::Command::new(workspace_bin("widgetry"))
+            .args(["ingest", "--broker", &format!("127.0.0.1:{port}")])
+            .arg("--database")
+            .arg(db.to_arg())
+            .args(["--client-id", id, "--shared-group", "widgetry-ingest"])
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start widgetry ingest"),
+    )
+}
