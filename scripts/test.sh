@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs every Widgetry test on a fresh Debian machine with Rust installed.
-# Installs what the tests need (mosquitto clients and broker, chromium,
+# Installs what the tests need (mosquitto clients and broker, paho, chromium,
 # PostgreSQL; npm packages are installed by build.rs with `npm install` from
 # the lockfile) first, then checks
 # formatting and lints, builds the workspace and runs all tests: Rust unit
@@ -17,6 +17,8 @@ need_apt=()
 command -v mosquitto_pub >/dev/null 2>&1 || need_apt+=(mosquitto-clients)
 # The external-broker test runs its own Mosquitto on a free loopback port.
 command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need_apt+=(mosquitto)
+# The plain-clients test publishes with Debian's paho (python3-paho-mqtt).
+/usr/bin/python3 -c 'import paho.mqtt.client' >/dev/null 2>&1 || need_apt+=(python3 python3-paho-mqtt)
 # The dashboard's end-to-end test drives Debian's chromium with playwright-core.
 command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)
 # The PostgreSQL storage tests start their own server from Debian's package.

@@ -123,6 +123,15 @@ impl LoadReport {
     }
 
     /// The final report, one figure per line.
+    /// True when nothing was lost or duplicated and every API request
+    /// succeeded (the command's exit status).
+    pub fn clean(&self) -> bool {
+        self.batches_lost == 0
+            && self.readback.is_none_or(|r| r == (0, 0))
+            && self.ws_duplicates == 0
+            && self.api.as_ref().is_none_or(|a| a.clean())
+    }
+
     pub fn render(&self) -> String {
         let (dup, missing) = self.readback.unwrap_or((0, 0));
         let readback = match self.readback {

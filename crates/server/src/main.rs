@@ -2,546 +2,12 @@
 //! problem, before binding anything), sets up tracing and signals, then
 //! calls the library. No logic of its own beyond that.
 
-use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::Parser;
 use tokio_util::sync::CancellationToken;
-use widgetry_server::config::{
-    self, ConfigError, DEFAULT_DATABASE, DEFAULT_HTTP_LISTEN, Database, FileConfig, Problem,
-};
-use widgetry_server::ingest::IngestConfig;
-use widgetry_server::live::BridgeConfig;
-use widgetry_server::{ServeConfig, ServeError};
-
-/// Exit status for bad configuration (EX_CONFIG is 78; DESIGN.md §6.7 fixes 64, EX_USAGE).
-const EXIT_CONFIG: u8 = 64;
-
-#[derive(Parser)]
-#[command(
-    name = "widgetry",
-    version,
-    about = "Widgetry telemetry server: embedded MQTT broker, ingestor (MQTT -> SQLite) and web dashboard"
-)]
-struct Cli {
-    /// Log output format.
-    #[arg(
-        long,
-        global = true,
-        env = "WIDGETRY_LOG_FORMAT",
-        default_value = "text"
-    )]
-    log_format: LogFormat,
-    #[command(subcommand)]
-    cmd: Cmd,
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum LogFormat {
-    Text,
-    Json,
-}
-
-#[derive(Subcommand)]
-enum Cmd {
-    /// Run the embedded broker, the ingestor and the web service in one process.
-    Serve(ServeArgs),
-    /// Run the ingestor alone against an MQTT broker (embedded or external).
-    Ingest(IngestArgs),
-    /// Run the web service alone against a database.
-    Web(WebArgs),
-    /// Validate the `serve` configuration and exit: 0 when valid, 64 otherwise.
-    CheckConfig(ServeArgs),
-    /// Simulate devices publishing batches to a broker and report what the server committed.
-    Loadgen(LoadgenArgs),
-}
-
-#[derive(Args)]
-struct LoadgenArgs {
-    /// MQTT broker, HOST:PORT.
-    #[arg(long, default_value = "127.0.0.1:1883")]
-    broker: String,
-    /// Web service base URL (e.g. http://127.0.0.1:8080) to read samples back and count duplicates.
-    #[arg(long)]
-    http: Option<String>,
-    /// Simulated devices (one MQTT connection each).
-    #[arg(long, default_value_t = 2000)]
-    devices: usize,
-    /// Batches per second per device, e.g. 1/s, 10/s or 0.5.
-    #[arg(long, default_value = "1/s")]
-    rate: String,
-    /// Samples per batch (spread over up to 10 series per device).
-    #[arg(long, default_value_t = 10)]
-    samples_per_batch: usize,
-    /// How long to publish, e.g. 60s, 10m.
-    #[arg(long, default_value = "60s")]
-    duration: String,
-    /// MQTT QoS of the publishes (0 or 1).
-    #[arg(long, default_value_t = 1)]
-    qos: u8,
-    /// Resend a batch not acknowledged within this many seconds.
-    #[arg(long, default_value_t = 5.0)]
-    ack_timeout: f64,
-    /// Seconds to wait for outstanding acknowledgements after the run.
-    #[arg(long, default_value_t = 30.0)]
-    grace: f64,
-    /// Device id prefix.
-    #[arg(long, default_value = "load-")]
-    prefix: String,
-    /// Pid of the server (and embedded broker) process, to report its RSS and CPU.
-    #[arg(long)]
-    server_pid: Option<u32>,
-    /// Leave batches created in this first part of the run out of the latency figures, e.g. 10s.
-    #[arg(long, default_value = "0s")]
-    warmup: String,
-    /// Also run this many concurrent API clients against --http while devices publish
-    /// (3 of 4 loop over devices, fleet and series queries; 1 of 4 follow the live websocket).
-    #[arg(long, default_value_t = 0)]
-    api_clients: usize,
-    /// Start a burst this long into the run (e.g. 20s): every device publishes
-    /// --burst-factor times faster for --burst-for.
-    #[arg(long)]
-    burst_at: Option<String>,
-    /// Length of the burst.
-    #[arg(long, default_value = "5s")]
-    burst_for: String,
-    /// Rate multiplier during the burst.
-    #[arg(long, default_value_t = 10.0)]
-    burst_factor: f64,
-    /// Validate the flags and configuration, print them and exit without connecting.
-    #[arg(long)]
-    check: bool,
-}
-
-#[derive(Args)]
-struct ServeArgs {
-    /// Optional widgetry.toml with keys mqtt_listen, http_listen, database, broker_config.
-    #[arg(long, env = "WIDGETRY_CONFIG")]
-    config: Option<PathBuf>,
-    /// Embedded broker configuration [default: ./broker.toml if present, else the built-in copy].
-    #[arg(long, env = "WIDGETRY_BROKER_CONFIG")]
-    broker_config: Option<PathBuf>,
-    /// MQTT listen address; overrides `listen` of the first [v4.*] server in broker.toml [default: 0.0.0.0:1883].
-    #[arg(long, env = "WIDGETRY_MQTT_LISTEN")]
-    mqtt_listen: Option<String>,
-    /// HTTP listen address of the API and dashboard (port 0 picks a free port) [default: 0.0.0.0:8080].
-    #[arg(long, env = "WIDGETRY_HTTP_LISTEN")]
-    http_listen: Option<String>,
-    /// SQLite database file (created if missing) or postgres://user:password@host:port/db [default: widgetry.db].
-    #[arg(long, env = "WIDGETRY_DATABASE", hide_env_values = true)]
-    database: Option<String>,
-    #[command(flatten)]
-    retention: RetentionArgs,
-}
-
-/// Retention flags of the roles that write (`serve`, `ingest`).
-#[derive(Args)]
-struct RetentionArgs {
-    /// Keep raw samples and events this long (by sample time), e.g. 30d, 12h, or forever.
-    #[arg(long, env = "WIDGETRY_RETAIN_RAW", default_value = "30d")]
-    retain_raw: String,
-    /// Keep per-minute rollups this long.
-    #[arg(long, env = "WIDGETRY_RETAIN_1M", default_value = "90d")]
-    retain_1m: String,
-    /// Keep per-hour rollups this long.
-    #[arg(long, env = "WIDGETRY_RETAIN_1H", default_value = "forever")]
-    retain_1h: String,
-}
-
-#[derive(Args)]
-struct IngestArgs {
-    /// Optional widgetry.toml (keys broker, database).
-    #[arg(long, env = "WIDGETRY_CONFIG")]
-    config: Option<PathBuf>,
-    /// MQTT broker to subscribe to, HOST:PORT [default: 127.0.0.1:1883].
-    #[arg(long, env = "WIDGETRY_BROKER")]
-    broker: Option<String>,
-    /// SQLite database file (created if missing) or postgres://user:password@host:port/db [default: widgetry.db].
-    #[arg(long, env = "WIDGETRY_DATABASE", hide_env_values = true)]
-    database: Option<String>,
-    /// MQTT client id (persistent session; give each ingestor its own).
-    #[arg(long, env = "WIDGETRY_CLIENT_ID", default_value = "widgetry-ingest")]
-    client_id: String,
-    /// Share the work with other ingestors: subscribe as members of this MQTT
-    /// shared-subscription group ($share/GROUP/...); give each its own --client-id.
-    #[arg(long, env = "WIDGETRY_SHARED_GROUP")]
-    shared_group: Option<String>,
-    /// MQTT username, if the broker requires one.
-    #[arg(long, env = "WIDGETRY_MQTT_USERNAME")]
-    username: Option<String>,
-    /// MQTT password (prefer the environment variable: flags show in `ps`).
-    #[arg(long, env = "WIDGETRY_MQTT_PASSWORD", hide_env_values = true)]
-    password: Option<String>,
-    #[command(flatten)]
-    retention: RetentionArgs,
-    /// Validate the flags and configuration, print them and exit without connecting.
-    #[arg(long)]
-    check: bool,
-}
-
-#[derive(Args)]
-struct WebArgs {
-    /// Optional widgetry.toml (keys http_listen, database).
-    #[arg(long, env = "WIDGETRY_CONFIG")]
-    config: Option<PathBuf>,
-    /// HTTP listen address [default: 0.0.0.0:8080].
-    #[arg(long, env = "WIDGETRY_HTTP_LISTEN")]
-    http_listen: Option<String>,
-    /// SQLite database file or postgres://user:password@host:port/db [default: widgetry.db].
-    #[arg(long, env = "WIDGETRY_DATABASE", hide_env_values = true)]
-    database: Option<String>,
-    /// MQTT broker (HOST:PORT) whose `widgetry/v1/+/live` feed the live
-    /// websocket bridges; without it the bridge polls the database each second.
-    #[arg(long, env = "WIDGETRY_BROKER")]
-    broker: Option<String>,
-    /// MQTT username for --broker, if it requires one.
-    #[arg(long, env = "WIDGETRY_MQTT_USERNAME")]
-    username: Option<String>,
-    /// MQTT password for --broker (prefer the environment variable).
-    #[arg(long, env = "WIDGETRY_MQTT_PASSWORD", hide_env_values = true)]
-    password: Option<String>,
-    /// Validate the flags and configuration, print them and exit without connecting.
-    #[arg(long)]
-    check: bool,
-}
-
-const FLAG: &str = "command line/environment";
-
-fn resolve_retention(
-    args: &RetentionArgs,
-    problems: &mut Vec<Problem>,
-) -> widgetry_server::ingest::Retention {
-    let mut r = widgetry_server::ingest::Retention::default();
-    for (text, key, slot) in [
-        (&args.retain_raw, "retain-raw", &mut r.raw),
-        (&args.retain_1m, "retain-1m", &mut r.minute),
-        (&args.retain_1h, "retain-1h", &mut r.hour),
-    ] {
-        match config::parse_retention(text, FLAG, key) {
-            Ok(d) => *slot = d,
-            Err(p) => problems.push(p),
-        }
-    }
-    r
-}
-
-fn load_file(path: &Option<PathBuf>) -> Result<FileConfig, ConfigError> {
-    match path {
-        Some(p) => FileConfig::load(p),
-        None => Ok(FileConfig::default()),
-    }
-}
-
-/// Picks flag (or env) over file value, naming where the value came from.
-fn pick<T: Clone>(flag: &Option<T>, file: &Option<T>, file_label: &str) -> Option<(T, String)> {
-    flag.clone()
-        .map(|v| (v, FLAG.to_string()))
-        .or_else(|| file.clone().map(|v| (v, file_label.to_string())))
-}
-
-fn file_label(path: &Option<PathBuf>) -> String {
-    path.as_ref()
-        .map(|p| p.display().to_string())
-        .unwrap_or_default()
-}
-
-/// A value from the flag, the config file or `default`, parsed by `parse`
-/// (given the text and where it came from); a problem is collected.
-fn resolve<T>(
-    flag: &Option<String>,
-    file_value: &Option<String>,
-    label: &str,
-    default: &str,
-    parse: impl FnOnce(&str, &str) -> Result<T, Problem>,
-    problems: &mut Vec<Problem>,
-) -> Option<T> {
-    let (text, src) =
-        pick(flag, file_value, label).unwrap_or_else(|| (default.to_string(), "default".into()));
-    parse(&text, &src).map_err(|p| problems.push(p)).ok()
-}
-
-fn resolve_database(
-    flag: &Option<String>,
-    file: &FileConfig,
-    label: &str,
-    problems: &mut Vec<Problem>,
-) -> Option<Database> {
-    resolve(
-        flag,
-        &file.database,
-        label,
-        DEFAULT_DATABASE,
-        |t, s| Database::parse(t, s, "database"),
-        problems,
-    )
-}
-
-fn resolve_http(
-    flag: &Option<String>,
-    file: &FileConfig,
-    label: &str,
-    problems: &mut Vec<Problem>,
-) -> Option<SocketAddr> {
-    resolve(
-        flag,
-        &file.http_listen,
-        label,
-        DEFAULT_HTTP_LISTEN,
-        |t, s| config::parse_addr(t, s, "http_listen", true),
-        problems,
-    )
-}
-
-fn resolve_serve(args: &ServeArgs) -> Result<ServeConfig, ConfigError> {
-    let file = load_file(&args.config)?;
-    let label = file_label(&args.config);
-    let mut problems = Vec::new();
-    let mqtt_override = pick(&args.mqtt_listen, &file.mqtt_listen, &label).and_then(|(t, src)| {
-        config::parse_addr(&t, &src, "mqtt_listen", false)
-            .map_err(|p| problems.push(p))
-            .ok()
-    });
-    let http_listen = resolve_http(&args.http_listen, &file, &label, &mut problems);
-    let database = resolve_database(&args.database, &file, &label, &mut problems);
-    let broker_path = pick(&args.broker_config, &file.broker_config, &label).map(|(p, _)| p);
-    let broker = match config::load_broker_config(broker_path.as_deref(), mqtt_override) {
-        Ok(b) => Some(b),
-        Err(e) => {
-            problems.extend(e.0);
-            None
-        }
-    };
-    let retention = resolve_retention(&args.retention, &mut problems);
-    match (broker, http_listen, database) {
-        (Some(broker), Some(http_listen), Some(database)) if problems.is_empty() => {
-            Ok(ServeConfig {
-                broker,
-                http_listen,
-                database,
-                retention,
-            })
-        }
-        _ => Err(ConfigError(problems)),
-    }
-}
-
-fn resolve_ingest(args: &IngestArgs) -> Result<(IngestConfig, Database), ConfigError> {
-    let file = load_file(&args.config)?;
-    let label = file_label(&args.config);
-    let mut problems = Vec::new();
-    let database = resolve_database(&args.database, &file, &label, &mut problems);
-    let (broker, src) = pick(&args.broker, &file.broker, &label)
-        .unwrap_or_else(|| ("127.0.0.1:1883".into(), "default".into()));
-    let mut cfg = None;
-    match config::parse_host_port(&broker, &src, "broker") {
-        Ok((host, port)) => {
-            let mut c = IngestConfig::new(host, port);
-            c.client_id = args.client_id.clone();
-            match &args.shared_group {
-                Some(g) if g.is_empty() || g.len() > 64 || g.contains(['/', '+', '#', '$']) => {
-                    problems.push(Problem {
-                        file: FLAG.into(),
-                        key: "shared-group".into(),
-                        message: format!("{g:?}: use 1-64 characters without / + # $"),
-                    })
-                }
-                g => c.shared_group = g.clone(),
-            }
-            c.credentials = resolve_credentials(&args.username, &args.password, &mut problems);
-            c.retention = resolve_retention(&args.retention, &mut problems);
-            cfg = Some(c);
-        }
-        Err(p) => problems.push(p),
-    }
-    match (cfg, database) {
-        (Some(c), Some(database)) if problems.is_empty() => Ok((c, database)),
-        _ => Err(ConfigError(problems)),
-    }
-}
-
-fn resolve_web(args: &WebArgs) -> Result<(SocketAddr, Database, BridgeConfig), ConfigError> {
-    let file = load_file(&args.config)?;
-    let label = file_label(&args.config);
-    let mut problems = Vec::new();
-    let http = resolve_http(&args.http_listen, &file, &label, &mut problems);
-    let database = resolve_database(&args.database, &file, &label, &mut problems);
-    let mut bridge = BridgeConfig {
-        broker: None,
-        credentials: resolve_credentials(&args.username, &args.password, &mut problems),
-        poll: std::time::Duration::from_secs(1),
-    };
-    if let Some((text, src)) = pick(&args.broker, &file.broker, &label) {
-        match config::parse_host_port(&text, &src, "broker") {
-            Ok(hp) => bridge.broker = Some(hp),
-            Err(p) => problems.push(p),
-        }
-    }
-    match (http, database) {
-        (Some(h), Some(database)) if problems.is_empty() => Ok((h, database, bridge)),
-        _ => Err(ConfigError(problems)),
-    }
-}
-
-fn resolve_credentials(
-    username: &Option<String>,
-    password: &Option<String>,
-    problems: &mut Vec<Problem>,
-) -> Option<(String, String)> {
-    match (username, password) {
-        (Some(u), Some(p)) => Some((u.clone(), p.clone())),
-        (None, None) => None,
-        _ => {
-            problems.push(Problem {
-                file: FLAG.into(),
-                key: "username/password".into(),
-                message: "give both --username and --password, or neither".into(),
-            });
-            None
-        }
-    }
-}
-
-fn parse_secs(text: &str, what: &str) -> Result<f64, Problem> {
-    let (num, mult) = match text {
-        t if t.ends_with("ms") => (&t[..t.len() - 2], 0.001),
-        t if t.ends_with('s') => (&t[..t.len() - 1], 1.0),
-        t if t.ends_with('m') => (&t[..t.len() - 1], 60.0),
-        t if t.ends_with('h') => (&t[..t.len() - 1], 3600.0),
-        t => (t, 1.0),
-    };
-    match num.parse::<f64>() {
-        Ok(n) if n > 0.0 && n.is_finite() => Ok(n * mult),
-        _ => Err(Problem {
-            file: FLAG.into(),
-            key: what.into(),
-            message: format!("{text:?} is not a positive duration (e.g. 60s, 10m)"),
-        }),
-    }
-}
-
-fn resolve_loadgen(a: &LoadgenArgs) -> Result<widgetry_server::loadgen::LoadConfig, ConfigError> {
-    let mut problems = Vec::new();
-    let (host, port) = config::parse_host_port(&a.broker, FLAG, "broker")
-        .map_err(|p| problems.push(p))
-        .unwrap_or_default();
-    let rate = match a.rate.trim_end_matches("/s").parse::<f64>() {
-        Ok(r) if r > 0.0 && r <= 1000.0 => r,
-        _ => {
-            problems.push(Problem {
-                file: FLAG.into(),
-                key: "rate".into(),
-                message: format!(
-                    "{:?} is not a rate from 0 to 1000 batches/s (e.g. 1/s)",
-                    a.rate
-                ),
-            });
-            1.0
-        }
-    };
-    let warmup = if a.warmup.trim_end_matches(['m', 's', 'h']).parse::<f64>() == Ok(0.0) {
-        0.0
-    } else {
-        parse_secs(&a.warmup, "warmup")
-            .map_err(|p| problems.push(p))
-            .unwrap_or(0.0)
-    };
-    let duration = parse_secs(&a.duration, "duration")
-        .map_err(|p| problems.push(p))
-        .unwrap_or(1.0);
-    if a.devices == 0 || a.devices > 100_000 {
-        problems.push(Problem {
-            file: FLAG.into(),
-            key: "devices".into(),
-            message: format!("{} is out of range (1-100000)", a.devices),
-        });
-    }
-    if a.samples_per_batch == 0 || a.samples_per_batch > 100_000 {
-        problems.push(Problem {
-            file: FLAG.into(),
-            key: "samples-per-batch".into(),
-            message: format!("{} is out of range (1-100000)", a.samples_per_batch),
-        });
-    }
-    let qos = match a.qos {
-        0 => rumqttc::QoS::AtMostOnce,
-        1 => rumqttc::QoS::AtLeastOnce,
-        q => {
-            problems.push(Problem {
-                file: FLAG.into(),
-                key: "qos".into(),
-                message: format!("{q}: use 0 or 1"),
-            });
-            rumqttc::QoS::AtLeastOnce
-        }
-    };
-    if let Some(h) = &a.http
-        && !h.starts_with("http://")
-    {
-        problems.push(Problem {
-            file: FLAG.into(),
-            key: "http".into(),
-            message: format!("{h:?}: expected http://HOST:PORT"),
-        });
-    }
-    let burst = a.burst_at.as_ref().and_then(|at| {
-        let at = parse_secs(at, "burst-at");
-        let len = parse_secs(&a.burst_for, "burst-for");
-        if !(1.0..=1000.0).contains(&a.burst_factor) {
-            problems.push(Problem {
-                file: FLAG.into(),
-                key: "burst-factor".into(),
-                message: format!("{}: use 1 to 1000", a.burst_factor),
-            });
-        }
-        match (at, len) {
-            (Ok(at), Ok(len)) => Some(widgetry_server::loadgen::Burst {
-                at: std::time::Duration::from_secs_f64(at),
-                len: std::time::Duration::from_secs_f64(len),
-                factor: a.burst_factor,
-            }),
-            (at, len) => {
-                problems.extend(at.err());
-                problems.extend(len.err());
-                None
-            }
-        }
-    });
-    if a.api_clients > 0 && a.http.is_none() {
-        problems.push(Problem {
-            file: FLAG.into(),
-            key: "api-clients".into(),
-            message: "needs --http (the web service to load)".into(),
-        });
-    }
-    if a.api_clients > 10_000 {
-        problems.push(Problem {
-            file: FLAG.into(),
-            key: "api-clients".into(),
-            message: format!("{}: use at most 10000", a.api_clients),
-        });
-    }
-    if !problems.is_empty() {
-        return Err(ConfigError(problems));
-    }
-    Ok(widgetry_server::loadgen::LoadConfig {
-        broker_host: host,
-        broker_port: port,
-        http: a.http.clone(),
-        devices: a.devices,
-        rate,
-        samples_per_batch: a.samples_per_batch,
-        duration: std::time::Duration::from_secs_f64(duration),
-        qos,
-        ack_timeout: std::time::Duration::from_secs_f64(a.ack_timeout.max(0.1)),
-        grace: std::time::Duration::from_secs_f64(a.grace.max(0.0)),
-        prefix: a.prefix.clone(),
-        server_pid: a.server_pid,
-        warmup: std::time::Duration::from_secs_f64(warmup),
-        api_clients: a.api_clients,
-        burst,
-    })
-}
+use widgetry_server::ServeError;
+use widgetry_server::config::cli::{Cli, EXIT_CONFIG, LogFormat, Role, resolve_command};
 
 fn init_tracing(format: LogFormat) {
     use tracing_subscriber::EnvFilter;
@@ -556,132 +22,72 @@ fn init_tracing(format: LogFormat) {
     }
 }
 
-/// Cancels `token` on SIGINT or SIGTERM; a second signal exits at once.
-fn spawn_signal_handler(token: CancellationToken) {
-    tokio::spawn(async move {
-        let mut count = 0;
-        loop {
-            wait_for_signal().await;
-            count += 1;
-            if count == 1 {
-                tracing::info!("shutdown requested; draining (signal again to exit immediately)");
-                token.cancel();
-            } else {
-                tracing::warn!("second signal: exiting without draining");
-                std::process::exit(130);
+/// Resolves on SIGINT or SIGTERM.
+async fn signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
             }
         }
-    });
-}
-
-async fn wait_for_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = term.recv() => {}
-                }
-            }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
         }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
     }
 }
 
-fn config_failure(e: ConfigError) -> ExitCode {
-    eprint!("widgetry: {e}");
-    ExitCode::from(EXIT_CONFIG)
+/// Runs `role`; the first signal asks it to drain, a second exits at once.
+async fn run(role: Role) -> Result<bool, ServeError> {
+    let token = CancellationToken::new();
+    let work = async {
+        match role {
+            Role::Serve(cfg) => widgetry_server::run_serve(*cfg, token.clone()).await,
+            Role::Ingest(cfg, db) => widgetry_server::run_ingest(cfg, db, token.clone()).await,
+            Role::Web(h, db, b) => widgetry_server::run_web(h, db, b, token.clone()).await,
+            Role::Loadgen(cfg) => {
+                let report = widgetry_server::loadgen::run(*cfg, |l| eprintln!("{l}")).await;
+                println!("{}", report.render());
+                return Ok(report.clean());
+            }
+        }
+        .map(|()| true)
+    };
+    tokio::pin!(work);
+    tokio::select! {
+        r = &mut work => return r,
+        _ = signal() => {
+            tracing::info!("shutdown requested; draining (signal again to exit immediately)");
+            token.cancel();
+        }
+    }
+    tokio::select! {
+        r = &mut work => r,
+        _ = signal() => {
+            tracing::warn!("second signal: exiting without draining");
+            std::process::exit(130);
+        }
+    }
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // Validate everything before any runtime, socket or file is touched.
-    enum Role {
-        Serve(Box<ServeConfig>),
-        Ingest(IngestConfig, Database),
-        Web(SocketAddr, Database, BridgeConfig),
+    let role = match resolve_command(&cli.cmd) {
+        Ok(Ok(role)) => role,
+        Ok(Err(checked)) => {
+            println!("{checked}");
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            eprint!("widgetry: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    if !matches!(role, Role::Loadgen(_)) {
+        init_tracing(cli.log_format);
     }
-    let role = match &cli.cmd {
-        Cmd::CheckConfig(args) => {
-            return match resolve_serve(args) {
-                Ok(cfg) => {
-                    println!(
-                        "configuration ok: mqtt {} http {} database {}",
-                        cfg.broker.mqtt_listen, cfg.http_listen, cfg.database
-                    );
-                    ExitCode::SUCCESS
-                }
-                Err(e) => config_failure(e),
-            };
-        }
-        Cmd::Loadgen(args) => {
-            let cfg = match resolve_loadgen(args) {
-                Ok(c) => c,
-                Err(e) => return config_failure(e),
-            };
-            if args.check {
-                println!(
-                    "configuration ok: loadgen broker {}:{} devices {} duration {:?}",
-                    cfg.broker_host, cfg.broker_port, cfg.devices, cfg.duration
-                );
-                return ExitCode::SUCCESS;
-            }
-            let runtime = match tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(rt) => rt,
-                Err(e) => {
-                    eprintln!("widgetry: cannot start the async runtime: {e}");
-                    return ExitCode::FAILURE;
-                }
-            };
-            let report = runtime.block_on(widgetry_server::loadgen::run(cfg, |line| {
-                eprintln!("{line}")
-            }));
-            println!("{}", report.render());
-            return if report.batches_lost == 0
-                && report.readback.is_none_or(|r| r == (0, 0))
-                && report.ws_duplicates == 0
-                && report.api.as_ref().is_none_or(|a| a.clean())
-            {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::FAILURE
-            };
-        }
-        Cmd::Serve(args) => resolve_serve(args).map(|c| Role::Serve(Box::new(c))),
-        Cmd::Ingest(args) => match resolve_ingest(args) {
-            Ok((c, db)) if args.check => {
-                println!(
-                    "configuration ok: ingest broker {}:{} database {db}",
-                    c.broker_host, c.broker_port
-                );
-                return ExitCode::SUCCESS;
-            }
-            r => r.map(|(c, d)| Role::Ingest(c, d)),
-        },
-        Cmd::Web(args) => match resolve_web(args) {
-            Ok((http, db, _)) if args.check => {
-                println!("configuration ok: web http {http} database {db}");
-                return ExitCode::SUCCESS;
-            }
-            r => r.map(|(h, d, b)| Role::Web(h, d, b)),
-        },
-    };
-    let role = match role {
-        Ok(r) => r,
-        Err(e) => return config_failure(e),
-    };
-    init_tracing(cli.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -692,22 +98,12 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let result: Result<(), ServeError> = runtime.block_on(async move {
-        let token = CancellationToken::new();
-        spawn_signal_handler(token.clone());
-        match role {
-            Role::Serve(cfg) => widgetry_server::run_serve(*cfg, token).await,
-            Role::Ingest(cfg, db) => widgetry_server::run_ingest(cfg, db, token).await,
-            Role::Web(http, db, bridge) => widgetry_server::run_web(http, db, bridge, token).await,
-        }
-    });
+    let result = runtime.block_on(run(role));
     // The embedded broker's thread cannot be stopped; leaving main ends it.
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));
     match result {
-        Ok(()) => {
-            tracing::info!("stopped cleanly");
-            ExitCode::SUCCESS
-        }
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
         Err(e) => {
             let mut msg = e.to_string();
             let mut source = std::error::Error::source(&e);

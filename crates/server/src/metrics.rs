@@ -8,9 +8,32 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
 use widgetry_proto::Reject;
 
-/// Counters of every role that runs in this process.
+/// Which roles a process runs: `/metrics` shows only their counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Roles {
+    pub ingest: bool,
+    pub web: bool,
+}
+
+impl Roles {
+    pub const ALL: Roles = Roles {
+        ingest: true,
+        web: true,
+    };
+    pub const INGEST: Roles = Roles {
+        ingest: true,
+        web: false,
+    };
+    pub const WEB: Roles = Roles {
+        ingest: false,
+        web: true,
+    };
+}
+
+/// Counters of the roles that run in this process.
 #[derive(Debug, Default)]
 pub struct Metrics {
+    roles: Roles,
     pub messages_samples: AtomicU64,
     pub messages_samples_json: AtomicU64,
     pub messages_status: AtomicU64,
@@ -97,6 +120,14 @@ impl Histogram {
 }
 
 impl Metrics {
+    /// Counters for a process running `roles`.
+    pub fn for_roles(roles: Roles) -> Self {
+        Metrics {
+            roles,
+            ..Default::default()
+        }
+    }
+
     /// Counts a rejected payload under its reason code.
     pub fn reject(&self, code: &str) {
         let idx = Reject::CODES
@@ -115,9 +146,45 @@ impl Metrics {
             .unwrap_or(0)
     }
 
-    /// Prometheus text exposition format.
+    /// Prometheus text exposition format: the counters of the roles this
+    /// process runs, and no others.
     pub fn render(&self) -> String {
-        let mut out = String::with_capacity(2048);
+        let mut out = String::with_capacity(4096);
+        if self.roles.ingest {
+            self.render_ingest(&mut out);
+        }
+        if self.roles.web {
+            self.render_web(&mut out);
+        }
+        out
+    }
+
+    fn render_web(&self, out: &mut String) {
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let mut counter = |name: &str, help: &str, samples: &[(&str, u64)]| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+            for (labels, v) in samples {
+                let _ = writeln!(out, "{name}{labels} {v}");
+            }
+        };
+        counter(
+            "widgetry_web_live_lost_commits_total",
+            "Committed batches websocket clients missed because they read too slowly (they were told).",
+            &[("", get(&self.ws_lost_commits))],
+        );
+        counter(
+            "widgetry_web_requests_total",
+            "HTTP requests served.",
+            &[("", get(&self.http_requests))],
+        );
+        let _ = writeln!(
+            out,
+            "# HELP widgetry_web_live_clients Websocket clients connected to /api/v1/live.\n# TYPE widgetry_web_live_clients gauge\nwidgetry_web_live_clients {}",
+            self.ws_clients.load(Ordering::Relaxed)
+        );
+    }
+
+    fn render_ingest(&self, out: &mut String) {
         let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
         let mut counter = |name: &str, help: &str, samples: &[(&str, u64)]| {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
@@ -211,16 +278,6 @@ impl Metrics {
             "Live-feed messages skipped (publisher queue full or message too large); readers fetch them from the database.",
             &[("", get(&self.live_skipped))],
         );
-        counter(
-            "widgetry_web_live_lost_commits_total",
-            "Committed batches websocket clients missed because they read too slowly (they were told).",
-            &[("", get(&self.ws_lost_commits))],
-        );
-        counter(
-            "widgetry_web_requests_total",
-            "HTTP requests served.",
-            &[("", get(&self.http_requests))],
-        );
         let _ = writeln!(
             out,
             "# HELP widgetry_ingest_subscribed 1 while the ingestor is connected and subscribed to the broker.\n# TYPE widgetry_ingest_subscribed gauge\nwidgetry_ingest_subscribed {}",
@@ -228,30 +285,24 @@ impl Metrics {
         );
         let _ = writeln!(
             out,
-            "# HELP widgetry_web_live_clients Websocket clients connected to /api/v1/live.\n# TYPE widgetry_web_live_clients gauge\nwidgetry_web_live_clients {}",
-            self.ws_clients.load(Ordering::Relaxed)
-        );
-        let _ = writeln!(
-            out,
             "# HELP widgetry_ingest_lag_seconds Receive-to-commit time of the oldest message in the last commit.\n# TYPE widgetry_ingest_lag_seconds gauge\nwidgetry_ingest_lag_seconds {}",
             self.ingest_lag_ms.load(Ordering::Relaxed) as f64 / 1000.0
         );
         self.ingest_wait.render(
-            &mut out,
+            out,
             "widgetry_ingest_wait_seconds",
             "Per transaction: from receiving its oldest message to starting the transaction.",
         );
         self.ingest_commit.render(
-            &mut out,
+            out,
             "widgetry_ingest_commit_seconds",
             "Per transaction: writing and committing it.",
         );
         self.ingest_publish.render(
-            &mut out,
+            out,
             "widgetry_ingest_publish_seconds",
             "Per transaction: publishing its acks, live messages and error reports after the commit.",
         );
-        out
     }
 }
 
@@ -261,7 +312,7 @@ mod tests {
 
     #[test]
     fn renders_rejects_by_reason() {
-        let m = Metrics::default();
+        let m = Metrics::for_roles(Roles::ALL);
         m.reject("bad_json");
         m.reject("bad_json");
         m.reject("not-a-code");
@@ -278,8 +329,18 @@ mod tests {
     }
 
     #[test]
+    fn a_role_shows_only_its_own_counters() {
+        let web = Metrics::for_roles(Roles::WEB).render();
+        assert!(web.contains("widgetry_web_requests_total"), "{web}");
+        assert!(!web.contains("widgetry_ingest_"), "{web}");
+        let ingest = Metrics::for_roles(Roles::INGEST).render();
+        assert!(ingest.contains("widgetry_ingest_samples_stored_total"));
+        assert!(!ingest.contains("widgetry_web_"), "{ingest}");
+    }
+
+    #[test]
     fn histograms_render_cumulative_buckets() {
-        let m = Metrics::default();
+        let m = Metrics::for_roles(Roles::ALL);
         for ms in [0, 3, 3, 70, 9000] {
             m.ingest_commit
                 .observe(std::time::Duration::from_millis(ms));

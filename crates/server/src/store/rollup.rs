@@ -117,7 +117,7 @@ impl Rollups {
     /// Merges the deltas into the rollup tables (inside the caller's
     /// transaction) and clears them.
     pub async fn flush(&mut self, conn: &mut AnyConnection) -> Result<(), sqlx::Error> {
-        let backend = crate::store::Backend::of(conn);
+        let backend = super::Backend::of(conn);
         for res in Resolution::ALL {
             let map = match res {
                 Resolution::Minute => &mut self.minute,
@@ -127,7 +127,7 @@ impl Rollups {
             for chunk in rows.chunks(ROWS_PER_STATEMENT) {
                 let t = res.table();
                 let values: Vec<String> = (0..chunk.len())
-                    .map(|i| crate::store::params(backend, i * 8 + 1, 8))
+                    .map(|i| super::params(backend, i * 8 + 1, 8))
                     .collect();
                 // In an UPDATE every right-hand side sees the old row, so
                 // `last` compares against the old last_ts. Written for both

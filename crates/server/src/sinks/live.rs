@@ -186,16 +186,7 @@ impl Hub {
     }
 }
 
-/// Where the bridge gets its live messages.
-#[derive(Debug, Clone)]
-pub struct BridgeConfig {
-    /// Broker to subscribe to; `None` polls the database only.
-    pub broker: Option<(String, u16)>,
-    pub credentials: Option<(String, String)>,
-    /// How often the database is checked for batches the broker did not
-    /// bring (lost live messages, or no broker).
-    pub poll: Duration,
-}
+pub use crate::config::roles::BridgeConfig;
 
 /// Runs the bridge until `shutdown`.
 pub async fn run_bridge(

@@ -5,6 +5,10 @@
 //! reported at once, each naming its file and key (DESIGN.md §6.7). This
 //! module must never bind, connect or open a database.
 
+pub mod cli;
+pub mod ingest;
+pub mod roles;
+
 use std::collections::HashMap;
 use std::fmt;
 use std::net::SocketAddr;
@@ -14,7 +18,7 @@ use serde::Deserialize;
 
 /// The broker.toml shipped in the repository, used when no file is given
 /// and none exists in the working directory.
-pub const DEFAULT_BROKER_TOML: &str = include_str!("../../../broker.toml");
+pub const DEFAULT_BROKER_TOML: &str = include_str!("../../../../broker.toml");
 
 /// Default addresses and paths.
 pub const DEFAULT_MQTT_LISTEN: &str = "0.0.0.0:1883";

@@ -1,0 +1,28 @@
+//! Validated settings of the `serve` and `web` roles (the ingest role's
+//! are in `config::ingest`).
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use super::ingest::Retention;
+use super::{BrokerConfig, Database};
+
+/// Configuration of `widgetry serve`, already validated.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    pub broker: BrokerConfig,
+    pub http_listen: SocketAddr,
+    pub database: Database,
+    pub retention: Retention,
+}
+
+/// Where the bridge gets its live messages.
+#[derive(Debug, Clone)]
+pub struct BridgeConfig {
+    /// Broker to subscribe to; `None` polls the database only.
+    pub broker: Option<(String, u16)>,
+    pub credentials: Option<(String, String)>,
+    /// How often the database is checked for batches the broker did not
+    /// bring (lost live messages, or no broker).
+    pub poll: Duration,
+}

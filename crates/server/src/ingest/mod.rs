@@ -1,0 +1,162 @@
+//! The ingestor: MQTT source → writer (series resolution, the write
+//! transaction, ack watermarks) → publisher (acks, error reports, live).
+//!
+//! `series` resolves series ids, `acks` keeps each session's watermark,
+//! `writer` runs the transactions, `publish` sends what a commit leads to.
+//! Beside the writer, WAL checkpoints and retention run from the store's
+//! maintenance connection.
+//!
+//! It must never acknowledge a batch before its transaction is durable, and
+//! never let one device's bad input stop or slow the others.
+
+pub mod acks;
+pub mod publish;
+pub mod series;
+pub mod writer;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rumqttc::AsyncClient;
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+use widgetry_common::now_ms;
+
+pub use crate::config::ingest::{IngestConfig, Retention};
+use crate::metrics::Metrics;
+use crate::sources::mqtt;
+use crate::store::{self, Store};
+use publish::{Publisher, drive_publisher};
+use series::SeriesResolver;
+use writer::Writer;
+
+/// Errors that stop the ingestor.
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    #[error("ingest writer task failed: {0}")]
+    Join(#[from] tokio::task::JoinError),
+}
+
+/// Runs the ingestor until `shutdown` is cancelled, then drains what it has
+/// received (committing and acknowledging it) and returns.
+pub async fn run(
+    cfg: IngestConfig,
+    store: Store,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+    ready: watch::Sender<bool>,
+) -> Result<(), IngestError> {
+    let (tx, rx) = mpsc::channel(cfg.queue);
+    let (pub_client, pub_loop) = AsyncClient::new(
+        mqtt::mqtt_options(&cfg, format!("{}-pub", cfg.client_id), true),
+        1024,
+    );
+    let (sub_client, sub_loop) =
+        AsyncClient::new(mqtt::mqtt_options(&cfg, cfg.client_id.clone(), false), 64);
+
+    // The publisher's event loop must outlive the writer so the last acks go
+    // out; it has its own token, cancelled after the writer finishes.
+    let pub_stop = CancellationToken::new();
+    let mut publisher = tokio::spawn(drive_publisher(pub_loop, metrics.clone(), pub_stop.clone()));
+    let writer = tokio::spawn(
+        Writer {
+            store: store.clone(),
+            metrics: metrics.clone(),
+            publisher: Publisher {
+                client: pub_client.clone(),
+                metrics: metrics.clone(),
+                max_packet: cfg.limits.max_payload_bytes + 64 * 1024,
+            },
+            resolver: SeriesResolver::default(),
+            sessions: HashMap::new(),
+            max_items: cfg.max_batch_items,
+            max_wait: cfg.max_wait,
+        }
+        .run(rx),
+    );
+    // WAL checkpoints run beside the writer, once a second.
+    let checkpointer = tokio::spawn({
+        let store = store.clone();
+        let stop = pub_stop.clone();
+        async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tick.tick() => {
+                        // 16k pages: 64 MiB of WAL with 4 KiB pages.
+                        if let Err(e) = store.checkpoint(16_384).await {
+                            warn!(error = %e, "WAL checkpoint failed");
+                        }
+                    }
+                }
+            }
+        }
+    });
+    let pruner = tokio::spawn(prune_loop(cfg.retention, store.clone(), pub_stop.clone()));
+    mqtt::subscribe_loop(
+        &cfg,
+        sub_client.clone(),
+        sub_loop,
+        tx,
+        &metrics,
+        &shutdown,
+        &ready,
+    )
+    .await;
+    // The subscriber dropped its sender: the writer drains and exits.
+    let res = writer.await;
+    let _ = pub_client.disconnect().await;
+    // Give the publisher a moment to flush the disconnect, then stop it.
+    if tokio::time::timeout(Duration::from_secs(2), &mut publisher)
+        .await
+        .is_err()
+    {
+        pub_stop.cancel();
+        let _ = publisher.await;
+    }
+    pub_stop.cancel();
+    let _ = checkpointer.await;
+    let _ = pruner.await;
+    info!("ingestor stopped");
+    res.map_err(IngestError::from)
+}
+
+/// Applies the retention settings now and then, from the maintenance
+/// connection in small chunks (so ingest keeps going).
+async fn prune_loop(retention: Retention, store: Store, stop: CancellationToken) {
+    if retention.raw.is_none() && retention.minute.is_none() && retention.hour.is_none() {
+        return;
+    }
+    let mut tick = tokio::time::interval(retention.every);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let now = now_ms();
+        let cut = |d: Option<Duration>| d.map(|d| now - d.as_millis() as i64);
+        let pass = store.prune(
+            cut(retention.raw),
+            cut(retention.minute),
+            cut(retention.hour),
+        );
+        let res = tokio::select! {
+            _ = stop.cancelled() => return,
+            r = pass => r,
+        };
+        match res {
+            Ok(p) if p != store::Pruned::default() => info!(
+                batches = p.batches,
+                events = p.events,
+                rollup_1m = p.rollup_1m,
+                rollup_1h = p.rollup_1h,
+                "retention removed old data"
+            ),
+            Ok(_) => {}
+            Err(e) => warn!(error = %e, "retention pass failed; retrying at the next one"),
+        }
+    }
+}

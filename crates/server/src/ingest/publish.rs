@@ -1,0 +1,128 @@
+//! The ingestor's publish-only connection: acks and error reports to
+//! devices, committed samples on `…/live`. A second connection, so the
+//! writer can never deadlock against the subscriber's event loop. It runs
+//! only after a commit, and must never publish an empty or half-made
+//! message.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use rumqttc::{AsyncClient, Event, EventLoop, Packet, QoS};
+use tokio_util::sync::CancellationToken;
+use tracing::{error, warn};
+use widgetry_common::backoff;
+use widgetry_proto::json::{Ack, ErrorReport, Live};
+use widgetry_proto::{Topic, TopicKind};
+
+use crate::metrics::Metrics;
+
+/// Publishes what committed transactions lead to.
+pub struct Publisher {
+    pub client: AsyncClient,
+    pub metrics: Arc<Metrics>,
+    /// Largest MQTT packet the publisher may send (live messages above it
+    /// are skipped; readers fetch those batches from the database).
+    pub max_packet: usize,
+}
+
+impl Publisher {
+    /// Publishes acks, live messages and error reports, in that order.
+    pub async fn publish(
+        &self,
+        acks: Vec<(String, Ack)>,
+        live: Vec<Live>,
+        errors: Vec<(String, ErrorReport)>,
+    ) {
+        for (device, ack) in acks {
+            let topic = Topic::name(&device, TopicKind::Ack);
+            let Some(payload) = to_json(&ack, &topic) else {
+                continue;
+            };
+            match self
+                .client
+                .publish(topic, QoS::AtLeastOnce, false, payload)
+                .await
+            {
+                Ok(()) => {
+                    self.metrics.acks_published.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(e) => warn!(device = %device, error = %e, "cannot publish ack"),
+            }
+        }
+        // The live feed never slows ingest: a message that does not fit the
+        // publisher's queue (or a packet) is skipped, and readers that see
+        // a hole in the commit ids fetch the batch from the database.
+        for live in live {
+            let topic = Topic::name(&live.device, TopicKind::Live);
+            let Some(payload) = to_json(&live, &topic) else {
+                self.metrics.live_skipped.fetch_add(1, Ordering::Relaxed);
+                continue;
+            };
+            if payload.len() > self.max_packet {
+                self.metrics.live_skipped.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            match self
+                .client
+                .try_publish(topic, QoS::AtMostOnce, false, payload)
+            {
+                Ok(()) => {
+                    self.metrics.live_published.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(_) => {
+                    self.metrics.live_skipped.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+        for (device, report) in errors {
+            let topic = Topic::name(&device, TopicKind::Errors);
+            let Some(payload) = to_json(&report, &topic) else {
+                continue;
+            };
+            if let Err(e) = self
+                .client
+                .publish(topic, QoS::AtMostOnce, false, payload)
+                .await
+            {
+                warn!(device = %device, error = %e, "cannot publish error report");
+            }
+        }
+    }
+}
+
+/// Drives the publisher's event loop until `stop` (or its DISCONNECT).
+pub async fn drive_publisher(mut ev: EventLoop, metrics: Arc<Metrics>, stop: CancellationToken) {
+    let mut failures = 0u32;
+    loop {
+        let next = tokio::select! {
+            _ = stop.cancelled() => return,
+            n = ev.poll() => n,
+        };
+        match next {
+            Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => return,
+            Ok(Event::Incoming(Packet::ConnAck(_))) => failures = 0,
+            Ok(_) => {}
+            Err(e) => {
+                failures += 1;
+                metrics.mqtt_reconnects.fetch_add(1, Ordering::Relaxed);
+                warn!(error = %e, "ingest publisher connection lost; retrying");
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(backoff(failures, crate::RECONNECT_CAP)) => {}
+                }
+            }
+        }
+    }
+}
+
+/// Serialises a message for `topic`; a failure is logged as an error and
+/// nothing is published (never an empty payload).
+fn to_json<T: serde::Serialize>(msg: &T, topic: &str) -> Option<Vec<u8>> {
+    match serde_json::to_vec(msg) {
+        Ok(p) => Some(p),
+        Err(e) => {
+            error!(topic = %topic, error = %e, "cannot serialise message; not published");
+            None
+        }
+    }
+}

@@ -1,0 +1,119 @@
+//! Series resolution: device series keys and session-local ids to the
+//! database's series ids. Committed rows and bindings are cached
+//! (hash maps, O(1) per lookup, bounded by [`CACHE_LIMIT`]); what a
+//! transaction creates waits in [`Pending`] and joins the caches only once
+//! it has committed, so a rolled-back transaction leaves no stale entry.
+
+use std::collections::HashMap;
+
+use widgetry_proto::{SeriesKey, SessionId};
+
+use crate::store::{self, StoreError};
+
+/// Bound on each cache; past it the cache is cleared and refilled from
+/// the database on demand.
+pub const CACHE_LIMIT: usize = 200_000;
+
+/// `(device, session, session-local id)`.
+pub type BindingKey = (String, SessionId, u32);
+
+/// Series rows, session bindings and keys learnt by the transaction under
+/// way.
+#[derive(Default)]
+pub struct Pending {
+    pub bindings: HashMap<BindingKey, i64>,
+    pub series: HashMap<(String, String), i64>,
+    /// series id → key.
+    pub new_keys: HashMap<i64, String>,
+}
+
+/// The caches of committed series.
+#[derive(Default)]
+pub struct SeriesResolver {
+    /// (device, session, local id) → series id.
+    bindings: HashMap<BindingKey, i64>,
+    /// (device, series key) → series id.
+    series_ids: HashMap<(String, String), i64>,
+    /// series id → canonical key, for the live feed.
+    keys: HashMap<i64, String>,
+}
+
+impl SeriesResolver {
+    /// Adds what a committed transaction learnt.
+    pub fn commit(&mut self, pending: Pending) {
+        fn extend<K: std::hash::Hash + Eq, V>(map: &mut HashMap<K, V>, new: HashMap<K, V>) {
+            if map.len() + new.len() > CACHE_LIMIT {
+                map.clear();
+            }
+            map.extend(new);
+        }
+        extend(&mut self.bindings, pending.bindings);
+        extend(&mut self.series_ids, pending.series);
+        extend(&mut self.keys, pending.new_keys);
+    }
+
+    /// The database id of a device's series, created if new.
+    pub async fn series_id(
+        &self,
+        tx: &mut store::WriteTx,
+        device: &str,
+        key: &SeriesKey,
+        pending: &mut Pending,
+    ) -> Result<i64, StoreError> {
+        let name = (device.to_string(), key.to_string());
+        if let Some(g) = self
+            .series_ids
+            .get(&name)
+            .or_else(|| pending.series.get(&name))
+        {
+            return Ok(*g);
+        }
+        let global = store::upsert_series(tx, device, key).await?;
+        if !self.keys.contains_key(&global) {
+            pending.new_keys.insert(global, name.1.clone());
+        }
+        pending.series.insert(name, global);
+        Ok(global)
+    }
+
+    /// The series a session-local id is bound to, if any.
+    pub async fn bound(
+        &self,
+        tx: &mut store::WriteTx,
+        binding: &BindingKey,
+        pending: &mut Pending,
+    ) -> Result<Option<i64>, StoreError> {
+        if let Some(g) = self
+            .bindings
+            .get(binding)
+            .or_else(|| pending.bindings.get(binding))
+        {
+            return Ok(Some(*g));
+        }
+        let found = store::session_series(tx, &binding.0, &binding.1, binding.2).await?;
+        if let Some(g) = found {
+            pending.bindings.insert(binding.clone(), g);
+        }
+        Ok(found)
+    }
+
+    /// The key of a series id: from the cache, this transaction, or the database.
+    pub async fn series_key(
+        &self,
+        tx: &mut store::WriteTx,
+        id: i64,
+        pending: &mut Pending,
+    ) -> Result<String, StoreError> {
+        if let Some(k) = self.keys.get(&id) {
+            return Ok(k.clone());
+        }
+        if let Some(k) = pending.new_keys.get(&id) {
+            return Ok(k.clone());
+        }
+        let key = store::series_key(tx, id)
+            .await?
+            .ok_or_else(|| StoreError::Corrupt(format!("series id {id} has no row")))?;
+        pending.new_keys.insert(id, key.clone());
+        Ok(key)
+    }
+}

@@ -1,0 +1,480 @@
+//! The ingest writer: one task that groups queued items into
+//! transactions (bounded by count and time), resolves series, appends
+//! batches to the log with their rollups, settles ack watermarks, commits,
+//! and only then hands acks, live messages and error reports to the
+//! [`Publisher`].
+//!
+//! It must never acknowledge a batch before its transaction is durable,
+//! and never let one device's bad input stop or slow the others: a reject
+//! is reported, the rest of the transaction goes on.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tracing::{debug, error, warn};
+use widgetry_common::now_ms;
+use widgetry_proto::json::{Ack, ErrorReport, JSON_SESSION, KeyedSample, Live, json_seq};
+use widgetry_proto::{BatchBuilder, DecodedBatch, Reject, SessionId, Topic, TopicKind};
+
+use super::acks::{MAX_ACK_SEQS, SessionAcks, SessionKey, load_session};
+use super::publish::Publisher;
+use super::series::{CACHE_LIMIT, Pending, SeriesResolver};
+use crate::metrics::Metrics;
+use crate::sources::Item;
+use crate::store::rollup::Rollups;
+use crate::store::{self, BatchRow, Store, StoreError};
+
+/// The writer task's state; see the module docs.
+pub struct Writer {
+    pub store: Store,
+    pub metrics: Arc<Metrics>,
+    pub publisher: Publisher,
+    pub resolver: SeriesResolver,
+    /// Ack state of sessions seen recently (committed state only).
+    pub sessions: HashMap<SessionKey, SessionAcks>,
+    pub max_items: usize,
+    pub max_wait: Duration,
+}
+
+/// What a committed transaction leads to.
+#[derive(Default)]
+struct Outcome {
+    acks: Vec<(String, Ack)>,
+    errors: Vec<(String, ErrorReport)>,
+    batches: u64,
+    duplicates: u64,
+    samples: u64,
+    gaps: u64,
+    events: u64,
+    events_dropped: u64,
+    /// Committed batches for the live feed.
+    live: Vec<Live>,
+    /// Rollup deltas of the batches stored in this transaction.
+    rollups: Rollups,
+    /// Next commit id to assign (read once per transaction).
+    next_commit: Option<u64>,
+}
+
+impl Writer {
+    /// Takes items until the source closes the queue; each group becomes
+    /// one transaction.
+    pub async fn run(mut self, mut rx: mpsc::Receiver<Item>) {
+        let mut items = Vec::with_capacity(self.max_items);
+        while let Some(first) = rx.recv().await {
+            items.push(first);
+            let deadline = tokio::time::Instant::now() + self.max_wait;
+            while items.len() < self.max_items {
+                match tokio::time::timeout_at(deadline, rx.recv()).await {
+                    Ok(Some(item)) => items.push(item),
+                    Ok(None) | Err(_) => break,
+                }
+            }
+            self.process(std::mem::take(&mut items)).await;
+        }
+        debug!("ingest writer drained");
+    }
+
+    async fn process(&mut self, items: Vec<Item>) {
+        let oldest = items
+            .iter()
+            .map(Item::received_ms)
+            .min()
+            .unwrap_or_else(now_ms);
+        let mut pending = Pending::default();
+        let mut sessions = HashMap::new();
+        self.metrics
+            .ingest_wait
+            .observe(Duration::from_millis((now_ms() - oldest).max(0) as u64));
+        let started = tokio::time::Instant::now();
+        let result = self.transaction(items, &mut pending, &mut sessions).await;
+        self.metrics.ingest_commit.observe(started.elapsed());
+        match result {
+            Ok(outcome) => {
+                self.resolver.commit(pending);
+                if self.sessions.len() > CACHE_LIMIT {
+                    self.sessions.clear();
+                }
+                self.sessions.extend(sessions);
+                let m = &self.metrics;
+                m.commits.fetch_add(1, Ordering::Relaxed);
+                m.batches_stored
+                    .fetch_add(outcome.batches, Ordering::Relaxed);
+                m.batches_duplicate
+                    .fetch_add(outcome.duplicates, Ordering::Relaxed);
+                m.samples_stored
+                    .fetch_add(outcome.samples, Ordering::Relaxed);
+                m.gaps_reported.fetch_add(outcome.gaps, Ordering::Relaxed);
+                m.events_stored.fetch_add(outcome.events, Ordering::Relaxed);
+                m.events_dropped_by_devices
+                    .fetch_add(outcome.events_dropped, Ordering::Relaxed);
+                m.ingest_lag_ms.store(now_ms() - oldest, Ordering::Relaxed);
+                let published = tokio::time::Instant::now();
+                self.publisher
+                    .publish(outcome.acks, outcome.live, outcome.errors)
+                    .await;
+                self.metrics.ingest_publish.observe(published.elapsed());
+            }
+            Err(e) => {
+                // Nothing of this transaction is acknowledged: devices resend.
+                self.metrics.db_errors.fetch_add(1, Ordering::Relaxed);
+                error!(error = %e, "ingest transaction failed; its batches are not acknowledged and will be resent by devices");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+
+    async fn transaction(
+        &mut self,
+        items: Vec<Item>,
+        pending: &mut Pending,
+        sessions: &mut HashMap<SessionKey, SessionAcks>,
+    ) -> Result<Outcome, StoreError> {
+        let mut tx = self.store.begin().await?;
+        let mut out = Outcome::default();
+        let mut seen: HashMap<String, (i64, i64)> = HashMap::new();
+        let mut touched: Vec<SessionKey> = Vec::new();
+        for item in items {
+            match item {
+                Item::Batch {
+                    device,
+                    mut batch,
+                    received_ms,
+                } => {
+                    seen.entry(device.clone()).or_insert((received_ms, 0)).0 = received_ms;
+                    for gap in std::mem::take(&mut batch.gaps) {
+                        if let Some(lost) =
+                            store::insert_gap(&mut tx, &device, &gap, received_ms).await?
+                        {
+                            out.gaps += 1;
+                            warn!(device = %device, session = %gap.session, from_seq = gap.from_seq, to_seq = gap.to_seq, samples = lost, "device reports batches lost to a full spool");
+                        }
+                        let key = (device.clone(), gap.session);
+                        self.session_state(&mut tx, &key, sessions, &mut touched)
+                            .await?;
+                        if let Some(s) = sessions.get_mut(&key) {
+                            s.commit_range(gap.from_seq, gap.to_seq);
+                        }
+                    }
+                    if batch.settled_through > 0 {
+                        // The device no longer holds these seqs: a server
+                        // that lost its state can still move its watermark.
+                        let key = (device.clone(), batch.session);
+                        self.session_state(&mut tx, &key, sessions, &mut touched)
+                            .await?;
+                        if let Some(s) = sessions.get_mut(&key) {
+                            s.commit_range(1, batch.settled_through);
+                        }
+                    }
+                    match self
+                        .store_batch(&mut tx, &device, batch, received_ms, pending, &mut out)
+                        .await?
+                    {
+                        Ok((session, seq)) => {
+                            let key = (device.clone(), session);
+                            self.session_state(&mut tx, &key, sessions, &mut touched)
+                                .await?;
+                            if let Some(s) = sessions.get_mut(&key) {
+                                s.commit(seq);
+                            }
+                        }
+                        Err(reject) => {
+                            // Unknown series is a request to resend the
+                            // definitions, not bad input from the device.
+                            let counts = !matches!(reject, Reject::UnknownSeries { .. });
+                            self.reject(
+                                &device,
+                                Topic::name(&device, TopicKind::Samples),
+                                reject,
+                                received_ms,
+                                &mut out,
+                            );
+                            if counts {
+                                seen.entry(device).or_insert((received_ms, 0)).1 += 1;
+                            }
+                        }
+                    }
+                }
+                Item::Json {
+                    device,
+                    samples,
+                    received_ms,
+                } => {
+                    seen.entry(device.clone()).or_insert((received_ms, 0)).0 = received_ms;
+                    self.store_json(&mut tx, &device, samples, received_ms, pending, &mut out)
+                        .await?;
+                }
+                Item::Status {
+                    device,
+                    status,
+                    received_ms,
+                } => {
+                    store::set_status(&mut tx, &device, &status, received_ms).await?;
+                }
+                Item::Events {
+                    device,
+                    batch,
+                    events,
+                    received_ms,
+                } => {
+                    seen.entry(device.clone()).or_insert((received_ms, 0)).0 = received_ms;
+                    for (idx, event) in events.iter().enumerate() {
+                        if store::insert_event(
+                            &mut tx,
+                            &device,
+                            &batch.session,
+                            batch.seq,
+                            idx,
+                            event,
+                        )
+                        .await?
+                        {
+                            out.events += 1;
+                        }
+                    }
+                    if batch.dropped > 0 {
+                        out.events_dropped += batch.dropped;
+                        warn!(device = %device, dropped = batch.dropped, "device dropped app events (its local queue was full)");
+                    }
+                }
+                Item::Rejected {
+                    device,
+                    topic,
+                    reject,
+                    received_ms,
+                } => match device {
+                    Some(device) => {
+                        self.reject(&device, topic, reject, received_ms, &mut out);
+                        seen.entry(device).or_insert((received_ms, 0)).1 += 1;
+                    }
+                    None => {
+                        self.metrics.reject(reject.code());
+                        warn!(topic = %topic, reason = reject.code(), "rejected message: {reject}");
+                    }
+                },
+            }
+        }
+        for (device, (at, rejects)) in &seen {
+            store::touch_device(&mut tx, device, *at, *rejects).await?;
+        }
+        out.rollups.flush(&mut tx).await?;
+        let now = now_ms();
+        for key in &touched {
+            if let Some(state) = sessions.get(key) {
+                store::set_session_through(&mut tx, &key.0, &key.1, state.through, now).await?;
+            }
+        }
+        tx.commit().await?;
+        for key in touched {
+            if let Some(state) = sessions.get(&key) {
+                out.acks.push((
+                    key.0.clone(),
+                    Ack {
+                        session: key.1,
+                        through: state.through,
+                        seqs: state.above.iter().take(MAX_ACK_SEQS).copied().collect(),
+                    },
+                ));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Brings a session's ack state into this transaction's working set.
+    async fn session_state(
+        &self,
+        tx: &mut store::WriteTx,
+        key: &SessionKey,
+        sessions: &mut HashMap<SessionKey, SessionAcks>,
+        touched: &mut Vec<SessionKey>,
+    ) -> Result<(), StoreError> {
+        if !sessions.contains_key(key) {
+            let state = match self.sessions.get(key) {
+                Some(s) => s.clone(),
+                None => load_session(tx, &key.0, &key.1).await?,
+            };
+            sessions.insert(key.clone(), state);
+            touched.push(key.clone());
+        }
+        Ok(())
+    }
+
+    fn reject(
+        &self,
+        device: &str,
+        topic: String,
+        reject: Reject,
+        received_ms: i64,
+        out: &mut Outcome,
+    ) {
+        self.metrics.reject(reject.code());
+        warn!(device = %device, topic = %topic, reason = reject.code(), "rejected payload: {reject}");
+        out.errors.push((
+            device.to_string(),
+            ErrorReport::new(topic, &reject, received_ms),
+        ));
+    }
+
+    /// Resolves a device batch's session-local series ids and appends it
+    /// to the log. The inner result is a reject (nothing written), the
+    /// outer one a database error.
+    async fn store_batch(
+        &mut self,
+        tx: &mut store::WriteTx,
+        device: &str,
+        mut batch: DecodedBatch,
+        received_ms: i64,
+        pending: &mut Pending,
+        out: &mut Outcome,
+    ) -> Result<Result<(SessionId, u64), Reject>, StoreError> {
+        let session = batch.session;
+        let seq = batch.seq;
+        let mut local: HashMap<u32, i64> = HashMap::with_capacity(batch.series.len());
+        for (id, key) in &batch.series {
+            let global = self.resolver.series_id(tx, device, key, pending).await?;
+            let binding = (device.to_string(), session, *id);
+            match self.resolver.bound(tx, &binding, pending).await? {
+                Some(g) if g != global => {
+                    return Ok(Err(Reject::Series(format!(
+                        "series id {id} was already bound to another series in session {session}; ids cannot be reused within a session"
+                    ))));
+                }
+                Some(_) => {}
+                None => {
+                    store::bind_session_series(tx, device, &session, *id, global).await?;
+                    pending.bindings.insert(binding, global);
+                }
+            }
+            local.insert(*id, global);
+        }
+        let mut missing = Vec::new();
+        for run in &batch.runs {
+            if local.contains_key(&run.series_id) {
+                continue;
+            }
+            let binding = (device.to_string(), session, run.series_id);
+            match self.resolver.bound(tx, &binding, pending).await? {
+                Some(g) => {
+                    local.insert(run.series_id, g);
+                }
+                None => missing.push(run.series_id),
+            }
+        }
+        if !missing.is_empty() {
+            missing.sort_unstable();
+            missing.dedup();
+            return Ok(Err(Reject::UnknownSeries {
+                session,
+                seq,
+                ids: missing,
+            }));
+        }
+        for run in &mut batch.runs {
+            let global = local.get(&run.series_id).copied().unwrap_or_default();
+            run.series_id = u32::try_from(global)
+                .map_err(|_| StoreError::Corrupt(format!("series id {global} exceeds u32")))?;
+        }
+        batch.series.clear();
+        self.append(tx, device, batch, received_ms, pending, out)
+            .await?;
+        Ok(Ok((session, seq)))
+    }
+
+    /// Appends the samples of one `…/samples/json` message to the log,
+    /// named by its content ([`json_seq`]) so a redelivery is stored once.
+    /// Plain clients have no session: series are resolved by key, never
+    /// through session-local ids, so no message can conflict with another.
+    async fn store_json(
+        &mut self,
+        tx: &mut store::WriteTx,
+        device: &str,
+        samples: Vec<KeyedSample>,
+        received_ms: i64,
+        pending: &mut Pending,
+        out: &mut Outcome,
+    ) -> Result<(), StoreError> {
+        let seq = json_seq(&samples);
+        let mut builder = BatchBuilder::default();
+        for s in samples {
+            let global = self
+                .resolver
+                .series_id(tx, device, &s.series, pending)
+                .await?;
+            let id = u32::try_from(global)
+                .map_err(|_| StoreError::Corrupt(format!("series id {global} exceeds u32")))?;
+            builder.push(id, s.ts_ms, s.value);
+        }
+        let batch = builder.finish(JSON_SESSION, seq, Vec::new());
+        self.append(tx, device, batch, received_ms, pending, out)
+            .await
+    }
+
+    /// Appends a batch whose series ids are database ids to the log, with
+    /// its rollups and live message; a batch already stored is skipped.
+    async fn append(
+        &mut self,
+        tx: &mut store::WriteTx,
+        device: &str,
+        batch: DecodedBatch,
+        received_ms: i64,
+        pending: &mut Pending,
+        out: &mut Outcome,
+    ) -> Result<(), StoreError> {
+        let session = batch.session;
+        let samples = batch.sample_count() as i64;
+        let (min_ts, max_ts) = batch.ts_range().unwrap_or((received_ms, received_ms));
+        let payload = batch.encode();
+        let commit_id = match out.next_commit {
+            Some(c) => c,
+            None => store::max_commit_id(tx).await? + 1,
+        };
+        let inserted = store::insert_batch(
+            tx,
+            &BatchRow {
+                commit_id,
+                device,
+                session: &session,
+                seq: batch.seq,
+                received_ms,
+                min_ts,
+                max_ts,
+                samples,
+                payload: &payload,
+            },
+        )
+        .await?;
+        if inserted {
+            out.next_commit = Some(commit_id + 1);
+            out.batches += 1;
+            out.samples += samples as u64;
+            let mut live = Live {
+                commit: commit_id,
+                device: device.to_string(),
+                session,
+                seq: batch.seq,
+                series: Default::default(),
+            };
+            for run in &batch.runs {
+                let id = i64::from(run.series_id);
+                for (ts, v) in run.ts_ms.iter().zip(&run.values) {
+                    out.rollups.add(id, *ts, *v);
+                }
+                let key = self.resolver.series_key(tx, id, pending).await?;
+                live.series
+                    .entry(key)
+                    .or_default()
+                    .extend(run.ts_ms.iter().copied().zip(run.values.iter().copied()));
+            }
+            for points in live.series.values_mut() {
+                points.sort_by_key(|p| p.0);
+            }
+            out.live.push(live);
+        } else {
+            out.duplicates += 1;
+            debug!(device = %device, session = %session, seq = batch.seq, "duplicate batch skipped");
+        }
+        Ok(())
+    }
+}

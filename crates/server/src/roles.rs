@@ -1,0 +1,227 @@
+//! The roles and `serve`: each role's tasks run under one [`Supervisor`].
+//! `serve` starts the embedded broker, the ingestor and the web service in
+//! one process; `ingest` and `web` run one role against an external broker
+//! and database. Roles talk only through MQTT and the database, even in
+//! one process.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::config::Database;
+use crate::ingest::{self, IngestConfig};
+use crate::metrics::{Metrics, Roles};
+use crate::sinks;
+use crate::store::{self, Store};
+use crate::supervisor::Supervisor;
+use crate::{broker, web};
+
+/// How long roles get to drain after a shutdown request.
+pub const DRAIN_DEADLINE: Duration = Duration::from_secs(10);
+
+/// Longest wait between reconnect attempts to the broker.
+pub const RECONNECT_CAP: Duration = Duration::from_secs(10);
+
+/// Errors that stop a role.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
+    #[error(transparent)]
+    Broker(#[from] broker::BrokerError),
+    #[error("HTTP listen address {addr}: {source}; choose another with --http-listen")]
+    HttpBind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("HTTP server failed: {0}")]
+    Http(std::io::Error),
+    #[error(transparent)]
+    Ingest(#[from] ingest::IngestError),
+    #[error("a role panicked: {0}")]
+    Join(#[from] tokio::task::JoinError),
+}
+
+pub use crate::config::roles::ServeConfig;
+
+/// A running `serve`: the bound addresses and the handle to wait on.
+pub struct Running {
+    pub http_addr: SocketAddr,
+    pub mqtt_addr: SocketAddr,
+    pub metrics: Arc<Metrics>,
+    pub store: Store,
+    tasks: Supervisor<ServeError>,
+}
+
+impl Running {
+    /// Asks every role to stop (same as SIGTERM).
+    pub fn shutdown(&self) {
+        self.tasks.shutdown();
+    }
+
+    /// Waits for the roles to finish. The first role to fail stops the
+    /// others; after a shutdown request they get [`DRAIN_DEADLINE`].
+    pub async fn wait(self) -> Result<(), ServeError> {
+        let result = self.tasks.wait().await;
+        self.store.close().await;
+        result
+    }
+}
+
+/// Starts broker, ingestor and web service; returns once all listen.
+pub async fn start_serve(
+    cfg: ServeConfig,
+    shutdown: CancellationToken,
+) -> Result<Running, ServeError> {
+    let store = Store::open(&cfg.database).await?;
+    info!(database = %cfg.database, "database open");
+    let listener =
+        TcpListener::bind(cfg.http_listen)
+            .await
+            .map_err(|source| ServeError::HttpBind {
+                addr: cfg.http_listen,
+                source,
+            })?;
+    let http_addr = listener.local_addr().map_err(ServeError::Http)?;
+    let mqtt_addr = cfg.broker.mqtt_listen;
+    let broker_cfg = cfg.broker.clone();
+    tokio::task::spawn_blocking(move || broker::start(broker_cfg)).await??;
+
+    let metrics = Arc::new(Metrics::for_roles(Roles::ALL));
+    let mut tasks = Supervisor::new(shutdown.clone(), DRAIN_DEADLINE);
+    let target = broker::connect_addr(mqtt_addr);
+    let mut ingest_cfg = IngestConfig::new(target.ip().to_string(), target.port());
+    ingest_cfg.retention = cfg.retention;
+    let (ready_tx, mut ready) = watch::channel(false);
+    let ingest = ingest::run(
+        ingest_cfg,
+        store.clone(),
+        metrics.clone(),
+        shutdown.clone(),
+        ready_tx,
+    );
+    tasks.spawn("ingest", async move { Ok(ingest.await?) });
+    let bridge = sinks::live::BridgeConfig {
+        broker: Some((target.ip().to_string(), target.port())),
+        credentials: None,
+        poll: Duration::from_secs(1),
+    };
+    tasks.spawn(
+        "web",
+        serve_http(
+            listener,
+            store.clone(),
+            metrics.clone(),
+            bridge,
+            shutdown.clone(),
+        ),
+    );
+    // Messages published before the ingestor subscribes are dropped by the
+    // broker (devices resend them after their ack timeout); wait for the
+    // subscription so "serving" means data is being stored.
+    if tokio::time::timeout(Duration::from_secs(10), ready.wait_for(|r| *r))
+        .await
+        .is_err()
+    {
+        warn!("the ingestor has not subscribed to the broker after 10 s; continuing");
+    }
+    info!(http = %http_addr, mqtt = %mqtt_addr, "widgetry serving");
+    Ok(Running {
+        http_addr,
+        mqtt_addr,
+        metrics,
+        store,
+        tasks,
+    })
+}
+
+/// Runs `serve` until `shutdown` is cancelled.
+pub async fn run_serve(cfg: ServeConfig, shutdown: CancellationToken) -> Result<(), ServeError> {
+    start_serve(cfg, shutdown).await?.wait().await
+}
+
+/// Runs the ingest role alone against an external broker.
+pub async fn run_ingest(
+    cfg: IngestConfig,
+    database: Database,
+    shutdown: CancellationToken,
+) -> Result<(), ServeError> {
+    let store = Store::open(&database).await?;
+    // The ingest role alone serves no HTTP: its counters are not exposed.
+    let metrics = Arc::new(Metrics::for_roles(Roles::INGEST));
+    let (ready, _) = watch::channel(false);
+    let mut tasks = Supervisor::new(shutdown.clone(), DRAIN_DEADLINE);
+    let ingest = ingest::run(cfg, store.clone(), metrics, shutdown, ready);
+    tasks.spawn("ingest", async move { Ok(ingest.await?) });
+    let res = tasks.wait().await;
+    store.close().await;
+    res
+}
+
+/// Runs the web role alone; its live bridge follows `bridge`.
+pub async fn run_web(
+    http_listen: SocketAddr,
+    database: Database,
+    bridge: sinks::live::BridgeConfig,
+    shutdown: CancellationToken,
+) -> Result<(), ServeError> {
+    let store = Store::open(&database).await?;
+    let listener = TcpListener::bind(http_listen)
+        .await
+        .map_err(|source| ServeError::HttpBind {
+            addr: http_listen,
+            source,
+        })?;
+    info!(http = %listener.local_addr().map_err(ServeError::Http)?, "web service listening");
+    let mut tasks = Supervisor::new(shutdown.clone(), DRAIN_DEADLINE);
+    tasks.spawn(
+        "web",
+        serve_http(
+            listener,
+            store.clone(),
+            Arc::new(Metrics::for_roles(Roles::WEB)),
+            bridge,
+            shutdown,
+        ),
+    );
+    let res = tasks.wait().await;
+    store.close().await;
+    res
+}
+
+async fn serve_http(
+    listener: TcpListener,
+    store: Store,
+    metrics: Arc<Metrics>,
+    bridge: sinks::live::BridgeConfig,
+    shutdown: CancellationToken,
+) -> Result<(), ServeError> {
+    let hub = sinks::live::Hub::new(store.last_commit_id().await?);
+    let bridge_task = tokio::spawn(sinks::live::run_bridge(
+        bridge,
+        store.clone(),
+        hub.clone(),
+        shutdown.clone(),
+    ));
+    let app = web::app(web::AppState {
+        store,
+        metrics,
+        hub,
+        shutdown: shutdown.clone(),
+        overview: Default::default(),
+    });
+    let served = axum::serve(listener, app)
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await
+        .map_err(ServeError::Http);
+    bridge_task.await??;
+    served?;
+    info!("web service stopped");
+    Ok(())
+}

@@ -1,0 +1,8 @@
+//! Post-commit consumers: what happens to data once the ingestor has
+//! committed it. Each follows the commit ids (contiguous, in commit order)
+//! and fetches what it missed from the database, so a lost message costs
+//! latency, never data.
+//!
+//! Sinks read the store; they never write it and never acknowledge.
+
+pub mod live;

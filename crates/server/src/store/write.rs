@@ -1,0 +1,296 @@
+//! Statements run inside the ingestor's write transaction: series and
+//! session bindings, the batch log, ack watermarks, gaps, events, device
+//! presence. They never commit: the caller commits, then acknowledges.
+
+use sqlx::{AnyConnection, Row};
+use widgetry_proto::json::Status;
+use widgetry_proto::{SeriesKey, SessionId};
+
+use super::StoreError;
+
+/// Returns the id of `key` on `device`, creating the series if new.
+pub async fn upsert_series(
+    conn: &mut AnyConnection,
+    device: &str,
+    key: &SeriesKey,
+) -> Result<i64, StoreError> {
+    let text = key.to_string();
+    let labels = serde_json::to_string(&key.labels).unwrap_or_else(|_| "{}".into());
+    let row = sqlx::query(
+        "INSERT INTO series (device, key, name, labels) VALUES ($1, $2, $3, $4)
+         ON CONFLICT (device, key) DO UPDATE SET name = excluded.name
+         RETURNING id",
+    )
+    .bind(device)
+    .bind(&text)
+    .bind(&key.name)
+    .bind(labels)
+    .fetch_one(&mut *conn)
+    .await?;
+    Ok(row.get(0))
+}
+
+/// The series a session-local id was bound to, if any.
+pub async fn session_series(
+    conn: &mut AnyConnection,
+    device: &str,
+    session: &SessionId,
+    local_id: u32,
+) -> Result<Option<i64>, StoreError> {
+    let row = sqlx::query(
+        "SELECT series_id FROM session_series WHERE device = $1 AND session = $2 AND local_id = $3",
+    )
+    .bind(device)
+    .bind(&session.0[..])
+    .bind(local_id as i64)
+    .fetch_optional(&mut *conn)
+    .await?;
+    Ok(row.map(|r| r.get(0)))
+}
+
+/// Binds a session-local id to a series.
+pub async fn bind_session_series(
+    conn: &mut AnyConnection,
+    device: &str,
+    session: &SessionId,
+    local_id: u32,
+    series_id: i64,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO session_series (device, session, local_id, series_id) VALUES ($1, $2, $3, $4)
+         ON CONFLICT DO NOTHING",
+    )
+    .bind(device)
+    .bind(&session.0[..])
+    .bind(local_id as i64)
+    .bind(series_id)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+/// The highest commit id stored so far (0 when none).
+pub async fn max_commit_id(conn: &mut AnyConnection) -> Result<u64, StoreError> {
+    let (max,): (Option<i64>,) = sqlx::query_as("SELECT MAX(commit_id) FROM batches")
+        .fetch_one(&mut *conn)
+        .await?;
+    Ok(max.unwrap_or(0).max(0) as u64)
+}
+
+/// The canonical key of a series id, if it exists.
+pub async fn series_key(
+    conn: &mut AnyConnection,
+    series_id: i64,
+) -> Result<Option<String>, StoreError> {
+    let row = sqlx::query("SELECT key FROM series WHERE id = $1")
+        .bind(series_id)
+        .fetch_optional(&mut *conn)
+        .await?;
+    Ok(row.map(|r| r.get(0)))
+}
+
+/// A batch to append to the batch log.
+pub struct BatchRow<'a> {
+    /// Position in commit order (see migration 0004).
+    pub commit_id: u64,
+    pub device: &'a str,
+    pub session: &'a SessionId,
+    pub seq: u64,
+    pub received_ms: i64,
+    pub min_ts: i64,
+    pub max_ts: i64,
+    pub samples: i64,
+    pub payload: &'a [u8],
+}
+
+/// Appends a batch; returns false when (device, session, seq) was already
+/// stored (a redelivery), in which case nothing is written.
+pub async fn insert_batch(conn: &mut AnyConnection, b: &BatchRow<'_>) -> Result<bool, StoreError> {
+    let res = sqlx::query(
+        // Only the idempotence key may conflict; a clash of commit ids is
+        // an error that fails the transaction, never a silent skip.
+        "INSERT INTO batches (device, session, seq, received_ms, min_ts, max_ts, samples, payload, commit_id)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+         ON CONFLICT (device, session, seq) DO NOTHING",
+    )
+    .bind(b.device)
+    .bind(&b.session.0[..])
+    .bind(b.seq as i64)
+    .bind(b.received_ms)
+    .bind(b.min_ts)
+    .bind(b.max_ts)
+    .bind(b.samples)
+    .bind(b.payload)
+    .bind(b.commit_id as i64)
+    .execute(&mut *conn)
+    .await?;
+    Ok(res.rows_affected() == 1)
+}
+
+/// The stored ack watermark of a session, if the session is known.
+pub async fn session_through(
+    conn: &mut AnyConnection,
+    device: &str,
+    session: &SessionId,
+) -> Result<Option<u64>, StoreError> {
+    let row = sqlx::query("SELECT through FROM sessions WHERE device = $1 AND session = $2")
+        .bind(device)
+        .bind(&session.0[..])
+        .fetch_optional(&mut *conn)
+        .await?;
+    Ok(row.map(|r| r.get::<i64, _>(0) as u64))
+}
+
+/// Stored seqs of a session above `through`, ascending.
+pub async fn seqs_above(
+    conn: &mut AnyConnection,
+    device: &str,
+    session: &SessionId,
+    through: u64,
+) -> Result<Vec<u64>, StoreError> {
+    let rows = sqlx::query(
+        "SELECT seq FROM batches WHERE device = $1 AND session = $2 AND seq > $3 ORDER BY seq",
+    )
+    .bind(device)
+    .bind(&session.0[..])
+    .bind(through as i64)
+    .fetch_all(&mut *conn)
+    .await?;
+    Ok(rows.iter().map(|r| r.get::<i64, _>(0) as u64).collect())
+}
+
+/// Records a session's ack watermark.
+pub async fn set_session_through(
+    conn: &mut AnyConnection,
+    device: &str,
+    session: &SessionId,
+    through: u64,
+    now_ms: i64,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO sessions (device, session, through, started_ms) VALUES ($1, $2, $3, $4)
+         ON CONFLICT (device, session) DO UPDATE SET through =
+           CASE WHEN excluded.through > sessions.through THEN excluded.through ELSE sessions.through END",
+    )
+    .bind(device)
+    .bind(&session.0[..])
+    .bind(through as i64)
+    .bind(now_ms)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+/// Records a gap report, counting only batches of its range that were
+/// never stored (a batch may reach the server and then be dropped from the
+/// device's spool before its ack arrived). Returns the samples really lost,
+/// or `None` if the report was already recorded or nothing was lost.
+pub async fn insert_gap(
+    conn: &mut AnyConnection,
+    device: &str,
+    gap: &widgetry_proto::Gap,
+    now_ms: i64,
+) -> Result<Option<i64>, StoreError> {
+    let (stored_batches, stored_samples): (i64, i64) = sqlx::query_as(
+        "SELECT COUNT(*), CAST(COALESCE(SUM(samples), 0) AS BIGINT) FROM batches
+         WHERE device = $1 AND session = $2 AND seq BETWEEN $3 AND $4",
+    )
+    .bind(device)
+    .bind(&gap.session.0[..])
+    .bind(gap.from_seq as i64)
+    .bind(gap.to_seq as i64)
+    .fetch_one(&mut *conn)
+    .await?;
+    let batches = (gap.to_seq - gap.from_seq + 1) as i64 - stored_batches;
+    let samples = (gap.samples.min(i64::MAX as u64) as i64 - stored_samples).max(0);
+    if batches <= 0 {
+        return Ok(None);
+    }
+    let res = sqlx::query(
+        "INSERT INTO gaps (device, session, from_seq, to_seq, batches, samples, from_ts, to_ts, reported_ms)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT DO NOTHING",
+    )
+    .bind(device)
+    .bind(&gap.session.0[..])
+    .bind(gap.from_seq as i64)
+    .bind(gap.to_seq as i64)
+    .bind(batches)
+    .bind(samples)
+    .bind(gap.from_ts_ms)
+    .bind(gap.to_ts_ms)
+    .bind(now_ms)
+    .execute(&mut *conn)
+    .await?;
+    Ok((res.rows_affected() == 1).then_some(samples))
+}
+
+/// Stores one event; returns false if it was already stored.
+pub async fn insert_event(
+    conn: &mut AnyConnection,
+    device: &str,
+    session: &SessionId,
+    seq: u64,
+    idx: usize,
+    event: &widgetry_proto::json::Event,
+) -> Result<bool, StoreError> {
+    let res = sqlx::query(
+        "INSERT INTO events (device, session, seq, idx, ts, name, body) VALUES ($1, $2, $3, $4, $5, $6, $7)
+         ON CONFLICT DO NOTHING",
+    )
+    .bind(device)
+    .bind(&session.0[..])
+    .bind(seq as i64)
+    .bind(idx as i64)
+    .bind(event.ts_ms)
+    .bind(&event.name)
+    .bind(serde_json::Value::Object(event.body.clone()).to_string())
+    .execute(&mut *conn)
+    .await?;
+    Ok(res.rows_affected() == 1)
+}
+
+/// Marks a device as seen at `now_ms`, adding `rejects` to its count.
+pub async fn touch_device(
+    conn: &mut AnyConnection,
+    device: &str,
+    now_ms: i64,
+    rejects: i64,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO devices (device, first_seen_ms, last_seen_ms, rejects) VALUES ($1, $2, $3, $4)
+         ON CONFLICT (device) DO UPDATE SET
+           last_seen_ms = CASE WHEN excluded.last_seen_ms > devices.last_seen_ms
+                          THEN excluded.last_seen_ms ELSE devices.last_seen_ms END,
+           rejects = devices.rejects + excluded.rejects",
+    )
+    .bind(device)
+    .bind(now_ms)
+    .bind(now_ms)
+    .bind(rejects)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+/// Records a device's presence from its status message.
+pub async fn set_status(
+    conn: &mut AnyConnection,
+    device: &str,
+    status: &Status,
+    now_ms: i64,
+) -> Result<(), StoreError> {
+    touch_device(conn, device, now_ms, 0).await?;
+    sqlx::query(
+        "UPDATE devices SET state = $1, session = COALESCE($2, session), agent = COALESCE($3, agent),
+           host = COALESCE($4, host), status_ms = $5 WHERE device = $6",
+    )
+    .bind(status.state.as_str())
+    .bind(status.session.map(|s| s.to_string()))
+    .bind(status.agent.as_deref())
+    .bind(status.host.as_deref())
+    .bind(now_ms)
+    .bind(device)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}

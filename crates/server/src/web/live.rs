@@ -1,0 +1,207 @@
+//! `GET /api/v1/live`: the websocket bridge. A client subscribes (devices,
+//! series, status, events, `since`), gets what it missed from the
+//! database, then live data from the hub; a client that reads too slowly
+//! is told `lost` and never slows anyone else.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use axum::extract::State;
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::response::Response;
+use serde::Deserialize;
+use serde_json::json;
+use tokio::sync::broadcast;
+use widgetry_proto::validate::validate_device;
+
+use super::state::AppState;
+use crate::metrics::Metrics;
+use crate::sinks::live::{HubMsg, Subscription};
+
+/// Largest backlog (committed batches) replayed to a client that
+/// resubscribes with `since`; past it the client is told it lost data and
+/// reloads from history.
+const MAX_BACKLOG: u64 = 200_000;
+/// A client that cannot take a message for this long is disconnected.
+const WS_SEND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+pub async fn live(ws: WebSocketUpgrade, State(state): State<AppState>) -> Response {
+    ws.max_message_size(64 * 1024)
+        .on_upgrade(move |socket| live_client(socket, state))
+}
+
+/// Counts a connected websocket client while alive.
+struct ClientGuard(Arc<Metrics>);
+
+impl Drop for ClientGuard {
+    fn drop(&mut self) {
+        self.0.ws_clients.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ClientRequest {
+    subscribe: Subscription,
+}
+
+/// Why a live client's session ended.
+enum Ended {
+    Closed,
+    SendFailed,
+}
+
+async fn send_text(socket: &mut WebSocket, text: String) -> Result<(), Ended> {
+    match tokio::time::timeout(WS_SEND_TIMEOUT, socket.send(Message::Text(text.into()))).await {
+        Ok(Ok(())) => Ok(()),
+        _ => Err(Ended::SendFailed),
+    }
+}
+
+async fn live_client(mut socket: WebSocket, state: AppState) {
+    state.metrics.ws_clients.fetch_add(1, Ordering::Relaxed);
+    let _guard = ClientGuard(state.metrics.clone());
+    let mut active: Option<(Subscription, broadcast::Receiver<Arc<HubMsg>>, u64)> = None;
+    let ended = loop {
+        let hub_msg = async {
+            match active.as_mut() {
+                Some((_, rx, _)) => rx.recv().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = state.shutdown.cancelled() => {
+                let _ = socket.send(Message::Close(None)).await;
+                break Ended::Closed;
+            }
+            incoming = socket.recv() => match incoming {
+                Some(Ok(Message::Text(text))) => {
+                    match serde_json::from_str::<ClientRequest>(text.as_str()) {
+                        Ok(req) => match start_subscription(&mut socket, &state, req.subscribe).await {
+                            Ok(a) => active = Some(a),
+                            Err(e) => break e,
+                        },
+                        Err(e) => {
+                            let msg = json!({"type": "error", "message": format!(
+                                "{e}; expected {{\"subscribe\": {{\"devices\": [..] | null, \"series\": [..] | null, \"status\": bool, \"events\": bool, \"since\": N | null}}}}"
+                            )});
+                            if let Err(e) = send_text(&mut socket, msg.to_string()).await {
+                                break e;
+                            }
+                        }
+                    }
+                }
+                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break Ended::Closed,
+                Some(Ok(_)) => {}
+            },
+            msg = hub_msg => {
+                let Some((sub, _, cursor)) = active.as_mut() else { continue };
+                match msg {
+                    Ok(m) => {
+                        if let HubMsg::Samples(l) = &*m {
+                            if l.commit <= *cursor {
+                                continue;
+                            }
+                            *cursor = l.commit;
+                        }
+                        if let Some(text) = sub.render(&m)
+                            && let Err(e) = send_text(&mut socket, text).await
+                        {
+                            break e;
+                        }
+                    }
+                    Err(broadcast::error::RecvError::Lagged(n)) => {
+                        // This client read too slowly; tell it, and go on
+                        // from what the hub has now.
+                        state.metrics.ws_lost_commits.fetch_add(n, Ordering::Relaxed);
+                        *cursor = state.hub.last();
+                        let text = json!({"type": "lost", "commits": n, "cursor": *cursor,
+                            "reason": "the client read too slowly; reload the range from /api/v1/series"}).to_string();
+                        if let Err(e) = send_text(&mut socket, text).await {
+                            break e;
+                        }
+                    }
+                    Err(broadcast::error::RecvError::Closed) => break Ended::Closed,
+                }
+            }
+        }
+    };
+    if let Ended::SendFailed = ended {
+        tracing::debug!(
+            "live client dropped: it did not take a message within {WS_SEND_TIMEOUT:?}"
+        );
+    }
+}
+
+/// Applies a subscription: replays what the client missed after `since`
+/// from the database, then answers `hello` with the cursor live data
+/// continues from.
+async fn start_subscription(
+    socket: &mut WebSocket,
+    state: &AppState,
+    sub: Subscription,
+) -> Result<(Subscription, broadcast::Receiver<Arc<HubMsg>>, u64), Ended> {
+    for d in sub.devices.iter().flatten() {
+        if let Err(e) = validate_device(d) {
+            let msg = json!({"type": "error", "message": format!("subscribe.devices: {e}")});
+            send_text(socket, msg.to_string()).await?;
+            return Err(Ended::Closed);
+        }
+    }
+    // Subscribe before reading the database, so nothing committed in
+    // between can fall through.
+    let rx = state.hub.subscribe();
+    let mut cursor = state.hub.last();
+    if let Some(since) = sub.since {
+        let newest = match state.store.last_commit_id().await {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read the commit log for a live client");
+                cursor
+            }
+        };
+        if since > newest || newest - since > MAX_BACKLOG {
+            let reason = if since > newest {
+                "cursor is newer than this server's data (was the database replaced?); reload from /api/v1/series"
+            } else {
+                "too much to replay; reload from /api/v1/series"
+            };
+            let msg = json!({"type": "lost", "commits": newest.abs_diff(since), "cursor": cursor, "reason": reason});
+            send_text(socket, msg.to_string()).await?;
+        } else {
+            cursor = since;
+            loop {
+                let batches = match state.store.commits_after(cursor, 1000).await {
+                    Ok(b) => b,
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot replay the commit log to a live client");
+                        break;
+                    }
+                };
+                let n = batches.len();
+                let lives = match state.hub.to_live(&state.store, batches).await {
+                    Ok(l) => l,
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot replay the commit log to a live client");
+                        break;
+                    }
+                };
+                for l in lives {
+                    cursor = l.commit;
+                    if let Some(text) = sub.render_samples(&l) {
+                        send_text(socket, text).await?;
+                    }
+                }
+                if n < 1000 {
+                    break;
+                }
+            }
+        }
+    }
+    send_text(
+        socket,
+        json!({"type": "hello", "cursor": cursor}).to_string(),
+    )
+    .await?;
+    Ok((sub, rx, cursor))
+}
