@@ -267,6 +267,29 @@ mod tests {
     use super::*;
 
     #[test]
+    fn every_reject_code_is_listed_once() {
+        let all = [
+            Reject::Topic(String::new()),
+            Reject::Device(String::new()),
+            Reject::Oversize { size: 0, limit: 0 },
+            Reject::Protobuf(String::new()),
+            Reject::Json(String::new()),
+            Reject::Session(String::new()),
+            Reject::Series(String::new()),
+            Reject::Timestamp(String::new()),
+            Reject::Value(String::new()),
+            Reject::TooMany(String::new()),
+            Reject::UnknownSeries {
+                session: crate::SessionId([0; 16]),
+                seq: 1,
+                ids: vec![],
+            },
+        ];
+        let codes: Vec<&str> = all.iter().map(Reject::code).collect();
+        assert_eq!(codes, Reject::CODES.to_vec());
+    }
+
+    #[test]
     fn device_ids() {
         assert!(validate_device("sensor-01.line_2").is_ok());
         assert!(validate_device(&"a".repeat(64)).is_ok());

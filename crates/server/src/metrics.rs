@@ -52,7 +52,7 @@ pub struct Metrics {
     /// Milliseconds between receiving the oldest message of the last
     /// committed transaction and its commit.
     pub ingest_lag_ms: AtomicI64,
-    rejects: [AtomicU64; Reject::CODES.len() + 1],
+    rejects: [AtomicU64; Reject::CODES.len()],
     pub http_requests: AtomicU64,
     /// Live-feed messages published after commits, and skipped (queue full
     /// or too large; readers fetch those from the database).
@@ -129,12 +129,10 @@ impl Metrics {
     }
 
     /// Counts a rejected payload under its reason code.
-    pub fn reject(&self, code: &str) {
-        let idx = Reject::CODES
-            .iter()
-            .position(|c| *c == code)
-            .unwrap_or(Reject::CODES.len());
-        self.rejects[idx].fetch_add(1, Ordering::Relaxed);
+    pub fn reject(&self, reject: &Reject) {
+        if let Some(i) = Reject::CODES.iter().position(|c| *c == reject.code()) {
+            self.rejects[i].fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// Rejects counted under `code` so far.
@@ -253,14 +251,13 @@ impl Metrics {
             "App events devices reported dropping because their local queue was full.",
             &[("", get(&self.events_dropped_by_devices))],
         );
+        // `bad_topic` cannot come from the ingestor's subscriptions (every
+        // topic they match parses); it is shown only if it ever happens.
         let rejects: Vec<(String, u64)> = Reject::CODES
             .iter()
             .enumerate()
             .map(|(i, c)| (format!("{{reason=\"{c}\"}}"), get(&self.rejects[i])))
-            .chain(std::iter::once((
-                "{reason=\"other\"}".to_string(),
-                get(&self.rejects[Reject::CODES.len()]),
-            )))
+            .filter(|(l, v)| *v > 0 || !l.contains("bad_topic"))
             .collect();
         let rejects: Vec<(&str, u64)> = rejects.iter().map(|(l, v)| (l.as_str(), *v)).collect();
         counter(
@@ -313,18 +310,17 @@ mod tests {
     #[test]
     fn renders_rejects_by_reason() {
         let m = Metrics::for_roles(Roles::ALL);
-        m.reject("bad_json");
-        m.reject("bad_json");
-        m.reject("not-a-code");
+        let bad = Reject::Json("x".into());
+        m.reject(&bad);
+        m.reject(&bad);
         let text = m.render();
         assert!(
             text.contains("widgetry_ingest_rejects_total{reason=\"bad_json\"} 2"),
             "{text}"
         );
-        assert!(
-            text.contains("widgetry_ingest_rejects_total{reason=\"other\"} 1"),
-            "{text}"
-        );
+        assert!(!text.contains("bad_topic"), "{text}");
+        m.reject(&Reject::Topic("t".into()));
+        assert!(m.render().contains("{reason=\"bad_topic\"} 1"));
         assert_eq!(m.rejects("bad_json"), 2);
     }
 

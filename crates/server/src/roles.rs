@@ -98,6 +98,7 @@ pub async fn start_serve(
     let target = broker::connect_addr(mqtt_addr);
     let mut ingest_cfg = IngestConfig::new(target.ip().to_string(), target.port());
     ingest_cfg.retention = cfg.retention;
+    ingest_cfg.limits = cfg.limits;
     let (ready_tx, mut ready) = watch::channel(false);
     let ingest = ingest::run(
         ingest_cfg,

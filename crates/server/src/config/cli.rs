@@ -317,6 +317,7 @@ pub fn resolve_serve(args: &ServeArgs) -> Result<ServeConfig, ConfigError> {
                 http_listen,
                 database,
                 retention,
+                limits: Default::default(),
             })
         }
         _ => Err(ConfigError(problems)),

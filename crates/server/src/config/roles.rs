@@ -14,6 +14,8 @@ pub struct ServeConfig {
     pub http_listen: SocketAddr,
     pub database: Database,
     pub retention: Retention,
+    /// Bounds on what one message may hold.
+    pub limits: widgetry_proto::Limits,
 }
 
 /// Where the bridge gets its live messages.

@@ -250,7 +250,7 @@ impl Writer {
                         seen.entry(device).or_insert((received_ms, 0)).1 += 1;
                     }
                     None => {
-                        self.metrics.reject(reject.code());
+                        self.metrics.reject(&reject);
                         warn!(topic = %topic, reason = reject.code(), "rejected message: {reject}");
                     }
                 },
@@ -309,7 +309,7 @@ impl Writer {
         received_ms: i64,
         out: &mut Outcome,
     ) {
-        self.metrics.reject(reject.code());
+        self.metrics.reject(&reject);
         warn!(device = %device, topic = %topic, reason = reject.code(), "rejected payload: {reject}");
         out.errors.push((
             device.to_string(),

@@ -166,7 +166,12 @@ async fn start_subscription(
             } else {
                 "too much to replay; reload from /api/v1/series"
             };
-            let msg = json!({"type": "lost", "commits": newest.abs_diff(since), "cursor": cursor, "reason": reason});
+            let lost = newest.abs_diff(since);
+            state
+                .metrics
+                .ws_lost_commits
+                .fetch_add(lost, Ordering::Relaxed);
+            let msg = json!({"type": "lost", "commits": lost, "cursor": cursor, "reason": reason});
             send_text(socket, msg.to_string()).await?;
         } else {
             cursor = since;

@@ -63,6 +63,12 @@ pub struct Stack {
 
 impl Stack {
     pub async fn start() -> Stack {
+        Stack::with_limits(Default::default()).await
+    }
+
+    /// A stack whose ingestor enforces `limits` (e.g. a small payload
+    /// limit, so that the broker passes oversize payloads on to it).
+    pub async fn with_limits(limits: widgetry_proto::Limits) -> Stack {
         let dir = tempfile::tempdir().expect("temp dir");
         let db = test_database(dir.path()).await;
         let mqtt: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
@@ -73,6 +79,7 @@ impl Stack {
             http_listen: "127.0.0.1:0".parse().expect("addr"),
             database: db.clone(),
             retention: Default::default(),
+            limits,
         };
         let running = start_serve(cfg, CancellationToken::new())
             .await

@@ -1,0 +1,297 @@
+//! Every series on `/metrics` moves: each counter, gauge and histogram of
+//! `serve` is driven above zero here by the input that should move it, so
+//! a counter cannot silently stop counting while its log line goes on.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use common::*;
+use futures_util::{SinkExt, StreamExt};
+use prost::Message as _;
+use rumqttc::{AsyncClient, MqttOptions, QoS};
+use widgetry_proto::{BatchBuilder, Gap, Limits, SeriesKey, SessionId, pb};
+
+const T: Duration = Duration::from_secs(30);
+
+/// Every sample line of a Prometheus text, `series → value`.
+fn parse(text: &str) -> BTreeMap<String, f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .filter_map(|l| {
+            let (k, v) = l.rsplit_once(' ')?;
+            Some((k.to_string(), v.parse().ok()?))
+        })
+        .collect()
+}
+
+struct Client {
+    client: AsyncClient,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Client {
+    fn connect(stack: &Stack, id: &str) -> Client {
+        let mut opts = MqttOptions::new(id, "127.0.0.1", stack.mqtt.port());
+        opts.set_max_packet_size(2 << 20, 2 << 20);
+        let (client, mut ev) = AsyncClient::new(opts, 64);
+        let task = tokio::spawn(async move { while ev.poll().await.is_ok() {} });
+        Client { client, task }
+    }
+
+    async fn publish(&self, topic: &str, payload: Vec<u8>) {
+        self.client
+            .publish(topic, QoS::AtLeastOnce, false, payload)
+            .await
+            .expect("queue publish");
+    }
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn batch(session: SessionId, seq: u64, samples: usize, defs: bool) -> Vec<u8> {
+    let mut b = BatchBuilder::default();
+    let now = widgetry_common::now_ms() - 600_000;
+    for i in 0..samples {
+        b.push(0, now + i as i64, i as f64);
+    }
+    let defs = if defs {
+        vec![(0, SeriesKey::plain("m.value"))]
+    } else {
+        vec![]
+    };
+    b.finish(session, seq, defs).encode()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_series_on_metrics_moves() {
+    // A small payload limit, so an oversize payload gets past the broker
+    // (whose own limit is 1 MiB) and is rejected by the ingestor.
+    let limits = Limits {
+        max_payload_bytes: 64 * 1024,
+        ..Limits::default()
+    };
+    let stack = Stack::with_limits(limits).await;
+    let dev = Client::connect(&stack, "metrics-dev");
+    let s = SessionId([7; 16]);
+    let topic = "widgetry/v1/m1/samples";
+
+    // Batches: stored, duplicate, acknowledged, live, histograms.
+    dev.publish(topic, batch(s, 1, 10, true)).await;
+    dev.publish(topic, batch(s, 1, 10, true)).await;
+    // A gap report.
+    let mut with_gap = widgetry_proto::DecodedBatch::decode(
+        &batch(s, 3, 5, false),
+        &Limits::default(),
+        widgetry_common::now_ms(),
+    )
+    .expect("valid");
+    with_gap.gaps.push(Gap {
+        session: s,
+        from_seq: 2,
+        to_seq: 2,
+        samples: 4,
+        from_ts_ms: 1_700_000_000_000,
+        to_ts_ms: 1_700_000_000_000,
+    });
+    dev.publish(topic, with_gap.encode()).await;
+    // A batch whose live message exceeds the publisher's packet size
+    // (limit + 64 KiB): committed, but its live message is skipped.
+    dev.publish(topic, batch(s, 4, 9_000, false)).await;
+    // JSON, status, events with a drop count.
+    dev.publish(
+        "widgetry/v1/m1/samples/json",
+        br#"{"series":"t","value":1}"#.to_vec(),
+    )
+    .await;
+    dev.publish(
+        "widgetry/v1/m1/status",
+        br#"{"state":"online","session":"07070707070707070707070707070707"}"#.to_vec(),
+    )
+    .await;
+    dev.publish(
+        "widgetry/v1/m1/events",
+        br#"{"session":"07070707070707070707070707070707","seq":1,"events":[{"event":"boot"}],"dropped":3}"#.to_vec(),
+    )
+    .await;
+    wait_for("batches, events and gaps stored", T, || async {
+        let (_, m) = stack.get_text("/metrics").await;
+        (metric(&m, "widgetry_ingest_batches_stored_total") >= 3.0
+            && metric(&m, "widgetry_ingest_events_stored_total") >= 1.0
+            && metric(&m, "widgetry_ingest_batches_duplicate_total") >= 1.0)
+            .then_some(())
+    })
+    .await;
+    // One payload per reject reason, each from its own connection (the
+    // broker may close a connection over what it is sent).
+    let bad_session = pb::Batch {
+        session: vec![1, 2, 3],
+        seq: 1,
+        ..Default::default()
+    };
+    let bad_value = pb::Batch {
+        session: vec![9; 16],
+        seq: 1,
+        series: vec![pb::SeriesDef {
+            id: 0,
+            name: "v".into(),
+            labels: Default::default(),
+        }],
+        points: vec![pb::Points {
+            series_id: 0,
+            ts_delta_ms: vec![1_700_000_000_000],
+            values: vec![f64::NAN],
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let too_many = pb::Batch {
+        session: vec![9; 16],
+        seq: 2,
+        gaps: (0..1001u64)
+            .map(|i| pb::Gap {
+                session: vec![9; 16],
+                from_seq: i + 1,
+                to_seq: i + 1,
+                ..Default::default()
+            })
+            .collect(),
+        ..Default::default()
+    };
+    let mut rejects = 0.0;
+    for (topic, payload) in [
+        ("widgetry/v1/bad%device/samples", b"x".to_vec()),
+        (topic, vec![0u8; 70 * 1024]),
+        (topic, b"\xff\xff\xff".to_vec()),
+        ("widgetry/v1/m1/samples/json", b"{".to_vec()),
+        (topic, bad_session.encode_to_vec()),
+        (
+            "widgetry/v1/m1/samples/json",
+            br#"{"series":"bad name","value":1}"#.to_vec(),
+        ),
+        (
+            "widgetry/v1/m1/samples/json",
+            br#"{"series":"t","value":1,"ts":5}"#.to_vec(),
+        ),
+        (topic, bad_value.encode_to_vec()),
+        (topic, too_many.encode_to_vec()),
+        (topic, batch(SessionId([8; 16]), 1, 1, false)),
+    ] {
+        let c = Client::connect(&stack, "metrics-bad");
+        c.publish(topic, payload).await;
+        let code = topic.to_string();
+        wait_for(&format!("a reject for a payload on {code}"), T, || async {
+            let (_, m) = stack.get_text("/metrics").await;
+            let n = metric_sum(&m, "widgetry_ingest_rejects_total");
+            (n > rejects).then_some(())
+        })
+        .await;
+        rejects += 1.0;
+    }
+
+    // A database error: a trigger makes the next batch insert fail; the
+    // device resends later, so nothing is lost.
+    let widgetry_server::config::Database::Sqlite(path) = &stack.db else {
+        panic!("this test runs on SQLite");
+    };
+    let admin = sqlx::SqlitePool::connect_with(
+        sqlx::sqlite::SqliteConnectOptions::new()
+            .filename(path)
+            .busy_timeout(Duration::from_secs(10)),
+    )
+    .await
+    .expect("a second connection to the database");
+    sqlx::query(
+        "CREATE TRIGGER fail_once BEFORE INSERT ON batches BEGIN SELECT RAISE(ABORT, 'test'); END",
+    )
+    .execute(&admin)
+    .await
+    .expect("create trigger");
+    dev.publish(topic, batch(s, 5, 1, false)).await;
+    wait_for("a failed transaction", T, || async {
+        let (_, m) = stack.get_text("/metrics").await;
+        (metric(&m, "widgetry_ingest_db_errors_total") >= 1.0).then_some(())
+    })
+    .await;
+    sqlx::query("DROP TRIGGER fail_once")
+        .execute(&admin)
+        .await
+        .expect("drop trigger");
+
+    // A reconnect: a client taking the ingestor's client id makes the
+    // broker drop the ingestor's connection.
+    let thief = Client::connect(&stack, "widgetry-ingest");
+    wait_for("the ingestor reconnected", T, || async {
+        let (_, m) = stack.get_text("/metrics").await;
+        (metric(&m, "widgetry_ingest_mqtt_reconnects_total") >= 1.0).then_some(())
+    })
+    .await;
+    drop(thief);
+
+    // A websocket client, and one resuming from a cursor too far behind:
+    // a commit id far ahead makes the backlog larger than is replayed.
+    let url = format!("ws://{}/api/v1/live", stack.http);
+    let (mut ws, _) = tokio_tungstenite::connect_async(url.clone())
+        .await
+        .expect("websocket");
+    sqlx::query(
+        "INSERT INTO batches (device, session, seq, received_ms, min_ts, max_ts, samples, payload, commit_id)
+         VALUES ('m-far', x'00000000000000000000000000000000', 1, 0, 0, 0, 0, x'', 500000)",
+    )
+    .execute(&admin)
+    .await
+    .expect("insert a far commit");
+    ws.send(tokio_tungstenite::tungstenite::Message::Text(
+        r#"{"subscribe":{"devices":null,"series":null,"since":1}}"#.into(),
+    ))
+    .await
+    .expect("subscribe");
+    let lost = tokio::time::timeout(T, async {
+        while let Some(Ok(msg)) = ws.next().await {
+            if msg.to_text().is_ok_and(|t| t.contains("\"lost\"")) {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    assert_eq!(
+        lost,
+        Ok(true),
+        "a client too far behind is told it lost data"
+    );
+
+    let m = wait_for("every series above zero", T, || async {
+        let (_, text) = stack.get_text("/metrics").await;
+        let all = parse(&text);
+        let zero: Vec<String> = all
+            .iter()
+            .filter(|(k, v)| **v <= 0.0 && !k.contains("_bucket{"))
+            .map(|(k, _)| k.clone())
+            .collect();
+        zero.is_empty().then_some(all).or_else(|| {
+            eprintln!("still zero: {zero:?}");
+            None
+        })
+    })
+    .await;
+    for series in [
+        "widgetry_ingest_rejects_total{reason=\"oversize\"}",
+        "widgetry_ingest_rejects_total{reason=\"unknown_series\"}",
+        "widgetry_ingest_live_skipped_total",
+        "widgetry_ingest_gaps_reported_total",
+        "widgetry_ingest_events_dropped_by_devices_total",
+        "widgetry_web_live_lost_commits_total",
+        "widgetry_web_live_clients",
+    ] {
+        assert!(m.get(series).is_some_and(|v| *v > 0.0), "{series}: {m:?}");
+    }
+    assert_eq!(m["widgetry_ingest_events_dropped_by_devices_total"], 3.0);
+    drop(ws);
+    stack.stop().await;
+}
