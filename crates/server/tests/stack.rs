@@ -230,9 +230,8 @@ async fn mosquitto_sub_receives_agent_batches() {
             .step_by(2)
             .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).expect("hex"))
             .collect();
-        let batch =
-            DecodedBatch::decode(&bytes, &Limits::default(), widgetry_common::now_ms())
-                .expect("mosquitto_sub payload decodes as a Batch");
+        let batch = DecodedBatch::decode(&bytes, &Limits::default(), widgetry_common::now_ms())
+            .expect("mosquitto_sub payload decodes as a Batch");
         assert!(batch.sample_count() >= 3, "{batch:?}");
         seqs.push(batch.seq);
     }
@@ -521,7 +520,12 @@ async fn statsd_packets_become_series_after_one_flush() {
     assert_eq!(first("page.views.count%7Benv=prod%7D").await, 2.0);
     let rate = first("gorets.rate").await;
     assert!((rate - 11.0 / 0.3).abs() < 1e-6, "rate per second: {rate}");
-    agent.stop().await;
+    let report = agent.stop().await;
+    assert_eq!(
+        (report.statsd_bad_lines, report.statsd_dropped),
+        (1, 0),
+        "\"not a metric\" is the one bad line; nothing exceeds the budget"
+    );
     stack.stop().await;
 }
 
