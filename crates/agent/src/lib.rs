@@ -12,7 +12,6 @@ pub mod local;
 pub mod outbox;
 pub mod sampler;
 pub mod spool;
-pub mod statsd;
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -114,6 +113,10 @@ pub struct Report {
     /// Acks ignored because they covered seqs this run never published
     /// (forged or misaddressed: a real server never sends one).
     pub acks_ignored: u64,
+    /// statsd lines that did not parse, and metrics or values the statsd
+    /// aggregator dropped (memory budget full, or not finite).
+    pub statsd_bad_lines: u64,
+    pub statsd_dropped: u64,
 }
 
 /// Errors that stop the agent.
@@ -252,7 +255,8 @@ pub async fn run(
     let mut events = local::EventQueue::new(cfg.events_queue);
     let mut local_buf = vec![0u8; if local_unix.is_some() { 65_536 } else { 0 }];
     let mut udp_buf = vec![0u8; if local_udp.is_some() { 65_536 } else { 0 }];
-    let mut statsd = statsd::Aggregator::new(10_000, 10_000);
+    // Bounded by its byte budget (widgetry_statsd::DEFAULT_MAX_BYTES).
+    let mut statsd = widgetry_statsd::Aggregator::default();
     let mut statsd_buf = vec![0u8; if statsd_sock.is_some() { 65_536 } else { 0 }];
     let mut statsd_tick =
         tokio::time::interval_at(Instant::now() + cfg.statsd_flush, cfg.statsd_flush);
@@ -402,6 +406,8 @@ pub async fn run(
         events_dropped: events.dropped,
         local_bad_lines: events.bad_lines,
         acks_ignored: outbox.acks_ignored,
+        statsd_bad_lines: statsd.stats().bad_lines_total(),
+        statsd_dropped: statsd.stats().dropped_total(),
     })
 }
 

@@ -520,7 +520,12 @@ async fn statsd_packets_become_series_after_one_flush() {
     assert_eq!(first("page.views.count%7Benv=prod%7D").await, 2.0);
     let rate = first("gorets.rate").await;
     assert!((rate - 11.0 / 0.3).abs() < 1e-6, "rate per second: {rate}");
-    agent.stop().await;
+    let report = agent.stop().await;
+    assert_eq!(
+        (report.statsd_bad_lines, report.statsd_dropped),
+        (1, 0),
+        "\"not a metric\" is the one bad line; nothing exceeds the budget"
+    );
     stack.stop().await;
 }
 
