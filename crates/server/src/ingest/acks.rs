@@ -8,7 +8,8 @@ use std::collections::BTreeSet;
 
 use widgetry_proto::SessionId;
 
-use crate::store::{self, StoreError};
+use crate::store::write;
+use crate::store::{StoreError, WriteTx};
 
 /// `(device, session)`.
 pub type SessionKey = (String, SessionId);
@@ -53,14 +54,14 @@ impl SessionAcks {
 
 /// A session's state as the database has it.
 pub async fn load_session(
-    tx: &mut store::WriteTx,
+    tx: &mut WriteTx,
     device: &str,
     session: &SessionId,
 ) -> Result<SessionAcks, StoreError> {
-    let through = store::session_through(tx, device, session)
+    let through = write::session_through(tx, device, session)
         .await?
         .unwrap_or(0);
-    let above = store::seqs_above(tx, device, session, through).await?;
+    let above = write::seqs_above(tx, device, session, through).await?;
     let mut state = SessionAcks {
         through,
         above: BTreeSet::new(),

@@ -148,7 +148,7 @@ async fn prune_loop(retention: Retention, store: Store, stop: CancellationToken)
             r = pass => r,
         };
         match res {
-            Ok(p) if p != store::Pruned::default() => info!(
+            Ok(p) if p != store::retention::Pruned::default() => info!(
                 batches = p.batches,
                 events = p.events,
                 rollup_1m = p.rollup_1m,

@@ -8,7 +8,8 @@ use std::collections::HashMap;
 
 use widgetry_proto::{SeriesKey, SessionId};
 
-use crate::store::{self, StoreError};
+use crate::store::write;
+use crate::store::{StoreError, WriteTx};
 
 /// Bound on each cache; past it the cache is cleared and refilled from
 /// the database on demand.
@@ -55,7 +56,7 @@ impl SeriesResolver {
     /// The database id of a device's series, created if new.
     pub async fn series_id(
         &self,
-        tx: &mut store::WriteTx,
+        tx: &mut WriteTx,
         device: &str,
         key: &SeriesKey,
         pending: &mut Pending,
@@ -68,7 +69,7 @@ impl SeriesResolver {
         {
             return Ok(*g);
         }
-        let global = store::upsert_series(tx, device, key).await?;
+        let global = write::upsert_series(tx, device, key).await?;
         if !self.keys.contains_key(&global) {
             pending.new_keys.insert(global, name.1.clone());
         }
@@ -79,7 +80,7 @@ impl SeriesResolver {
     /// The series a session-local id is bound to, if any.
     pub async fn bound(
         &self,
-        tx: &mut store::WriteTx,
+        tx: &mut WriteTx,
         binding: &BindingKey,
         pending: &mut Pending,
     ) -> Result<Option<i64>, StoreError> {
@@ -90,7 +91,7 @@ impl SeriesResolver {
         {
             return Ok(Some(*g));
         }
-        let found = store::session_series(tx, &binding.0, &binding.1, binding.2).await?;
+        let found = write::session_series(tx, &binding.0, &binding.1, binding.2).await?;
         if let Some(g) = found {
             pending.bindings.insert(binding.clone(), g);
         }
@@ -100,7 +101,7 @@ impl SeriesResolver {
     /// The key of a series id: from the cache, this transaction, or the database.
     pub async fn series_key(
         &self,
-        tx: &mut store::WriteTx,
+        tx: &mut WriteTx,
         id: i64,
         pending: &mut Pending,
     ) -> Result<String, StoreError> {
@@ -110,7 +111,7 @@ impl SeriesResolver {
         if let Some(k) = pending.new_keys.get(&id) {
             return Ok(k.clone());
         }
-        let key = store::series_key(tx, id)
+        let key = write::series_key(tx, id)
             .await?
             .ok_or_else(|| StoreError::Corrupt(format!("series id {id} has no row")))?;
         pending.new_keys.insert(id, key.clone());

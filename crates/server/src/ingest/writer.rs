@@ -25,7 +25,8 @@ use super::series::{CACHE_LIMIT, Pending, SeriesResolver};
 use crate::metrics::Metrics;
 use crate::sources::Item;
 use crate::store::rollup::Rollups;
-use crate::store::{self, BatchRow, Store, StoreError};
+use crate::store::write::{self, BatchRow};
+use crate::store::{Store, StoreError, WriteTx};
 
 /// The writer task's state; see the module docs.
 pub struct Writer {
@@ -146,7 +147,7 @@ impl Writer {
                     seen.entry(device.clone()).or_insert((received_ms, 0)).0 = received_ms;
                     for gap in std::mem::take(&mut batch.gaps) {
                         if let Some(lost) =
-                            store::insert_gap(&mut tx, &device, &gap, received_ms).await?
+                            write::insert_gap(&mut tx, &device, &gap, received_ms).await?
                         {
                             out.gaps += 1;
                             warn!(device = %device, session = %gap.session, from_seq = gap.from_seq, to_seq = gap.to_seq, samples = lost, "device reports batches lost to a full spool");
@@ -211,7 +212,7 @@ impl Writer {
                     status,
                     received_ms,
                 } => {
-                    store::set_status(&mut tx, &device, &status, received_ms).await?;
+                    write::set_status(&mut tx, &device, &status, received_ms).await?;
                 }
                 Item::Events {
                     device,
@@ -221,7 +222,7 @@ impl Writer {
                 } => {
                     seen.entry(device.clone()).or_insert((received_ms, 0)).0 = received_ms;
                     for (idx, event) in events.iter().enumerate() {
-                        if store::insert_event(
+                        if write::insert_event(
                             &mut tx,
                             &device,
                             &batch.session,
@@ -257,13 +258,13 @@ impl Writer {
             }
         }
         for (device, (at, rejects)) in &seen {
-            store::touch_device(&mut tx, device, *at, *rejects).await?;
+            write::touch_device(&mut tx, device, *at, *rejects).await?;
         }
         out.rollups.flush(&mut tx).await?;
         let now = now_ms();
         for key in &touched {
             if let Some(state) = sessions.get(key) {
-                store::set_session_through(&mut tx, &key.0, &key.1, state.through, now).await?;
+                write::set_session_through(&mut tx, &key.0, &key.1, state.through, now).await?;
             }
         }
         tx.commit().await?;
@@ -285,7 +286,7 @@ impl Writer {
     /// Brings a session's ack state into this transaction's working set.
     async fn session_state(
         &self,
-        tx: &mut store::WriteTx,
+        tx: &mut WriteTx,
         key: &SessionKey,
         sessions: &mut HashMap<SessionKey, SessionAcks>,
         touched: &mut Vec<SessionKey>,
@@ -322,7 +323,7 @@ impl Writer {
     /// outer one a database error.
     async fn store_batch(
         &mut self,
-        tx: &mut store::WriteTx,
+        tx: &mut WriteTx,
         device: &str,
         mut batch: DecodedBatch,
         received_ms: i64,
@@ -343,7 +344,7 @@ impl Writer {
                 }
                 Some(_) => {}
                 None => {
-                    store::bind_session_series(tx, device, &session, *id, global).await?;
+                    write::bind_session_series(tx, device, &session, *id, global).await?;
                     pending.bindings.insert(binding, global);
                 }
             }
@@ -388,7 +389,7 @@ impl Writer {
     /// through session-local ids, so no message can conflict with another.
     async fn store_json(
         &mut self,
-        tx: &mut store::WriteTx,
+        tx: &mut WriteTx,
         device: &str,
         samples: Vec<KeyedSample>,
         received_ms: i64,
@@ -415,7 +416,7 @@ impl Writer {
     /// its rollups and live message; a batch already stored is skipped.
     async fn append(
         &mut self,
-        tx: &mut store::WriteTx,
+        tx: &mut WriteTx,
         device: &str,
         batch: DecodedBatch,
         received_ms: i64,
@@ -428,9 +429,9 @@ impl Writer {
         let payload = batch.encode();
         let commit_id = match out.next_commit {
             Some(c) => c,
-            None => store::max_commit_id(tx).await? + 1,
+            None => write::max_commit_id(tx).await? + 1,
         };
-        let inserted = store::insert_batch(
+        let inserted = write::insert_batch(
             tx,
             &BatchRow {
                 commit_id,

@@ -26,7 +26,8 @@ use tracing::{debug, info, warn};
 use widgetry_proto::json::{Live, parse_status};
 use widgetry_proto::{Topic, TopicKind};
 
-use crate::store::{CommittedBatch, Store, StoreError};
+use crate::store::read::CommittedBatch;
+use crate::store::{Store, StoreError};
 use widgetry_common::backoff;
 
 /// Messages kept for each websocket client before it starts losing them.

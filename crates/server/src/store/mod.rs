@@ -30,10 +30,6 @@ pub mod retention;
 pub mod rollup;
 pub mod write;
 
-pub use read::{CommittedBatch, DeviceInfo, FleetDevice};
-pub use retention::Pruned;
-pub use write::*;
-
 /// Errors from the database.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {

@@ -17,7 +17,7 @@ use widgetry_proto::validate::validate_device;
 use super::cache::cached;
 use super::error::AppError;
 use super::state::AppState;
-use crate::store::DeviceInfo;
+use crate::store::read::DeviceInfo;
 use crate::store::rollup::{Agg, Plan};
 
 /// `GET /api/v1/fleet`: every device with state, counters, latest CPU and
