@@ -5,11 +5,9 @@
 //! they share this process. `main.rs` parses arguments and calls into here;
 //! tests call the same functions.
 
-pub mod apiload;
 pub mod broker;
 pub mod config;
 pub mod ingest;
-pub mod loadgen;
 pub mod metrics;
 pub mod roles;
 pub mod sinks;

@@ -47,7 +47,7 @@ async fn run(role: Role) -> Result<bool, ServeError> {
             Role::Ingest(cfg, db) => widgetry_server::run_ingest(cfg, db, token.clone()).await,
             Role::Web(h, db, b) => widgetry_server::run_web(h, db, b, token.clone()).await,
             Role::Loadgen(cfg) => {
-                let report = widgetry_server::loadgen::run(*cfg, |l| eprintln!("{l}")).await;
+                let report = widgetry_loadgen::run(*cfg, |l| eprintln!("{l}")).await;
                 println!("{}", report.render());
                 return Ok(report.clean());
             }

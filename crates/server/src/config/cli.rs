@@ -426,7 +426,7 @@ fn parse_secs(text: &str, what: &str) -> Result<f64, Problem> {
     }
 }
 
-pub fn resolve_loadgen(a: &LoadgenArgs) -> Result<crate::loadgen::LoadConfig, ConfigError> {
+pub fn resolve_loadgen(a: &LoadgenArgs) -> Result<widgetry_loadgen::LoadConfig, ConfigError> {
     let mut problems = Vec::new();
     let (host, port) = super::parse_host_port(&a.broker, FLAG, "broker")
         .map_err(|p| problems.push(p))
@@ -501,7 +501,7 @@ pub fn resolve_loadgen(a: &LoadgenArgs) -> Result<crate::loadgen::LoadConfig, Co
             });
         }
         match (at, len) {
-            (Ok(at), Ok(len)) => Some(crate::loadgen::Burst {
+            (Ok(at), Ok(len)) => Some(widgetry_loadgen::Burst {
                 at: std::time::Duration::from_secs_f64(at),
                 len: std::time::Duration::from_secs_f64(len),
                 factor: a.burst_factor,
@@ -530,7 +530,7 @@ pub fn resolve_loadgen(a: &LoadgenArgs) -> Result<crate::loadgen::LoadConfig, Co
     if !problems.is_empty() {
         return Err(ConfigError(problems));
     }
-    Ok(crate::loadgen::LoadConfig {
+    Ok(widgetry_loadgen::LoadConfig {
         broker_host: host,
         broker_port: port,
         http: a.http.clone(),
@@ -554,7 +554,7 @@ pub enum Role {
     Serve(Box<ServeConfig>),
     Ingest(IngestConfig, Database),
     Web(SocketAddr, Database, BridgeConfig),
-    Loadgen(Box<crate::loadgen::LoadConfig>),
+    Loadgen(Box<widgetry_loadgen::LoadConfig>),
 }
 
 /// Validates the command line into a role, or the line `--check` and

@@ -17,6 +17,14 @@ use widgetry_proto::{BatchBuilder, SeriesKey, SessionId, Topic, TopicKind};
 
 use widgetry_common::{backoff, now_ms};
 
+use crate::http::percentile;
+
+pub mod api;
+pub mod http;
+
+/// Longest wait between a simulated device's reconnect attempts.
+const RECONNECT_CAP: Duration = Duration::from_secs(10);
+
 /// Loadgen settings.
 #[derive(Debug, Clone)]
 pub struct LoadConfig {
@@ -89,7 +97,7 @@ pub struct LoadReport {
     /// core over the run.
     pub server: Option<(u64, f64)>,
     /// With `--api-clients`: what the API clients measured.
-    pub api: Option<crate::apiload::ApiReport>,
+    pub api: Option<crate::api::ApiReport>,
 }
 
 /// (utime + stime in clock ticks, RSS in KiB) of a process, from /proc.
@@ -108,21 +116,11 @@ fn proc_usage(pid: u32) -> Option<(u64, u64)> {
     Some((ticks, rss))
 }
 
-/// The `p`th percentile of sorted values (NaN when empty).
-pub(crate) fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let n = sorted.len();
-    sorted[((p / 100.0 * n as f64).ceil() as usize).clamp(1, n) - 1]
-}
-
 impl LoadReport {
     fn pct(&self, p: f64) -> f64 {
         percentile(&self.latency_ms, p)
     }
 
-    /// The final report, one figure per line.
     /// True when nothing was lost or duplicated and every API request
     /// succeeded (the command's exit status).
     pub fn clean(&self) -> bool {
@@ -132,6 +130,7 @@ impl LoadReport {
             && self.api.as_ref().is_none_or(|a| a.clean())
     }
 
+    /// The final report, one figure per line.
     pub fn render(&self) -> String {
         let (dup, missing) = self.readback.unwrap_or((0, 0));
         let readback = match self.readback {
@@ -197,7 +196,7 @@ pub async fn run(cfg: LoadConfig, mut progress: impl FnMut(String)) -> LoadRepor
     let start = Instant::now();
     let run_until = start + cfg.duration;
     let give_up = run_until + cfg.grace;
-    let api_done = crate::apiload::Counter::default();
+    let api_done = crate::api::Counter::default();
     let api = match (&cfg.http, cfg.api_clients) {
         (Some(base), n) if n > 0 => {
             let devices = Arc::new(
@@ -212,7 +211,7 @@ pub async fn run(cfg: LoadConfig, mut progress: impl FnMut(String)) -> LoadRepor
                 .max(start + cfg.warmup)
                 .min(run_until);
             Some(tokio::spawn(async move {
-                crate::apiload::run(&base, n, devices, from, run_until, done).await
+                crate::api::run(&base, n, devices, from, run_until, done).await
             }))
         }
         _ => None,
@@ -392,7 +391,7 @@ async fn device_loop(
                     if ev_tx.is_closed() {
                         return;
                     }
-                    tokio::time::sleep(backoff(failures, crate::RECONNECT_CAP)).await;
+                    tokio::time::sleep(backoff(failures, RECONNECT_CAP)).await;
                 }
             }
         }
@@ -528,7 +527,7 @@ async fn watch_live(
 ) -> (Vec<f64>, u64) {
     use futures_util::{SinkExt, StreamExt};
     use tokio_tungstenite::tungstenite::Message;
-    let url = format!("ws://{}/api/v1/live", crate::apiload::host_port(&base));
+    let url = format!("ws://{}/api/v1/live", crate::http::host_port(&base));
     let mut lat = Vec::new();
     let mut seen: std::collections::HashSet<(String, u64)> = Default::default();
     let mut dup = 0;
@@ -581,7 +580,7 @@ async fn read_back(
     per_series: u64,
     from: i64,
 ) -> (u64, u64) {
-    let addr = crate::apiload::host_port(base);
+    let addr = crate::http::host_port(base);
     let mut dup = 0;
     let mut missing = 0;
     for (device, (acked, _)) in per_device {
@@ -606,6 +605,6 @@ async fn read_back(
 
 /// Number of points a series query returns.
 async fn http_points(addr: &str, path: &str) -> Option<u64> {
-    let v = crate::apiload::get_json(addr, path).await.ok()?;
+    let v = crate::http::get_json(addr, path).await.ok()?;
     Some(v["points"].as_array()?.len() as u64)
 }

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use tokio::time::Instant;
 
-use crate::loadgen::percentile;
+use crate::http::{get_json, host_port, percentile};
 use widgetry_common::now_ms;
 
 /// The HTTP requests a client cycles through.
@@ -180,37 +180,6 @@ async fn http_client(
         done.fetch_add(1, Ordering::Relaxed);
     }
     stats
-}
-
-/// `HOST:PORT` of a web service base URL (`http://HOST:PORT/`).
-pub(crate) fn host_port(base: &str) -> &str {
-    base.trim_start_matches("http://").trim_end_matches('/')
-}
-
-/// One HTTP/1.0 GET whose answer must be 200 with a JSON body, within 30 s.
-pub(crate) async fn get_json(addr: &str, path: &str) -> Result<serde_json::Value, String> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let io = async {
-        let mut s = tokio::net::TcpStream::connect(addr).await?;
-        s.write_all(format!("GET {path} HTTP/1.0\r\nHost: loadgen\r\n\r\n").as_bytes())
-            .await?;
-        let mut raw = Vec::new();
-        s.read_to_end(&mut raw).await?;
-        Ok::<_, std::io::Error>(raw)
-    };
-    let raw = tokio::time::timeout(std::time::Duration::from_secs(30), io)
-        .await
-        .map_err(|_| format!("{path}: no answer within 30 s"))?
-        .map_err(|e| format!("{path}: {e}"))?;
-    let text = String::from_utf8_lossy(&raw);
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| format!("{path}: truncated response"))?;
-    let status = head.split_whitespace().nth(1).unwrap_or("?");
-    if status != "200" {
-        return Err(format!("{path}: HTTP {status}"));
-    }
-    serde_json::from_str(body).map_err(|e| format!("{path}: body is not JSON: {e}"))
 }
 
 /// Follows one device's live feed; returns (messages, lost notices,
