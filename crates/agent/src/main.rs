@@ -317,21 +317,6 @@ fn build(raw: Raw, problems: &mut Vec<String>) -> Option<AgentConfig> {
     Some(cfg)
 }
 
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-        }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
-}
-
 fn main() -> ExitCode {
     let cfg = match parse_args(std::env::args().skip(1).collect()) {
         Ok((c, true)) => {
@@ -367,7 +352,11 @@ fn main() -> ExitCode {
         cfg.broker_port,
         cfg.interval
     );
-    match rt.block_on(run(cfg, shutdown_signal(), Duration::from_secs(5))) {
+    match rt.block_on(run(
+        cfg,
+        widgetry_common::shutdown_signal(),
+        Duration::from_secs(5),
+    )) {
         Ok(report) => {
             eprintln!(
                 "widgetry-agent: stopped; {} samples taken, {} batches acknowledged, {} unacknowledged (kept in the spool), {} dropped ({} samples, reported as gaps)",

@@ -2,8 +2,9 @@
 //! wall-clock time, reconnect backoff with jitter, duration and `HOST:PORT`
 //! parsing. One tested copy of each.
 //!
-//! No dependencies and no async runtime: the agent links it, and its
-//! binary must stay small.
+//! No dependencies and no async runtime by default: the agent links it,
+//! and its binary must stay small. The `signal` feature adds
+//! [`shutdown_signal`] (tokio, which both binaries already use).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -88,6 +89,24 @@ pub fn parse_host_port(text: &str) -> Result<(String, u16), String> {
         _ => Err(format!(
             "{text:?} is not HOST:PORT with a port of 1-65535 (e.g. 127.0.0.1:1883)"
         )),
+    }
+}
+
+/// Resolves on SIGINT or SIGTERM (SIGINT only where SIGTERM cannot be
+/// watched).
+#[cfg(feature = "signal")]
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
     }
 }
 

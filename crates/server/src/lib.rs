@@ -9,6 +9,7 @@ pub mod broker;
 pub mod config;
 pub mod ingest;
 pub mod metrics;
+pub mod mqtt;
 pub mod roles;
 pub mod sinks;
 pub mod sources;

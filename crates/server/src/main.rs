@@ -22,22 +22,6 @@ fn init_tracing(format: LogFormat) {
     }
 }
 
-/// Resolves on SIGINT or SIGTERM.
-async fn signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-        }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
-}
-
 /// Runs `role`; the first signal asks it to drain, a second exits at once.
 async fn run(role: Role) -> Result<bool, ServeError> {
     let token = CancellationToken::new();
@@ -57,14 +41,14 @@ async fn run(role: Role) -> Result<bool, ServeError> {
     tokio::pin!(work);
     tokio::select! {
         r = &mut work => return r,
-        _ = signal() => {
+        _ = widgetry_common::shutdown_signal() => {
             tracing::info!("shutdown requested; draining (signal again to exit immediately)");
             token.cancel();
         }
     }
     tokio::select! {
         r = &mut work => r,
-        _ = signal() => {
+        _ = widgetry_common::shutdown_signal() => {
             tracing::warn!("second signal: exiting without draining");
             std::process::exit(130);
         }

@@ -201,56 +201,62 @@ impl Metrics {
                 ("{kind=\"other\"}", get(&self.messages_other)),
             ],
         );
-        counter(
-            "widgetry_ingest_batches_stored_total",
-            "Batches committed to the database.",
-            &[("", get(&self.batches_stored))],
-        );
-        counter(
-            "widgetry_ingest_batches_duplicate_total",
-            "Batches received again after being stored (acknowledged, not stored twice).",
-            &[("", get(&self.batches_duplicate))],
-        );
-        counter(
-            "widgetry_ingest_samples_stored_total",
-            "Samples committed to the database.",
-            &[("", get(&self.samples_stored))],
-        );
-        counter(
-            "widgetry_ingest_commits_total",
-            "Database transactions committed by the ingestor.",
-            &[("", get(&self.commits))],
-        );
-        counter(
-            "widgetry_ingest_db_errors_total",
-            "Failed database transactions (their batches were not acknowledged).",
-            &[("", get(&self.db_errors))],
-        );
-        counter(
-            "widgetry_ingest_mqtt_reconnects_total",
-            "Times the ingestor lost and re-established its broker connection.",
-            &[("", get(&self.mqtt_reconnects))],
-        );
-        counter(
-            "widgetry_ingest_acks_published_total",
-            "Acknowledgements published to devices.",
-            &[("", get(&self.acks_published))],
-        );
-        counter(
-            "widgetry_ingest_gaps_reported_total",
-            "Gap reports from devices (batches lost to a full device spool).",
-            &[("", get(&self.gaps_reported))],
-        );
-        counter(
-            "widgetry_ingest_events_stored_total",
-            "App events stored.",
-            &[("", get(&self.events_stored))],
-        );
-        counter(
-            "widgetry_ingest_events_dropped_by_devices_total",
-            "App events devices reported dropping because their local queue was full.",
-            &[("", get(&self.events_dropped_by_devices))],
-        );
+        // Plain counters without labels: name, help, value.
+        let plain: [(&str, &str, &AtomicU64); 10] = [
+            (
+                "widgetry_ingest_batches_stored_total",
+                "Batches committed to the database.",
+                &self.batches_stored,
+            ),
+            (
+                "widgetry_ingest_batches_duplicate_total",
+                "Batches received again after being stored (acknowledged, not stored twice).",
+                &self.batches_duplicate,
+            ),
+            (
+                "widgetry_ingest_samples_stored_total",
+                "Samples committed to the database.",
+                &self.samples_stored,
+            ),
+            (
+                "widgetry_ingest_commits_total",
+                "Database transactions committed by the ingestor.",
+                &self.commits,
+            ),
+            (
+                "widgetry_ingest_db_errors_total",
+                "Failed database transactions (their batches were not acknowledged).",
+                &self.db_errors,
+            ),
+            (
+                "widgetry_ingest_mqtt_reconnects_total",
+                "Times the ingestor lost and re-established its broker connection.",
+                &self.mqtt_reconnects,
+            ),
+            (
+                "widgetry_ingest_acks_published_total",
+                "Acknowledgements published to devices.",
+                &self.acks_published,
+            ),
+            (
+                "widgetry_ingest_gaps_reported_total",
+                "Gap reports from devices (batches lost to a full device spool).",
+                &self.gaps_reported,
+            ),
+            (
+                "widgetry_ingest_events_stored_total",
+                "App events stored.",
+                &self.events_stored,
+            ),
+            (
+                "widgetry_ingest_events_dropped_by_devices_total",
+                "App events devices reported dropping because their local queue was full.",
+                &self.events_dropped_by_devices,
+            ),
+        ];
+        for (name, help, value) in plain {
+            counter(name, help, &[("", get(value))]);
+        }
         // `bad_topic` cannot come from the ingestor's subscriptions (every
         // topic they match parses); it is shown only if it ever happens.
         let rejects: Vec<(String, u64)> = Reject::CODES

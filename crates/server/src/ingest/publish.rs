@@ -7,14 +7,14 @@
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use rumqttc::{AsyncClient, Event, EventLoop, Packet, QoS};
+use rumqttc::{AsyncClient, Event, EventLoop, QoS};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, warn};
-use widgetry_common::backoff;
 use widgetry_proto::json::{Ack, ErrorReport, Live};
 use widgetry_proto::{Topic, TopicKind};
 
 use crate::metrics::Metrics;
+use crate::mqtt::{Connection, Polled};
 
 /// Publishes what committed transactions lead to.
 pub struct Publisher {
@@ -91,24 +91,18 @@ impl Publisher {
 }
 
 /// Drives the publisher's event loop until `stop` (or its DISCONNECT).
-pub async fn drive_publisher(mut ev: EventLoop, metrics: Arc<Metrics>, stop: CancellationToken) {
-    let mut failures = 0u32;
+pub async fn drive_publisher(ev: EventLoop, metrics: Arc<Metrics>, stop: CancellationToken) {
+    let mut conn = Connection::new(ev, "ingest publisher");
     loop {
-        let next = tokio::select! {
-            _ = stop.cancelled() => return,
-            n = ev.poll() => n,
-        };
-        match next {
-            Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => return,
-            Ok(Event::Incoming(Packet::ConnAck(_))) => failures = 0,
-            Ok(_) => {}
-            Err(e) => {
-                failures += 1;
+        match conn.next(&stop).await {
+            Polled::Stopped | Polled::Event(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => {
+                return;
+            }
+            Polled::Event(_) => {}
+            Polled::Lost => {
                 metrics.mqtt_reconnects.fetch_add(1, Ordering::Relaxed);
-                warn!(error = %e, "ingest publisher connection lost; retrying");
-                tokio::select! {
-                    _ = stop.cancelled() => return,
-                    _ = tokio::time::sleep(backoff(failures, crate::RECONNECT_CAP)) => {}
+                if !conn.wait(&stop).await {
+                    return;
                 }
             }
         }

@@ -26,9 +26,9 @@ use tracing::{debug, info, warn};
 use widgetry_proto::json::{Live, parse_status};
 use widgetry_proto::{Topic, TopicKind};
 
+use crate::mqtt::{Connection, Polled};
 use crate::store::read::CommittedBatch;
 use crate::store::{Store, StoreError};
-use widgetry_common::backoff;
 
 /// Messages kept for each websocket client before it starts losing them.
 pub const CLIENT_BUFFER: usize = 2048;
@@ -287,16 +287,17 @@ async fn drive_mqtt(
     if let Some((u, p)) = credentials {
         opts.set_credentials(u, p);
     }
-    let (client, mut ev) = AsyncClient::new(opts, 64);
-    let mut failures = 0u32;
+    let (client, ev) = AsyncClient::new(opts, 64);
+    let mut conn = Connection::new(ev, "live bridge");
     loop {
-        let next = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            n = ev.poll() => n,
-        };
-        match next {
-            Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                failures = 0;
+        match conn.next(&shutdown).await {
+            Polled::Stopped => break,
+            Polled::Lost => {
+                if !conn.wait(&shutdown).await {
+                    break;
+                }
+            }
+            Polled::Event(Event::Incoming(Packet::ConnAck(_))) => {
                 info!(broker = %format!("{host}:{port}"), "live bridge connected to broker");
                 let filters = [TopicKind::Live, TopicKind::Status, TopicKind::Events]
                     .map(|k| rumqttc::SubscribeFilter::new(k.filter(), QoS::AtMostOnce));
@@ -304,18 +305,10 @@ async fn drive_mqtt(
                     warn!(error = %e, "live bridge cannot queue its subscription");
                 }
             }
-            Ok(Event::Incoming(Packet::Publish(p))) => {
+            Polled::Event(Event::Incoming(Packet::Publish(p))) => {
                 let _ = tx.try_send((p.topic, p.payload.to_vec()));
             }
-            Ok(_) => {}
-            Err(e) => {
-                failures += 1;
-                warn!(error = %e, attempt = failures, "live bridge lost the broker; reconnecting");
-                tokio::select! {
-                    _ = shutdown.cancelled() => break,
-                    _ = tokio::time::sleep(backoff(failures, crate::RECONNECT_CAP)) => {}
-                }
-            }
+            Polled::Event(_) => {}
         }
     }
     let _ = client.try_disconnect();

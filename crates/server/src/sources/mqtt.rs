@@ -10,14 +10,15 @@ use std::time::Duration;
 use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info, warn};
-use widgetry_common::{backoff, now_ms};
+use tracing::{error, info};
+use widgetry_common::now_ms;
 use widgetry_proto::json::{parse_events, parse_samples, parse_status};
 use widgetry_proto::{DecodedBatch, Limits, Topic, TopicKind};
 
 use super::Item;
 use crate::config::ingest::IngestConfig;
 use crate::metrics::Metrics;
+use crate::mqtt::{Connection, Polled};
 
 /// MQTT options of the ingestor's connections.
 pub fn mqtt_options(cfg: &IngestConfig, client_id: String, clean: bool) -> MqttOptions {
@@ -38,22 +39,18 @@ pub fn mqtt_options(cfg: &IngestConfig, client_id: String, clean: bool) -> MqttO
 pub async fn subscribe_loop(
     cfg: &IngestConfig,
     client: AsyncClient,
-    mut ev: EventLoop,
+    ev: EventLoop,
     tx: mpsc::Sender<Item>,
     metrics: &Metrics,
     shutdown: &CancellationToken,
     ready: &watch::Sender<bool>,
 ) {
-    let mut failures = 0u32;
+    let mut conn = Connection::new(ev, "ingest subscriber");
     loop {
-        let next = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            n = ev.poll() => n,
-        };
-        match next {
-            Ok(Event::Incoming(Packet::ConnAck(_))) => {
+        match conn.next(shutdown).await {
+            Polled::Stopped => break,
+            Polled::Event(Event::Incoming(Packet::ConnAck(_))) => {
                 info!(broker = %format!("{}:{}", cfg.broker_host, cfg.broker_port), "ingestor connected to broker");
-                failures = 0;
                 let filters = [
                     TopicKind::Samples,
                     TopicKind::SamplesJson,
@@ -71,11 +68,11 @@ pub async fn subscribe_loop(
                     error!(error = %e, "cannot queue subscription");
                 }
             }
-            Ok(Event::Incoming(Packet::SubAck(_))) => {
+            Polled::Event(Event::Incoming(Packet::SubAck(_))) => {
                 metrics.ingest_subscribed.store(1, Ordering::Relaxed);
                 ready.send_replace(true);
             }
-            Ok(Event::Incoming(Packet::Publish(p))) => {
+            Polled::Event(Event::Incoming(Packet::Publish(p))) => {
                 let item = classify(&p.topic, &p.payload, &cfg.limits, metrics);
                 if let Some(item) = item {
                     // Backpressure: when the writer is behind we stop
@@ -87,16 +84,13 @@ pub async fn subscribe_loop(
                     }
                 }
             }
-            Ok(_) => {}
-            Err(e) => {
-                failures += 1;
+            Polled::Event(_) => {}
+            Polled::Lost => {
                 metrics.ingest_subscribed.store(0, Ordering::Relaxed);
                 ready.send_replace(false);
                 metrics.mqtt_reconnects.fetch_add(1, Ordering::Relaxed);
-                warn!(error = %e, attempt = failures, "ingestor lost the broker connection; reconnecting");
-                tokio::select! {
-                    _ = shutdown.cancelled() => break,
-                    _ = tokio::time::sleep(backoff(failures, crate::RECONNECT_CAP)) => {}
+                if !conn.wait(shutdown).await {
+                    break;
                 }
             }
         }
@@ -107,7 +101,7 @@ pub async fn subscribe_loop(
     // Flush the DISCONNECT so a persistent session ends cleanly.
     let _ = tokio::time::timeout(Duration::from_millis(500), async {
         loop {
-            match ev.poll().await {
+            match conn.ev.poll().await {
                 Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) | Err(_) => break,
                 Ok(_) => {}
             }

@@ -340,7 +340,7 @@ pub fn metric_sum(text: &str, name: &str) -> f64 {
 
 /// A Mosquitto broker on `127.0.0.1:port` (anonymous, no persistence,
 /// never dropping queued messages), stopped when the guard drops.
-pub fn start_mosquitto(dir: &std::path::Path, port: u16) -> ChildGuard {
+pub async fn start_mosquitto(dir: &std::path::Path, port: u16) -> ChildGuard {
     let bin = require_tool("mosquitto");
     let conf = dir.join("mosquitto.conf");
     let mut f = std::fs::File::create(&conf).expect("conf");
@@ -349,7 +349,7 @@ pub fn start_mosquitto(dir: &std::path::Path, port: u16) -> ChildGuard {
         "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 0"
     )
     .expect("write conf");
-    ChildGuard(
+    let guard = ChildGuard(
         std::process::Command::new(bin)
             .arg("-c")
             .arg(&conf)
@@ -357,7 +357,14 @@ pub fn start_mosquitto(dir: &std::path::Path, port: u16) -> ChildGuard {
             .stdout(std::process::Stdio::null())
             .spawn()
             .expect("start mosquitto"),
-    )
+    );
+    wait_for("mosquitto listening", Duration::from_secs(20), || async {
+        std::net::TcpStream::connect(("127.0.0.1", port))
+            .ok()
+            .map(|_| ())
+    })
+    .await;
+    guard
 }
 
 /// `widgetry ingest` as a process against a broker on `127.0.0.1:port`,
