@@ -8,6 +8,14 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
 use widgetry_proto::Reject;
 
+/// Writes one counter with its help text and labelled samples.
+fn write_counter(out: &mut String, name: &str, help: &str, samples: &[(&str, u64)]) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+    for (labels, v) in samples {
+        let _ = writeln!(out, "{name}{labels} {v}");
+    }
+}
+
 /// Which roles a process runs: `/metrics` shows only their counters.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Roles {
@@ -160,10 +168,7 @@ impl Metrics {
     fn render_web(&self, out: &mut String) {
         let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
         let mut counter = |name: &str, help: &str, samples: &[(&str, u64)]| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
-            for (labels, v) in samples {
-                let _ = writeln!(out, "{name}{labels} {v}");
-            }
+            write_counter(out, name, help, samples)
         };
         counter(
             "widgetry_web_live_lost_commits_total",
@@ -185,10 +190,7 @@ impl Metrics {
     fn render_ingest(&self, out: &mut String) {
         let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
         let mut counter = |name: &str, help: &str, samples: &[(&str, u64)]| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
-            for (labels, v) in samples {
-                let _ = writeln!(out, "{name}{labels} {v}");
-            }
+            write_counter(out, name, help, samples)
         };
         counter(
             "widgetry_ingest_messages_total",
