@@ -202,7 +202,7 @@ pub async fn series(
             let points = store.points(&resp.device, series_id, from, to).await?;
             if points.len() <= max_points {
                 resp.points = points;
-                return Ok(Json(serde_json::to_value(resp).unwrap_or_default()));
+                return Ok(Json(to_json(&resp)?));
             }
             fold_points(&plan, &points, &mut sums);
         }
@@ -226,7 +226,7 @@ pub async fn series(
             if total as usize <= max_points {
                 // Sparse enough to send every point.
                 resp.points = store.points(&resp.device, series_id, from, to).await?;
-                return Ok(Json(serde_json::to_value(resp).unwrap_or_default()));
+                return Ok(Json(to_json(&resp)?));
             }
             resp.source = res.label();
             for (bucket, agg) in &rows {
@@ -246,7 +246,7 @@ pub async fn series(
             count: a.count as u64,
         })
         .collect();
-    Ok(Json(serde_json::to_value(resp).unwrap_or_default()))
+    Ok(Json(to_json(&resp)?))
 }
 
 fn merge_into(sums: &mut BTreeMap<i64, Agg>, bucket: i64, agg: &Agg) {
@@ -260,6 +260,12 @@ fn fold_points(plan: &Plan, points: &[(i64, f64)], sums: &mut BTreeMap<i64, Agg>
     for &(ts, v) in points {
         merge_into(sums, plan.bucket_of(ts), &Agg::one(ts, v));
     }
+}
+
+/// An answer as JSON; a failure is an internal error, never an empty body.
+fn to_json<T: Serialize>(value: &T) -> Result<serde_json::Value, AppError> {
+    serde_json::to_value(value)
+        .map_err(|e| AppError::internal(format!("cannot encode the answer: {e}")))
 }
 
 #[cfg(test)]
