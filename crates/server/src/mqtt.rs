@@ -4,6 +4,8 @@
 //! reconnects on the next poll. Callers keep only what is theirs: what to
 //! do with an event and what to count when the connection is lost.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use rumqttc::{Event, EventLoop, Packet};
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
@@ -19,18 +21,22 @@ pub enum Polled {
 }
 
 /// An event loop with its reconnect state.
-pub struct Connection {
+pub struct Connection<'a> {
     pub ev: EventLoop,
     name: &'static str,
+    /// Counted with the log line of every lost connection, if given.
+    reconnects: Option<&'a AtomicU64>,
     failures: u32,
 }
 
-impl Connection {
-    /// `name` says which connection it is in log lines.
-    pub fn new(ev: EventLoop, name: &'static str) -> Self {
+impl<'a> Connection<'a> {
+    /// `name` says which connection it is in log lines; `reconnects`
+    /// counts its lost connections.
+    pub fn new(ev: EventLoop, name: &'static str, reconnects: Option<&'a AtomicU64>) -> Self {
         Connection {
             ev,
             name,
+            reconnects,
             failures: 0,
         }
     }
@@ -50,6 +56,9 @@ impl Connection {
             }
             Err(e) => {
                 self.failures += 1;
+                if let Some(c) = self.reconnects {
+                    c.fetch_add(1, Ordering::Relaxed);
+                }
                 warn!(connection = self.name, error = %e, attempt = self.failures, "lost the broker connection; reconnecting");
                 Polled::Lost
             }

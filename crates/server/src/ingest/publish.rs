@@ -92,7 +92,7 @@ impl Publisher {
 
 /// Drives the publisher's event loop until `stop` (or its DISCONNECT).
 pub async fn drive_publisher(ev: EventLoop, metrics: Arc<Metrics>, stop: CancellationToken) {
-    let mut conn = Connection::new(ev, "ingest publisher");
+    let mut conn = Connection::new(ev, "ingest publisher", Some(&metrics.mqtt_reconnects));
     loop {
         match conn.next(&stop).await {
             Polled::Stopped | Polled::Event(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => {
@@ -100,7 +100,6 @@ pub async fn drive_publisher(ev: EventLoop, metrics: Arc<Metrics>, stop: Cancell
             }
             Polled::Event(_) => {}
             Polled::Lost => {
-                metrics.mqtt_reconnects.fetch_add(1, Ordering::Relaxed);
                 if !conn.wait(&stop).await {
                     return;
                 }

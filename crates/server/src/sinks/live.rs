@@ -288,7 +288,7 @@ async fn drive_mqtt(
         opts.set_credentials(u, p);
     }
     let (client, ev) = AsyncClient::new(opts, 64);
-    let mut conn = Connection::new(ev, "live bridge");
+    let mut conn = Connection::new(ev, "live bridge", None);
     loop {
         match conn.next(&shutdown).await {
             Polled::Stopped => break,

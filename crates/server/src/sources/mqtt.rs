@@ -45,7 +45,7 @@ pub async fn subscribe_loop(
     shutdown: &CancellationToken,
     ready: &watch::Sender<bool>,
 ) {
-    let mut conn = Connection::new(ev, "ingest subscriber");
+    let mut conn = Connection::new(ev, "ingest subscriber", Some(&metrics.mqtt_reconnects));
     loop {
         match conn.next(shutdown).await {
             Polled::Stopped => break,
@@ -88,7 +88,6 @@ pub async fn subscribe_loop(
             Polled::Lost => {
                 metrics.ingest_subscribed.store(0, Ordering::Relaxed);
                 ready.send_replace(false);
-                metrics.mqtt_reconnects.fetch_add(1, Ordering::Relaxed);
                 if !conn.wait(shutdown).await {
                     break;
                 }
