@@ -512,6 +512,28 @@ mod tests {
 
     const MIN_TS: i64 = crate::validate::MIN_TS_MS;
 
+    #[test]
+    fn settled_through_must_lie_below_the_batch_seq() {
+        for settled in [5, 6, u64::MAX] {
+            let raw = pb::Batch {
+                session: vec![1; 16],
+                seq: 5,
+                settled_through: settled,
+                ..Default::default()
+            };
+            let got = DecodedBatch::decode(&raw.encode_to_vec(), &Limits::default(), NOW);
+            assert_eq!(got.map_err(|e| e.code()), Err("bad_session"), "{settled}");
+        }
+        let raw = pb::Batch {
+            session: vec![1; 16],
+            seq: 5,
+            settled_through: 4,
+            ..Default::default()
+        };
+        let got = DecodedBatch::decode(&raw.encode_to_vec(), &Limits::default(), NOW);
+        assert_eq!(got.map(|b| b.settled_through), Ok(4));
+    }
+
     proptest! {
         #[test]
         fn decode_encode_round_trip(batch in arb_batch()) {
