@@ -51,6 +51,36 @@ pub type AuthHandler = Arc<
         + Sync,
 >;
 
+/// Who a connection is, fixed when its CONNECT is accepted: what an
+/// [`Authoriser`] decides on.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ClientIdentity {
+    /// The client id the connection runs under (assigned by the broker
+    /// when the client sent an empty one).
+    pub client_id: String,
+    /// The username of the CONNECT, if it carried one.
+    pub username: Option<String>,
+    /// True when the username and password were checked and accepted
+    /// (by `auth` or the auth handler); false for an anonymous client.
+    pub authenticated: bool,
+}
+
+/// What a client asks the broker to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action<'a> {
+    /// Publish on this topic (topic aliases already resolved).
+    Publish { topic: &'a str, retain: bool },
+    /// Subscribe with this filter (for `$share/{group}/{filter}`, the
+    /// filter without the share prefix).
+    Subscribe { filter: &'a str },
+    /// Register a last will on this topic (decided at CONNECT).
+    Will { topic: &'a str, retain: bool },
+}
+
+/// Decides whether a client may do an action. Called on the router thread
+/// for every publish and subscribe, so it must be quick and never block.
+pub type Authoriser = Arc<dyn Fn(&ClientIdentity, Action<'_>) -> bool + Send + Sync>;
+
 #[derive(Debug, Default, Serialize, Deserialize, Clone)]
 pub struct Config {
     pub id: usize,
@@ -150,6 +180,16 @@ pub struct ConnectionSettings {
     pub auth: Option<HashMap<String, String>>,
     #[serde(skip)]
     pub external_auth: Option<AuthHandler>,
+    /// With `auth` or an auth handler set, still accept clients whose
+    /// CONNECT carries no username (they connect unauthenticated, and the
+    /// authoriser decides what they may do). A username with a wrong
+    /// password is refused either way.
+    #[serde(default)]
+    pub allow_anonymous: bool,
+    /// Decides each publish, subscribe and will of this listener's clients;
+    /// without one everything is allowed.
+    #[serde(skip)]
+    pub authoriser: Option<Authoriser>,
     #[serde(default)]
     pub dynamic_filters: bool,
 }
@@ -166,6 +206,13 @@ impl ConnectionSettings {
             Box::pin(auth)
         }));
     }
+
+    pub fn set_authoriser<F>(&mut self, authoriser: F)
+    where
+        F: Fn(&ClientIdentity, Action<'_>) -> bool + Send + Sync + 'static,
+    {
+        self.authoriser = Some(Arc::new(authoriser));
+    }
 }
 
 impl fmt::Debug for ConnectionSettings {
@@ -176,6 +223,8 @@ impl fmt::Debug for ConnectionSettings {
             .field("max_inflight_count", &self.max_inflight_count)
             .field("auth", &self.auth)
             .field("external_auth", &self.external_auth.is_some())
+            .field("allow_anonymous", &self.allow_anonymous)
+            .field("authoriser", &self.authoriser.is_some())
             .field("dynamic_filters", &self.dynamic_filters)
             .finish()
     }

@@ -7,7 +7,7 @@ use crate::router::{
     iobufs::{Incoming, Outgoing},
     Connection, Event, Notification, ShadowRequest,
 };
-use crate::ConnectionId;
+use crate::{Authoriser, ClientIdentity, ConnectionId};
 use bytes::Bytes;
 use flume::{Receiver, RecvError, RecvTimeoutError, SendError, Sender, TrySendError};
 use parking_lot::lock_api::MutexGuard;
@@ -49,6 +49,9 @@ pub struct LinkBuilder<'a> {
     dynamic_filters: bool,
     // default to 0, indicating to not use topic alias
     topic_alias_max: u16,
+    // who the client is, for the authoriser; a local link is trusted
+    identity: Option<ClientIdentity>,
+    authoriser: Option<Authoriser>,
 }
 
 impl<'a> LinkBuilder<'a> {
@@ -62,7 +65,22 @@ impl<'a> LinkBuilder<'a> {
             last_will_properties: None,
             dynamic_filters: false,
             topic_alias_max: 0,
+            identity: None,
+            authoriser: None,
         }
+    }
+
+    /// Who the client is, as the authoriser sees it.
+    pub fn identity(mut self, identity: ClientIdentity) -> Self {
+        self.identity = Some(identity);
+        self
+    }
+
+    /// Decides this link's publishes and subscribes; without one (the
+    /// default for local links) everything is allowed.
+    pub fn authoriser(mut self, authoriser: Option<Authoriser>) -> Self {
+        self.authoriser = authoriser;
+        self
     }
 
     pub fn tenant_id(mut self, tenant_id: Option<String>) -> Self {
@@ -111,6 +129,10 @@ impl<'a> LinkBuilder<'a> {
         connection
             .last_will(self.last_will, self.last_will_properties)
             .topic_alias_max(self.topic_alias_max);
+        if let Some(identity) = self.identity {
+            connection.identity = identity;
+        }
+        connection.authoriser = self.authoriser;
         let incoming = Incoming::new(connection.client_id.to_owned());
         let (outgoing, link_rx) = Outgoing::new(connection.client_id.to_owned());
         let outgoing_data_buffer = outgoing.buffer();

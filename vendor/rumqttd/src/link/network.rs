@@ -63,7 +63,13 @@ impl<P: Protocol> Network<P> {
         }
     }
 
+    /// Sets the keep alive of the CONNECT: the connection is closed after
+    /// 1.5 times that long without a packet. 0 turns keep alive off.
     pub fn set_keepalive(&mut self, keepalive: u16) {
+        if keepalive == 0 {
+            self.keepalive = Duration::MAX;
+            return;
+        }
         let keepalive = Duration::from_secs(keepalive as u64);
         self.keepalive = keepalive + keepalive.mul_f32(0.5);
     }

@@ -4,7 +4,7 @@ use crate::link::network::Network;
 use crate::local::LinkBuilder;
 use crate::protocol::{ConnAck, Connect, ConnectReturnCode, Login, Packet, Protocol};
 use crate::router::{Event, Notification};
-use crate::{ConnectionId, ConnectionSettings};
+use crate::{Action, Authoriser, ClientIdentity, ConnectionId, ConnectionSettings};
 
 use flume::{RecvError, SendError, Sender, TrySendError};
 use std::cmp::min;
@@ -21,8 +21,8 @@ use tracing::{trace, Span};
 pub enum Error {
     #[error("I/O")]
     Io(#[from] io::Error),
-    #[error("Zero keep alive")]
-    ZeroKeepAlive,
+    #[error("will topic {0:?} not authorised")]
+    WillNotAuthorized(String),
     #[error("Not connect packet")]
     NotConnectPacket(Packet),
     #[error("Network {0}")]
@@ -68,6 +68,8 @@ impl<P: Protocol> RemoteLink<P> {
         connect_packet: Packet,
         dynamic_filters: bool,
         assigned_client_id: Option<String>,
+        identity: ClientIdentity,
+        authoriser: Option<Authoriser>,
     ) -> Result<RemoteLink<P>, Error> {
         let Packet::Connect(connect, props, lastwill, lastwill_props, _) = connect_packet else {
             return Err(Error::NotConnectPacket(connect_packet));
@@ -100,6 +102,8 @@ impl<P: Protocol> RemoteLink<P> {
             .last_will_properties(lastwill_props)
             .dynamic_filters(dynamic_filters)
             .topic_alias_max(topic_alias_max.unwrap_or(0))
+            .identity(identity)
+            .authoriser(authoriser)
             .build()?;
 
         let id = link_rx.id();
@@ -171,10 +175,14 @@ impl<P: Protocol> RemoteLink<P> {
 
 /// Read MQTT connect packet from network and verify it.
 /// authentication and checks are done here.
+///
+/// Returns the packet and who the client is. A refused CONNECT is answered
+/// with a CONNACK that says why (bad credentials, a will the authoriser
+/// denies, an invalid client id) before the error is returned.
 pub async fn mqtt_connect<P>(
     config: Arc<ConnectionSettings>,
     network: &mut Network<P>,
-) -> Result<Packet, Error>
+) -> Result<(Packet, ClientIdentity), Error>
 where
     P: Protocol,
 {
@@ -188,52 +196,85 @@ where
     })
     .await??;
 
-    let (connect, _props, login) = match packet {
-        Packet::Connect(ref connect, ref props, _, _, ref login) => (connect, props, login),
+    let (connect, will, login) = match packet {
+        Packet::Connect(ref connect, _, ref will, _, ref login) => (connect, will, login),
         packet => return Err(Error::NotConnectPacket(packet)),
     };
 
     Span::current().record("client_id", &connect.client_id);
 
-    handle_auth(config.clone(), login.as_ref(), &connect.client_id).await?;
+    let authenticated = match handle_auth(config.clone(), login.as_ref(), &connect.client_id).await
+    {
+        Ok(authenticated) => authenticated,
+        Err(e) => {
+            refuse(network, ConnectReturnCode::BadUserNamePassword).await?;
+            return Err(e);
+        }
+    };
 
-    // When keep_alive feature is disabled client can live forever, which is not good in
-    // distributed broker context so currenlty we don't allow it.
-    if connect.keep_alive == 0 {
-        return Err(Error::ZeroKeepAlive);
-    }
+    // Keep alive 0 turns the keep alive mechanism off (MQTT 3.1.1 §3.1.2.10,
+    // MQTT 5 §3.1.2.10): `Network` then waits for packets without a deadline.
 
     let empty_client_id = connect.client_id.is_empty();
     let clean_session = connect.clean_session;
 
     if empty_client_id && !clean_session {
-        let ack = ConnAck {
-            session_present: false,
-            code: ConnectReturnCode::ClientIdentifierNotValid,
-        };
-
-        let packet = Packet::ConnAck(ack, None);
-        network.write(packet).await?;
-
+        refuse(network, ConnectReturnCode::ClientIdentifierNotValid).await?;
         return Err(Error::InvalidClientId);
     }
 
-    // Ok((connect, props, lastwill, lastwill_props))
-    Ok(packet)
+    let identity = ClientIdentity {
+        client_id: connect.client_id.clone(),
+        username: login.as_ref().map(|l| l.username.clone()),
+        authenticated,
+    };
+
+    if let (Some(authoriser), Some(will)) = (&config.authoriser, will) {
+        let topic = std::str::from_utf8(&will.topic).unwrap_or_default();
+        let action = Action::Will {
+            topic,
+            retain: will.retain,
+        };
+        if !authoriser(&identity, action) {
+            refuse(network, ConnectReturnCode::NotAuthorized).await?;
+            return Err(Error::WillNotAuthorized(topic.to_owned()));
+        }
+    }
+
+    Ok((packet, identity))
 }
 
+/// Answers a refused CONNECT with a CONNACK carrying `code`.
+async fn refuse<P: Protocol>(
+    network: &mut Network<P>,
+    code: ConnectReturnCode,
+) -> Result<(), Error> {
+    let ack = ConnAck {
+        session_present: false,
+        code,
+    };
+    network.write(Packet::ConnAck(ack, None)).await?;
+    Ok(())
+}
+
+/// Checks the CONNECT's credentials. Ok(true): checked and accepted;
+/// Ok(false): anonymous, allowed because no authentication is configured
+/// or `allow_anonymous` is set.
 async fn handle_auth(
     config: Arc<ConnectionSettings>,
     login: Option<&Login>,
     client_id: &str,
-) -> Result<(), Error> {
+) -> Result<bool, Error> {
     if config.auth.is_none() && config.external_auth.is_none() {
-        return Ok(());
+        return Ok(false);
     }
 
     // if authentication is configured and connect packet doesn't have login details
     // return an error
     let Some(login) = login else {
+        if config.allow_anonymous {
+            return Ok(false);
+        }
         return Err(Error::InvalidAuth);
     };
 
@@ -251,13 +292,13 @@ async fn handle_auth(
             return Err(Error::InvalidAuth);
         }
 
-        return Ok(());
+        return Ok(true);
     }
 
     if let Some(pairs) = &config.auth {
         if let Some(stored_password) = pairs.get(username) {
             if stored_password.as_bytes().ct_eq(password.as_bytes()).into() {
-                return Ok(());
+                return Ok(true);
             }
         }
 
@@ -282,6 +323,8 @@ mod tests {
             max_inflight_count: 0,
             auth: None,
             external_auth: None,
+            allow_anonymous: false,
+            authoriser: None,
             dynamic_filters: false,
         }
     }

@@ -1,7 +1,7 @@
 use slab::Slab;
 
 use crate::protocol::LastWillProperties;
-use crate::Filter;
+use crate::{Action, Authoriser, ClientIdentity, Filter};
 use crate::{protocol::LastWill, Topic};
 use std::collections::{HashMap, HashSet};
 
@@ -10,7 +10,6 @@ use super::ConnectionEvents;
 /// Used to register a new connection with the router
 /// Connection messages encompasses a handle for router to
 /// communicate with this connection
-#[derive(Debug)]
 pub struct Connection {
     pub client_id: String,
     /// Id of client's organisation/tenant and the prefix associated with tenant's MQTT topic
@@ -33,6 +32,26 @@ pub struct Connection {
     pub(crate) broker_topic_aliases: Option<BrokerAliases>,
     /// subscription IDs for a connection
     pub(crate) subscription_ids: HashMap<Filter, usize>,
+    /// Who the client is, for the authoriser
+    pub identity: ClientIdentity,
+    /// Decides publishes and subscribes; None allows everything
+    pub authoriser: Option<Authoriser>,
+    /// Packet ids of QoS 2 publishes that were denied: their PUBREL is
+    /// completed without storing anything. At most one per packet id.
+    pub(crate) denied_qos2: HashSet<u16>,
+}
+
+impl std::fmt::Debug for Connection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connection")
+            .field("client_id", &self.client_id)
+            .field("tenant_prefix", &self.tenant_prefix)
+            .field("clean", &self.clean)
+            .field("subscriptions", &self.subscriptions)
+            .field("identity", &self.identity)
+            .field("authoriser", &self.authoriser.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Connection {
@@ -54,6 +73,10 @@ impl Connection {
             None => (client_id, None),
         };
 
+        let identity = ClientIdentity {
+            client_id: client_id.clone(),
+            ..Default::default()
+        };
         Connection {
             client_id,
             tenant_prefix,
@@ -66,6 +89,17 @@ impl Connection {
             topic_aliases: HashMap::new(),
             broker_topic_aliases: None,
             subscription_ids: HashMap::new(),
+            identity,
+            authoriser: None,
+            denied_qos2: HashSet::new(),
+        }
+    }
+
+    /// Whether the authoriser lets this connection do `action`.
+    pub fn may(&self, action: Action<'_>) -> bool {
+        match &self.authoriser {
+            Some(authorise) => authorise(&self.identity, action),
+            None => true,
         }
     }
 

@@ -406,6 +406,16 @@ impl AckLog {
         self.committed.push_back(ack);
     }
 
+    /// PUBREC of a QoS 2 publish that is not stored (denied).
+    pub fn pubrec_denied(&mut self, ack: PubRec) {
+        self.committed.push_back(Ack::PubRec(ack));
+    }
+
+    /// PUBCOMP for the PUBREL of a QoS 2 publish that was not stored.
+    pub fn pubcomp_denied(&mut self, ack: PubComp) {
+        self.committed.push_back(Ack::PubComp(ack));
+    }
+
     pub fn pubrel(&mut self, ack: PubRel) {
         let ack = Ack::PubRel(ack);
         self.committed.push_back(ack);

@@ -277,11 +277,19 @@ pub struct RouterMeter {
     pub total_subscriptions: usize,
     pub total_publishes: usize,
     pub failed_publishes: usize,
+    /// Publishes the authoriser denied
+    pub denied_publishes: usize,
+    /// Subscriptions the authoriser denied
+    pub denied_subscribes: usize,
 }
 
 impl RouterMeter {
     pub fn get(&mut self) -> Option<Self> {
-        if self.total_publishes > 0 || self.failed_publishes > 0 {
+        if self.total_publishes > 0
+            || self.failed_publishes > 0
+            || self.denied_publishes > 0
+            || self.denied_subscribes > 0
+        {
             self.timestamp = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .unwrap()
@@ -300,6 +308,8 @@ impl RouterMeter {
     fn reset(&mut self) {
         self.total_publishes = 0;
         self.failed_publishes = 0;
+        self.denied_publishes = 0;
+        self.denied_subscribes = 0;
     }
 }
 

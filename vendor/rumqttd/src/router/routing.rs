@@ -557,12 +557,60 @@ impl Router {
 
         for packet in packets.drain(0..) {
             match packet {
-                Packet::Publish(publish, properties) => {
+                Packet::Publish(mut publish, mut properties) => {
                     let span = tracing::error_span!("publish", topic = ?publish.topic, pkid = publish.pkid);
                     let _guard = span.enter();
 
                     let qos = publish.qos;
                     let pkid = publish.pkid;
+
+                    // Resolve a topic alias first: the authoriser decides on
+                    // the real topic.
+                    let connection = self.connections.get_mut(id).unwrap();
+                    if let Err(e) = resolve_topic_alias(&mut publish, &mut properties, connection) {
+                        error!(reason = ?e, "Bad topic alias");
+                        self.router_meters.failed_publishes += 1;
+                        disconnect = true;
+                        if let RouterError::Disconnect(code) = e {
+                            disconnect_reason = Some(code)
+                        }
+                        break;
+                    }
+                    let topic = std::str::from_utf8(&publish.topic).unwrap_or_default();
+                    let action = Action::Publish {
+                        topic,
+                        retain: publish.retain,
+                    };
+                    if qos == QoS::ExactlyOnce {
+                        connection.denied_qos2.remove(&pkid);
+                    }
+                    if !connection.may(action) {
+                        warn!("Publish not authorised, dropped");
+                        self.router_meters.denied_publishes += 1;
+                        let ackslog = self.ackslog.get_mut(id).unwrap();
+                        match qos {
+                            QoS::AtMostOnce => {}
+                            QoS::AtLeastOnce => {
+                                ackslog.puback(PubAck {
+                                    pkid,
+                                    reason: PubAckReason::NotAuthorized,
+                                });
+                                force_ack = true;
+                            }
+                            QoS::ExactlyOnce => {
+                                // MQTT 5 ends the exchange at PUBREC 0x87; an
+                                // MQTT 3.1.1 client (whose PUBREC has no reason)
+                                // still sends PUBREL, completed without storing.
+                                connection.denied_qos2.insert(pkid);
+                                ackslog.pubrec_denied(PubRec {
+                                    pkid,
+                                    reason: PubRecReason::NotAuthorized,
+                                });
+                                force_ack = true;
+                            }
+                        }
+                        continue;
+                    }
 
                     // Prepare acks for the above publish
                     // If any of the publish in the batch results in force flush,
@@ -672,6 +720,13 @@ impl Router {
                             group = Some(grp);
                             filter = filter_path;
                         };
+
+                        if !connection.may(Action::Subscribe { filter: &filter }) {
+                            warn!("Subscription not authorised: {}", f.path);
+                            self.router_meters.denied_subscribes += 1;
+                            return_codes.push(SubscribeReasonCode::NotAuthorized);
+                            continue;
+                        }
 
                         let subscription_id = props.as_ref().and_then(|p| p.id);
 
@@ -805,6 +860,14 @@ impl Router {
                         pkid: pubrel.pkid,
                         reason: PubCompReason::Success,
                     };
+
+                    // The PUBREL of a denied QoS 2 publish: nothing to store.
+                    let connection = self.connections.get_mut(id).unwrap();
+                    if connection.denied_qos2.remove(&pubrel.pkid) {
+                        ackslog.pubcomp_denied(pubcomp);
+                        force_ack = true;
+                        continue;
+                    }
 
                     // NOTE: client can try to resend previously unacked pubrels
                     // on reconnection ( with clean session false )
@@ -1332,6 +1395,20 @@ fn append_will_message(
     Ok(o)
 }
 
+/// Replaces a PUBLISH's topic alias (MQTT 5) by its topic, recording a new
+/// alias, so that everything after sees the real topic.
+fn resolve_topic_alias(
+    publish: &mut Publish,
+    properties: &mut Option<PublishProperties>,
+    connection: &mut Connection,
+) -> Result<(), RouterError> {
+    let topic_alias = properties.as_mut().and_then(|p| p.topic_alias.take());
+    if let Some(alias) = topic_alias {
+        validate_and_set_topic_alias(publish, connection, alias)?;
+    }
+    Ok(())
+}
+
 fn validate_and_set_topic_alias(
     publish: &mut Publish,
     connection: &mut Connection,
@@ -1561,7 +1638,9 @@ fn forward_device_data(
     let forwards = publishes
         .into_iter()
         .map(|((mut publish, mut properties), offset)| {
-            publish.qos = protocol::qos(qos).unwrap();
+            // Delivered at the lower of the publish's and the
+            // subscription's QoS (MQTT 3.1.1 §3.8.4, MQTT 5 §3.8.4).
+            publish.qos = protocol::qos(qos.min(publish.qos as u8)).unwrap();
 
             // if there is some topic alias to use, set it in publish properties
             if topic_alias.is_some() {

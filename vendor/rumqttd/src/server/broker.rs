@@ -505,8 +505,9 @@ async fn remote<P: Protocol>(
     );
 
     let dynamic_filters = config.dynamic_filters;
+    let authoriser = config.authoriser.clone();
 
-    let connect_packet = match mqtt_connect(config, &mut network).await {
+    let (connect_packet, mut identity) = match mqtt_connect(config, &mut network).await {
         Ok(p) => p,
         Err(e) => {
             error!(error=?e, "Error while handling MQTT connect packet");
@@ -535,6 +536,8 @@ async fn remote<P: Protocol>(
         client_id = format!("{tenant_id}.{client_id}");
     }
 
+    identity.client_id.clone_from(&client_id);
+
     if let Some(sender) = will_handlers.lock().unwrap().remove(&client_id) {
         let awaiting_will = if clean_session {
             AwaitingWill::Fire
@@ -558,6 +561,8 @@ async fn remote<P: Protocol>(
         connect_packet,
         dynamic_filters,
         assigned_client_id,
+        identity,
+        authoriser,
     )
     .await
     {

@@ -55,6 +55,24 @@ fn connect_code(return_code: ConnectReturnCode) -> u8 {
         ConnectReturnCode::ServiceUnavailable => 3,
         ConnectReturnCode::BadUserNamePassword => 4,
         ConnectReturnCode::NotAuthorized => 5,
-        _ => unreachable!(),
+        // MQTT 5 reasons, to the nearest MQTT 3.1.1 return code (§3.2.2.3)
+        ConnectReturnCode::UnsupportedProtocolVersion => 1,
+        ConnectReturnCode::BadAuthenticationMethod => 4,
+        ConnectReturnCode::Banned => 5,
+        ConnectReturnCode::UnspecifiedError
+        | ConnectReturnCode::MalformedPacket
+        | ConnectReturnCode::ProtocolError
+        | ConnectReturnCode::ImplementationSpecificError
+        | ConnectReturnCode::ServerUnavailable
+        | ConnectReturnCode::ServerBusy
+        | ConnectReturnCode::TopicNameInvalid
+        | ConnectReturnCode::PacketTooLarge
+        | ConnectReturnCode::QuotaExceeded
+        | ConnectReturnCode::PayloadFormatInvalid
+        | ConnectReturnCode::RetainNotSupported
+        | ConnectReturnCode::QoSNotSupported
+        | ConnectReturnCode::UseAnotherServer
+        | ConnectReturnCode::ServerMoved
+        | ConnectReturnCode::ConnectionRateExceeded => 3,
     }
 }

@@ -49,21 +49,22 @@ fn reason(code: u8) -> Result<SubscribeReasonCode, Error> {
     Ok(v)
 }
 
+/// MQTT 3.1.1 has one failure code (0x80, §3.9.3): every refusal maps to it.
 fn code(reason: SubscribeReasonCode) -> u8 {
     match reason {
         SubscribeReasonCode::Success(qos) => qos as u8,
-        SubscribeReasonCode::Failure => 0x80,
         SubscribeReasonCode::QoS0 => 0,
         SubscribeReasonCode::QoS1 => 1,
         SubscribeReasonCode::QoS2 => 2,
-        SubscribeReasonCode::Unspecified => 128,
-        SubscribeReasonCode::ImplementationSpecific => 131,
-        SubscribeReasonCode::NotAuthorized => 135,
-        SubscribeReasonCode::TopicFilterInvalid => 143,
-        SubscribeReasonCode::PkidInUse => 145,
-        SubscribeReasonCode::QuotaExceeded => 151,
-        SubscribeReasonCode::SharedSubscriptionsNotSupported => 158,
-        SubscribeReasonCode::SubscriptionIdNotSupported => 161,
-        SubscribeReasonCode::WildcardSubscriptionsNotSupported => 162,
+        SubscribeReasonCode::Failure
+        | SubscribeReasonCode::Unspecified
+        | SubscribeReasonCode::ImplementationSpecific
+        | SubscribeReasonCode::NotAuthorized
+        | SubscribeReasonCode::TopicFilterInvalid
+        | SubscribeReasonCode::PkidInUse
+        | SubscribeReasonCode::QuotaExceeded
+        | SubscribeReasonCode::SharedSubscriptionsNotSupported
+        | SubscribeReasonCode::SubscriptionIdNotSupported
+        | SubscribeReasonCode::WildcardSubscriptionsNotSupported => 0x80,
     }
 }
