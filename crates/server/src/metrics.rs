@@ -19,20 +19,24 @@ fn write_counter(out: &mut String, name: &str, help: &str, samples: &[(&str, u64
 /// Which roles a process runs: `/metrics` shows only their counters.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Roles {
+    pub broker: bool,
     pub ingest: bool,
     pub web: bool,
 }
 
 impl Roles {
     pub const ALL: Roles = Roles {
+        broker: true,
         ingest: true,
         web: true,
     };
     pub const INGEST: Roles = Roles {
+        broker: false,
         ingest: true,
         web: false,
     };
     pub const WEB: Roles = Roles {
+        broker: false,
         ingest: false,
         web: true,
     };
@@ -78,7 +82,12 @@ pub struct Metrics {
     pub ingest_wait: Histogram,
     pub ingest_commit: Histogram,
     pub ingest_publish: Histogram,
+    /// Actions the embedded broker's policy denied, by [`BROKER_ACTIONS`].
+    broker_denied: [AtomicU64; BROKER_ACTIONS.len()],
 }
+
+/// What a client may be denied on the embedded broker.
+pub const BROKER_ACTIONS: [&str; 3] = ["publish", "subscribe", "will"];
 
 /// Upper bounds (ms) of the latency histograms' buckets.
 const BUCKETS_MS: [u64; 12] = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000];
@@ -143,6 +152,22 @@ impl Metrics {
         }
     }
 
+    /// Counts an action the broker's policy denied (`BROKER_ACTIONS`).
+    pub fn broker_denied(&self, action: &str) {
+        if let Some(i) = BROKER_ACTIONS.iter().position(|a| *a == action) {
+            self.broker_denied[i].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Denials of `action` counted so far.
+    pub fn broker_denials(&self, action: &str) -> u64 {
+        BROKER_ACTIONS
+            .iter()
+            .position(|a| *a == action)
+            .map(|i| self.broker_denied[i].load(Ordering::Relaxed))
+            .unwrap_or(0)
+    }
+
     /// Rejects counted under `code` so far.
     pub fn rejects(&self, code: &str) -> u64 {
         Reject::CODES
@@ -156,6 +181,9 @@ impl Metrics {
     /// process runs, and no others.
     pub fn render(&self) -> String {
         let mut out = String::with_capacity(4096);
+        if self.roles.broker {
+            self.render_broker(&mut out);
+        }
         if self.roles.ingest {
             self.render_ingest(&mut out);
         }
@@ -163,6 +191,20 @@ impl Metrics {
             self.render_web(&mut out);
         }
         out
+    }
+
+    fn render_broker(&self, out: &mut String) {
+        let labels: Vec<(String, u64)> = BROKER_ACTIONS
+            .iter()
+            .map(|a| (format!("{{action=\"{a}\"}}"), self.broker_denials(a)))
+            .collect();
+        let samples: Vec<(&str, u64)> = labels.iter().map(|(l, v)| (l.as_str(), *v)).collect();
+        write_counter(
+            out,
+            "widgetry_broker_denied_total",
+            "Publishes, subscriptions and wills the embedded broker's access policy denied, by action.",
+            &samples,
+        );
     }
 
     fn render_web(&self, out: &mut String) {

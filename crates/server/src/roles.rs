@@ -13,6 +13,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use crate::broker::policy::{Policy, SERVER_USER};
 use crate::config::Database;
 use crate::ingest::{self, IngestConfig};
 use crate::metrics::{Metrics, Roles};
@@ -54,6 +55,8 @@ pub use crate::config::roles::ServeConfig;
 pub struct Running {
     pub http_addr: SocketAddr,
     pub mqtt_addr: SocketAddr,
+    /// The MQTT 5 listener, if broker.toml has one.
+    pub mqtt5_addr: Option<SocketAddr>,
     pub metrics: Arc<Metrics>,
     pub store: Store,
     tasks: Supervisor<ServeError>,
@@ -90,15 +93,30 @@ pub async fn start_serve(
             })?;
     let http_addr = listener.local_addr().map_err(ServeError::Http)?;
     let mqtt_addr = cfg.broker.mqtt_listen;
-    let broker_cfg = cfg.broker.clone();
-    tokio::task::spawn_blocking(move || broker::start(broker_cfg)).await??;
-
+    let mqtt5_addr = cfg.broker.mqtt5_listen;
     let metrics = Arc::new(Metrics::for_roles(Roles::ALL));
+    // The ingestor and the web bridge log in as the server: only it may
+    // publish acks, live data and error reports.
+    let server_password = cfg
+        .server_password
+        .clone()
+        .unwrap_or_else(|| format!("{:032x}", rand::random::<u128>()));
+    let credentials = Some((SERVER_USER.to_string(), server_password.clone()));
+    let policy = Arc::new(Policy::new(
+        server_password,
+        broker::device_credentials(&cfg.broker.rumqttd),
+        cfg.broker.observers.clone(),
+        metrics.clone(),
+    ));
+    let broker_cfg = cfg.broker.clone();
+    tokio::task::spawn_blocking(move || broker::start(broker_cfg, policy)).await??;
+
     let mut tasks = Supervisor::new(shutdown.clone(), DRAIN_DEADLINE);
     let target = broker::connect_addr(mqtt_addr);
     let mut ingest_cfg = IngestConfig::new(target.ip().to_string(), target.port());
     ingest_cfg.retention = cfg.retention;
     ingest_cfg.limits = cfg.limits;
+    ingest_cfg.credentials = credentials.clone();
     let (ready_tx, mut ready) = watch::channel(false);
     let ingest = ingest::run(
         ingest_cfg,
@@ -110,7 +128,7 @@ pub async fn start_serve(
     tasks.spawn("ingest", async move { Ok(ingest.await?) });
     let bridge = sinks::live::BridgeConfig {
         broker: Some((target.ip().to_string(), target.port())),
-        credentials: None,
+        credentials,
         poll: Duration::from_secs(1),
     };
     tasks.spawn(
@@ -132,10 +150,11 @@ pub async fn start_serve(
     {
         warn!("the ingestor has not subscribed to the broker after 10 s; continuing");
     }
-    info!(http = %http_addr, mqtt = %mqtt_addr, "widgetry serving");
+    info!(http = %http_addr, mqtt = %mqtt_addr, mqtt5 = ?mqtt5_addr, "widgetry serving");
     Ok(Running {
         http_addr,
         mqtt_addr,
+        mqtt5_addr,
         metrics,
         store,
         tasks,

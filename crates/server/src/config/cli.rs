@@ -113,7 +113,7 @@ pub struct LoadgenArgs {
 
 #[derive(Args)]
 pub struct ServeArgs {
-    /// Optional widgetry.toml with keys mqtt_listen, http_listen, database, broker_config.
+    /// Optional widgetry.toml with keys mqtt_listen, mqtt5_listen, http_listen, database, broker_config.
     #[arg(long, env = "WIDGETRY_CONFIG")]
     pub config: Option<PathBuf>,
     /// Embedded broker configuration [default: ./broker.toml if present, else the built-in copy].
@@ -122,12 +122,21 @@ pub struct ServeArgs {
     /// MQTT listen address; overrides `listen` of the first [v4.*] server in broker.toml [default: 0.0.0.0:1883].
     #[arg(long, env = "WIDGETRY_MQTT_LISTEN")]
     pub mqtt_listen: Option<String>,
+    /// MQTT 5 listen address; overrides `listen` of the first [v5.*] server in broker.toml [default: 0.0.0.0:1884].
+    #[arg(long, env = "WIDGETRY_MQTT5_LISTEN")]
+    pub mqtt5_listen: Option<String>,
     /// HTTP listen address of the API and dashboard (port 0 picks a free port) [default: 0.0.0.0:8080].
     #[arg(long, env = "WIDGETRY_HTTP_LISTEN")]
     pub http_listen: Option<String>,
     /// SQLite database file (created if missing) or postgres://user:password@host:port/db [default: widgetry.db].
     #[arg(long, env = "WIDGETRY_DATABASE", hide_env_values = true)]
     pub database: Option<String>,
+    /// Password of the `widgetry-server` account on the embedded broker, the
+    /// only one allowed to publish acks, live data and error reports; give it
+    /// to `widgetry ingest`/`web` run elsewhere (--username widgetry-server)
+    /// [default: a random one per start, used by this process only].
+    #[arg(long, env = "WIDGETRY_SERVER_PASSWORD", hide_env_values = true)]
+    pub server_password: Option<String>,
     #[command(flatten)]
     pub retention: RetentionArgs,
 }
@@ -299,10 +308,20 @@ pub fn resolve_serve(args: &ServeArgs) -> Result<ServeConfig, ConfigError> {
             .map_err(|p| problems.push(p))
             .ok()
     });
+    let mqtt5_override =
+        pick(&args.mqtt5_listen, &file.mqtt5_listen, &label).and_then(|(t, src)| {
+            super::parse_addr(&t, &src, "mqtt5_listen", false)
+                .map_err(|p| problems.push(p))
+                .ok()
+        });
     let http_listen = resolve_http(&args.http_listen, &file, &label, &mut problems);
     let database = resolve_database(&args.database, &file, &label, &mut problems);
     let broker_path = pick(&args.broker_config, &file.broker_config, &label).map(|(p, _)| p);
-    let broker = match super::load_broker_config(broker_path.as_deref(), mqtt_override) {
+    let listen = super::ListenOverride {
+        v4: mqtt_override,
+        v5: mqtt5_override,
+    };
+    let broker = match super::load_broker_config(broker_path.as_deref(), listen) {
         Ok(b) => Some(b),
         Err(e) => {
             problems.extend(e.0);
@@ -310,6 +329,19 @@ pub fn resolve_serve(args: &ServeArgs) -> Result<ServeConfig, ConfigError> {
         }
     };
     let retention = resolve_retention(&args.retention, &mut problems);
+    let server_password = match &args.server_password {
+        Some(p) if p.len() < 16 => {
+            problems.push(Problem {
+                file: FLAG.into(),
+                key: "server-password".into(),
+                // Never echo the value: it is a password.
+                message: "too short: use at least 16 characters (e.g. `openssl rand -hex 16`)"
+                    .into(),
+            });
+            None
+        }
+        p => p.clone(),
+    };
     match (broker, http_listen, database) {
         (Some(broker), Some(http_listen), Some(database)) if problems.is_empty() => {
             Ok(ServeConfig {
@@ -318,6 +350,7 @@ pub fn resolve_serve(args: &ServeArgs) -> Result<ServeConfig, ConfigError> {
                 database,
                 retention,
                 limits: Default::default(),
+                server_password,
             })
         }
         _ => Err(ConfigError(problems)),
@@ -563,9 +596,13 @@ pub fn resolve_command(cmd: &Cmd) -> Result<Result<Role, String>, ConfigError> {
     Ok(match cmd {
         Cmd::CheckConfig(args) => {
             let cfg = resolve_serve(args)?;
+            let mqtt5 = cfg.broker.mqtt5_listen.map(|a| a.to_string());
             Err(format!(
-                "configuration ok: mqtt {} http {} database {}",
-                cfg.broker.mqtt_listen, cfg.http_listen, cfg.database
+                "configuration ok: mqtt {} mqtt5 {} http {} database {}",
+                cfg.broker.mqtt_listen,
+                mqtt5.as_deref().unwrap_or("off"),
+                cfg.http_listen,
+                cfg.database
             ))
         }
         Cmd::Serve(args) => Ok(Role::Serve(Box::new(resolve_serve(args)?))),

@@ -75,8 +75,10 @@ impl Problems {
 #[derive(Debug, Default, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileConfig {
-    /// MQTT listen address of the embedded broker (overrides broker.toml).
+    /// MQTT 3.1.1 listen address of the embedded broker (overrides broker.toml).
     pub mqtt_listen: Option<String>,
+    /// MQTT 5 listen address of the embedded broker (overrides broker.toml).
+    pub mqtt5_listen: Option<String>,
     /// HTTP listen address of the web service.
     pub http_listen: Option<String>,
     /// SQLite database file, or a `postgres://` URL.
@@ -130,14 +132,37 @@ pub struct BrokerConfig {
     pub rumqttd: rumqttd::Config,
     /// Address of the first MQTT 3.1.1 listener: where the ingestor connects.
     pub mqtt_listen: SocketAddr,
+    /// Address of the first MQTT 5 listener, if any.
+    pub mqtt5_listen: Option<SocketAddr>,
+    /// `[access] observers`: usernames (with credentials in an `auth`
+    /// table) that may subscribe to every topic and publish nothing.
+    pub observers: std::collections::HashSet<String>,
+}
+
+/// Listen addresses given on the command line, replacing broker.toml's.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ListenOverride {
+    /// `listen` of the first `[v4.*]` server (`--mqtt-listen`).
+    pub v4: Option<SocketAddr>,
+    /// `listen` of the first `[v5.*]` server (`--mqtt5-listen`).
+    pub v5: Option<SocketAddr>,
+}
+
+impl ListenOverride {
+    pub fn v4(addr: SocketAddr) -> ListenOverride {
+        ListenOverride {
+            v4: Some(addr),
+            v5: None,
+        }
+    }
 }
 
 /// Parses and validates a broker.toml text, applying `listen_override` to
-/// the first `[v4.*]` server.
+/// the first `[v4.*]` and `[v5.*]` servers.
 pub fn parse_broker_config(
     source: &BrokerSource,
     text: &str,
-    listen_override: Option<SocketAddr>,
+    listen_override: ListenOverride,
 ) -> Result<BrokerConfig, ConfigError> {
     let file = source.label();
     let mut p = Problems::default();
@@ -166,14 +191,32 @@ pub fn parse_broker_config(
     if !p.0.is_empty() {
         return Err(ConfigError(p.0));
     }
+    // `[access]` is Widgetry's, not rumqttd's.
+    let mut table = table;
+    let observers: std::collections::HashSet<String> = table
+        .remove("access")
+        .and_then(|a| a.get("observers").and_then(|o| o.as_array()).cloned())
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|v| v.as_str().map(str::to_owned))
+        .collect();
     let mut value = toml::Value::Table(table);
-    if let Some(addr) = listen_override
-        && let Some(server) = value
-            .get_mut("v4")
-            .and_then(|v| v.get_mut(&first_v4))
-            .and_then(|v| v.as_table_mut())
-    {
-        server.insert("listen".into(), toml::Value::String(addr.to_string()));
+    let first_v5 = value
+        .get("v5")
+        .and_then(|v| v.as_table())
+        .and_then(|t| t.keys().min().cloned());
+    for (version, name, addr) in [
+        ("v4", Some(first_v4.clone()), listen_override.v4),
+        ("v5", first_v5.clone(), listen_override.v5),
+    ] {
+        if let (Some(name), Some(addr)) = (name, addr)
+            && let Some(server) = value
+                .get_mut(version)
+                .and_then(|v| v.get_mut(&name))
+                .and_then(|v| v.as_table_mut())
+        {
+            server.insert("listen".into(), toml::Value::String(addr.to_string()));
+        }
     }
     let rumqttd: rumqttd::Config = value.try_into().map_err(|e: toml::de::Error| {
         ConfigError(vec![Problem {
@@ -194,9 +237,38 @@ pub fn parse_broker_config(
                 message: "missing".into(),
             }])
         })?;
+    let auth_users: std::collections::HashSet<&String> = [&rumqttd.v4, &rumqttd.v5]
+        .into_iter()
+        .flatten()
+        .flat_map(|m| m.values())
+        .filter_map(|s| s.connections.auth.as_ref())
+        .flat_map(|a| a.keys())
+        .collect();
+    let unknown: Vec<&String> = observers
+        .iter()
+        .filter(|o| !auth_users.contains(o))
+        .collect();
+    if !unknown.is_empty() {
+        return Err(ConfigError(vec![Problem {
+            file: file.clone(),
+            key: "[access] observers".into(),
+            message: format!(
+                "{unknown:?} have no password in any [v4.*.connections.auth] or [v5.*.connections.auth] table: add one, or remove them from observers"
+            ),
+        }]));
+    }
+    let mqtt5_listen = first_v5.and_then(|name| {
+        rumqttd
+            .v5
+            .as_ref()
+            .and_then(|m| m.get(&name))
+            .map(|s| s.listen)
+    });
     Ok(BrokerConfig {
         rumqttd,
         mqtt_listen,
+        mqtt5_listen,
+        observers,
     })
 }
 
@@ -273,6 +345,20 @@ fn check_broker_table(file: &str, t: &toml::Table, p: &mut Problems) {
                     }
                 }
                 _ => p.add(file, k.as_str(), format!("must contain listeners such as [{k}.1]")),
+            },
+            "access" => match v.as_table() {
+                Some(a) => {
+                    for (ak, av) in a {
+                        match ak.as_str() {
+                            "observers" => match av.as_array() {
+                                Some(list) if list.iter().all(|u| u.is_str()) => {}
+                                _ => p.add(file, "[access] observers", "must be a list of usernames"),
+                            },
+                            other => p.add(file, format!("[access] {other}"), "unknown key (expected observers)"),
+                        }
+                    }
+                }
+                None => p.add(file, "access", "must be a table [access]"),
             },
             "ws" | "prometheus" | "console" | "metrics" | "cluster" | "bridge" => p.add(
                 file,
@@ -425,7 +511,7 @@ fn check_connections(file: &str, path: &str, c: &toml::Table, p: &mut Problems) 
 /// exists, or the built-in default.
 pub fn load_broker_config(
     path: Option<&Path>,
-    listen_override: Option<SocketAddr>,
+    listen_override: ListenOverride,
 ) -> Result<BrokerConfig, ConfigError> {
     let local = Path::new("broker.toml");
     let (source, text) = match path {
@@ -676,7 +762,11 @@ mod tests {
     }
 
     fn problems(text: &str) -> Vec<String> {
-        match parse_broker_config(&BrokerSource::File("b.toml".into()), text, None) {
+        match parse_broker_config(
+            &BrokerSource::File("b.toml".into()),
+            text,
+            Default::default(),
+        ) {
             Ok(_) => vec![],
             Err(e) => e.0.iter().map(|p| p.to_string()).collect(),
         }
@@ -684,9 +774,15 @@ mod tests {
 
     #[test]
     fn shipped_broker_toml_is_valid() {
-        let cfg = parse_broker_config(&BrokerSource::BuiltIn, DEFAULT_BROKER_TOML, None)
-            .expect("the shipped broker.toml must be valid");
+        let cfg = parse_broker_config(
+            &BrokerSource::BuiltIn,
+            DEFAULT_BROKER_TOML,
+            Default::default(),
+        )
+        .expect("the shipped broker.toml must be valid");
         assert_eq!(cfg.mqtt_listen.to_string(), DEFAULT_MQTT_LISTEN);
+        // MQTT 5 clients get their own listener by default.
+        assert_eq!(cfg.mqtt5_listen.map(|a| a.port()), Some(1884));
         // Per-device ack logs stay small (memory grows with the fleet otherwise).
         let ack = cfg
             .rumqttd
@@ -697,9 +793,15 @@ mod tests {
             .expect("a custom segment for the ack filter");
         assert!(ack.max_segment_size * ack.max_segment_count <= 8192);
         let over: SocketAddr = "127.0.0.1:4444".parse().expect("addr");
-        let cfg = parse_broker_config(&BrokerSource::BuiltIn, DEFAULT_BROKER_TOML, Some(over))
-            .expect("valid");
+        let over5: SocketAddr = "127.0.0.1:4445".parse().expect("addr");
+        let both = ListenOverride {
+            v4: Some(over),
+            v5: Some(over5),
+        };
+        let cfg =
+            parse_broker_config(&BrokerSource::BuiltIn, DEFAULT_BROKER_TOML, both).expect("valid");
         assert_eq!(cfg.mqtt_listen, over);
+        assert_eq!(cfg.mqtt5_listen, Some(over5));
     }
 
     #[test]

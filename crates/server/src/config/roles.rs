@@ -16,6 +16,8 @@ pub struct ServeConfig {
     pub retention: Retention,
     /// Bounds on what one message may hold.
     pub limits: widgetry_proto::Limits,
+    /// Password of the broker's `widgetry-server` account; None: random.
+    pub server_password: Option<String>,
 }
 
 /// Where the bridge gets its live messages.

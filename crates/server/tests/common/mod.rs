@@ -11,7 +11,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
-use widgetry_server::config::{BrokerSource, DEFAULT_BROKER_TOML, Database, parse_broker_config};
+use widgetry_server::config::{
+    BrokerSource, DEFAULT_BROKER_TOML, Database, ListenOverride, parse_broker_config,
+};
 use widgetry_server::{Running, ServeConfig, start_serve};
 
 /// A port that was free a moment ago (the broker cannot bind port 0).
@@ -57,6 +59,8 @@ pub struct Stack {
     pub running: Option<Running>,
     pub http: SocketAddr,
     pub mqtt: SocketAddr,
+    /// The MQTT 5 listener.
+    pub mqtt5: SocketAddr,
     pub db: Database,
     pub dir: tempfile::TempDir,
 }
@@ -69,17 +73,29 @@ impl Stack {
     /// A stack whose ingestor enforces `limits` (e.g. a small payload
     /// limit, so that the broker passes oversize payloads on to it).
     pub async fn with_limits(limits: widgetry_proto::Limits) -> Stack {
+        Stack::with(limits, DEFAULT_BROKER_TOML).await
+    }
+
+    /// A stack whose embedded broker runs `broker_toml` (its first [v4.*]
+    /// listener moved to a free port).
+    pub async fn with(limits: widgetry_proto::Limits, broker_toml: &str) -> Stack {
         let dir = tempfile::tempdir().expect("temp dir");
         let db = test_database(dir.path()).await;
         let mqtt: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
-        let broker = parse_broker_config(&BrokerSource::BuiltIn, DEFAULT_BROKER_TOML, Some(mqtt))
-            .expect("shipped broker.toml is valid");
+        let mqtt5: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+        let listen = ListenOverride {
+            v4: Some(mqtt),
+            v5: Some(mqtt5),
+        };
+        let broker = parse_broker_config(&BrokerSource::BuiltIn, broker_toml, listen)
+            .expect("test broker.toml is valid");
         let cfg = ServeConfig {
             broker,
             http_listen: "127.0.0.1:0".parse().expect("addr"),
             database: db.clone(),
             retention: Default::default(),
             limits,
+            server_password: None,
         };
         let running = start_serve(cfg, CancellationToken::new())
             .await
@@ -89,6 +105,7 @@ impl Stack {
             running: Some(running),
             http,
             mqtt,
+            mqtt5,
             db,
             dir,
         }
@@ -256,6 +273,7 @@ impl ServeProc {
         let child = std::process::Command::new(workspace_bin("widgetry"))
             .current_dir(dir)
             .args(["serve", "--mqtt-listen", &format!("127.0.0.1:{mqtt}")])
+            .args(["--mqtt5-listen", &format!("127.0.0.1:{}", free_port())])
             .args(["--http-listen", &http.to_string()])
             .stderr(std::process::Stdio::null())
             .spawn()

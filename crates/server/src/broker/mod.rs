@@ -3,11 +3,18 @@
 //! rumqttd's `start()` blocks forever and has no stop call, and it logs
 //! rather than returns a failure to bind. So we check the port ourselves
 //! first, then wait until the listener accepts connections; the thread ends
-//! with the process. Nothing here may touch the database.
+//! with the process. Nothing here may touch the database. Who may do what
+//! on the broker is decided in [`policy`].
 
+pub mod policy;
+
+use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use policy::Policy;
 
 use tracing::{error, info};
 
@@ -17,7 +24,7 @@ use crate::config::BrokerConfig;
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
     #[error(
-        "MQTT listen address {addr}: {source}; is another broker running? choose another port with --mqtt-listen"
+        "MQTT listen address {addr}: {source}; is another broker running? choose other ports with --mqtt-listen and --mqtt5-listen"
     )]
     Bind {
         addr: SocketAddr,
@@ -43,13 +50,51 @@ pub fn connect_addr(listen: SocketAddr) -> SocketAddr {
     addr
 }
 
-/// Starts the broker and returns once its first MQTT listener accepts
-/// connections.
-pub fn start(cfg: BrokerConfig) -> Result<(), BrokerError> {
+/// The device credentials of every listener's `auth` table, merged: with
+/// any of them set, every listener requires credentials.
+pub fn device_credentials(cfg: &rumqttd::Config) -> Option<HashMap<String, String>> {
+    let mut all: Option<HashMap<String, String>> = None;
+    for servers in [&cfg.v4, &cfg.v5].into_iter().flatten() {
+        for server in servers.values() {
+            if let Some(auth) = &server.connections.auth {
+                all.get_or_insert_with(HashMap::new).extend(auth.clone());
+            }
+        }
+    }
+    all
+}
+
+/// Puts `policy` in charge of every listener's logins and authorisation.
+fn apply_policy(cfg: &mut rumqttd::Config, policy: &Arc<Policy>) {
+    for servers in [&mut cfg.v4, &mut cfg.v5].into_iter().flatten() {
+        for server in servers.values_mut() {
+            let c = &mut server.connections;
+            // The policy checks the credentials (rumqttd consults `auth`
+            // only without an auth handler).
+            c.auth = None;
+            c.allow_anonymous = !policy.credentials_on();
+            let p = policy.clone();
+            c.set_auth_handler(move |_client_id, user: String, pass: String| {
+                let ok = p.login(&user, &pass);
+                async move { ok }
+            });
+            let p = policy.clone();
+            c.set_authoriser(move |who, action| p.decide(who, action));
+        }
+    }
+}
+
+/// Starts the broker under `policy` and returns once its first MQTT
+/// listener accepts connections.
+pub fn start(mut cfg: BrokerConfig, policy: Arc<Policy>) -> Result<(), BrokerError> {
     let addr = cfg.mqtt_listen;
-    // Fail clearly if the port is taken: rumqttd would only log it.
-    TcpListener::bind(addr).map_err(|source| BrokerError::Bind { addr, source })?;
+    // Fail clearly if a port is taken: rumqttd would only log it.
+    for addr in std::iter::once(addr).chain(cfg.mqtt5_listen) {
+        TcpListener::bind(addr).map_err(|source| BrokerError::Bind { addr, source })?;
+    }
     let users = crate::config::auth_users(&cfg.rumqttd);
+    apply_policy(&mut cfg.rumqttd, &policy);
+    let cfg_mqtt5 = cfg.mqtt5_listen;
     let (done_tx, done_rx) = std::sync::mpsc::channel();
     std::thread::Builder::new()
         .name("mqtt-broker".into())
@@ -67,7 +112,12 @@ pub fn start(cfg: BrokerConfig) -> Result<(), BrokerError> {
     let deadline = Instant::now() + Duration::from_secs(secs);
     loop {
         if mqtt_ping(target).is_ok() {
-            info!(listen = %addr, auth_users = users, "embedded MQTT broker listening");
+            info!(
+                listen = %addr,
+                listen_mqtt5 = ?cfg_mqtt5,
+                device_credentials = users,
+                "embedded MQTT broker listening"
+            );
             return Ok(());
         }
         if done_rx.try_recv().is_ok() || Instant::now() > deadline {

@@ -1,0 +1,310 @@
+//! Who may publish and subscribe where on the embedded broker: Widgetry's
+//! policy on top of the vendored rumqttd's authorisation hook.
+//!
+//! On by default, also without device credentials: only the server's own
+//! connections (the ingestor and the web bridge, logged in as
+//! [`SERVER_USER`]) may publish on `…/ack`, `…/errors` and `…/live`,
+//! because an ack is what makes an agent delete data. With device
+//! credentials on, a device (its username is its device id) may publish
+//! only under `widgetry/v1/{device}/` and subscribe only to its own `…/ack`
+//! and `…/errors`; observers (by username) may subscribe to anything and
+//! publish nothing. Deciding must stay cheap and never block: it runs on
+//! the broker's router thread for every publish and subscribe.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use rumqttd::{Action, ClientIdentity};
+use tracing::warn;
+use widgetry_proto::topic::PREFIX;
+
+use crate::metrics::Metrics;
+
+/// Username of the server's own connections to its embedded broker.
+pub const SERVER_USER: &str = "widgetry-server";
+
+/// Topic suffixes only the server may publish.
+const SERVER_ONLY: [&str; 3] = ["/ack", "/errors", "/live"];
+
+/// What a connection is, as the policy sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Role<'a> {
+    /// Logged in as [`SERVER_USER`] with the server's password.
+    Server,
+    /// Device credentials are off: any client, named or not.
+    Open,
+    /// Logged in with device credentials: its username is its device id.
+    Device(&'a str),
+    /// Logged in, listed as a read-only observer.
+    Observer,
+    /// Logged in with a username that cannot be a device id.
+    Nobody,
+}
+
+/// The access rules of one broker.
+#[derive(Debug)]
+pub struct Policy {
+    server_password: String,
+    /// Device credentials (username = device id → password); None: off.
+    devices: Option<HashMap<String, String>>,
+    observers: HashSet<String>,
+    metrics: Arc<Metrics>,
+    /// Denials not logged yet in the current 10 s window (log flood guard).
+    log_window: AtomicU64,
+}
+
+impl Policy {
+    pub fn new(
+        server_password: String,
+        devices: Option<HashMap<String, String>>,
+        observers: HashSet<String>,
+        metrics: Arc<Metrics>,
+    ) -> Policy {
+        Policy {
+            server_password,
+            devices,
+            observers,
+            metrics,
+            log_window: AtomicU64::new(0),
+        }
+    }
+
+    /// Whether device credentials are on (then anonymous clients are refused).
+    pub fn credentials_on(&self) -> bool {
+        self.devices.is_some()
+    }
+
+    /// Checks a CONNECT's username and password.
+    pub fn login(&self, username: &str, password: &str) -> bool {
+        if username == SERVER_USER {
+            return same(password, &self.server_password);
+        }
+        match &self.devices {
+            Some(map) => map.get(username).is_some_and(|p| same(password, p)),
+            // Credentials off: a username is accepted unchecked; it grants
+            // nothing more than an anonymous connection.
+            None => true,
+        }
+    }
+
+    fn role<'a>(&self, who: &'a ClientIdentity) -> Role<'a> {
+        match (&who.username, who.authenticated) {
+            (Some(u), true) if u == SERVER_USER => Role::Server,
+            _ if self.devices.is_none() => Role::Open,
+            (Some(u), true) if self.observers.contains(u) => Role::Observer,
+            (Some(u), true) if widgetry_proto::validate::validate_device(u).is_ok() => {
+                Role::Device(u)
+            }
+            _ => Role::Nobody,
+        }
+    }
+
+    /// The decision, without counting.
+    fn allows(&self, who: &ClientIdentity, action: Action<'_>) -> bool {
+        let role = self.role(who);
+        match action {
+            Action::Publish { topic, .. } | Action::Will { topic, .. } => match role {
+                Role::Server => true,
+                Role::Open => !server_only(topic),
+                Role::Device(d) => own(topic, d) && !server_only(topic),
+                Role::Observer | Role::Nobody => false,
+            },
+            Action::Subscribe { filter } => match role {
+                Role::Server | Role::Open | Role::Observer => true,
+                Role::Device(d) => filter
+                    .strip_prefix(PREFIX)
+                    .and_then(|r| r.strip_prefix(d))
+                    .is_some_and(|s| s == "/ack" || s == "/errors"),
+                Role::Nobody => false,
+            },
+        }
+    }
+
+    /// Decides `action` for `who`; a denial is counted and logged (at most
+    /// one line per 10 s, with the count of the others).
+    pub fn decide(&self, who: &ClientIdentity, action: Action<'_>) -> bool {
+        if self.allows(who, action) {
+            return true;
+        }
+        let (kind, topic) = match action {
+            Action::Publish { topic, .. } => ("publish", topic),
+            Action::Subscribe { filter } => ("subscribe", filter),
+            Action::Will { topic, .. } => ("will", topic),
+        };
+        self.metrics.broker_denied(kind);
+        let window = widgetry_common::now_ms().max(0) as u64 / 10_000;
+        let last = self.log_window.swap(window, Ordering::Relaxed);
+        if last != window {
+            warn!(
+                action = kind,
+                client_id = %excerpt(&who.client_id),
+                username = %who.username.as_deref().map(excerpt).unwrap_or_default(),
+                topic = %excerpt(topic),
+                "broker denied a client's {kind} (further denials in the next 10 s are only counted: widgetry_broker_denied_total)"
+            );
+        }
+        false
+    }
+}
+
+/// Whether only the server may publish on `topic`.
+fn server_only(topic: &str) -> bool {
+    topic.starts_with(PREFIX) && SERVER_ONLY.iter().any(|s| topic.ends_with(s))
+}
+
+/// Whether `topic` lies under `widgetry/v1/{device}/`.
+fn own(topic: &str, device: &str) -> bool {
+    topic
+        .strip_prefix(PREFIX)
+        .and_then(|r| r.strip_prefix(device))
+        .is_some_and(|r| r.starts_with('/'))
+}
+
+/// Compares two secrets in time independent of where they differ.
+fn same(a: &str, b: &str) -> bool {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// An untrusted string made safe for one log line: escaped, at most 120
+/// characters.
+fn excerpt(s: &str) -> String {
+    let mut out: String = s.chars().take(120).flat_map(char::escape_debug).collect();
+    if s.chars().count() > 120 {
+        out.push('…');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn who(user: Option<&str>, authenticated: bool) -> ClientIdentity {
+        ClientIdentity {
+            client_id: "c".into(),
+            username: user.map(str::to_owned),
+            authenticated,
+        }
+    }
+
+    fn publish(topic: &str) -> Action<'_> {
+        Action::Publish {
+            topic,
+            retain: false,
+        }
+    }
+
+    fn policy(devices: bool) -> Policy {
+        let devices = devices.then(|| {
+            HashMap::from([
+                ("d1".to_string(), "p1".to_string()),
+                ("viewer".to_string(), "pv".to_string()),
+            ])
+        });
+        Policy::new(
+            "secret".into(),
+            devices,
+            HashSet::from(["viewer".to_string()]),
+            Arc::new(Metrics::default()),
+        )
+    }
+
+    #[test]
+    fn only_the_server_publishes_acks_live_and_errors() {
+        let p = policy(false);
+        let anon = who(None, false);
+        let server = who(Some(SERVER_USER), true);
+        for t in [
+            "widgetry/v1/d1/ack",
+            "widgetry/v1/d1/errors",
+            "widgetry/v1/d1/live",
+        ] {
+            assert!(!p.decide(&anon, publish(t)), "{t}");
+            assert!(
+                !p.decide(
+                    &anon,
+                    Action::Will {
+                        topic: t,
+                        retain: true
+                    }
+                ),
+                "{t}"
+            );
+            assert!(p.decide(&server, publish(t)), "{t}");
+        }
+        assert!(p.decide(&anon, publish("widgetry/v1/d1/samples")));
+        assert!(p.decide(&anon, publish("other/topic/ack")));
+        assert!(p.decide(&anon, Action::Subscribe { filter: "#" }));
+        // A username without the server's password is no server.
+        assert!(!p.decide(
+            &who(Some(SERVER_USER), false),
+            publish("widgetry/v1/d1/ack")
+        ));
+        assert_eq!(p.metrics.broker_denials("publish"), 4);
+        assert_eq!(p.metrics.broker_denials("will"), 3);
+    }
+
+    #[test]
+    fn logins() {
+        let open = policy(false);
+        assert!(open.login(SERVER_USER, "secret"));
+        assert!(!open.login(SERVER_USER, "secreT"));
+        assert!(!open.login(SERVER_USER, ""));
+        assert!(open.login("anyone", "anything"));
+        let creds = policy(true);
+        assert!(creds.login("d1", "p1"));
+        assert!(!creds.login("d1", "p2"));
+        assert!(!creds.login("d2", "p1"));
+        assert!(creds.login(SERVER_USER, "secret"));
+    }
+
+    #[test]
+    fn with_credentials_a_device_stays_in_its_own_topics() {
+        let p = policy(true);
+        let d1 = who(Some("d1"), true);
+        assert!(p.decide(&d1, publish("widgetry/v1/d1/samples")));
+        assert!(p.decide(&d1, publish("widgetry/v1/d1/status")));
+        assert!(!p.decide(&d1, publish("widgetry/v1/d2/samples")));
+        assert!(!p.decide(&d1, publish("widgetry/v1/d10/samples")));
+        assert!(!p.decide(&d1, publish("widgetry/v1/d1/ack")));
+        assert!(!p.decide(&d1, publish("elsewhere")));
+        assert!(p.decide(
+            &d1,
+            Action::Subscribe {
+                filter: "widgetry/v1/d1/ack"
+            }
+        ));
+        assert!(p.decide(
+            &d1,
+            Action::Subscribe {
+                filter: "widgetry/v1/d1/errors"
+            }
+        ));
+        for f in [
+            "widgetry/v1/d2/ack",
+            "widgetry/v1/+/ack",
+            "#",
+            "widgetry/v1/d1/#",
+            "widgetry/v1/d1/live",
+        ] {
+            assert!(!p.decide(&d1, Action::Subscribe { filter: f }), "{f}");
+        }
+        let viewer = who(Some("viewer"), true);
+        assert!(p.decide(&viewer, Action::Subscribe { filter: "#" }));
+        assert!(!p.decide(&viewer, publish("widgetry/v1/viewer/samples")));
+        // Not logged in (only possible if anonymous clients were let in).
+        assert!(!p.decide(&who(None, false), publish("widgetry/v1/d1/samples")));
+        assert!(!p.decide(&who(Some("a/b"), true), publish("widgetry/v1/a/b/samples")));
+        assert_eq!(p.metrics.broker_denials("subscribe"), 5);
+    }
+
+    #[test]
+    fn log_excerpts_are_one_escaped_short_line() {
+        let e = excerpt(&format!("a\nb{}", "x".repeat(500)));
+        assert!(!e.contains('\n'));
+        assert!(e.starts_with("a\\nb"));
+        assert!(e.chars().count() <= 125, "{}", e.len());
+    }
+}
