@@ -84,7 +84,17 @@ pub struct Metrics {
     pub ingest_publish: Histogram,
     /// Actions the embedded broker's policy denied, by [`BROKER_ACTIONS`].
     broker_denied: [AtomicU64; BROKER_ACTIONS.len()],
+    /// CONNECTs the embedded broker refused, by [`BROKER_REFUSALS`].
+    broker_refused: [AtomicU64; BROKER_REFUSALS.len()],
 }
+
+/// Why the embedded broker refuses a CONNECT.
+pub const BROKER_REFUSALS: [&str; 4] = [
+    "bad_credentials",
+    "not_authorised",
+    "bad_client_id",
+    "server_busy",
+];
 
 /// What a client may be denied on the embedded broker.
 pub const BROKER_ACTIONS: [&str; 3] = ["publish", "subscribe", "will"];
@@ -159,6 +169,13 @@ impl Metrics {
         }
     }
 
+    /// Counts a refused CONNECT under its reason (`BROKER_REFUSALS`).
+    pub fn broker_refused(&self, reason: &str) {
+        if let Some(i) = BROKER_REFUSALS.iter().position(|r| *r == reason) {
+            self.broker_refused[i].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
     /// Denials of `action` counted so far.
     pub fn broker_denials(&self, action: &str) -> u64 {
         BROKER_ACTIONS
@@ -203,6 +220,21 @@ impl Metrics {
             out,
             "widgetry_broker_denied_total",
             "Publishes, subscriptions and wills the embedded broker's access policy denied, by action.",
+            &samples,
+        );
+        let labels: Vec<(String, u64)> = BROKER_REFUSALS
+            .iter()
+            .enumerate()
+            .map(|(i, r)| {
+                let v = self.broker_refused[i].load(Ordering::Relaxed);
+                (format!("{{reason=\"{r}\"}}"), v)
+            })
+            .collect();
+        let samples: Vec<(&str, u64)> = labels.iter().map(|(l, v)| (l.as_str(), *v)).collect();
+        write_counter(
+            out,
+            "widgetry_broker_refused_connections_total",
+            "CONNECTs the embedded broker refused (answered with a failed CONNACK), by reason.",
             &samples,
         );
     }

@@ -128,7 +128,35 @@ async fn the_connection_limit_and_refused_client_ids_leave_the_listener_serving(
         failures.join("\n")
     );
     assert!(
-        metric(&m, "widgetry_broker_refused_connections_total") >= 2.0,
+        metric(
+            &m,
+            "widgetry_broker_refused_connections_total{reason=\"server_busy\"}"
+        ) >= 2.0
+            && metric(
+                &m,
+                "widgetry_broker_refused_connections_total{reason=\"bad_client_id\"}"
+            ) >= 2.0,
         "refusals at the limit are counted: {m}"
     );
+}
+
+/// A client that drops and reconnects at once, 50 times on each listener:
+/// every time the will of the dropped connection is published, and never
+/// the will of the connection that replaced it (also on session takeover).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_will_survives_a_reconnect_race_50_times() {
+    let stack = Stack::start().await;
+    let (v4, v5) = (stack.mqtt.port(), stack.mqtt5.port());
+    let failures = tokio::task::spawn_blocking(move || {
+        let rounds = ["--will-race-rounds", "50"];
+        [
+            run(v4, "311", &["will_reconnect_race"], &rounds),
+            run(v5, "5", &["will_reconnect_race"], &rounds),
+        ]
+        .concat()
+    })
+    .await
+    .expect("join");
+    stack.stop().await;
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
 }

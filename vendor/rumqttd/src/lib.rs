@@ -77,6 +77,9 @@ pub enum Action<'a> {
     Will { topic: &'a str, retain: bool },
 }
 
+/// Told of every CONNECT the broker refuses, with the CONNACK reason sent.
+pub type RefusalHook = Arc<dyn Fn(protocol::ConnectReturnCode) + Send + Sync>;
+
 /// Decides whether a client may do an action. Called on the router thread
 /// for every publish and subscribe, so it must be quick and never block.
 pub type Authoriser = Arc<dyn Fn(&ClientIdentity, Action<'_>) -> bool + Send + Sync>;
@@ -190,6 +193,10 @@ pub struct ConnectionSettings {
     /// without one everything is allowed.
     #[serde(skip)]
     pub authoriser: Option<Authoriser>,
+    /// Called for every refused CONNECT (bad credentials, denied will,
+    /// invalid client id, connection limit), e.g. to count them.
+    #[serde(skip)]
+    pub on_refusal: Option<RefusalHook>,
     #[serde(default)]
     pub dynamic_filters: bool,
 }
@@ -213,6 +220,13 @@ impl ConnectionSettings {
     {
         self.authoriser = Some(Arc::new(authoriser));
     }
+
+    pub fn set_refusal_hook<F>(&mut self, hook: F)
+    where
+        F: Fn(protocol::ConnectReturnCode) + Send + Sync + 'static,
+    {
+        self.on_refusal = Some(Arc::new(hook));
+    }
 }
 
 impl fmt::Debug for ConnectionSettings {
@@ -225,6 +239,7 @@ impl fmt::Debug for ConnectionSettings {
             .field("external_auth", &self.external_auth.is_some())
             .field("allow_anonymous", &self.allow_anonymous)
             .field("authoriser", &self.authoriser.is_some())
+            .field("on_refusal", &self.on_refusal.is_some())
             .field("dynamic_filters", &self.dynamic_filters)
             .finish()
     }

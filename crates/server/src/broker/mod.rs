@@ -80,6 +80,8 @@ fn apply_policy(cfg: &mut rumqttd::Config, policy: &Arc<Policy>) {
             });
             let p = policy.clone();
             c.set_authoriser(move |who, action| p.decide(who, action));
+            let p = policy.clone();
+            c.set_refusal_hook(move |code| p.refused(code));
         }
     }
 }

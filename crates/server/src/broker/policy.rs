@@ -50,8 +50,10 @@ pub struct Policy {
     devices: Option<HashMap<String, String>>,
     observers: HashSet<String>,
     metrics: Arc<Metrics>,
-    /// Denials not logged yet in the current 10 s window (log flood guard).
-    log_window: AtomicU64,
+    /// The 10 s windows in which a denial and a refusal were last logged
+    /// (log flood guard: one line per window, the rest only counted).
+    denial_logged: AtomicU64,
+    refusal_logged: AtomicU64,
 }
 
 impl Policy {
@@ -66,7 +68,8 @@ impl Policy {
             devices,
             observers,
             metrics,
-            log_window: AtomicU64::new(0),
+            denial_logged: AtomicU64::new(u64::MAX),
+            refusal_logged: AtomicU64::new(u64::MAX),
         }
     }
 
@@ -133,9 +136,7 @@ impl Policy {
             Action::Will { topic, .. } => ("will", topic),
         };
         self.metrics.broker_denied(kind);
-        let window = widgetry_common::now_ms().max(0) as u64 / 10_000;
-        let last = self.log_window.swap(window, Ordering::Relaxed);
-        if last != window {
+        if first_in_window(&self.denial_logged) {
             warn!(
                 action = kind,
                 client_id = %excerpt(&who.client_id),
@@ -146,6 +147,32 @@ impl Policy {
         }
         false
     }
+}
+
+impl Policy {
+    /// Counts a CONNECT the broker refused (the broker logs it).
+    pub fn refused(&self, code: rumqttd::protocol::ConnectReturnCode) {
+        use rumqttd::protocol::ConnectReturnCode as C;
+        let reason = match code {
+            C::BadUserNamePassword | C::BadAuthenticationMethod => "bad_credentials",
+            C::NotAuthorized | C::Banned => "not_authorised",
+            C::ClientIdentifierNotValid => "bad_client_id",
+            _ => "server_busy",
+        };
+        self.metrics.broker_refused(reason);
+        if first_in_window(&self.refusal_logged) {
+            warn!(
+                reason,
+                "broker refused a CONNECT (further refusals in the next 10 s are only counted: widgetry_broker_refused_connections_total)"
+            );
+        }
+    }
+}
+
+/// True for the first call in each 10 s window.
+fn first_in_window(last: &AtomicU64) -> bool {
+    let window = widgetry_common::now_ms().max(0) as u64 / 10_000;
+    last.swap(window, Ordering::Relaxed) != window
 }
 
 /// Whether only the server may publish on `topic`.

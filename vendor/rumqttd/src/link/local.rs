@@ -1,5 +1,5 @@
 use crate::protocol::{
-    Filter, LastWill, LastWillProperties, Packet, Publish, QoS, RetainForwardRule, Subscribe,
+    ConnectReturnCode, Filter, LastWill, LastWillProperties, Packet, Publish, QoS, RetainForwardRule, Subscribe,
     Unsubscribe,
 };
 use crate::router::Ack;
@@ -34,6 +34,8 @@ pub enum LinkError {
     RecvTimeout(#[from] RecvTimeoutError),
     #[error("Timeout = {0}")]
     Elapsed(#[from] tokio::time::error::Elapsed),
+    #[error("Connection refused by the router: {0:?}")]
+    Refused(ConnectReturnCode),
 }
 
 // used to build LinkTx and LinkRx
@@ -52,6 +54,7 @@ pub struct LinkBuilder<'a> {
     // who the client is, for the authoriser; a local link is trusted
     identity: Option<ClientIdentity>,
     authoriser: Option<Authoriser>,
+    will_delay: u32,
 }
 
 impl<'a> LinkBuilder<'a> {
@@ -67,7 +70,14 @@ impl<'a> LinkBuilder<'a> {
             topic_alias_max: 0,
             identity: None,
             authoriser: None,
+            will_delay: 0,
         }
+    }
+
+    /// Seconds to delay the will after an abnormal disconnect.
+    pub fn will_delay(mut self, seconds: u32) -> Self {
+        self.will_delay = seconds;
+        self
     }
 
     /// Who the client is, as the authoriser sees it.
@@ -133,6 +143,7 @@ impl<'a> LinkBuilder<'a> {
             connection.identity = identity;
         }
         connection.authoriser = self.authoriser;
+        connection.will_delay = self.will_delay;
         let incoming = Incoming::new(connection.client_id.to_owned());
         let (outgoing, link_rx) = Outgoing::new(connection.client_id.to_owned());
         let outgoing_data_buffer = outgoing.buffer();
@@ -152,6 +163,11 @@ impl<'a> LinkBuilder<'a> {
         // Right now link identifies failure with dropped rx in router,
         // which is probably ok. We need this here to get id assigned by router
         let id = match notification {
+            Notification::DeviceAck(Ack::ConnAck(_, ref ack, _))
+                if ack.code != ConnectReturnCode::Success =>
+            {
+                return Err(LinkError::Refused(ack.code))
+            }
             Notification::DeviceAck(Ack::ConnAck(id, ..)) => id,
             _message => return Err(LinkError::NotConnectionAck),
         };

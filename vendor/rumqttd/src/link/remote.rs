@@ -23,6 +23,8 @@ pub enum Error {
     Io(#[from] io::Error),
     #[error("will topic {0:?} not authorised")]
     WillNotAuthorized(String),
+    #[error("connection refused: {0:?}")]
+    Refused(ConnectReturnCode),
     #[error("Not connect packet")]
     NotConnectPacket(Packet),
     #[error("Network {0}")]
@@ -47,6 +49,20 @@ pub enum Error {
     TrySend(#[from] TrySendError<(ConnectionId, Event)>),
     #[error("Link error = {0}")]
     Link(#[from] LinkError),
+}
+
+impl Error {
+    /// The CONNACK reason the client was refused with, if this error is a
+    /// refused CONNECT.
+    pub fn refusal(&self) -> Option<ConnectReturnCode> {
+        match self {
+            Error::InvalidAuth => Some(ConnectReturnCode::BadUserNamePassword),
+            Error::InvalidClientId => Some(ConnectReturnCode::ClientIdentifierNotValid),
+            Error::WillNotAuthorized(_) => Some(ConnectReturnCode::NotAuthorized),
+            Error::Refused(code) => Some(*code),
+            _ => None,
+        }
+    }
 }
 
 /// Orchestrates between Router and Network.
@@ -95,7 +111,7 @@ impl<P: Protocol> RemoteLink<P> {
         // the Will Delay Interval has passed or the Session ends, whichever happens first
         let will_delay_interval = min(session_expiry, delay_interval);
 
-        let (link_tx, link_rx, notification) = LinkBuilder::new(client_id, router_tx)
+        let built = LinkBuilder::new(client_id, router_tx)
             .tenant_id(tenant_id)
             .clean_session(clean_session)
             .last_will(lastwill)
@@ -104,7 +120,17 @@ impl<P: Protocol> RemoteLink<P> {
             .topic_alias_max(topic_alias_max.unwrap_or(0))
             .identity(identity)
             .authoriser(authoriser)
-            .build()?;
+            .will_delay(will_delay_interval)
+            .build();
+        let (link_tx, link_rx, notification) = match built {
+            Ok(link) => link,
+            // Tell the client why (connection limit, invalid client id)
+            Err(LinkError::Refused(code)) => {
+                refuse(&mut network, code).await?;
+                return Err(Error::Refused(code));
+            }
+            Err(e) => return Err(e.into()),
+        };
 
         let id = link_rx.id();
         Span::current().record("connection_id", id);
@@ -325,6 +351,7 @@ mod tests {
             external_auth: None,
             allow_anonymous: false,
             authoriser: None,
+            on_refusal: None,
             dynamic_filters: false,
         }
     }

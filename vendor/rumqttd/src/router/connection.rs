@@ -24,6 +24,9 @@ pub struct Connection {
     pub last_will: Option<LastWill>,
     /// Properties of Last will
     pub last_will_properties: Option<LastWillProperties>,
+    /// Seconds to wait before publishing the will after an abnormal
+    /// disconnect (MQTT 5 Will Delay Interval, capped by session expiry)
+    pub will_delay: u32,
     /// Connection events
     pub events: ConnectionEvents,
     /// Topic aliases set by clients
@@ -85,6 +88,7 @@ impl Connection {
             subscriptions: HashSet::default(),
             last_will: None,
             last_will_properties: None,
+            will_delay: 0,
             events: ConnectionEvents::default(),
             topic_aliases: HashMap::new(),
             broker_topic_aliases: None,

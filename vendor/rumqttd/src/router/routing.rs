@@ -6,7 +6,7 @@ use crate::protocol::{
 };
 use crate::router::alertlog::alert;
 use crate::router::scheduler::{PauseReason, Tracker};
-use crate::router::{ConnectionEvents, Forward};
+use crate::router::{Ack, ConnectionEvents, Forward};
 use crate::segments::Position;
 use crate::*;
 use flume::{bounded, Receiver, RecvError, Sender, TryRecvError};
@@ -100,7 +100,8 @@ pub struct Router {
     cache: Option<VecDeque<Packet>>,
     /// Shared subscriptions map <group-name, group>
     shared_subscriptions: HashMap<String, SharedGroup>,
-    /// Will messages per client_id
+    /// Wills of ended connections waiting out their Will Delay Interval,
+    /// per client id (a will without delay is published at disconnect)
     last_wills: HashMap<String, (LastWill, Option<LastWillProperties>)>,
 }
 
@@ -273,6 +274,7 @@ impl Router {
         let client_id = outgoing.client_id.clone();
         if let Err(err) = validate_clientid(&client_id) {
             error!("Invalid client_id: {}", err);
+            refuse_connection(&outgoing, ConnectReturnCode::ClientIdentifierNotValid);
             return;
         };
 
@@ -295,9 +297,23 @@ impl Router {
 
         if self.connections.len() >= self.config.max_connections {
             error!("no space for new connection");
-            // let ack = ConnectionAck::Failure("No space for new connection".to_owned());
-            // let message = Notification::ConnectionAck(ack);
+            // MQTT 3.1.1 return code 3 "server unavailable", MQTT 5 0x97
+            refuse_connection(&outgoing, ConnectReturnCode::QuotaExceeded);
             return;
+        }
+
+        // A will still waiting out its delay from this client's previous
+        // connection: a session that continues cancels it, a clean start
+        // ends the old session and publishes it now (MQTT 5 §3.1.2.5).
+        if let Some((will, props)) = self.last_wills.remove(&client_id) {
+            if connection.clean {
+                self.publish_will(
+                    will,
+                    props,
+                    #[cfg(feature = "validate-tenant-prefix")]
+                    connection.tenant_prefix.clone(),
+                );
+            }
         }
 
         // Retrieve previous connection state from graveyard
@@ -347,12 +363,9 @@ impl Router {
             connection.events.events.pop_front();
         }
 
-        if let Some(will) = connection.last_will.take() {
-            self.last_wills.insert(
-                client_id.clone(),
-                (will, connection.last_will_properties.take()),
-            );
-        }
+        // The will stays with its connection (not keyed by client id): a
+        // late event about an earlier connection with the same client id
+        // can neither publish nor drop this one.
 
         let connection_id = self.connections.insert(connection);
         assert_eq!(self.ibufs.insert(incoming), connection_id);
@@ -452,6 +465,23 @@ impl Router {
 
         // Remove connection from router
         let mut connection = self.connections.remove(id);
+
+        // A will still set here means the connection ended without a
+        // normal DISCONNECT (network error, keep alive, protocol error,
+        // session takeover): publish it, or keep it for its delay.
+        if let Some(will) = connection.last_will.take() {
+            let props = connection.last_will_properties.take();
+            if connection.will_delay == 0 {
+                self.publish_will(
+                    will,
+                    props,
+                    #[cfg(feature = "validate-tenant-prefix")]
+                    connection.tenant_prefix.clone(),
+                );
+            } else {
+                self.last_wills.insert(client_id.clone(), (will, props));
+            }
+        }
         let _incoming = self.ibufs.remove(id);
         let outgoing = self.obufs.remove(id);
         let mut tracker = self.scheduler.remove(id);
@@ -929,12 +959,17 @@ impl Router {
 
                     force_ack = true;
                 }
-                Packet::Disconnect(_, _) => {
+                Packet::Disconnect(d, _) => {
                     let span = tracing::info_span!("disconnect");
                     let _guard = span.enter();
                     disconnect = true;
-                    // delete the last will message
-                    self.last_wills.remove(&client_id);
+                    // A normal DISCONNECT deletes the will, except MQTT 5's
+                    // "disconnect with will message" (0x04)
+                    if d.reason_code != DisconnectReasonCode::DisconnectWithWillMessage {
+                        let connection = self.connections.get_mut(id).unwrap();
+                        connection.last_will = None;
+                        connection.last_will_properties = None;
+                    }
                     break;
                 }
                 incoming => {
@@ -1155,6 +1190,8 @@ impl Router {
         Some(())
     }
 
+    /// Publishes a will whose delay has passed (`Event::PublishWill`), if
+    /// it is still waiting: a reconnect may have cancelled or published it.
     pub fn handle_last_will(
         &mut self,
         client_id: String,
@@ -1166,7 +1203,20 @@ impl Router {
         let Some((will, will_props)) = self.last_wills.remove(&client_id) else {
             return;
         };
+        self.publish_will(
+            will,
+            will_props,
+            #[cfg(feature = "validate-tenant-prefix")]
+            tenant_prefix,
+        );
+    }
 
+    fn publish_will(
+        &mut self,
+        will: LastWill,
+        will_props: Option<LastWillProperties>,
+        #[cfg(feature = "validate-tenant-prefix")] tenant_prefix: Option<String>,
+    ) {
         let publish = Publish {
             dup: false,
             qos: will.qos,
@@ -1817,6 +1867,20 @@ fn validate_subscription(
     }
 
     Ok(())
+}
+
+/// Answers a connection the router does not register with a failed
+/// CONNACK: the link writes it to the client, then closes.
+fn refuse_connection(outgoing: &Outgoing, code: ConnectReturnCode) {
+    let ack = ConnAck {
+        session_present: false,
+        code,
+    };
+    outgoing
+        .data_buffer
+        .lock()
+        .push_back(Notification::DeviceAck(Ack::ConnAck(0, ack, None)));
+    outgoing.handle.try_send(()).ok();
 }
 
 fn validate_clientid(client_id: &str) -> Result<(), RouterError> {

@@ -13,6 +13,7 @@ use crate::{meters, ConnectionSettings, Meter};
 use flume::{RecvError, SendError, Sender};
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use tracing::{error, field, info, warn, Instrument};
 use uuid::Uuid;
@@ -338,6 +339,11 @@ pub enum LinkType {
     Remote,
 }
 
+/// Locks the will handler map, also after a panic elsewhere poisoned it.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 #[derive(PartialEq)]
 enum AwaitingWill {
     Cancel,
@@ -348,7 +354,7 @@ pub struct Server<P> {
     config: ServerSettings,
     router_tx: Sender<(ConnectionId, Event)>,
     protocol: P,
-    awaiting_will_handler: Arc<Mutex<HashMap<String, Sender<AwaitingWill>>>>,
+    awaiting_will_handler: Arc<Mutex<HashMap<String, (u64, Sender<AwaitingWill>)>>>,
 }
 
 impl<P: Protocol + Clone + Send + 'static> Server<P> {
@@ -495,7 +501,7 @@ async fn remote<P: Protocol>(
     router_tx: Sender<(ConnectionId, Event)>,
     stream: Box<dyn N>,
     protocol: P,
-    will_handlers: Arc<Mutex<HashMap<String, Sender<AwaitingWill>>>>,
+    will_handlers: Arc<Mutex<HashMap<String, (u64, Sender<AwaitingWill>)>>>,
 ) {
     let mut network = Network::new(
         stream,
@@ -506,10 +512,17 @@ async fn remote<P: Protocol>(
 
     let dynamic_filters = config.dynamic_filters;
     let authoriser = config.authoriser.clone();
+    let on_refusal = config.on_refusal.clone();
+    let refused = |e: &remote::Error| {
+        if let (Some(code), Some(hook)) = (e.refusal(), &on_refusal) {
+            hook(code);
+        }
+    };
 
     let (connect_packet, mut identity) = match mqtt_connect(config, &mut network).await {
         Ok(p) => p,
         Err(e) => {
+            refused(&e);
             error!(error=?e, "Error while handling MQTT connect packet");
             return;
         }
@@ -538,20 +551,20 @@ async fn remote<P: Protocol>(
 
     identity.client_id.clone_from(&client_id);
 
-    if let Some(sender) = will_handlers.lock().unwrap().remove(&client_id) {
+    // A previous connection of this client still waiting out its will
+    // delay: a clean start publishes that will now, a continued session
+    // cancels it. Take the sender out first so that the lock is released,
+    // and never panic while holding it (a poisoned lock would refuse every
+    // later client of this listener); the old task may be gone already.
+    let previous = lock(&will_handlers).remove(&client_id);
+    if let Some((_, sender)) = previous {
         let awaiting_will = if clean_session {
             AwaitingWill::Fire
         } else {
             AwaitingWill::Cancel
         };
-        sender.try_send(awaiting_will).unwrap();
+        let _ = sender.try_send(awaiting_will);
     }
-
-    let (will_tx, will_rx) = flume::bounded::<AwaitingWill>(1);
-    will_handlers
-        .lock()
-        .unwrap()
-        .insert(client_id.clone(), will_tx);
 
     // Start the link
     let mut link = match RemoteLink::new(
@@ -568,10 +581,18 @@ async fn remote<P: Protocol>(
     {
         Ok(l) => l,
         Err(e) => {
+            refused(&e);
             error!(error=?e, "Remote link error");
             return;
         }
     };
+
+    // Registered only for a link that started: a refused connection leaves
+    // no handler behind.
+    static NEXT_HANDLER: AtomicU64 = AtomicU64::new(0);
+    let handler = NEXT_HANDLER.fetch_add(1, Ordering::Relaxed);
+    let (will_tx, will_rx) = flume::bounded::<AwaitingWill>(1);
+    lock(&will_handlers).insert(client_id.clone(), (handler, will_tx));
 
     let connection_id = link.connection_id;
     let will_delay_interval = link.will_delay_interval;
@@ -607,20 +628,25 @@ async fn remote<P: Protocol>(
     // this is important to stop the connection
     drop(link);
 
-    let publish_will = match tokio::time::timeout(
-        Duration::from_secs(will_delay_interval as u64),
-        will_rx.recv_async(),
-    )
-    .await
+    // A will without delay was published by the router at disconnect; a
+    // delayed one waits here for its delay or for a new connection.
+    let publish_will = will_delay_interval > 0
+        && match tokio::time::timeout(
+            Duration::from_secs(will_delay_interval as u64),
+            will_rx.recv_async(),
+        )
+        .await
+        {
+            Ok(w) => w.is_ok_and(|k| k == AwaitingWill::Fire),
+            Err(_) => true,
+        };
+    // No need to keep the sender (unless a newer connection replaced it)
     {
-        Ok(w) => w.is_ok_and(|k| k == AwaitingWill::Fire),
-        Err(_) => {
-            // no need to keep the sender after timeout
-            will_handlers.lock().unwrap().remove(&client_id);
-            // as will delay interval has passed, publish the will message
-            true
+        let mut handlers = lock(&will_handlers);
+        if handlers.get(&client_id).is_some_and(|(h, _)| *h == handler) {
+            handlers.remove(&client_id);
         }
-    };
+    }
 
     if publish_will {
         let message = Event::PublishWill((client_id, tenant_id));

@@ -1,0 +1,417 @@
+//! Who may publish and subscribe where on the embedded broker
+//! (`broker::policy`), tried with `mosquitto_pub` / `mosquitto_sub` on the
+//! MQTT 3.1.1 and 5 listeners: without credentials nobody but the server
+//! publishes acks, live data or error reports (a forged ack is data loss);
+//! with device credentials a device stays in its own topics.
+
+mod common;
+
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use common::*;
+use widgetry_proto::SeriesKey;
+use widgetry_server::config::DEFAULT_BROKER_TOML;
+use widgetry_server::store::Store;
+
+const SERIES: [&str; 3] = ["cpu.usage_pct", "mem.used_bytes", "mem.total_bytes"];
+
+/// Runs a mosquitto tool to completion (each invocation is bounded by its
+/// own -W timeout or by publishing one message).
+fn mosquitto(tool: &str, args: &[&str]) -> Output {
+    Command::new(require_tool(tool))
+        .args(["-h", "127.0.0.1"])
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("run {tool}: {e}"))
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "status {:?}, stdout {:?}, stderr {:?}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+async fn stored(store: &Store, device: &str) -> u64 {
+    let mut n = 0;
+    for s in SERIES {
+        n += store
+            .series_points(device, &SeriesKey::plain(s), 0, i64::MAX)
+            .await
+            .expect("query")
+            .unwrap_or_default()
+            .len() as u64;
+    }
+    n
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn anonymous_clients_cannot_forge_acks_live_data_or_errors() {
+    let stack = Stack::start().await;
+    let (v4, v5) = (
+        stack.mqtt.port().to_string(),
+        stack.mqtt5.port().to_string(),
+    );
+    let mut cfg = widgetry_agent::AgentConfig::new("127.0.0.1", stack.mqtt.port(), "victim");
+    cfg.interval = Duration::from_millis(100);
+    cfg.batch_max_wait = Duration::from_millis(200);
+    cfg.ack_timeout = Duration::from_secs(1);
+    let spool = tempfile::tempdir().expect("spool");
+    cfg.spool_dir = spool.path().to_path_buf();
+    let victim = Agent::with_config(cfg, spool);
+
+    // The session id is public: it is in the retained status.
+    let status = mosquitto(
+        "mosquitto_sub",
+        &[
+            "-V",
+            "5",
+            "-p",
+            &v5,
+            "-t",
+            "widgetry/v1/victim/status",
+            "-C",
+            "1",
+            "-W",
+            "30",
+        ],
+    );
+    let status: serde_json::Value =
+        serde_json::from_slice(&status.stdout).unwrap_or_else(|_| panic!("{}", text(&status)));
+    let session = status["session"].as_str().expect("session").to_string();
+
+    // The issue's reproduction: a retained ack covering every seq, on both
+    // listeners, plus forged live data and error reports.
+    let forged = format!(r#"{{"session":"{session}","through":18446744073709551615}}"#);
+    let live = r#"{"device":"victim","commit":999999,"samples":[{"series":"cpu.usage_pct","ts":1,"value":-1}],"forged":true}"#;
+    for (version, port) in [("311", &v4), ("5", &v5)] {
+        for (topic, payload) in [
+            ("widgetry/v1/victim/ack", forged.as_str()),
+            ("widgetry/v1/victim/live", live),
+            ("widgetry/v1/victim/errors", r#"{"forged":true}"#),
+        ] {
+            let o = mosquitto(
+                "mosquitto_pub",
+                &[
+                    "-V", version, "-p", port, "-q", "1", "-r", "-t", topic, "-m", payload,
+                ],
+            );
+            assert!(o.status.success(), "{version} {topic}: {}", text(&o));
+            if version == "5" {
+                // MQTT 5 tells the publisher: PUBACK reason 0x87.
+                assert!(
+                    String::from_utf8_lossy(&o.stderr).contains("Not authorized"),
+                    "{topic}: {}",
+                    text(&o)
+                );
+            }
+        }
+    }
+    // Nothing was retained: a new subscriber sees no forged message.
+    let o = mosquitto(
+        "mosquitto_sub",
+        &[
+            "-V",
+            "5",
+            "-p",
+            &v5,
+            "-t",
+            "widgetry/v1/victim/+",
+            "-v",
+            "-W",
+            "2",
+        ],
+    );
+    let seen = String::from_utf8_lossy(&o.stdout).to_string();
+    assert!(
+        !seen.contains("forged") && !seen.contains("18446744073709551615"),
+        "{seen}"
+    );
+
+    // A short outage: another client takes the agent's client id, the agent
+    // reconnects (and would now receive a retained forged ack).
+    let o = mosquitto(
+        "mosquitto_sub",
+        &[
+            "-V",
+            "311",
+            "-p",
+            &v4,
+            "-i",
+            "widgetry-agent-victim",
+            "-t",
+            "x",
+            "-E",
+        ],
+    );
+    assert!(o.status.success(), "client id takeover: {}", text(&o));
+
+    let store = Store::open(&stack.db).await.expect("open db");
+    wait_for(
+        "the agent's samples stored",
+        Duration::from_secs(60),
+        || async { (stored(&store, "victim").await >= 150).then_some(()) },
+    )
+    .await;
+    let report = victim.stop().await;
+    wait_for(
+        "every sample the agent took stored",
+        Duration::from_secs(30),
+        || async { (stored(&store, "victim").await == report.samples_taken).then_some(()) },
+    )
+    .await;
+    assert_eq!(
+        report.acks_ignored, 0,
+        "no forged ack reached the agent: {report:?}"
+    );
+    assert_eq!(report.batches_dropped, 0, "{report:?}");
+    assert_eq!(report.batches_unacked, 0, "{report:?}");
+    let (_, m) = stack.get_text("/metrics").await;
+    assert!(
+        metric(&m, "widgetry_broker_denied_total{action=\"publish\"}") >= 6.0,
+        "{m}"
+    );
+    store.close().await;
+    stack.stop().await;
+}
+
+/// broker.toml with device credentials for d1, d2 and an observer.
+fn with_credentials() -> String {
+    DEFAULT_BROKER_TOML.replacen(
+        "\n[v5.1]\n",
+        "\n[v4.1.connections.auth]\nd1 = \"d1-secret\"\nd2 = \"d2-secret\"\nviewer = \"viewer-secret\"\n\n[access]\nobservers = [\"viewer\"]\n\n[v5.1]\n",
+        1,
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_credentials_a_device_stays_in_its_own_topics() {
+    let stack = Stack::with(Default::default(), &with_credentials()).await;
+    let (v4, v5) = (
+        stack.mqtt.port().to_string(),
+        stack.mqtt5.port().to_string(),
+    );
+    let d1 = ["-u", "d1", "-P", "d1-secret"];
+
+    // Nobody gets in without credentials, or with wrong ones; the CONNACK
+    // says why.
+    for (version, port) in [("311", &v4), ("5", &v5)] {
+        for login in [
+            &[][..],
+            &["-u", "d1", "-P", "wrong"][..],
+            &["-u", "nobody", "-P", "x"][..],
+        ] {
+            let mut args = vec![
+                "-V",
+                version,
+                "-p",
+                port,
+                "-t",
+                "widgetry/v1/d1/ack",
+                "-W",
+                "5",
+            ];
+            args.extend_from_slice(login);
+            let o = mosquitto("mosquitto_sub", &args);
+            assert!(!o.status.success(), "{version} {login:?}: {}", text(&o));
+            // 3.1.1: "Connection Refused: bad user name or password";
+            // MQTT 5: "Bad User Name or Password" (reason 0x86).
+            let err = String::from_utf8_lossy(&o.stderr).to_lowercase();
+            assert!(
+                err.contains("bad user name or password"),
+                "{version} {login:?}: {}",
+                text(&o)
+            );
+        }
+    }
+
+    // d1 may not read d2's acks, nor everything.
+    for (version, port) in [("311", &v4), ("5", &v5)] {
+        for filter in ["widgetry/v1/d2/ack", "widgetry/v1/+/ack", "#"] {
+            let mut args = vec!["-V", version, "-p", port, "-t", filter, "-W", "5"];
+            args.extend_from_slice(&d1);
+            // mosquitto_sub exits (status 0) once every filter is denied.
+            let o = mosquitto("mosquitto_sub", &args);
+            assert!(
+                String::from_utf8_lossy(&o.stderr).contains("denied"),
+                "{version} {filter}: {}",
+                text(&o)
+            );
+        }
+    }
+
+    // d1 reads its own error reports: publish bad JSON until one arrives
+    // on its subscription.
+    let mut errors = Command::new(require_tool("mosquitto_sub"))
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-V",
+            "5",
+            "-p",
+            &v5,
+            "-t",
+            "widgetry/v1/d1/errors",
+        ])
+        .args(["-C", "1", "-W", "30"])
+        .args(d1)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("mosquitto_sub");
+    let mut bad = vec![
+        "-V",
+        "5",
+        "-p",
+        &v5,
+        "-q",
+        "1",
+        "-t",
+        "widgetry/v1/d1/samples/json",
+    ];
+    bad.extend_from_slice(&d1);
+    bad.extend_from_slice(&["-m", "{not json"]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        let o = mosquitto("mosquitto_pub", &bad);
+        assert!(o.status.success(), "{}", text(&o));
+        if let Some(status) = errors.try_wait().expect("poll mosquitto_sub") {
+            break status;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no error report reached d1"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let report = errors.wait_with_output().expect("mosquitto_sub output");
+    assert!(status.success(), "{}", text(&report));
+    assert!(
+        String::from_utf8_lossy(&report.stdout).contains("bad_json"),
+        "{}",
+        text(&report)
+    );
+
+    // d1 may not publish as d2, nor anything the server publishes; its own
+    // samples are stored.
+    for (topic, payload) in [
+        (
+            "widgetry/v1/d2/samples/json",
+            r#"{"series":"forged","value":1}"#,
+        ),
+        ("widgetry/v1/d1/ack", r#"{"session":"0","through":1}"#),
+        (
+            "widgetry/v1/d1/samples/json",
+            r#"{"series":"temp","value":21.5}"#,
+        ),
+    ] {
+        let mut args = vec!["-V", "5", "-p", &v5, "-q", "1", "-t", topic, "-m", payload];
+        args.extend_from_slice(&d1);
+        let o = mosquitto("mosquitto_pub", &args);
+        let denied = String::from_utf8_lossy(&o.stderr).contains("Not authorized");
+        assert_eq!(
+            denied,
+            !topic.starts_with("widgetry/v1/d1/samples"),
+            "{topic}: {}",
+            text(&o)
+        );
+    }
+    let store = Store::open(&stack.db).await.expect("open db");
+    wait_for("d1's sample stored", Duration::from_secs(30), || async {
+        let pts = store
+            .series_points("d1", &SeriesKey::plain("temp"), 0, i64::MAX)
+            .await
+            .expect("query");
+        pts.filter(|p| !p.is_empty()).map(|_| ())
+    })
+    .await;
+    let d2 = store
+        .series_points("d2", &SeriesKey::plain("forged"), 0, i64::MAX)
+        .await
+        .expect("query");
+    assert!(d2.unwrap_or_default().is_empty(), "nothing stored as d2");
+
+    // An agent with device credentials works end to end.
+    let mut cfg = widgetry_agent::AgentConfig::new("127.0.0.1", stack.mqtt.port(), "d2");
+    cfg.credentials = Some(("d2".into(), "d2-secret".into()));
+    cfg.interval = Duration::from_millis(100);
+    cfg.batch_max_wait = Duration::from_millis(200);
+    let spool = tempfile::tempdir().expect("spool");
+    cfg.spool_dir = spool.path().to_path_buf();
+    let agent = Agent::with_config(cfg, spool);
+    wait_for(
+        "the agent's samples stored",
+        Duration::from_secs(30),
+        || async { (stored(&store, "d2").await >= 30).then_some(()) },
+    )
+    .await;
+    let agent_report = agent.stop().await;
+    assert_eq!(agent_report.batches_dropped, 0, "{agent_report:?}");
+
+    // An observer reads everything and publishes nothing.
+    for (version, port) in [("311", &v4), ("5", &v5)] {
+        let o = mosquitto(
+            "mosquitto_sub",
+            &[
+                "-V",
+                version,
+                "-p",
+                port,
+                "-u",
+                "viewer",
+                "-P",
+                "viewer-secret",
+                "-t",
+                "#",
+                "-E",
+            ],
+        );
+        assert!(o.status.success(), "observer subscribes to #: {}", text(&o));
+    }
+    let o = mosquitto(
+        "mosquitto_pub",
+        &[
+            "-V",
+            "5",
+            "-p",
+            &v5,
+            "-u",
+            "viewer",
+            "-P",
+            "viewer-secret",
+            "-q",
+            "1",
+        ]
+        .into_iter()
+        .chain([
+            "-t",
+            "widgetry/v1/viewer/samples/json",
+            "-m",
+            r#"{"series":"x","value":1}"#,
+        ])
+        .collect::<Vec<_>>(),
+    );
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("Not authorized"),
+        "{}",
+        text(&o)
+    );
+
+    let (_, m) = stack.get_text("/metrics").await;
+    for (series, least) in [
+        ("widgetry_broker_denied_total{action=\"subscribe\"}", 6.0),
+        ("widgetry_broker_denied_total{action=\"publish\"}", 3.0),
+        (
+            "widgetry_broker_refused_connections_total{reason=\"bad_credentials\"}",
+            6.0,
+        ),
+    ] {
+        assert!(metric(&m, series) >= least, "{series} >= {least}: {m}");
+    }
+    store.close().await;
+    stack.stop().await;
+}
