@@ -20,6 +20,7 @@ use widgetry_common::{backoff, now_ms};
 use crate::http::percentile;
 
 pub mod api;
+pub mod broker;
 pub mod http;
 
 /// Longest wait between a simulated device's reconnect attempts.

@@ -809,9 +809,10 @@ mod tests {
         let text = DEFAULT_BROKER_TOML
             .replace("listen = \"0.0.0.0:1883\"", "listen = \"0.0.0.0:99999\"")
             .replace("max_segment_count = 3", "max_segment_count = 3\nbogus = 1")
-            .replace(
+            .replacen(
                 "connection_timeout_ms = 5000",
                 "connection_timeout_ms = 70000",
+                1,
             );
         let got = problems(&text);
         assert_eq!(got.len(), 3, "{got:#?}");
@@ -854,10 +855,12 @@ mod tests {
 
     #[test]
     fn auth_values_are_never_echoed() {
-        let text = DEFAULT_BROKER_TOML.replace(
-            "# [v4.1.connections.auth]\n# demo = \"change-me\"",
-            "[v4.1.connections.auth]\ndemo = 12345678",
+        let text = DEFAULT_BROKER_TOML.replacen(
+            "\n[v5.1]\n",
+            "\n[v4.1.connections.auth]\ndemo = 12345678\n\n[v5.1]\n",
+            1,
         );
+        assert_ne!(text, DEFAULT_BROKER_TOML);
         let got = problems(&text).join("\n");
         assert!(got.contains("auth.demo"), "{got}");
         assert!(!got.contains("12345678"), "password leaked: {got}");

@@ -22,6 +22,14 @@ pub enum Error {
     KeepAlive(#[from] Elapsed),
 }
 
+/// Buffers up to this size are kept between packets; larger ones are
+/// released once empty.
+const KEEP_BYTES: usize = 16 * 1024;
+
+/// Least read at once: small enough for an idle connection, large enough
+/// that a stream of small packets takes few reads.
+const READ_CHUNK: usize = 1024;
+
 /// Network transforms packets <-> frames efficiently. It takes
 /// advantage of pre-allocation, buffering and vectorization when
 /// appropriate to achieve performance
@@ -51,8 +59,10 @@ impl<P: Protocol> Network<P> {
     ) -> Network<P> {
         Network {
             socket,
-            read: BytesMut::with_capacity(10 * 1024),
-            write: BytesMut::with_capacity(10 * 1024),
+            // Grown to what each packet needs, released after a large one
+            // (an idle connection holds at most KEEP_BYTES per buffer)
+            read: BytesMut::new(),
+            write: BytesMut::new(),
             max_incoming_size,
             max_connection_buffer_len,
             // Overwritten by keepalive value in connect packet, otherwise we
@@ -78,6 +88,10 @@ impl<P: Protocol> Network<P> {
     async fn read_bytes(&mut self, required: usize) -> io::Result<usize> {
         // TODO: Fix this cancellation bug and write unit test
         let mut total_read = 0;
+        if self.read.is_empty() && self.read.capacity() > KEEP_BYTES {
+            self.read = BytesMut::new();
+        }
+        self.read.reserve(required.max(READ_CHUNK));
         loop {
             let read = self.socket.read_buf(&mut self.read).await?;
             if 0 == read {
@@ -140,7 +154,7 @@ impl<P: Protocol> Network<P> {
     pub async fn write(&mut self, packet: Packet) -> Result<(), Error> {
         Protocol::write(&self.protocol, packet, &mut self.write)?;
         self.socket.write_all(&self.write).await?;
-        self.write.clear();
+        self.clear_write();
         Ok(())
     }
 
@@ -149,8 +163,16 @@ impl<P: Protocol> Network<P> {
             Protocol::write(&self.protocol, packet, &mut self.write)?;
         }
         self.socket.write_all(&self.write).await?;
-        self.write.clear();
+        self.clear_write();
         Ok(())
+    }
+
+    fn clear_write(&mut self) {
+        if self.write.capacity() > KEEP_BYTES {
+            self.write = BytesMut::new();
+        } else {
+            self.write.clear();
+        }
     }
 }
 

@@ -3,6 +3,7 @@ use crate::link::network;
 use crate::link::network::Network;
 use crate::local::LinkBuilder;
 use crate::protocol::{ConnAck, Connect, ConnectReturnCode, Login, Packet, Protocol};
+use crate::router::iobufs::release;
 use crate::router::{Event, Notification};
 use crate::{Action, Authoriser, ClientIdentity, ConnectionId, ConnectionSettings};
 
@@ -150,7 +151,7 @@ impl<P: Protocol> RemoteLink<P> {
             network,
             link_tx,
             link_rx,
-            notifications: VecDeque::with_capacity(100),
+            notifications: VecDeque::new(),
             will_delay_interval,
         })
     }
@@ -190,6 +191,9 @@ impl<P: Protocol> RemoteLink<P> {
 
                     }
                     self.network.writev(packets).await?;
+                    // This buffer is swapped with the router's outgoing
+                    // buffer: give back what a burst made it grow to.
+                    release(&mut self.notifications);
                     if unscheduled {
                         self.link_rx.wake().await?;
                     }

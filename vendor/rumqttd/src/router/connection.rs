@@ -120,7 +120,13 @@ impl Connection {
         will: Option<LastWill>,
         props: Option<LastWillProperties>,
     ) -> &mut Connection {
-        self.last_will = will;
+        // Own copies: kept for the whole connection, slices of the CONNECT
+        // would keep its network read buffer alive as long.
+        self.last_will = will.map(|w| LastWill {
+            topic: bytes::Bytes::copy_from_slice(&w.topic),
+            message: bytes::Bytes::copy_from_slice(&w.message),
+            ..w
+        });
         self.last_will_properties = props;
         self
     }

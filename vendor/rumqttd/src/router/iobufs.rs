@@ -18,6 +18,17 @@ use super::{Forward, IncomingMeter, OutgoingMeter};
 const MAX_INFLIGHT: usize = 100;
 const MAX_PKID: u16 = MAX_INFLIGHT as u16;
 
+/// Buffers of at most this many entries are kept for reuse; bigger ones
+/// (after a burst) are released once empty.
+const KEEP_ENTRIES: usize = 32;
+
+/// Releases an empty queue's memory if a burst made it large.
+pub(crate) fn release<T>(queue: &mut VecDeque<T>) {
+    if queue.is_empty() && queue.capacity() > KEEP_ENTRIES {
+        *queue = VecDeque::new();
+    }
+}
+
 #[derive(Debug)]
 pub struct Incoming {
     /// Identifier associated with connected client
@@ -32,7 +43,8 @@ impl Incoming {
     #[inline]
     pub(crate) fn new(client_id: String) -> Self {
         Self {
-            buffer: Arc::new(Mutex::new(VecDeque::with_capacity(MAX_CHANNEL_CAPACITY))),
+            // Grows with use: an idle connection costs no buffer
+            buffer: Arc::new(Mutex::new(VecDeque::new())),
             meter: Default::default(),
             client_id,
         }
@@ -72,13 +84,12 @@ impl Outgoing {
     #[inline]
     pub(crate) fn new(client_id: String) -> (Self, Receiver<()>) {
         let (handle, rx) = flume::bounded(MAX_CHANNEL_CAPACITY);
-        let data_buffer = VecDeque::with_capacity(MAX_CHANNEL_CAPACITY);
-        let inflight_buffer = VecDeque::with_capacity(MAX_INFLIGHT);
-        let unacked_pubrels = VecDeque::with_capacity(MAX_INFLIGHT);
-
-        // Ensure that there won't be any new allocations
-        assert!(MAX_INFLIGHT <= inflight_buffer.capacity());
-        assert!(MAX_CHANNEL_CAPACITY <= data_buffer.capacity());
+        // Allocated on first use (and released after a burst by the
+        // link), not preallocated for the most a connection can hold: with
+        // thousands of mostly idle devices that was most of their memory.
+        let data_buffer = VecDeque::new();
+        let inflight_buffer = VecDeque::new();
+        let unacked_pubrels = VecDeque::new();
 
         let outgoing = Self {
             client_id,

@@ -6,6 +6,7 @@ use crate::protocol::{
 };
 use crate::router::alertlog::alert;
 use crate::router::scheduler::{PauseReason, Tracker};
+use crate::router::iobufs::release;
 use crate::router::{Ack, ConnectionEvents, Forward};
 use crate::segments::Position;
 use crate::*;
@@ -552,10 +553,10 @@ impl Router {
                 outgoing.unacked_pubrels,
             );
         } else {
+            // A clean session leaves nothing behind: keeping its metrics
+            // (as 0.20 did) grew the graveyard by one entry per client id
+            // ever seen, without bound.
             tracker.pause(PauseReason::Busy);
-            let id = tracker.id.clone();
-            // Only save metrics in clean session
-            self.graveyard.save_metrics(id, connection.events);
         }
         self.router_meters.total_connections -= 1;
     }
@@ -978,6 +979,7 @@ impl Router {
             }
         }
 
+        release(&mut packets);
         self.cache = Some(packets);
 
         // Prepare AcksRequest in tracker if router is operating in a
@@ -1327,6 +1329,12 @@ fn append_to_commitlog(
         validate_and_set_topic_alias(&mut publish, connection, alias)?;
     };
 
+    // Topic and payload are slices of the connection's network read
+    // buffer: held in the log or as a retained message they would keep
+    // that whole buffer alive (kilobytes per message). Give them their own
+    // allocation.
+    unpin(&mut publish);
+
     let topic = std::str::from_utf8(&publish.topic)?;
 
     // Ensure that only clients associated with a tenant can publish to tenant's topic
@@ -1443,6 +1451,13 @@ fn append_will_message(
     }
 
     Ok(o)
+}
+
+/// Copies a publish's topic and payload out of the buffer they were read
+/// into, so that keeping the publish does not keep that buffer.
+fn unpin(publish: &mut Publish) {
+    publish.topic = bytes::Bytes::copy_from_slice(&publish.topic);
+    publish.payload = bytes::Bytes::copy_from_slice(&publish.payload);
 }
 
 /// Replaces a PUBLISH's topic alias (MQTT 5) by its topic, recording a new
