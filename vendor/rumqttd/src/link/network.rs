@@ -28,7 +28,7 @@ const KEEP_BYTES: usize = 16 * 1024;
 
 /// Least read at once: small enough for an idle connection, large enough
 /// that a stream of small packets takes few reads.
-const READ_CHUNK: usize = 1024;
+const READ_CHUNK: usize = 256;
 
 /// Network transforms packets <-> frames efficiently. It takes
 /// advantage of pre-allocation, buffering and vectorization when

@@ -112,17 +112,19 @@ impl Router {
 
         let meters = Slab::with_capacity(10);
         let alerts = Slab::with_capacity(10);
-        let connections = Slab::with_capacity(config.max_connections);
-        let ibufs = Slab::with_capacity(config.max_connections);
-        let obufs = Slab::with_capacity(config.max_connections);
-        let ackslog = Slab::with_capacity(config.max_connections);
+        // Grown as clients connect (up to max_connections), not
+        // preallocated for all of them: ~1 KB per slot across these.
+        let slots = config.max_connections.min(1024);
+        let connections = Slab::with_capacity(slots);
+        let ibufs = Slab::with_capacity(slots);
+        let obufs = Slab::with_capacity(slots);
+        let ackslog = Slab::with_capacity(slots);
 
         let router_metrics = RouterMeter {
             router_id,
             ..RouterMeter::default()
         };
 
-        let max_connections = config.max_connections;
         Router {
             id: router_id,
             config: config.clone(),
@@ -137,7 +139,7 @@ impl Router {
             datalog: DataLog::new(config.clone()).unwrap(),
             alertlog: AlertLog::new(config),
             ackslog,
-            scheduler: Scheduler::with_capacity(max_connections),
+            scheduler: Scheduler::with_capacity(slots),
             notifications: VecDeque::with_capacity(1024),
             router_rx,
             router_tx,
