@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::broker::policy::{Policy, SERVER_USER};
+use crate::broker::retained::RetainedSink;
 use crate::config::Database;
 use crate::ingest::{self, IngestConfig};
 use crate::metrics::{Metrics, Roles};
@@ -108,10 +109,16 @@ pub async fn start_serve(
         cfg.broker.observers.clone(),
         metrics.clone(),
     ));
-    let broker_cfg = cfg.broker.clone();
+    // Retained messages (every device's last status) survive a restart.
+    let retained = Arc::new(RetainedSink::default());
+    let mut broker_cfg = cfg.broker.clone();
+    broker_cfg.rumqttd.router.initial_retained = broker::retained::load(&store).await?;
+    broker_cfg.rumqttd.router.retained_hook = Some(retained.hook());
     tokio::task::spawn_blocking(move || broker::start(broker_cfg, policy)).await??;
 
     let mut tasks = Supervisor::new(shutdown.clone(), DRAIN_DEADLINE);
+    let writer = broker::retained::run(retained, store.clone(), shutdown.clone());
+    tasks.spawn("retained", async move { Ok(writer.await?) });
     let target = broker::connect_addr(mqtt_addr);
     let mut ingest_cfg = IngestConfig::new(target.ip().to_string(), target.port());
     ingest_cfg.retention = cfg.retention;

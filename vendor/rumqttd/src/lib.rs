@@ -255,6 +255,34 @@ pub struct ClusterSettings {
     pub seniors: Vec<(ConnectionId, String)>,
 }
 
+/// A change to the broker's retained messages, reported so that they can
+/// be persisted (rumqttd itself keeps them in memory only).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RetainedChange {
+    /// A retained message was set or replaced.
+    Set {
+        topic: String,
+        payload: bytes::Bytes,
+        qos: u8,
+    },
+    /// A retained message was cleared (empty payload).
+    Cleared { topic: String },
+}
+
+/// Told of every change to the retained messages, on the router thread:
+/// it must be quick and never block.
+#[derive(Clone)]
+pub struct RetainedHook(pub Arc<dyn Fn(RetainedChange) + Send + Sync>);
+
+impl fmt::Debug for RetainedHook {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("RetainedHook")
+    }
+}
+
+/// A retained message the broker starts with: (topic, payload, QoS).
+pub type InitialRetained = (String, bytes::Bytes, u8);
+
 #[derive(Debug, Default, Clone, Serialize, Deserialize)]
 pub struct RouterConfig {
     pub max_connections: usize,
@@ -266,6 +294,13 @@ pub struct RouterConfig {
     // defaults to Round Robin
     #[serde(default)]
     pub shared_subscriptions_strategy: Strategy,
+    /// Told of every change to the retained messages.
+    #[serde(skip)]
+    pub retained_hook: Option<RetainedHook>,
+    /// Retained messages to start with (e.g. persisted by `retained_hook`
+    /// before a restart).
+    #[serde(skip)]
+    pub initial_retained: Vec<InitialRetained>,
 }
 
 #[derive(Debug, Default, Clone, Serialize, Deserialize)]

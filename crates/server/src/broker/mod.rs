@@ -7,6 +7,7 @@
 //! on the broker is decided in [`policy`].
 
 pub mod policy;
+pub mod retained;
 
 use std::collections::HashMap;
 use std::io::{Read, Write};

@@ -26,6 +26,7 @@ use sqlx::{AnyConnection, AnyPool, ConnectOptions, Executor, Row, Transaction};
 use crate::config::Database;
 
 pub mod read;
+pub mod retained;
 pub mod retention;
 pub mod rollup;
 pub mod write;

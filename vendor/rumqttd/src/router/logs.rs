@@ -7,7 +7,7 @@ use crate::protocol::{
     PublishProperties, SubAck, UnsubAck,
 };
 use crate::router::{DataRequest, FilterIdx, SubscriptionMeter, Waiters};
-use crate::{ConnectionId, Filter, Offset, RouterConfig, Topic};
+use crate::{ConnectionId, Filter, Offset, RetainedChange, RouterConfig, Topic};
 
 use crate::segments::{CommitLog, Position};
 use crate::Storage;
@@ -64,11 +64,23 @@ pub struct DataLog {
 }
 
 impl DataLog {
-    pub fn new(config: RouterConfig) -> io::Result<DataLog> {
+    pub fn new(mut config: RouterConfig) -> io::Result<DataLog> {
         let mut native = Slab::new();
         let mut filter_indexes = HashMap::new();
-        let retained_publishes = HashMap::new();
+        let mut retained_publishes = HashMap::new();
         let publish_filters = HashMap::new();
+
+        for (topic, payload, qos) in std::mem::take(&mut config.initial_retained) {
+            let publish = Publish {
+                dup: false,
+                qos: crate::protocol::qos(qos).unwrap_or_default(),
+                retain: true,
+                topic: topic.clone().into(),
+                pkid: 0,
+                payload,
+            };
+            retained_publishes.insert(topic, (publish, None).into());
+        }
 
         if let Some(warmup_filters) = config.initialized_filters.clone() {
             for filter in warmup_filters {
@@ -262,11 +274,22 @@ impl DataLog {
         topic: Topic,
     ) {
         let pub_with_props = (publish, publish_properties);
+        if let Some(hook) = &self.config.retained_hook {
+            (hook.0)(RetainedChange::Set {
+                topic: topic.clone(),
+                payload: pub_with_props.0.payload.clone(),
+                qos: pub_with_props.0.qos as u8,
+            });
+        }
         self.retained_publishes.insert(topic, pub_with_props.into());
     }
 
     pub fn remove_from_retained_publishes(&mut self, topic: Topic) {
-        self.retained_publishes.remove(&topic);
+        if self.retained_publishes.remove(&topic).is_some() {
+            if let Some(hook) = &self.config.retained_hook {
+                (hook.0)(RetainedChange::Cleared { topic });
+            }
+        }
     }
 
     pub fn read_retained_messages(&mut self, filter: &str) -> Vec<PubWithProp> {

@@ -107,7 +107,9 @@ pub struct Router {
 }
 
 impl Router {
-    pub fn new(router_id: RouterId, config: RouterConfig) -> Router {
+    pub fn new(router_id: RouterId, mut config: RouterConfig) -> Router {
+        // Only the datalog needs the initial retained messages, once.
+        let initial_retained = std::mem::take(&mut config.initial_retained);
         let (router_tx, router_rx) = bounded(1000);
 
         let meters = Slab::with_capacity(10);
@@ -136,7 +138,11 @@ impl Router {
             subscription_map: Default::default(),
             ibufs,
             obufs,
-            datalog: DataLog::new(config.clone()).unwrap(),
+            datalog: DataLog::new(RouterConfig {
+                initial_retained,
+                ..config.clone()
+            })
+            .unwrap(),
             alertlog: AlertLog::new(config),
             ackslog,
             scheduler: Scheduler::with_capacity(slots),
