@@ -196,6 +196,8 @@ pub struct DataRequest {
     max_count: usize,
     pub(crate) forward_retained: bool,
     pub(crate) group: Option<String>,
+    /// MQTT 5 No Local: don't forward this connection's own publishes
+    pub(crate) nolocal: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

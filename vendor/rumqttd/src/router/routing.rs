@@ -21,7 +21,7 @@ use tracing::{debug, error, info, trace, warn};
 use super::alertlog::{Alert, AlertLog};
 use super::graveyard::Graveyard;
 use super::iobufs::{Incoming, Outgoing};
-use super::logs::{AckLog, DataLog};
+use super::logs::{AckLog, DataLog, PublishData};
 use super::scheduler::{ScheduleReason, Scheduler};
 use super::shared_subs::SharedGroup;
 use super::{
@@ -1038,6 +1038,7 @@ impl Router {
                 // set true for new subscriptions
                 forward_retained,
                 group,
+                nolocal: filter.nolocal,
             };
 
             self.scheduler.track(id, request);
@@ -1316,8 +1317,9 @@ fn append_to_commitlog(
     let mut o = (0, 0);
     for filter_idx in filter_idxs {
         let datalog = datalog.native.get_mut(filter_idx).unwrap();
-        let publish_data = (publish.clone(), properties.clone());
-        let (offset, filter) = datalog.append(publish_data.into(), notifications);
+        let mut publish_data: PublishData = (publish.clone(), properties.clone()).into();
+        publish_data.publisher = Some(connection.client_id.clone());
+        let (offset, filter) = datalog.append(publish_data, notifications);
         debug!(
             pkid,
             "Appended to commitlog: {}[{}, {})", filter, offset.0, offset.1,
@@ -1552,14 +1554,18 @@ fn forward_device_data(
         request.forward_retained = false;
     }
 
-    let (next, publishes_from_datalog) =
-        match datalog.native_readv(request.filter_idx, request.cursor, inflight_slots) {
-            Ok(v) => v,
-            Err(e) => {
-                error!(error = ?e, "Failed to read from commitlog {}", e);
-                return ConsumeStatus::FilterCaughtup;
-            }
-        };
+    let (next, publishes_from_datalog) = match datalog.native_readv(
+        request.filter_idx,
+        request.cursor,
+        inflight_slots,
+        request.nolocal.then_some(outgoing.client_id.as_str()),
+    ) {
+        Ok(v) => v,
+        Err(e) => {
+            error!(error = ?e, "Failed to read from commitlog {}", e);
+            return ConsumeStatus::FilterCaughtup;
+        }
+    };
 
     publishes.extend(
         publishes_from_datalog
@@ -1615,7 +1621,15 @@ fn forward_device_data(
     // println!("{:?} {:?} {}", start, next, request.read_count);
 
     if publishes.is_empty() {
-        return ConsumeStatus::FilterCaughtup;
+        // everything read was left out (expired, or own with No Local)
+        if let Some(share) = shared_group {
+            share.cursor = request.cursor;
+        }
+        return if caughtup {
+            ConsumeStatus::FilterCaughtup
+        } else {
+            ConsumeStatus::PartialRead
+        };
     }
 
     let broker_topic_aliases = &mut connection.broker_topic_aliases;
