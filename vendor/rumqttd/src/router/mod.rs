@@ -198,6 +198,8 @@ pub struct DataRequest {
     pub(crate) group: Option<String>,
     /// MQTT 5 No Local: don't forward this connection's own publishes
     pub(crate) nolocal: bool,
+    /// MQTT 5 Retain As Published: keep RETAIN on live forwards
+    pub(crate) preserve_retain: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -1039,6 +1039,7 @@ impl Router {
                 forward_retained,
                 group,
                 nolocal: filter.nolocal,
+                preserve_retain: filter.preserve_retain,
             };
 
             self.scheduler.track(id, request);
@@ -1297,9 +1298,8 @@ fn append_to_commitlog(
         datalog.insert_to_retained_publishes(publish.clone(), properties.clone(), topic.to_owned());
     }
 
-    // after recording retained message, we also send that message to existing subscribers
-    // as normal publish message. Therefore we are setting retain to false
-    publish.retain = false;
+    // The log keeps the publisher's RETAIN: forwards to existing subscribers
+    // clear it unless they asked for Retain As Published
     let pkid = publish.pkid;
 
     let filter_idxs = datalog.matches(topic);
@@ -1647,6 +1647,7 @@ fn forward_device_data(
     }
 
     let subscription_id = connection.subscription_ids.get(&request.filter);
+    let preserve_retain = request.preserve_retain;
 
     // Fill and notify device data
     let forwards = publishes
@@ -1655,6 +1656,13 @@ fn forward_device_data(
             // Delivered at the lower of the publish's and the
             // subscription's QoS (MQTT 3.1.1 §3.8.4, MQTT 5 §3.8.4).
             publish.qos = protocol::qos(qos.min(publish.qos as u8)).unwrap();
+
+            // Retained messages sent for a new subscription (no offset) keep
+            // RETAIN; live ones only with Retain As Published (MQTT 5
+            // §3.3.1.3; always cleared on 3.1.1, which has no such option)
+            if offset.is_some() && !preserve_retain {
+                publish.retain = false;
+            }
 
             // if there is some topic alias to use, set it in publish properties
             if topic_alias.is_some() {
