@@ -217,6 +217,20 @@ impl Outgoing {
 
         o
     }
+
+    /// The highest cursor in flight per filter: the last entry sent and not
+    /// yet acknowledged
+    pub fn highest_inflight(&self) -> HashMap<FilterIdx, Cursor> {
+        let mut o: HashMap<FilterIdx, Cursor> = HashMap::new();
+        for (_, filter_idx, cursor) in self.inflight_buffer.iter() {
+            if let Some(cursor) = *cursor {
+                let highest = o.entry(*filter_idx).or_insert(cursor);
+                *highest = (*highest).max(cursor);
+            }
+        }
+
+        o
+    }
 }
 
 #[cfg(test)]

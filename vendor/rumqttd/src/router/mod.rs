@@ -200,6 +200,9 @@ pub struct DataRequest {
     pub(crate) nolocal: bool,
     /// MQTT 5 Retain As Published: keep RETAIN on live forwards
     pub(crate) preserve_retain: bool,
+    /// After a reconnect: entries up to this cursor were sent before and not
+    /// acknowledged, so they go out again with DUP
+    pub(crate) redeliver_until: Option<(u64, u64)>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

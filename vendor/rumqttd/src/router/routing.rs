@@ -465,6 +465,7 @@ impl Router {
 
         let inflight_data_requests = self.datalog.clean(id);
         let retransmissions = outgoing.retransmission_map();
+        let redeliveries = outgoing.highest_inflight();
 
         // Remove connections from all groups and
         // discard empty group ( group with no client )
@@ -504,6 +505,7 @@ impl Router {
             for request in tracker.data_requests.iter_mut() {
                 if let Some(cursor) = retransmissions.get(&request.filter_idx) {
                     request.cursor = *cursor;
+                    request.redeliver_until = redeliveries.get(&request.filter_idx).copied();
                     // reset the group cursor
                     if let Some(group_name) = &request.group {
                         // TODO: Test this more
@@ -1040,6 +1042,7 @@ impl Router {
                 group,
                 nolocal: filter.nolocal,
                 preserve_retain: filter.preserve_retain,
+                redeliver_until: None,
             };
 
             self.scheduler.track(id, request);
@@ -1618,6 +1621,10 @@ fn forward_device_data(
     let filter_idx = request.filter_idx;
     request.read_count += publishes.len();
     request.cursor = next;
+    let redeliver_until = request.redeliver_until;
+    if redeliver_until.is_some_and(|until| next > until) {
+        request.redeliver_until = None;
+    }
     // println!("{:?} {:?} {}", start, next, request.read_count);
 
     if publishes.is_empty() {
@@ -1663,6 +1670,11 @@ fn forward_device_data(
             if offset.is_some() && !preserve_retain {
                 publish.retain = false;
             }
+
+            // DUP marks a redelivery of an unacknowledged QoS > 0 message
+            // (MQTT §4.4); an incoming DUP is not propagated (MQTT §3.3.1.1)
+            publish.dup = publish.qos != QoS::AtMostOnce
+                && matches!((offset, redeliver_until), (Some(o), Some(until)) if o <= until);
 
             // if there is some topic alias to use, set it in publish properties
             if topic_alias.is_some() {
