@@ -43,6 +43,8 @@ pub struct LinkBuilder<'a> {
     router_tx: Sender<(ConnectionId, Event)>,
     // true by default
     clean_session: bool,
+    // None by default (MQTT 3.1.1 semantics)
+    session_expiry_interval: Option<u32>,
     last_will: Option<LastWill>,
     last_will_properties: Option<LastWillProperties>,
     // false by default
@@ -61,6 +63,7 @@ impl<'a> LinkBuilder<'a> {
             router_tx,
             tenant_id: None,
             clean_session: true,
+            session_expiry_interval: None,
             last_will: None,
             last_will_properties: None,
             dynamic_filters: false,
@@ -111,6 +114,14 @@ impl<'a> LinkBuilder<'a> {
         self
     }
 
+    /// MQTT 5 Session Expiry Interval (seconds): how long the session
+    /// outlives the connection, 0 not at all. None (the default) keeps a
+    /// session without clean session for ever, as MQTT 3.1.1 does.
+    pub fn session_expiry_interval(mut self, interval: Option<u32>) -> Self {
+        self.session_expiry_interval = interval;
+        self
+    }
+
     pub fn dynamic_filters(mut self, dynamic_filters: bool) -> Self {
         self.dynamic_filters = dynamic_filters;
         self
@@ -133,6 +144,7 @@ impl<'a> LinkBuilder<'a> {
             connection.identity = identity;
         }
         connection.authoriser = self.authoriser;
+        connection.session_expiry_interval = self.session_expiry_interval;
         let incoming = Incoming::new(connection.client_id.to_owned());
         let (outgoing, link_rx) = Outgoing::new(connection.client_id.to_owned());
         let outgoing_data_buffer = outgoing.buffer();

@@ -63,6 +63,11 @@ impl<P: Protocol> Network<P> {
         }
     }
 
+    /// MQTT protocol level spoken: 4 (3.1.1) or 5
+    pub fn protocol_level(&self) -> u8 {
+        self.protocol.protocol_level()
+    }
+
     /// Sets the keep alive of the CONNECT: the connection is closed after
     /// 1.5 times that long without a packet. 0 turns keep alive off.
     pub fn set_keepalive(&mut self, keepalive: u16) {

@@ -95,9 +95,13 @@ impl<P: Protocol> RemoteLink<P> {
         // the Will Delay Interval has passed or the Session ends, whichever happens first
         let will_delay_interval = min(session_expiry, delay_interval);
 
+        // MQTT 5: an absent Session Expiry Interval is 0 (§3.1.2.11.2)
+        let session_expiry_interval = (network.protocol_level() == 5).then_some(session_expiry);
+
         let (link_tx, link_rx, notification) = LinkBuilder::new(client_id, router_tx)
             .tenant_id(tenant_id)
             .clean_session(clean_session)
+            .session_expiry_interval(session_expiry_interval)
             .last_will(lastwill)
             .last_will_properties(lastwill_props)
             .dynamic_filters(dynamic_filters)

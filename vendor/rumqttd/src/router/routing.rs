@@ -495,8 +495,14 @@ impl Router {
             connection.events.events.pop_front();
         }
 
-        // Save state for persistent sessions
-        if !connection.clean {
+        // Save state for persistent sessions: on MQTT 5 while the Session
+        // Expiry Interval lasts (0: the session ends now, whatever Clean
+        // Start said), on MQTT 3.1.1 without clean session
+        let persistent = match connection.session_expiry_interval {
+            Some(interval) => interval > 0,
+            None => !connection.clean,
+        };
+        if persistent {
             // Add inflight data requests back to tracker
             inflight_data_requests
                 .into_iter()
@@ -522,6 +528,7 @@ impl Router {
                 connection.subscriptions,
                 connection.events,
                 outgoing.unacked_pubrels,
+                connection.session_expiry_interval,
             );
         } else {
             tracker.pause(PauseReason::Busy);

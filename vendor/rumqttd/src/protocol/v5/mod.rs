@@ -473,4 +473,8 @@ impl Protocol for V5 {
         };
         Ok(size)
     }
+
+    fn protocol_level(&self) -> u8 {
+        5
+    }
 }
