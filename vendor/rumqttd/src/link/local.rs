@@ -45,6 +45,8 @@ pub struct LinkBuilder<'a> {
     clean_session: bool,
     // None by default (MQTT 3.1.1 semantics)
     session_expiry_interval: Option<u32>,
+    // None by default: the router's own in-flight limit
+    receive_maximum: Option<u16>,
     last_will: Option<LastWill>,
     last_will_properties: Option<LastWillProperties>,
     // false by default
@@ -64,6 +66,7 @@ impl<'a> LinkBuilder<'a> {
             tenant_id: None,
             clean_session: true,
             session_expiry_interval: None,
+            receive_maximum: None,
             last_will: None,
             last_will_properties: None,
             dynamic_filters: false,
@@ -122,6 +125,13 @@ impl<'a> LinkBuilder<'a> {
         self
     }
 
+    /// MQTT 5 Receive Maximum: at most this many unacknowledged QoS 1/2
+    /// publishes in flight to the client (never more than the router's limit)
+    pub fn receive_maximum(mut self, receive_maximum: Option<u16>) -> Self {
+        self.receive_maximum = receive_maximum;
+        self
+    }
+
     pub fn dynamic_filters(mut self, dynamic_filters: bool) -> Self {
         self.dynamic_filters = dynamic_filters;
         self
@@ -146,7 +156,10 @@ impl<'a> LinkBuilder<'a> {
         connection.authoriser = self.authoriser;
         connection.session_expiry_interval = self.session_expiry_interval;
         let incoming = Incoming::new(connection.client_id.to_owned());
-        let (outgoing, link_rx) = Outgoing::new(connection.client_id.to_owned());
+        let (mut outgoing, link_rx) = Outgoing::new(connection.client_id.to_owned());
+        if let Some(receive_maximum) = self.receive_maximum {
+            outgoing.set_receive_maximum(receive_maximum);
+        }
         let outgoing_data_buffer = outgoing.buffer();
         let incoming_data_buffer = incoming.buffer();
 

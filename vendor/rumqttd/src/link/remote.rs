@@ -102,6 +102,7 @@ impl<P: Protocol> RemoteLink<P> {
             .tenant_id(tenant_id)
             .clean_session(clean_session)
             .session_expiry_interval(session_expiry_interval)
+            .receive_maximum(props.as_ref().and_then(|p| p.receive_maximum))
             .last_will(lastwill)
             .last_will_properties(lastwill_props)
             .dynamic_filters(dynamic_filters)

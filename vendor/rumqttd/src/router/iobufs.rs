@@ -66,6 +66,8 @@ pub struct Outgoing {
     last_pkid: u16,
     /// Metrics of outgoing messages of this connection
     pub(crate) meter: OutgoingMeter,
+    /// In-flight limit: MAX_INFLIGHT or the client's lower Receive Maximum
+    max_inflight: usize,
 }
 
 impl Outgoing {
@@ -88,6 +90,7 @@ impl Outgoing {
             handle,
             last_pkid: 0,
             meter: Default::default(),
+            max_inflight: MAX_INFLIGHT,
         };
 
         (outgoing, rx)
@@ -98,8 +101,14 @@ impl Outgoing {
         self.data_buffer.clone()
     }
 
+    /// Limits unacknowledged QoS 1/2 publishes to the client's Receive
+    /// Maximum (MQTT 5 §3.1.2.11.3), if lower than MAX_INFLIGHT
+    pub fn set_receive_maximum(&mut self, receive_maximum: u16) {
+        self.max_inflight = (receive_maximum as usize).clamp(1, MAX_INFLIGHT);
+    }
+
     pub fn free_slots(&self) -> usize {
-        MAX_INFLIGHT - self.inflight_buffer.len()
+        self.max_inflight.saturating_sub(self.inflight_buffer.len())
     }
 
     pub fn push_notification(&mut self, notification: Notification) -> usize {
@@ -158,10 +167,10 @@ impl Outgoing {
         let buffer_count = buffer.len();
         let inflight_count = self.inflight_buffer.len();
 
-        if inflight_count > MAX_INFLIGHT {
+        if inflight_count > self.max_inflight {
             warn!(
                 "More inflight publishes than max allowed, inflight count = {}, max allowed = {}",
-                inflight_count, MAX_INFLIGHT
+                inflight_count, self.max_inflight
             );
         }
 
