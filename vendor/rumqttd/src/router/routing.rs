@@ -804,6 +804,8 @@ impl Router {
                                 !group.is_empty()
                             });
 
+                            // Aliases are per topic: a filter without
+                            // wildcards gives its topic's alias up
                             if let Some(broker_aliases) = connection.broker_topic_aliases.as_mut() {
                                 broker_aliases.remove_alias(filter);
                             }
@@ -1647,19 +1649,6 @@ fn forward_device_data(
     }
 
     let broker_topic_aliases = &mut connection.broker_topic_aliases;
-    let mut topic_alias = broker_topic_aliases
-        .as_ref()
-        .and_then(|aliases| aliases.get_alias(&request.filter));
-
-    let topic_alias_already_exists = topic_alias.is_some();
-
-    // if topic alias doesn't exists, try creating new one!
-    if !topic_alias_already_exists {
-        topic_alias = broker_topic_aliases
-            .as_mut()
-            .and_then(|broker_aliases| broker_aliases.set_new_alias(&request.filter))
-    }
-
     let subscription_id = connection.subscription_ids.get(&request.filter);
     let preserve_retain = request.preserve_retain;
 
@@ -1683,16 +1672,24 @@ fn forward_device_data(
             publish.dup = publish.qos != QoS::AtMostOnce
                 && matches!((offset, redeliver_until), (Some(o), Some(until)) if o <= until);
 
-            // if there is some topic alias to use, set it in publish properties
-            if topic_alias.is_some() {
-                let mut props = properties.unwrap_or_default();
-                props.topic_alias = topic_alias;
-                properties = Some(props);
-            }
-
-            // We want to clear topic if we are using an existing alias
-            if topic_alias_already_exists {
-                publish.topic.clear()
+            // Aliases are per topic (MQTT 5 §3.3.2.3.4), not per filter: the
+            // first forward on a topic sends it with a new alias, later ones
+            // only the alias
+            if let Some(aliases) = broker_topic_aliases.as_mut() {
+                let topic = std::str::from_utf8(&publish.topic).unwrap_or_default();
+                let (alias, exists) = match aliases.get_alias(topic) {
+                    Some(alias) => (Some(alias), true),
+                    None if topic.is_empty() => (None, false),
+                    None => (aliases.set_new_alias(topic), false),
+                };
+                if let Some(alias) = alias {
+                    let mut props = properties.unwrap_or_default();
+                    props.topic_alias = Some(alias);
+                    properties = Some(props);
+                    if exists {
+                        publish.topic.clear()
+                    }
+                }
             }
 
             if let Some(&subscription_id) = subscription_id {
