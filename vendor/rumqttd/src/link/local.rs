@@ -47,6 +47,8 @@ pub struct LinkBuilder<'a> {
     session_expiry_interval: Option<u32>,
     // None by default: the router's own in-flight limit
     receive_maximum: Option<u16>,
+    // None by default: no limit
+    max_packet_size: Option<u32>,
     last_will: Option<LastWill>,
     last_will_properties: Option<LastWillProperties>,
     // false by default
@@ -67,6 +69,7 @@ impl<'a> LinkBuilder<'a> {
             clean_session: true,
             session_expiry_interval: None,
             receive_maximum: None,
+            max_packet_size: None,
             last_will: None,
             last_will_properties: None,
             dynamic_filters: false,
@@ -132,6 +135,12 @@ impl<'a> LinkBuilder<'a> {
         self
     }
 
+    /// MQTT 5 Maximum Packet Size: forwards larger than this are not sent
+    pub fn max_packet_size(mut self, max_packet_size: Option<u32>) -> Self {
+        self.max_packet_size = max_packet_size;
+        self
+    }
+
     pub fn dynamic_filters(mut self, dynamic_filters: bool) -> Self {
         self.dynamic_filters = dynamic_filters;
         self
@@ -155,6 +164,7 @@ impl<'a> LinkBuilder<'a> {
         }
         connection.authoriser = self.authoriser;
         connection.session_expiry_interval = self.session_expiry_interval;
+        connection.max_packet_size = self.max_packet_size;
         let incoming = Incoming::new(connection.client_id.to_owned());
         let (mut outgoing, link_rx) = Outgoing::new(connection.client_id.to_owned());
         if let Some(receive_maximum) = self.receive_maximum {

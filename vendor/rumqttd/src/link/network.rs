@@ -63,6 +63,11 @@ impl<P: Protocol> Network<P> {
         }
     }
 
+    /// Largest incoming packet accepted (its remaining length)
+    pub fn max_incoming_size(&self) -> usize {
+        self.max_incoming_size
+    }
+
     /// MQTT protocol level spoken: 4 (3.1.1) or 5
     pub fn protocol_level(&self) -> u8 {
         self.protocol.protocol_level()
@@ -137,6 +142,7 @@ impl<P: Protocol> Network<P> {
                     }
                 }
                 Err(protocol::Error::InsufficientBytes(_)) => return Ok(packets.len()),
+                Err(e @ protocol::Error::PayloadSizeLimitExceeded(_)) => return Err(e.into()),
                 Err(e) => return Err(io::Error::new(ErrorKind::InvalidData, e.to_string()).into()),
             }
         }

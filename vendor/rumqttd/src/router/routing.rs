@@ -1651,11 +1651,12 @@ fn forward_device_data(
     let broker_topic_aliases = &mut connection.broker_topic_aliases;
     let subscription_id = connection.subscription_ids.get(&request.filter);
     let preserve_retain = request.preserve_retain;
+    let max_packet_size = connection.max_packet_size;
 
     // Fill and notify device data
     let forwards = publishes
         .into_iter()
-        .map(|((mut publish, mut properties), offset)| {
+        .filter_map(|((mut publish, mut properties), offset)| {
             // Delivered at the lower of the publish's and the
             // subscription's QoS (MQTT 3.1.1 §3.8.4, MQTT 5 §3.8.4).
             publish.qos = protocol::qos(qos.min(publish.qos as u8)).unwrap();
@@ -1675,6 +1676,7 @@ fn forward_device_data(
             // Aliases are per topic (MQTT 5 §3.3.2.3.4), not per filter: the
             // first forward on a topic sends it with a new alias, later ones
             // only the alias
+            let mut new_alias = false;
             if let Some(aliases) = broker_topic_aliases.as_mut() {
                 let topic = std::str::from_utf8(&publish.topic).unwrap_or_default();
                 let (alias, exists) = match aliases.get_alias(topic) {
@@ -1689,6 +1691,7 @@ fn forward_device_data(
                     if exists {
                         publish.topic.clear()
                     }
+                    new_alias = !exists;
                 }
             }
 
@@ -1699,12 +1702,27 @@ fn forward_device_data(
                 properties = Some(props);
             }
 
-            Forward {
+            // Nothing larger than the client's Maximum Packet Size is sent
+            // (MQTT 5 §3.1.2.11.4): it is dropped as if delivered, taking no
+            // packet id or in-flight slot (nor the alias it would have set)
+            let size = || protocol::v5::publish_packet_size(&publish, &properties);
+            if max_packet_size.is_some_and(|max| size() > max as usize) {
+                debug!("Publish over the client's maximum packet size, dropped");
+                if new_alias {
+                    let topic = std::str::from_utf8(&publish.topic).unwrap_or_default();
+                    if let Some(aliases) = broker_topic_aliases.as_mut() {
+                        aliases.remove_alias(topic);
+                    }
+                }
+                return None;
+            }
+
+            Some(Forward {
                 cursor: offset,
                 size: 0,
                 publish,
                 properties,
-            }
+            })
         });
 
     let (len, inflight) = outgoing.push_forwards(forwards, qos, filter_idx);
