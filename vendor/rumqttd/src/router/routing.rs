@@ -725,8 +725,11 @@ impl Router {
                         let mut filter = f.path.clone();
                         let mut group = None;
 
-                        if let Some((grp, filter_path)) = extract_group(&f.path) {
-                            group = Some(grp);
+                        // A shared subscription is its share name and filter
+                        // together (MQTT 5 §4.8.2): its group is keyed by
+                        // the whole $share/{name}/{filter}
+                        if let Some((_name, filter_path)) = extract_group(&f.path) {
+                            group = Some(f.path.clone());
                             filter = filter_path;
                         };
 
@@ -796,13 +799,14 @@ impl Router {
                                 continue;
                             }
 
-                            // Remove connections from all groups
-                            // discard empty group ( group with no client )
-                            // note: can we do this in better way?
-                            self.shared_subscriptions.retain(|_, group| {
+                            // Leave this filter's shared group (if it is
+                            // one), discarding it when empty
+                            if let Some(group) = self.shared_subscriptions.get_mut(filter) {
                                 group.remove_client(&client_id);
-                                !group.is_empty()
-                            });
+                                if group.is_empty() {
+                                    self.shared_subscriptions.remove(filter);
+                                }
+                            }
 
                             // Aliases are per topic: a filter without
                             // wildcards gives its topic's alias up
