@@ -513,12 +513,11 @@ impl Router {
                     request.cursor = *cursor;
                     request.redeliver_until = redeliveries.get(&request.filter_idx).copied();
                     // reset the group cursor
+                    // (gone if this was its last client)
                     if let Some(group_name) = &request.group {
-                        // TODO: Test this more
-                        self.shared_subscriptions
-                            .get_mut(group_name)
-                            .expect("group must exists")
-                            .cursor = *cursor;
+                        if let Some(group) = self.shared_subscriptions.get_mut(group_name) {
+                            group.cursor = *cursor;
+                        }
                     }
                 }
             }
