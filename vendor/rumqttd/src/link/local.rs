@@ -45,6 +45,12 @@ pub struct LinkBuilder<'a> {
     router_tx: Sender<(ConnectionId, Event)>,
     // true by default
     clean_session: bool,
+    // None by default (MQTT 3.1.1 semantics)
+    session_expiry_interval: Option<u32>,
+    // None by default: the router's own in-flight limit
+    receive_maximum: Option<u16>,
+    // None by default: no limit
+    max_packet_size: Option<u32>,
     last_will: Option<LastWill>,
     last_will_properties: Option<LastWillProperties>,
     // false by default
@@ -64,6 +70,9 @@ impl<'a> LinkBuilder<'a> {
             router_tx,
             tenant_id: None,
             clean_session: true,
+            session_expiry_interval: None,
+            receive_maximum: None,
+            max_packet_size: None,
             last_will: None,
             last_will_properties: None,
             dynamic_filters: false,
@@ -121,6 +130,27 @@ impl<'a> LinkBuilder<'a> {
         self
     }
 
+    /// MQTT 5 Session Expiry Interval (seconds): how long the session
+    /// outlives the connection, 0 not at all. None (the default) keeps a
+    /// session without clean session for ever, as MQTT 3.1.1 does.
+    pub fn session_expiry_interval(mut self, interval: Option<u32>) -> Self {
+        self.session_expiry_interval = interval;
+        self
+    }
+
+    /// MQTT 5 Receive Maximum: at most this many unacknowledged QoS 1/2
+    /// publishes in flight to the client (never more than the router's limit)
+    pub fn receive_maximum(mut self, receive_maximum: Option<u16>) -> Self {
+        self.receive_maximum = receive_maximum;
+        self
+    }
+
+    /// MQTT 5 Maximum Packet Size: forwards larger than this are not sent
+    pub fn max_packet_size(mut self, max_packet_size: Option<u32>) -> Self {
+        self.max_packet_size = max_packet_size;
+        self
+    }
+
     pub fn dynamic_filters(mut self, dynamic_filters: bool) -> Self {
         self.dynamic_filters = dynamic_filters;
         self
@@ -144,8 +174,13 @@ impl<'a> LinkBuilder<'a> {
         }
         connection.authoriser = self.authoriser;
         connection.will_delay = self.will_delay;
+        connection.session_expiry_interval = self.session_expiry_interval;
+        connection.max_packet_size = self.max_packet_size;
         let incoming = Incoming::new(connection.client_id.to_owned());
-        let (outgoing, link_rx) = Outgoing::new(connection.client_id.to_owned());
+        let (mut outgoing, link_rx) = Outgoing::new(connection.client_id.to_owned());
+        if let Some(receive_maximum) = self.receive_maximum {
+            outgoing.set_receive_maximum(receive_maximum);
+        }
         let outgoing_data_buffer = outgoing.buffer();
         let incoming_data_buffer = incoming.buffer();
 

@@ -73,6 +73,16 @@ impl<P: Protocol> Network<P> {
         }
     }
 
+    /// Largest incoming packet accepted (its remaining length)
+    pub fn max_incoming_size(&self) -> usize {
+        self.max_incoming_size
+    }
+
+    /// MQTT protocol level spoken: 4 (3.1.1) or 5
+    pub fn protocol_level(&self) -> u8 {
+        self.protocol.protocol_level()
+    }
+
     /// Sets the keep alive of the CONNECT: the connection is closed after
     /// 1.5 times that long without a packet. 0 turns keep alive off.
     pub fn set_keepalive(&mut self, keepalive: u16) {
@@ -146,6 +156,7 @@ impl<P: Protocol> Network<P> {
                     }
                 }
                 Err(protocol::Error::InsufficientBytes(_)) => return Ok(packets.len()),
+                Err(e @ protocol::Error::PayloadSizeLimitExceeded(_)) => return Err(e.into()),
                 Err(e) => return Err(io::Error::new(ErrorKind::InvalidData, e.to_string()).into()),
             }
         }

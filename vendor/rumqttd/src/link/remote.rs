@@ -2,7 +2,10 @@ use crate::link::local::{LinkError, LinkRx, LinkTx};
 use crate::link::network;
 use crate::link::network::Network;
 use crate::local::LinkBuilder;
-use crate::protocol::{ConnAck, Connect, ConnectReturnCode, Login, Packet, Protocol};
+use crate::protocol::{
+    self, ConnAck, Connect, ConnectReturnCode, Disconnect, DisconnectReasonCode, Login, Packet,
+    Protocol,
+};
 use crate::router::iobufs::release;
 use crate::router::{Event, Notification};
 use crate::{Action, Authoriser, ClientIdentity, ConnectionId, ConnectionSettings};
@@ -112,9 +115,15 @@ impl<P: Protocol> RemoteLink<P> {
         // the Will Delay Interval has passed or the Session ends, whichever happens first
         let will_delay_interval = min(session_expiry, delay_interval);
 
+        // MQTT 5: an absent Session Expiry Interval is 0 (§3.1.2.11.2)
+        let session_expiry_interval = (network.protocol_level() == 5).then_some(session_expiry);
+
         let built = LinkBuilder::new(client_id, router_tx)
             .tenant_id(tenant_id)
             .clean_session(clean_session)
+            .session_expiry_interval(session_expiry_interval)
+            .receive_maximum(props.as_ref().and_then(|p| p.receive_maximum))
+            .max_packet_size(props.as_ref().and_then(|p| p.max_packet_size))
             .last_will(lastwill)
             .last_will_properties(lastwill_props)
             .dynamic_filters(dynamic_filters)
@@ -140,6 +149,7 @@ impl<P: Protocol> RemoteLink<P> {
             if let Packet::ConnAck(_ack, props) = &mut packet {
                 let mut new_props = props.clone().unwrap_or_default();
                 new_props.assigned_client_identifier = assigned_client_id;
+                new_props.max_packet_size = Some(network.max_incoming_size() as u32);
                 *props = Some(new_props);
                 network.write(packet).await?;
             }
@@ -164,13 +174,19 @@ impl<P: Protocol> RemoteLink<P> {
         loop {
             select! {
                 o = self.network.read() => {
-                    let packet = o?;
-                    let len = {
+                    let packet = match o {
+                        Ok(packet) => packet,
+                        Err(e) => return Err(self.read_error(e).await),
+                    };
+                    let (read, len) = {
                         let mut buffer = self.link_tx.buffer();
                         buffer.push_back(packet);
-                        self.network.readv(&mut buffer)?;
-                        buffer.len()
+                        let read = self.network.readv(&mut buffer);
+                        (read, buffer.len())
                     };
+                    if let Err(e) = read {
+                        return Err(self.read_error(e).await);
+                    }
 
                     trace!("Packets read from network, count = {}", len);
                     self.link_tx.notify().await?;
@@ -200,6 +216,27 @@ impl<P: Protocol> RemoteLink<P> {
                 }
             }
         }
+    }
+}
+
+impl<P: Protocol> RemoteLink<P> {
+    /// A packet over the size limit is answered on MQTT 5 with DISCONNECT
+    /// 0x95 (Packet too large, §4.13) before the connection is closed.
+    async fn read_error(&mut self, e: network::Error) -> Error {
+        let too_large = matches!(
+            e,
+            network::Error::Protocol(protocol::Error::PayloadSizeLimitExceeded(_))
+        );
+        if too_large && self.network.protocol_level() == 5 {
+            let disconnect = Disconnect {
+                reason_code: DisconnectReasonCode::PacketTooLarge,
+            };
+            self.network
+                .write(Packet::Disconnect(disconnect, None))
+                .await
+                .ok();
+        }
+        e.into()
     }
 }
 

@@ -748,4 +748,8 @@ pub enum Error {
 pub trait Protocol {
     fn read_mut(&mut self, stream: &mut BytesMut, max_size: usize) -> Result<Packet, Error>;
     fn write(&self, packet: Packet, write: &mut BytesMut) -> Result<usize, Error>;
+    /// MQTT protocol level of this codec: 4 (3.1.1) or 5
+    fn protocol_level(&self) -> u8 {
+        4
+    }
 }

@@ -18,6 +18,11 @@ pub struct Connection {
     pub dynamic_filters: bool,
     /// Clean session
     pub clean: bool,
+    /// MQTT 5 Session Expiry Interval in seconds (0: the session ends with
+    /// the connection); None on MQTT 3.1.1, where `clean` alone decides
+    pub session_expiry_interval: Option<u32>,
+    /// MQTT 5 Maximum Packet Size of the client: larger forwards are dropped
+    pub max_packet_size: Option<u32>,
     /// Subscriptions
     pub subscriptions: HashSet<Filter>,
     /// Last will of this connection
@@ -85,6 +90,8 @@ impl Connection {
             tenant_prefix,
             dynamic_filters,
             clean,
+            session_expiry_interval: None,
+            max_packet_size: None,
             subscriptions: HashSet::default(),
             last_will: None,
             last_will_properties: None,

@@ -78,6 +78,8 @@ pub struct Outgoing {
     last_pkid: u16,
     /// Metrics of outgoing messages of this connection
     pub(crate) meter: OutgoingMeter,
+    /// In-flight limit: MAX_INFLIGHT or the client's lower Receive Maximum
+    max_inflight: usize,
 }
 
 impl Outgoing {
@@ -99,6 +101,7 @@ impl Outgoing {
             handle,
             last_pkid: 0,
             meter: Default::default(),
+            max_inflight: MAX_INFLIGHT,
         };
 
         (outgoing, rx)
@@ -109,8 +112,14 @@ impl Outgoing {
         self.data_buffer.clone()
     }
 
+    /// Limits unacknowledged QoS 1/2 publishes to the client's Receive
+    /// Maximum (MQTT 5 §3.1.2.11.3), if lower than MAX_INFLIGHT
+    pub fn set_receive_maximum(&mut self, receive_maximum: u16) {
+        self.max_inflight = (receive_maximum as usize).clamp(1, MAX_INFLIGHT);
+    }
+
     pub fn free_slots(&self) -> usize {
-        MAX_INFLIGHT - self.inflight_buffer.len()
+        self.max_inflight.saturating_sub(self.inflight_buffer.len())
     }
 
     pub fn push_notification(&mut self, notification: Notification) -> usize {
@@ -169,10 +178,10 @@ impl Outgoing {
         let buffer_count = buffer.len();
         let inflight_count = self.inflight_buffer.len();
 
-        if inflight_count > MAX_INFLIGHT {
+        if inflight_count > self.max_inflight {
             warn!(
                 "More inflight publishes than max allowed, inflight count = {}, max allowed = {}",
-                inflight_count, MAX_INFLIGHT
+                inflight_count, self.max_inflight
             );
         }
 
@@ -223,6 +232,20 @@ impl Outgoing {
             // if cursor in None, it means it was a retained publish
             if !o.contains_key(filter_idx) && cursor.is_some() {
                 o.insert(*filter_idx, cursor.unwrap());
+            }
+        }
+
+        o
+    }
+
+    /// The highest cursor in flight per filter: the last entry sent and not
+    /// yet acknowledged
+    pub fn highest_inflight(&self) -> HashMap<FilterIdx, Cursor> {
+        let mut o: HashMap<FilterIdx, Cursor> = HashMap::new();
+        for (_, filter_idx, cursor) in self.inflight_buffer.iter() {
+            if let Some(cursor) = *cursor {
+                let highest = o.entry(*filter_idx).or_insert(cursor);
+                *highest = (*highest).max(cursor);
             }
         }
 

@@ -22,6 +22,8 @@ pub struct PublishData {
     pub publish: Publish,
     pub properties: Option<PublishProperties>,
     pub timestamp: Instant,
+    /// Client id of the connection that published this, for No Local
+    pub publisher: Option<String>,
 }
 
 impl From<PubWithProp> for PublishData {
@@ -30,6 +32,7 @@ impl From<PubWithProp> for PublishData {
             publish,
             properties,
             timestamp: Instant::now(),
+            publisher: None,
         }
     }
 }
@@ -184,11 +187,14 @@ impl DataLog {
         (filter_idx, data.log.next_offset())
     }
 
+    /// Reads up to `len` entries from `offset`, leaving out expired ones and,
+    /// with `skip_publisher` (a No Local subscription), that client's own.
     pub fn native_readv(
         &self,
         filter_idx: FilterIdx,
         offset: Offset,
         len: u64,
+        skip_publisher: Option<&str>,
     ) -> io::Result<(Position, Vec<(PubWithProp, Offset)>)> {
         // unwrap to get index of `self.native` is fine here, because when a new subscribe packet
         // arrives in `Router::handle_device_payload`, it first calls the function
@@ -204,6 +210,10 @@ impl DataLog {
 
         let now = Instant::now();
         o.retain_mut(|(pubdata, _)| {
+            if skip_publisher.is_some() && pubdata.publisher.as_deref() == skip_publisher {
+                return false;
+            }
+
             // Keep data if no properties exists, which implies no message expiry!
             let Some(properties) = pubdata.properties.as_mut() else {
                 return true;

@@ -196,6 +196,13 @@ pub struct DataRequest {
     max_count: usize,
     pub(crate) forward_retained: bool,
     pub(crate) group: Option<String>,
+    /// MQTT 5 No Local: don't forward this connection's own publishes
+    pub(crate) nolocal: bool,
+    /// MQTT 5 Retain As Published: keep RETAIN on live forwards
+    pub(crate) preserve_retain: bool,
+    /// After a reconnect: entries up to this cursor were sent before and not
+    /// acknowledged, so they go out again with DUP
+    pub(crate) redeliver_until: Option<(u64, u64)>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -22,7 +22,7 @@ use tracing::{debug, error, info, trace, warn};
 use super::alertlog::{Alert, AlertLog};
 use super::graveyard::Graveyard;
 use super::iobufs::{Incoming, Outgoing};
-use super::logs::{AckLog, DataLog};
+use super::logs::{AckLog, DataLog, PublishData};
 use super::scheduler::{ScheduleReason, Scheduler};
 use super::shared_subs::SharedGroup;
 use super::{
@@ -504,6 +504,7 @@ impl Router {
 
         let inflight_data_requests = self.datalog.clean(id);
         let retransmissions = outgoing.retransmission_map();
+        let redeliveries = outgoing.highest_inflight();
 
         // Remove connections from all groups and
         // discard empty group ( group with no client )
@@ -533,8 +534,14 @@ impl Router {
             connection.events.events.pop_front();
         }
 
-        // Save state for persistent sessions
-        if !connection.clean {
+        // Save state for persistent sessions: on MQTT 5 while the Session
+        // Expiry Interval lasts (0: the session ends now, whatever Clean
+        // Start said), on MQTT 3.1.1 without clean session
+        let persistent = match connection.session_expiry_interval {
+            Some(interval) => interval > 0,
+            None => !connection.clean,
+        };
+        if persistent {
             // Add inflight data requests back to tracker
             inflight_data_requests
                 .into_iter()
@@ -543,13 +550,13 @@ impl Router {
             for request in tracker.data_requests.iter_mut() {
                 if let Some(cursor) = retransmissions.get(&request.filter_idx) {
                     request.cursor = *cursor;
+                    request.redeliver_until = redeliveries.get(&request.filter_idx).copied();
                     // reset the group cursor
+                    // (gone if this was its last client)
                     if let Some(group_name) = &request.group {
-                        // TODO: Test this more
-                        self.shared_subscriptions
-                            .get_mut(group_name)
-                            .expect("group must exists")
-                            .cursor = *cursor;
+                        if let Some(group) = self.shared_subscriptions.get_mut(group_name) {
+                            group.cursor = *cursor;
+                        }
                     }
                 }
             }
@@ -559,6 +566,7 @@ impl Router {
                 connection.subscriptions,
                 connection.events,
                 outgoing.unacked_pubrels,
+                connection.session_expiry_interval,
             );
         } else {
             // A clean session leaves nothing behind: keeping its metrics
@@ -755,8 +763,11 @@ impl Router {
                         let mut filter = f.path.clone();
                         let mut group = None;
 
-                        if let Some((grp, filter_path)) = extract_group(&f.path) {
-                            group = Some(grp);
+                        // A shared subscription is its share name and filter
+                        // together (MQTT 5 §4.8.2): its group is keyed by
+                        // the whole $share/{name}/{filter}
+                        if let Some((_name, filter_path)) = extract_group(&f.path) {
+                            group = Some(f.path.clone());
                             filter = filter_path;
                         };
 
@@ -826,14 +837,17 @@ impl Router {
                                 continue;
                             }
 
-                            // Remove connections from all groups
-                            // discard empty group ( group with no client )
-                            // note: can we do this in better way?
-                            self.shared_subscriptions.retain(|_, group| {
+                            // Leave this filter's shared group (if it is
+                            // one), discarding it when empty
+                            if let Some(group) = self.shared_subscriptions.get_mut(filter) {
                                 group.remove_client(&client_id);
-                                !group.is_empty()
-                            });
+                                if group.is_empty() {
+                                    self.shared_subscriptions.remove(filter);
+                                }
+                            }
 
+                            // Aliases are per topic: a filter without
+                            // wildcards gives its topic's alias up
                             if let Some(broker_aliases) = connection.broker_topic_aliases.as_mut() {
                                 broker_aliases.remove_alias(filter);
                             }
@@ -1083,6 +1097,9 @@ impl Router {
                 // set true for new subscriptions
                 forward_retained,
                 group,
+                nolocal: filter.nolocal,
+                preserve_retain: filter.preserve_retain,
+                redeliver_until: None,
             };
 
             self.scheduler.track(id, request);
@@ -1362,9 +1379,8 @@ fn append_to_commitlog(
         datalog.insert_to_retained_publishes(publish.clone(), properties.clone(), topic.to_owned());
     }
 
-    // after recording retained message, we also send that message to existing subscribers
-    // as normal publish message. Therefore we are setting retain to false
-    publish.retain = false;
+    // The log keeps the publisher's RETAIN: forwards to existing subscribers
+    // clear it unless they asked for Retain As Published
     let pkid = publish.pkid;
 
     let filter_idxs = datalog.matches(topic);
@@ -1382,8 +1398,9 @@ fn append_to_commitlog(
     let mut o = (0, 0);
     for filter_idx in filter_idxs {
         let datalog = datalog.native.get_mut(filter_idx).unwrap();
-        let publish_data = (publish.clone(), properties.clone());
-        let (offset, filter) = datalog.append(publish_data.into(), notifications);
+        let mut publish_data: PublishData = (publish.clone(), properties.clone()).into();
+        publish_data.publisher = Some(connection.client_id.clone());
+        let (offset, filter) = datalog.append(publish_data, notifications);
         debug!(
             pkid,
             "Appended to commitlog: {}[{}, {})", filter, offset.0, offset.1,
@@ -1625,14 +1642,18 @@ fn forward_device_data(
         request.forward_retained = false;
     }
 
-    let (next, publishes_from_datalog) =
-        match datalog.native_readv(request.filter_idx, request.cursor, inflight_slots) {
-            Ok(v) => v,
-            Err(e) => {
-                error!(error = ?e, "Failed to read from commitlog {}", e);
-                return ConsumeStatus::FilterCaughtup;
-            }
-        };
+    let (next, publishes_from_datalog) = match datalog.native_readv(
+        request.filter_idx,
+        request.cursor,
+        inflight_slots,
+        request.nolocal.then_some(outgoing.client_id.as_str()),
+    ) {
+        Ok(v) => v,
+        Err(e) => {
+            error!(error = ?e, "Failed to read from commitlog {}", e);
+            return ConsumeStatus::FilterCaughtup;
+        }
+    };
 
     publishes.extend(
         publishes_from_datalog
@@ -1685,46 +1706,69 @@ fn forward_device_data(
     let filter_idx = request.filter_idx;
     request.read_count += publishes.len();
     request.cursor = next;
+    let redeliver_until = request.redeliver_until;
+    if redeliver_until.is_some_and(|until| next > until) {
+        request.redeliver_until = None;
+    }
     // println!("{:?} {:?} {}", start, next, request.read_count);
 
     if publishes.is_empty() {
-        return ConsumeStatus::FilterCaughtup;
+        // everything read was left out (expired, or own with No Local)
+        if let Some(share) = shared_group {
+            share.cursor = request.cursor;
+        }
+        return if caughtup {
+            ConsumeStatus::FilterCaughtup
+        } else {
+            ConsumeStatus::PartialRead
+        };
     }
 
     let broker_topic_aliases = &mut connection.broker_topic_aliases;
-    let mut topic_alias = broker_topic_aliases
-        .as_ref()
-        .and_then(|aliases| aliases.get_alias(&request.filter));
-
-    let topic_alias_already_exists = topic_alias.is_some();
-
-    // if topic alias doesn't exists, try creating new one!
-    if !topic_alias_already_exists {
-        topic_alias = broker_topic_aliases
-            .as_mut()
-            .and_then(|broker_aliases| broker_aliases.set_new_alias(&request.filter))
-    }
-
     let subscription_id = connection.subscription_ids.get(&request.filter);
+    let preserve_retain = request.preserve_retain;
+    let max_packet_size = connection.max_packet_size;
 
     // Fill and notify device data
     let forwards = publishes
         .into_iter()
-        .map(|((mut publish, mut properties), offset)| {
+        .filter_map(|((mut publish, mut properties), offset)| {
             // Delivered at the lower of the publish's and the
             // subscription's QoS (MQTT 3.1.1 §3.8.4, MQTT 5 §3.8.4).
             publish.qos = protocol::qos(qos.min(publish.qos as u8)).unwrap();
 
-            // if there is some topic alias to use, set it in publish properties
-            if topic_alias.is_some() {
-                let mut props = properties.unwrap_or_default();
-                props.topic_alias = topic_alias;
-                properties = Some(props);
+            // Retained messages sent for a new subscription (no offset) keep
+            // RETAIN; live ones only with Retain As Published (MQTT 5
+            // §3.3.1.3; always cleared on 3.1.1, which has no such option)
+            if offset.is_some() && !preserve_retain {
+                publish.retain = false;
             }
 
-            // We want to clear topic if we are using an existing alias
-            if topic_alias_already_exists {
-                publish.topic.clear()
+            // DUP marks a redelivery of an unacknowledged QoS > 0 message
+            // (MQTT §4.4); an incoming DUP is not propagated (MQTT §3.3.1.1)
+            publish.dup = publish.qos != QoS::AtMostOnce
+                && matches!((offset, redeliver_until), (Some(o), Some(until)) if o <= until);
+
+            // Aliases are per topic (MQTT 5 §3.3.2.3.4), not per filter: the
+            // first forward on a topic sends it with a new alias, later ones
+            // only the alias
+            let mut new_alias = false;
+            if let Some(aliases) = broker_topic_aliases.as_mut() {
+                let topic = std::str::from_utf8(&publish.topic).unwrap_or_default();
+                let (alias, exists) = match aliases.get_alias(topic) {
+                    Some(alias) => (Some(alias), true),
+                    None if topic.is_empty() => (None, false),
+                    None => (aliases.set_new_alias(topic), false),
+                };
+                if let Some(alias) = alias {
+                    let mut props = properties.unwrap_or_default();
+                    props.topic_alias = Some(alias);
+                    properties = Some(props);
+                    if exists {
+                        publish.topic.clear()
+                    }
+                    new_alias = !exists;
+                }
             }
 
             if let Some(&subscription_id) = subscription_id {
@@ -1734,12 +1778,27 @@ fn forward_device_data(
                 properties = Some(props);
             }
 
-            Forward {
+            // Nothing larger than the client's Maximum Packet Size is sent
+            // (MQTT 5 §3.1.2.11.4): it is dropped as if delivered, taking no
+            // packet id or in-flight slot (nor the alias it would have set)
+            let size = || protocol::v5::publish_packet_size(&publish, &properties);
+            if max_packet_size.is_some_and(|max| size() > max as usize) {
+                debug!("Publish over the client's maximum packet size, dropped");
+                if new_alias {
+                    let topic = std::str::from_utf8(&publish.topic).unwrap_or_default();
+                    if let Some(aliases) = broker_topic_aliases.as_mut() {
+                        aliases.remove_alias(topic);
+                    }
+                }
+                return None;
+            }
+
+            Some(Forward {
                 cursor: offset,
                 size: 0,
                 publish,
                 properties,
-            }
+            })
         });
 
     let (len, inflight) = outgoing.push_forwards(forwards, qos, filter_idx);

@@ -354,6 +354,16 @@ fn read_u32(stream: &mut Bytes) -> Result<u32, Error> {
     Ok(stream.get_u32())
 }
 
+/// Size on the wire of `publish` as a PUBLISH packet, counting a packet id
+/// for QoS > 0 even before one is assigned
+pub fn publish_packet_size(publish: &Publish, properties: &Option<PublishProperties>) -> usize {
+    let mut len = publish::len(publish, properties);
+    if publish.qos != QoS::AtMostOnce && publish.pkid == 0 {
+        len += 2;
+    }
+    1 + len_len(len) + len
+}
+
 #[derive(Debug, Clone)]
 pub struct V5;
 
@@ -472,5 +482,9 @@ impl Protocol for V5 {
             _ => unreachable!(),
         };
         Ok(size)
+    }
+
+    fn protocol_level(&self) -> u8 {
+        5
     }
 }
