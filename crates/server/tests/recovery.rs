@@ -173,3 +173,87 @@ async fn a_forged_ack_while_the_ingestor_is_down_loses_nothing() {
     assert_nothing_lost("victim", &report, samples(&store, "victim").await.len());
     store.close().await;
 }
+
+/// Retained messages (every device's last status, and any client's) are
+/// kept in the database: after `serve` is killed and started again, a new
+/// subscriber still gets them, and a cleared one stays cleared.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retained_messages_survive_a_restart_of_serve() {
+    let dir = tempfile::tempdir().expect("dir");
+    let (mqtt, http) = (free_port(), free_port());
+    let mut serve = ServeProc::start(mqtt, http, dir.path()).await;
+    let keeper = agent(mqtt, "keeper");
+    let publish = |args: &[&str]| {
+        let ok = Command::new(require_tool("mosquitto_pub"))
+            .args([
+                "-V",
+                "311",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &mqtt.to_string(),
+                "-q",
+                "1",
+                "-r",
+            ])
+            .args(args)
+            .status()
+            .expect("mosquitto_pub")
+            .success();
+        assert!(ok, "mosquitto_pub {args:?}");
+    };
+    publish(&["-t", "site/hall-1/config", "-m", "cfg-v1"]);
+    publish(&["-t", "site/cleared", "-m", "soon gone"]);
+    publish(&["-t", "site/cleared", "-n"]);
+    // The agent's last status is "offline" (it says so when it stops).
+    let report = keeper.stop().await;
+    assert_eq!(report.batches_unacked, 0, "{report:?}");
+    let store = Store::open(&Database::Sqlite(dir.path().join("widgetry.db")))
+        .await
+        .expect("open db");
+    wait_for(
+        "the retained messages stored",
+        Duration::from_secs(20),
+        || async {
+            let rows = store.retained().await.expect("read retained");
+            let offline = rows.iter().any(|(t, p, _)| {
+                t == "widgetry/v1/keeper/status" && String::from_utf8_lossy(p).contains("offline")
+            });
+            (offline && rows.len() == 2).then_some(rows)
+        },
+    )
+    .await;
+    store.close().await;
+    serve.kill9();
+
+    let mqtt = free_port();
+    let _serve = ServeProc::start(mqtt, free_port(), dir.path()).await;
+    let out = Command::new(require_tool("mosquitto_sub"))
+        .args(["-V", "311", "-h", "127.0.0.1", "-p", &mqtt.to_string()])
+        .args([
+            "-t",
+            "widgetry/v1/+/status",
+            "-t",
+            "site/#",
+            "-v",
+            "-C",
+            "2",
+            "-W",
+            "20",
+        ])
+        .output()
+        .expect("mosquitto_sub");
+    let got = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        got.contains("site/hall-1/config cfg-v1"),
+        "{got:?} {:?} {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        got.lines()
+            .any(|l| l.starts_with("widgetry/v1/keeper/status ") && l.contains("offline")),
+        "{got}"
+    );
+    assert!(!got.contains("site/cleared"), "{got}");
+}

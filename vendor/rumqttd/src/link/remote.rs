@@ -261,7 +261,18 @@ where
         let packet = network.read().await?;
         Ok::<_, network::Error>(packet)
     })
-    .await??;
+    .await?;
+    // A CONNECT of another protocol version (e.g. MQTT 5 on the 3.1.1
+    // listener) is told so (3.1.1 §3.1.2.2: return code 1) instead of
+    // seeing the socket close.
+    let packet = match packet {
+        Err(network::Error::Protocol(protocol::Error::InvalidProtocolLevel(level))) => {
+            refuse(network, ConnectReturnCode::UnsupportedProtocolVersion).await?;
+            return Err(Error::Refused(ConnectReturnCode::UnsupportedProtocolVersion))
+                .inspect_err(|_| tracing::warn!(level, "CONNECT of an unsupported protocol level"));
+        }
+        p => p?,
+    };
 
     let (connect, will, login) = match packet {
         Packet::Connect(ref connect, _, ref will, _, ref login) => (connect, will, login),
