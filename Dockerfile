@@ -22,5 +22,5 @@ COPY --from=build /src/target/agent/widgetry-agent /usr/local/bin/widgetry-agent
 COPY broker.toml /etc/widgetry/broker.toml
 ENV WIDGETRY_BROKER_CONFIG=/etc/widgetry/broker.toml
 WORKDIR /data
-EXPOSE 1883 8080
+EXPOSE 1883 1884 8080
 CMD ["widgetry", "serve"]

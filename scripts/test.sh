@@ -5,8 +5,9 @@
 # the lockfile) first, then checks
 # formatting and lints, builds the workspace and runs all tests: Rust unit
 # and integration tests (the storage and API tests twice: on SQLite and on a
-# throwaway PostgreSQL server), the dashboard's vitest tests and its browser
-# test.
+# throwaway PostgreSQL server; the broker's MQTT conformance suite with paho
+# and mosquitto clients), the vendored rumqttd's own unit tests, the
+# dashboard's vitest tests and its browser test.
 # Exits non-zero when anything fails.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -45,6 +46,9 @@ cargo build --workspace --locked
 
 step "cargo test --workspace"
 cargo test --workspace --locked
+
+step "the vendored rumqttd's own unit tests (vendor/rumqttd/PATCHES.md)"
+CARGO_TARGET_DIR="$PWD/target/rumqttd" cargo test --manifest-path vendor/rumqttd/Cargo.toml --lib --locked
 
 step "storage, API and scale-out tests again on PostgreSQL (scripts/pg-test-server.sh)"
 pg=$(bash scripts/pg-test-server.sh)

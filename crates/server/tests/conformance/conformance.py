@@ -712,6 +712,27 @@ def retained(ctx):
     return "v1 retained (retain=1), replaced by v2, cleared by empty payload"
 
 
+@case(311)
+def wrong_protocol_version(ctx):
+    """An MQTT 5 CONNECT on the 3.1.1 listener gets CONNACK rc 1 (§3.1.2.2)."""
+    sock = socket.create_connection((ctx.host, ctx.port), timeout=5)
+    try:
+        vh = enc_str("MQTT") + bytes([5, 0x02]) + struct.pack("!H", 30) + b"\x00"
+        body = vh + enc_str(ctx.cid("ver"))
+        sock.sendall(bytes([0x10]) + enc_varint(len(body)) + body)
+        data = b""
+        while len(data) < 4:
+            chunk = sock.recv(16)
+            if not chunk:
+                break
+            data += chunk
+    finally:
+        sock.close()
+    check(data[:4] == b"\x20\x02\x00\x01",
+          "MQTT 5 CONNECT on the 3.1.1 listener -> %r (want CONNACK rc 1)" % data)
+    return "CONNACK rc=1 (unacceptable protocol version)"
+
+
 @case()
 def will_abnormal(ctx):
     T = ctx.prefix("will")

@@ -491,6 +491,8 @@ mod test {
             custom_segment: None,
             initialized_filters: None,
             shared_subscriptions_strategy: Strategy::RoundRobin,
+            retained_hook: None,
+            initial_retained: Vec::new(),
         };
         let mut data = DataLog::new(config).unwrap();
         data.next_native_offset("topic/a");
@@ -499,6 +501,49 @@ mod test {
         data.next_native_offset("topic/+");
 
         assert_eq!(data.publish_filters.get("topic/a").unwrap().len(), 2);
+    }
+
+    #[test]
+    fn retained_messages_are_seeded_and_reported() {
+        use crate::protocol::{Publish, QoS};
+        use crate::{RetainedChange, RetainedHook};
+        use std::sync::{Arc, Mutex};
+
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let log = seen.clone();
+        let config = RouterConfig {
+            max_segment_size: 1024,
+            max_connections: 10,
+            max_segment_count: 10,
+            max_outgoing_packet_count: 1024,
+            initial_retained: vec![("a/status".into(), "online".into(), 1)],
+            retained_hook: Some(RetainedHook(Arc::new(move |c| log.lock().unwrap().push(c)))),
+            ..Default::default()
+        };
+        let mut data = DataLog::new(config).unwrap();
+        let seeded = data.read_retained_messages("a/+");
+        assert_eq!(seeded.len(), 1);
+        assert_eq!(seeded[0].0.payload, "online");
+        assert_eq!(seeded[0].0.qos, QoS::AtLeastOnce);
+        assert!(seen.lock().unwrap().is_empty(), "seeding is not a change");
+
+        let publish = Publish::new("b/config", "v1", true);
+        data.insert_to_retained_publishes(publish, None, "b/config".into());
+        data.remove_from_retained_publishes("b/config".into());
+        data.remove_from_retained_publishes("never/set".into());
+        assert_eq!(
+            *seen.lock().unwrap(),
+            vec![
+                RetainedChange::Set {
+                    topic: "b/config".into(),
+                    payload: "v1".into(),
+                    qos: 0
+                },
+                RetainedChange::Cleared {
+                    topic: "b/config".into()
+                },
+            ]
+        );
     }
 
     #[test]
@@ -511,6 +556,8 @@ mod test {
             custom_segment: None,
             initialized_filters: None,
             shared_subscriptions_strategy: Strategy::RoundRobin,
+            retained_hook: None,
+            initial_retained: Vec::new(),
         };
         let mut data = DataLog::new(config).unwrap();
         data.next_native_offset("+/+");
