@@ -17,10 +17,13 @@ use tracing::{info, warn};
 use crate::store::retained::RetainedUpdate;
 use crate::store::{Store, StoreError};
 
+/// Per topic, the newest change not yet written: (payload, QoS) or cleared.
+type Pending = HashMap<String, Option<(Vec<u8>, u8)>>;
+
 /// Changes not yet written, newest per topic.
 #[derive(Default)]
 pub struct RetainedSink {
-    pending: Mutex<HashMap<String, Option<(Vec<u8>, u8)>>>,
+    pending: Mutex<Pending>,
     wake: Notify,
 }
 
@@ -44,7 +47,7 @@ impl RetainedSink {
         self.wake.notify_one();
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Option<(Vec<u8>, u8)>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Pending> {
         self.pending.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
