@@ -31,7 +31,7 @@ fi
 label="max_segment_size $(awk '/^max_segment_size/ {print $3; exit}' "$work/broker.toml"), max_segment_count $(awk '/^max_segment_count/ {print $3; exit}' "$work/broker.toml")"
 
 m=$(free_port); h=$(free_port)
-"$w" serve --broker-config "$work/broker.toml" --mqtt-listen 127.0.0.1:$m --http-listen 127.0.0.1:$h \
+"$w" serve --broker-config "$work/broker.toml" --mqtt-listen 127.0.0.1:$m --mqtt5-listen 127.0.0.1:$(free_port) --http-listen 127.0.0.1:$h \
   --database "$work/w.db" 2>/dev/null &
 spid=$!
 for _ in $(seq 200); do curl -fs "http://127.0.0.1:$h/metrics" 2>/dev/null | grep -q 'widgetry_ingest_subscribed 1' && break; sleep 0.1; done

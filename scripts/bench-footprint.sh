@@ -21,7 +21,7 @@ work=$(mktemp -d)
 cleanup() { kill "${spid:-}" "${apid:-}" 2>/dev/null || true; rm -rf "$work"; }
 trap cleanup EXIT
 
-"$server" serve --mqtt-listen 127.0.0.1:$mqtt --http-listen 127.0.0.1:$http --database "$work/w.db" 2>"$work/serve.log" &
+"$server" serve --mqtt-listen 127.0.0.1:$mqtt --mqtt5-listen 127.0.0.1:$(free_port) --http-listen 127.0.0.1:$http --database "$work/w.db" 2>"$work/serve.log" &
 spid=$!
 for _ in $(seq 100); do curl -fs "http://127.0.0.1:$http/healthz" >/dev/null 2>&1 && break; sleep 0.1; done
 "$agent" --broker 127.0.0.1:$mqtt --device bench --interval 1s ${AGENT_ARGS:-} --spool-dir "$work/spool" 2>"$work/agent.log" &

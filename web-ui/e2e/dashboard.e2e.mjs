@@ -98,11 +98,12 @@ async function main() {
   const chromiumPath = execSync("command -v chromium", { shell: "/bin/bash" }).toString().trim();
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), "widgetry-e2e-"));
   const mqtt = await freePort();
+  const mqtt5 = await freePort();
   const http = await freePort();
   base = `http://127.0.0.1:${http}`;
 
   await step("serve starts and answers /healthz", async () => {
-    start(WIDGETRY, ["serve", "--mqtt-listen", `127.0.0.1:${mqtt}`, "--http-listen", `127.0.0.1:${http}`, "--database", path.join(dir, "w.db")], "serve");
+    start(WIDGETRY, ["serve", "--mqtt-listen", `127.0.0.1:${mqtt}`, "--mqtt5-listen", `127.0.0.1:${mqtt5}`, "--http-listen", `127.0.0.1:${http}`, "--database", path.join(dir, "w.db")], "serve");
     await waitFor("healthz", 30_000, async () => (await fetch(`${base}/healthz`)).ok);
   });
 

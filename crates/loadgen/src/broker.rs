@@ -55,8 +55,12 @@ fn options(id: String, host: &str, port: u16, inflight: u16) -> MqttOptions {
 
 /// Runs a fan-in; `progress` gets a line every second.
 pub async fn fanin(cfg: FaninConfig, mut progress: impl FnMut(String)) -> FaninReport {
-    let run = format!("{:08x}", widgetry_common::now_ms() as u32);
-    let filter = format!("bench/{run}/+");
+    let run_id = widgetry_common::now_ms() as u32;
+    let run = format!("{run_id:08x}");
+    // One filter for every run (a broker can size its log for it, e.g.
+    // `[router.custom_segment."bench/+/+"]`); other runs' messages are told
+    // apart by the run id in the payload.
+    let filter = "bench/+/+".to_string();
     let total = cfg.publishers as u64 * cfg.messages as u64;
     let received = Arc::new(AtomicU64::new(0));
     let (done_tx, mut done_rx) = watch::channel(None::<(u64, u64)>);
@@ -81,6 +85,8 @@ pub async fn fanin(cfg: FaninConfig, mut progress: impl FnMut(String)) -> FaninR
                 Ok(Event::Incoming(Packet::SubAck(_))) => {
                     let _ = ready_tx.send(true);
                 }
+                Ok(Event::Incoming(Packet::Publish(p)))
+                    if p.payload.get(8..12) != Some(&run_id.to_be_bytes()[..]) => {}
                 Ok(Event::Incoming(Packet::Publish(p))) => {
                     let key = p
                         .payload
@@ -135,6 +141,7 @@ pub async fn fanin(cfg: FaninConfig, mut progress: impl FnMut(String)) -> FaninR
                 let mut payload = vec![0u8; size];
                 let key = ((i as u64) << 32) | seq as u64;
                 payload[..8].copy_from_slice(&key.to_be_bytes());
+                payload[8..12].copy_from_slice(&run_id.to_be_bytes());
                 if client
                     .publish(topic.as_str(), QoS::AtLeastOnce, false, payload)
                     .await

@@ -28,7 +28,7 @@ enum Cmd {
         publishers: usize,
         #[arg(long, default_value_t = 2000)]
         messages: u32,
-        /// Payload bytes per message (at least 8).
+        /// Payload bytes per message (at least 12: publisher, seq, run).
         #[arg(long, default_value_t = 100)]
         payload: usize,
         /// Unacknowledged publishes per publisher.
