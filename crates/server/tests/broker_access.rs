@@ -36,6 +36,18 @@ fn text(o: &Output) -> String {
     )
 }
 
+/// An agent sampling every 100 ms that resends after 1 s without an ack.
+fn fast_agent(mqtt: u16, device: &str, login: Option<(&str, &str)>) -> Agent {
+    let mut cfg = widgetry_agent::AgentConfig::new("127.0.0.1", mqtt, device);
+    cfg.credentials = login.map(|(u, p)| (u.to_string(), p.to_string()));
+    cfg.interval = Duration::from_millis(100);
+    cfg.batch_max_wait = Duration::from_millis(200);
+    cfg.ack_timeout = Duration::from_secs(1);
+    let spool = tempfile::tempdir().expect("spool");
+    cfg.spool_dir = spool.path().to_path_buf();
+    Agent::with_config(cfg, spool)
+}
+
 async fn stored(store: &Store, device: &str) -> u64 {
     let mut n = 0;
     for s in SERIES {
@@ -56,13 +68,7 @@ async fn anonymous_clients_cannot_forge_acks_live_data_or_errors() {
         stack.mqtt.port().to_string(),
         stack.mqtt5.port().to_string(),
     );
-    let mut cfg = widgetry_agent::AgentConfig::new("127.0.0.1", stack.mqtt.port(), "victim");
-    cfg.interval = Duration::from_millis(100);
-    cfg.batch_max_wait = Duration::from_millis(200);
-    cfg.ack_timeout = Duration::from_secs(1);
-    let spool = tempfile::tempdir().expect("spool");
-    cfg.spool_dir = spool.path().to_path_buf();
-    let victim = Agent::with_config(cfg, spool);
+    let victim = fast_agent(stack.mqtt.port(), "victim", None);
 
     // The session id is public: it is in the retained status.
     let status = mosquitto(
@@ -336,13 +342,7 @@ async fn with_credentials_a_device_stays_in_its_own_topics() {
     assert!(d2.unwrap_or_default().is_empty(), "nothing stored as d2");
 
     // An agent with device credentials works end to end.
-    let mut cfg = widgetry_agent::AgentConfig::new("127.0.0.1", stack.mqtt.port(), "d2");
-    cfg.credentials = Some(("d2".into(), "d2-secret".into()));
-    cfg.interval = Duration::from_millis(100);
-    cfg.batch_max_wait = Duration::from_millis(200);
-    let spool = tempfile::tempdir().expect("spool");
-    cfg.spool_dir = spool.path().to_path_buf();
-    let agent = Agent::with_config(cfg, spool);
+    let agent = fast_agent(stack.mqtt.port(), "d2", Some(("d2", "d2-secret")));
     wait_for(
         "the agent's samples stored",
         Duration::from_secs(30),

@@ -71,6 +71,17 @@ fn run(port: u16, version: &str, cases: &[&str], extra: &[&str]) -> Vec<String> 
     failures
 }
 
+/// Fails with every failed case, sorted, if there are any.
+fn assert_passed(failures: &mut [String]) {
+    failures.sort();
+    assert!(
+        failures.is_empty(),
+        "{} cases failed:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mqtt_311_and_5_cases_pass_on_both_listeners() {
     let stack = Stack::start().await;
@@ -80,14 +91,8 @@ async fn mqtt_311_and_5_cases_pass_on_both_listeners() {
     })
     .await
     .expect("join");
-    failures.sort();
     stack.stop().await;
-    assert!(
-        failures.is_empty(),
-        "{} cases failed:\n{}",
-        failures.len(),
-        failures.join("\n")
-    );
+    assert_passed(&mut failures);
 }
 
 /// A small `max_connections`: the client beyond it gets a clean refusal,
@@ -118,15 +123,9 @@ async fn the_connection_limit_and_refused_client_ids_leave_the_listener_serving(
     })
     .await
     .expect("join");
-    failures.sort();
     let (_, m) = stack.get_text("/metrics").await;
     stack.stop().await;
-    assert!(
-        failures.is_empty(),
-        "{} cases failed:\n{}",
-        failures.len(),
-        failures.join("\n")
-    );
+    assert_passed(&mut failures);
     assert!(
         metric(
             &m,
@@ -147,7 +146,7 @@ async fn the_connection_limit_and_refused_client_ids_leave_the_listener_serving(
 async fn the_will_survives_a_reconnect_race_50_times() {
     let stack = Stack::start().await;
     let (v4, v5) = (stack.mqtt.port(), stack.mqtt5.port());
-    let failures = tokio::task::spawn_blocking(move || {
+    let mut failures = tokio::task::spawn_blocking(move || {
         let rounds = ["--will-race-rounds", "50"];
         [
             run(v4, "311", &["will_reconnect_race"], &rounds),
@@ -158,5 +157,5 @@ async fn the_will_survives_a_reconnect_race_50_times() {
     .await
     .expect("join");
     stack.stop().await;
-    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    assert_passed(&mut failures);
 }

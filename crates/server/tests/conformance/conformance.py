@@ -812,10 +812,27 @@ def will_reconnect_race(ctx):
         ms = obs.collect(2.0, until=lambda l: len(l) >= 1)
         ms += obs.collect(0.2)
         o = "+".join(m.payload.decode() for m in ms) or "none"
+        # The new connection must survive the old one's late disconnect
+        # (the broker reuses connection ids).
+        if b2.ping(2) is None:
+            o += " (new connection dropped)"
         outcomes.append(o)
         if o != "B1":
             ok = False
         b2.disconnect()
+    # (b2) takeover racing the old socket's close: the new CONNECT goes out,
+    # then the old socket is reset at once; the new connection must stay.
+    for _ in range(ctx.args.will_race_rounds):
+        cid = ctx.cid("wt")
+        t1 = raw_connected(ctx, client_id=cid)
+        t2 = Raw(ctx)
+        t2.connect(cid, wait=False)
+        t1.close(rst=True)
+        a = t2.wait_type("CONNACK", 5)
+        if a is None or a["rc"] != 0 or t2.ping(2) is None:
+            outcomes.append("takeover racing a reset: new connection %s" % (
+                "refused" if a is None or a["rc"] != 0 else "dropped"))
+        t2.disconnect()
     bad = [o for o in outcomes if o != "B1"]
     notes.append("drop+reconnect x%d, wills published while the new connection is up: %d wrong %s (want B1 each time)"
                  % (len(outcomes), len(bad), bad[:5]))

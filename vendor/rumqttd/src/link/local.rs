@@ -176,6 +176,7 @@ impl<'a> LinkBuilder<'a> {
         connection.will_delay = self.will_delay;
         connection.session_expiry_interval = self.session_expiry_interval;
         connection.max_packet_size = self.max_packet_size;
+        let token = connection.token;
         let incoming = Incoming::new(connection.client_id.to_owned());
         let (mut outgoing, link_rx) = Outgoing::new(connection.client_id.to_owned());
         if let Some(receive_maximum) = self.receive_maximum {
@@ -208,7 +209,8 @@ impl<'a> LinkBuilder<'a> {
         };
 
         let tx = LinkTx::new(id, self.router_tx.clone(), incoming_data_buffer);
-        let rx = LinkRx::new(id, self.router_tx, link_rx, outgoing_data_buffer);
+        let mut rx = LinkRx::new(id, self.router_tx, link_rx, outgoing_data_buffer);
+        rx.token = token;
         Ok((tx, rx, notification))
     }
 }
@@ -391,6 +393,8 @@ impl LinkTx {
 #[derive(Debug)]
 pub struct LinkRx {
     connection_id: ConnectionId,
+    /// The router's token for this connection (see `Event::Disconnect`)
+    token: u64,
     router_tx: Sender<(ConnectionId, Event)>,
     router_rx: Receiver<()>,
     send_buffer: Arc<Mutex<VecDeque<Notification>>>,
@@ -408,6 +412,7 @@ impl LinkRx {
             connection_id,
             router_tx,
             router_rx,
+            token: 0,
             send_buffer: outgoing_data_buffer,
             cache: VecDeque::new(),
         }
@@ -415,6 +420,11 @@ impl LinkRx {
 
     pub fn id(&self) -> ConnectionId {
         self.connection_id
+    }
+
+    /// Names this connection in `Event::Disconnect`.
+    pub fn token(&self) -> u64 {
+        self.token
     }
 
     pub fn recv(&mut self) -> Result<Option<Notification>, LinkError> {

@@ -44,6 +44,8 @@ pub struct Connection {
     pub identity: ClientIdentity,
     /// Decides publishes and subscribes; None allows everything
     pub authoriser: Option<Authoriser>,
+    /// Unique per connection (ids are reused): names it in `Event::Disconnect`
+    pub token: u64,
     /// Packet ids of QoS 2 publishes that were denied: their PUBREL is
     /// completed without storing anything. At most one per packet id.
     pub(crate) denied_qos2: HashSet<u16>,
@@ -101,6 +103,10 @@ impl Connection {
             broker_topic_aliases: None,
             subscription_ids: HashMap::new(),
             identity,
+            token: {
+                static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+                NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            },
             authoriser: None,
             denied_qos2: HashSet::new(),
         }

@@ -53,8 +53,11 @@ pub enum Event {
     Ready,
     /// Data for native commitlog
     DeviceData,
-    /// Disconnection request
-    Disconnect,
+    /// Disconnection request, with the token of the connection it is
+    /// about: a connection id is reused after a disconnect, and a late
+    /// request from an ended link must not end the connection that took
+    /// its slot (e.g. after a session takeover)
+    Disconnect(u64),
     /// Shadow
     Shadow(ShadowRequest),
     /// Collect and send alerts to all alerts links

@@ -254,7 +254,10 @@ impl Router {
             Event::NewMeter(tx) => self.handle_new_meter(tx),
             Event::NewAlert(tx) => self.handle_new_alert(tx),
             Event::DeviceData => self.handle_device_payload(id),
-            Event::Disconnect => self.handle_disconnection(id, None),
+            Event::Disconnect(token) => match self.connections.get(id) {
+                Some(c) if c.token == token => self.handle_disconnection(id, None),
+                _ => debug!(connection_id = id, "disconnect of an ended connection, ignored"),
+            },
             Event::Ready => self.scheduler.reschedule(id, ScheduleReason::Ready),
             Event::Shadow(request) => {
                 retrieve_shadow(&mut self.datalog, &mut self.obufs[id], request)

@@ -595,6 +595,7 @@ async fn remote<P: Protocol>(
     lock(&will_handlers).insert(client_id.clone(), (handler, will_tx));
 
     let connection_id = link.connection_id;
+    let token = link.token;
     let will_delay_interval = link.will_delay_interval;
     let mut send_disconnect = true;
 
@@ -620,7 +621,7 @@ async fn remote<P: Protocol>(
     };
 
     if send_disconnect {
-        let disconnect = Event::Disconnect;
+        let disconnect = Event::Disconnect(token);
         let message = (connection_id, disconnect);
         router_tx.send(message).ok();
     }
