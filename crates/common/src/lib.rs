@@ -79,6 +79,24 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(secs))
 }
 
+/// Longest excerpt of an untrusted string that goes into a log line.
+pub const EXCERPT_CHARS: usize = 120;
+
+/// An untrusted string (a topic, a client id, a reject message quoting
+/// input) made safe for one log line: control characters and quotes
+/// escaped, at most [`EXCERPT_CHARS`] characters of it, "…" if cut.
+pub fn excerpt(s: &str) -> String {
+    let mut out: String = s
+        .chars()
+        .take(EXCERPT_CHARS)
+        .flat_map(char::escape_debug)
+        .collect();
+    if s.chars().nth(EXCERPT_CHARS).is_some() {
+        out.push('…');
+    }
+    out
+}
+
 /// Parses `HOST:PORT` (an IPv6 host may be bracketed: `[::1]:1883`); the
 /// port must be 1–65535.
 pub fn parse_host_port(text: &str) -> Result<(String, u16), String> {
@@ -112,6 +130,24 @@ pub async fn shutdown_signal() {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn excerpts_are_one_escaped_short_line() {
+        let e = super::excerpt(&format!("a\nb\"{}", "x".repeat(500)));
+        assert!(!e.contains('\n'), "{e}");
+        assert!(e.starts_with("a\\nb\\\""), "{e}");
+        assert!(e.ends_with('…'), "{e}");
+        assert!(
+            e.chars().count() <= 2 * super::EXCERPT_CHARS + 1,
+            "{}",
+            e.len()
+        );
+        assert_eq!(super::excerpt("plain/topic"), "plain/topic");
+        assert_eq!(
+            super::excerpt(&"y".repeat(super::EXCERPT_CHARS)),
+            "y".repeat(super::EXCERPT_CHARS)
+        );
+    }
+
     use super::*;
 
     #[test]

@@ -218,15 +218,34 @@ impl DecodedBatch {
         }
         let mut gaps = Vec::with_capacity(raw.gaps.len());
         for g in raw.gaps {
-            let session = SessionId::from_slice(&g.session)?;
+            let gap_session = SessionId::from_slice(&g.session)?;
             if g.from_seq == 0 || g.from_seq > g.to_seq || g.to_seq - g.from_seq >= MAX_GAP_SPAN {
                 return Err(Reject::Session(format!(
                     "gap seq range {}..={} is empty, starts at 0 or spans more than {MAX_GAP_SPAN} batches",
                     g.from_seq, g.to_seq
                 )));
             }
+            // A gap of this batch's own session lies below it: a device
+            // cannot have lost batches it has not made yet.
+            if gap_session == session && g.to_seq >= raw.seq {
+                return Err(Reject::Session(format!(
+                    "gap seq range {}..={} is not below the batch's own seq {}",
+                    g.from_seq, g.to_seq, raw.seq
+                )));
+            }
+            // At most what such a span of batches can hold.
+            let most = (g.to_seq - g.from_seq + 1).saturating_mul(limits.max_samples as u64);
+            if g.samples > most {
+                return Err(Reject::Session(format!(
+                    "gap {}..={} claims {} lost samples; {} batches hold at most {most}",
+                    g.from_seq,
+                    g.to_seq,
+                    g.samples,
+                    g.to_seq - g.from_seq + 1
+                )));
+            }
             gaps.push(Gap {
-                session,
+                session: gap_session,
                 from_seq: g.from_seq,
                 to_seq: g.to_seq,
                 samples: g.samples,
@@ -471,7 +490,8 @@ mod tests {
                         any::<[u8; 16]>(),
                         1u64..1000,
                         0u64..100,
-                        any::<u64>(),
+                        // At most what one batch holds (any span holds that).
+                        0u64..=100_000,
                         any::<i64>(),
                         any::<i64>(),
                     ),
@@ -532,6 +552,41 @@ mod tests {
         };
         let got = DecodedBatch::decode(&raw.encode_to_vec(), &Limits::default(), NOW);
         assert_eq!(got.map(|b| b.settled_through), Ok(4));
+    }
+
+    #[test]
+    fn gaps_lie_below_the_batch_and_claim_what_their_span_can_hold() {
+        let gap = |session: u8, from_seq: u64, to_seq: u64, samples: u64| pb::Gap {
+            session: vec![session; 16],
+            from_seq,
+            to_seq,
+            samples,
+            ..Default::default()
+        };
+        let decode = |gaps: Vec<pb::Gap>| {
+            let raw = pb::Batch {
+                session: vec![1; 16],
+                seq: 10,
+                gaps,
+                ..Default::default()
+            };
+            DecodedBatch::decode(&raw.encode_to_vec(), &Limits::default(), NOW)
+                .map_err(|e| e.code())
+        };
+        let most = Limits::default().max_samples as u64;
+        // The reproduction: one gap claiming 2^63 - 1 samples.
+        assert_eq!(
+            decode(vec![gap(1, 2, 3, i64::MAX as u64)]),
+            Err("bad_session")
+        );
+        assert_eq!(decode(vec![gap(1, 2, 3, 2 * most + 1)]), Err("bad_session"));
+        assert!(decode(vec![gap(1, 2, 3, 2 * most)]).is_ok());
+        // Its own session's gaps lie below the batch's seq.
+        assert_eq!(decode(vec![gap(1, 5, 10, 1)]), Err("bad_session"));
+        assert_eq!(decode(vec![gap(1, 11, 999_999, 1)]), Err("bad_session"));
+        assert!(decode(vec![gap(1, 5, 9, 1)]).is_ok());
+        // An earlier run's session may have any seqs.
+        assert!(decode(vec![gap(2, 11, 999_999, 1)]).is_ok());
     }
 
     proptest! {

@@ -415,3 +415,59 @@ async fn with_credentials_a_device_stays_in_its_own_topics() {
     store.close().await;
     stack.stop().await;
 }
+
+/// Untrusted strings reach the log escaped and short: a newline in a topic
+/// cannot forge a log line, and a 65 KB topic is not a 65 KB line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_topics_cannot_forge_or_flood_log_lines() {
+    let dir = tempfile::tempdir().expect("dir");
+    let (mqtt, http) = (free_port(), free_port());
+    let log = dir.path().join("serve.log");
+    let mut serve = ChildGuard(
+        Command::new(workspace_bin("widgetry"))
+            .current_dir(dir.path())
+            .args(["serve", "--mqtt-listen", &format!("127.0.0.1:{mqtt}")])
+            .args(["--mqtt5-listen", &format!("127.0.0.1:{}", free_port())])
+            .args(["--http-listen", &format!("127.0.0.1:{http}")])
+            .stderr(std::fs::File::create(&log).expect("log file"))
+            .spawn()
+            .expect("start serve"),
+    );
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{http}").parse().expect("addr");
+    wait_for("serve is subscribed", Duration::from_secs(30), || async {
+        std::net::TcpStream::connect(addr).ok()?;
+        let (code, body) = http_get_text(addr, "/metrics").await;
+        (code == 200 && body.contains("widgetry_ingest_subscribed 1")).then_some(())
+    })
+    .await;
+    let port = mqtt.to_string();
+    // mosquitto_pub refuses control characters in topics; paho sends them.
+    let forged = "widgetry/v1/dev\nFORGED 2026-12-02T00:00:00Z  INFO admin logged in/samples/json";
+    let script = format!(
+        "import paho.mqtt.client as m\nc = m.Client('hostile-topic')\nc.connect('127.0.0.1', {mqtt})\nc.loop_start()\nc.publish({forged:?}, '{{}}', qos=1).wait_for_publish(10)\nc.disconnect()\n"
+    );
+    let o = Command::new("/usr/bin/python3")
+        .args(["-c", &script])
+        .output()
+        .expect("python3 with paho (scripts/test.sh installs python3-paho-mqtt)");
+    assert!(o.status.success(), "{}", text(&o));
+    let long = format!("widgetry/v1/{}/samples/json", "L".repeat(65_000));
+    let o = mosquitto(
+        "mosquitto_pub",
+        &["-V", "311", "-p", &port, "-q", "1", "-t", &long, "-m", "{}"],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    wait_for("both rejected", Duration::from_secs(30), || async {
+        let (_, m) = http_get_text(addr, "/metrics").await;
+        (metric(&m, "widgetry_ingest_rejects_total{reason=\"bad_device\"}") >= 2.0).then_some(())
+    })
+    .await;
+    let _ = serve.0.kill();
+    let _ = serve.0.wait();
+    let text = std::fs::read_to_string(&log).expect("read log");
+    assert!(text.contains("rejected message"), "{text}");
+    for line in text.lines() {
+        assert!(!line.starts_with("FORGED"), "forged line: {line:?}");
+        assert!(line.len() < 2_000, "a {} byte log line", line.len());
+    }
+}

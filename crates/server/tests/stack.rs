@@ -597,3 +597,103 @@ async fn local_protocol_events_and_samples_reach_the_server() {
     assert_eq!(status, 400, "{body}");
     stack.stop().await;
 }
+
+/// A device's gap claims cannot break the fleet-wide answers: a gap
+/// claiming 2^63 - 1 lost samples is refused, and gaps stored before that
+/// check existed sum without overflowing (`/api/v1/devices` and
+/// `/api/v1/fleet` answered 500 for everyone with two of them).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gap_claims_cannot_break_fleet_answers() {
+    let stack = Stack::start().await;
+    let (c, mut ev) = client(&stack, "gap-claims");
+    tokio::spawn(async move { while ev.poll().await.is_ok() {} });
+    let session = SessionId([3; 16]);
+    c.publish(
+        "widgetry/v1/gap-claims/samples/json",
+        QoS::AtLeastOnce,
+        false,
+        br#"{"series":"t","value":1}"#.to_vec(),
+    )
+    .await
+    .expect("queue");
+    for seq in [5, 6] {
+        let batch = DecodedBatch {
+            session,
+            seq,
+            series: Vec::new(),
+            runs: Vec::new(),
+            gaps: vec![widgetry_proto::Gap {
+                session,
+                from_seq: 1,
+                to_seq: 2,
+                samples: i64::MAX as u64,
+                from_ts_ms: 0,
+                to_ts_ms: 0,
+            }],
+            settled_through: 0,
+        };
+        c.publish(
+            "widgetry/v1/gap-claims/samples",
+            QoS::AtLeastOnce,
+            false,
+            batch.encode(),
+        )
+        .await
+        .expect("queue");
+    }
+    wait_for("both refused", Duration::from_secs(30), || async {
+        let (_, m) = stack.get_text("/metrics").await;
+        (metric(&m, "widgetry_ingest_rejects_total{reason=\"bad_session\"}") >= 2.0).then_some(())
+    })
+    .await;
+    // Gaps an older server stored unchecked.
+    let store = widgetry_server::store::Store::open(&stack.db)
+        .await
+        .expect("open");
+    let mut tx = store.begin().await.expect("begin");
+    for from_seq in [1, 3] {
+        let gap = widgetry_proto::Gap {
+            session,
+            from_seq,
+            to_seq: from_seq,
+            samples: i64::MAX as u64,
+            from_ts_ms: 0,
+            to_ts_ms: 0,
+        };
+        widgetry_server::store::write::insert_gap(&mut tx, "gap-claims", &gap, 0)
+            .await
+            .expect("insert gap");
+    }
+    tx.commit().await.expect("commit");
+    store.close().await;
+    let (code, devices) = stack.get("/api/v1/devices").await;
+    assert_eq!(code, 200, "{devices}");
+    let lost = devices
+        .as_array()
+        .and_then(|a| a.iter().find(|d| d["device"] == "gap-claims"))
+        .map(|d| d["lost_samples"].as_i64().unwrap_or(-1));
+    assert!(
+        lost.is_some_and(|l| l >= 9_000_000_000_000_000_000),
+        "{devices}"
+    );
+    let (code, fleet) = stack.get("/api/v1/fleet").await;
+    assert_eq!(code, 200, "{fleet}");
+    // Time ranges are clamped: no overflowing bucket widths.
+    for range in [
+        "from=0&to=9223372036854775806",
+        "from=-9223372036854775808&to=9223372036854775807",
+        "to=-9223372036854775808",
+    ] {
+        let (code, v) = stack
+            .get(&format!(
+                "/api/v1/series?device=gap-claims&series=t&{range}&max_points=1"
+            ))
+            .await;
+        assert_eq!(code, 200, "{range}: {v}");
+        assert!(
+            v["bucket_ms"].as_i64().is_none_or(|w| w > 0),
+            "{range}: {v}"
+        );
+    }
+    stack.stop().await;
+}

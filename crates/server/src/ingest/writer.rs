@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use tokio::sync::mpsc;
 use tracing::{debug, error, warn};
-use widgetry_common::now_ms;
+use widgetry_common::{excerpt, now_ms};
 use widgetry_proto::json::{Ack, ErrorReport, JSON_SESSION, KeyedSample, Live, json_seq};
 use widgetry_proto::{BatchBuilder, DecodedBatch, Reject, SessionId, Topic, TopicKind};
 
@@ -252,7 +252,7 @@ impl Writer {
                     }
                     None => {
                         self.metrics.reject(&reject);
-                        warn!(topic = %topic, reason = reject.code(), "rejected message: {reject}");
+                        warn!(topic = %excerpt(&topic), reason = reject.code(), "rejected message: {}", excerpt(&reject.to_string()));
                     }
                 },
             }
@@ -275,7 +275,7 @@ impl Writer {
                     Ack {
                         session: key.1,
                         through: state.through,
-                        seqs: state.above.iter().take(MAX_ACK_SEQS).copied().collect(),
+                        seqs: state.above(MAX_ACK_SEQS),
                     },
                 ));
             }
@@ -311,7 +311,7 @@ impl Writer {
         out: &mut Outcome,
     ) {
         self.metrics.reject(&reject);
-        warn!(device = %device, topic = %topic, reason = reject.code(), "rejected payload: {reject}");
+        warn!(device = %excerpt(device), topic = %excerpt(&topic), reason = reject.code(), "rejected payload: {}", excerpt(&reject.to_string()));
         out.errors.push((
             device.to_string(),
             ErrorReport::new(topic, &reject, received_ms),

@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 
 use super::params;
 use super::rollup::{Agg, Resolution};
-use super::{Store, StoreError};
+use super::{Backend, Store, StoreError};
 
 /// A device as listed by `GET /api/v1/devices`.
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -39,14 +39,17 @@ impl Store {
 
     /// Every device with its series, ordered by id.
     pub async fn devices(&self) -> Result<Vec<DeviceInfo>, StoreError> {
-        let rows = sqlx::query(
+        let sql = format!(
             "SELECT d.device, d.state, d.session, d.agent, d.host, d.first_seen_ms, d.last_seen_ms,
-                    d.rejects, COUNT(g.device), CAST(COALESCE(SUM(g.samples), 0) AS BIGINT)
+                    d.rejects, COUNT(g.device), {}
              FROM devices d LEFT JOIN gaps g ON g.device = d.device
              GROUP BY d.device ORDER BY d.device",
-        )
-        .fetch_all(&self.reader)
-        .await?;
+            saturating_sum(self.backend, "g.samples")
+        );
+        // Only `saturating_sum`'s fixed text is formatted in.
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .fetch_all(&self.reader)
+            .await?;
         let mut out: Vec<DeviceInfo> = rows
             .iter()
             .map(|r| DeviceInfo {
@@ -330,15 +333,18 @@ impl Store {
     /// The whole fleet with sparklines built from minute rollups since
     /// `spark_from` (ms).
     pub async fn fleet(&self, spark_from: i64) -> Result<Vec<FleetDevice>, StoreError> {
-        let rows = sqlx::query(
+        let sql = format!(
             "SELECT d.device, d.state, d.last_seen_ms, d.agent, d.host, d.rejects,
                     (SELECT COUNT(*) FROM gaps g WHERE g.device = d.device),
-                    (SELECT CAST(COALESCE(SUM(g.samples), 0) AS BIGINT) FROM gaps g WHERE g.device = d.device),
+                    (SELECT {} FROM gaps g WHERE g.device = d.device),
                     (SELECT COUNT(*) FROM series s WHERE s.device = d.device)
              FROM devices d ORDER BY d.device",
-        )
-        .fetch_all(&self.reader)
-        .await?;
+            saturating_sum(self.backend, "g.samples")
+        );
+        // Only `saturating_sum`'s fixed text is formatted in.
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .fetch_all(&self.reader)
+            .await?;
         let mut out: Vec<FleetDevice> = rows
             .iter()
             .map(|r| FleetDevice {
@@ -410,5 +416,19 @@ impl Store {
             }
         }
         Ok(out)
+    }
+}
+
+/// SQL for the sum of a count column that saturates near `i64::MAX`
+/// instead of failing the query with an integer overflow (a device's
+/// claims cannot break a fleet-wide answer); 0 over no rows.
+fn saturating_sum(backend: Backend, column: &str) -> String {
+    match backend {
+        // TOTAL is a float: it never overflows, and is 0.0 over no rows.
+        Backend::Sqlite => format!("CAST(MIN(TOTAL({column}), 9.0e18) AS INTEGER)"),
+        // SUM of BIGINT is NUMERIC: exact, no overflow.
+        Backend::Postgres => {
+            format!("CAST(LEAST(COALESCE(SUM({column}), 0), 9000000000000000000) AS BIGINT)")
+        }
     }
 }

@@ -87,8 +87,11 @@ fn time_range(
     to: Option<i64>,
     default_span: i64,
 ) -> Result<(i64, i64), AppError> {
-    let to = to.unwrap_or_else(now_ms);
-    let from = from.unwrap_or(to - default_span);
+    // Wider than any stored timestamp, narrow enough that no arithmetic on
+    // a range (bucket widths, defaults) can overflow.
+    const BOUND: i64 = 1 << 53;
+    let to = to.unwrap_or_else(now_ms).clamp(-BOUND, BOUND);
+    let from = from.map_or(to - default_span, |f| f.clamp(-BOUND, BOUND));
     if from > to {
         return Err(AppError::bad_request(format!(
             "from ({from}) is after to ({to})"

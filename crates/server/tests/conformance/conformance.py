@@ -712,6 +712,28 @@ def retained(ctx):
     return "v1 retained (retain=1), replaced by v2, cleared by empty payload"
 
 
+@case()
+def invalid_topic_names(ctx):
+    """A PUBLISH to a topic with + or # or NUL is a protocol error: the
+    connection ends (MQTT 5: DISCONNECT 0x90) and nobody receives it."""
+    T = ctx.prefix("badtopic")
+    obs = Paho(ctx, "obs")
+    obs.sub(T + "/#", 0)
+    notes = []
+    for bad in (T + "/a/+", T + "/#", T + "/nul\x00"):
+        c = raw_connected(ctx, "bt")
+        c.publish(bad, b"never", qos=1)
+        c.closed.wait(3)
+        disc = c.all("DISCONNECT")
+        check(c.closed.is_set(), "%r: connection still open" % bad)
+        if ctx.v5:
+            check(disc and disc[0]["rc"] == 0x90, "%r: DISCONNECT %s (want 0x90)" % (bad, disc))
+        notes.append("%r closed%s" % (bad, " with 0x90" if disc else ""))
+    got = obs.collect(1.0)
+    check(not got, "delivered: %s" % got)
+    return "; ".join(notes)
+
+
 @case(311)
 def wrong_protocol_version(ctx):
     """An MQTT 5 CONNECT on the 3.1.1 listener gets CONNACK rc 1 (§3.1.2.2)."""

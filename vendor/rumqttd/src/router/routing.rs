@@ -626,7 +626,16 @@ impl Router {
                         }
                         break;
                     }
-                    let topic = std::str::from_utf8(&publish.topic).unwrap_or_default();
+                    // A topic name has no wildcards and no NUL (MQTT 3.1.1
+                    // §4.7.1, §1.5.3; MQTT 5 §4.7.1): a protocol error.
+                    let topic = std::str::from_utf8(&publish.topic).unwrap_or("\0");
+                    if topic.is_empty() || topic.contains(['+', '#', '\0']) {
+                        error!("Invalid topic name in PUBLISH: {:?}", publish.topic);
+                        self.router_meters.failed_publishes += 1;
+                        disconnect = true;
+                        disconnect_reason = Some(DisconnectReasonCode::TopicNameInvalid);
+                        break;
+                    }
                     let action = Action::Publish {
                         topic,
                         retain: publish.retain,
