@@ -471,3 +471,65 @@ async fn hostile_topics_cannot_forge_or_flood_log_lines() {
         assert!(line.len() < 2_000, "a {} byte log line", line.len());
     }
 }
+
+/// A payload over the ingestor's 1 MiB limit is rejected where it can be
+/// reported, not dropped by the broker without a word.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversize_payload_is_reported_not_dropped_in_silence() {
+    let stack = Stack::start().await;
+    let port = stack.mqtt.port().to_string();
+    let file = stack.dir.path().join("big.bin");
+    std::fs::write(&file, vec![b'x'; 1_100_000]).expect("write payload");
+    let mut errors = Command::new(require_tool("mosquitto_sub"))
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-V",
+            "311",
+            "-p",
+            &port,
+            "-t",
+            "widgetry/v1/big/errors",
+        ])
+        .args(["-C", "1", "-W", "30"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("mosquitto_sub");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while errors.try_wait().expect("poll").is_none() {
+        let o = mosquitto(
+            "mosquitto_pub",
+            &[
+                "-V",
+                "311",
+                "-p",
+                &port,
+                "-q",
+                "1",
+                "-t",
+                "widgetry/v1/big/samples",
+            ]
+            .into_iter()
+            .chain(["-f", file.to_str().expect("utf-8 path")])
+            .collect::<Vec<_>>(),
+        );
+        assert!(o.status.success(), "{}", text(&o));
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no error report for the oversize payload"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let out = errors.wait_with_output().expect("output");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("oversize"),
+        "{}",
+        text(&out)
+    );
+    let (_, m) = stack.get_text("/metrics").await;
+    assert!(
+        metric(&m, "widgetry_ingest_rejects_total{reason=\"oversize\"}") >= 1.0,
+        "{m}"
+    );
+    stack.stop().await;
+}
