@@ -97,7 +97,7 @@ pub const BROKER_REFUSALS: [&str; 4] = [
 ];
 
 /// What a client may be denied on the embedded broker.
-pub const BROKER_ACTIONS: [&str; 3] = ["publish", "subscribe", "will"];
+pub const BROKER_ACTIONS: [&str; 4] = ["connect", "publish", "subscribe", "will"];
 
 /// Upper bounds (ms) of the latency histograms' buckets.
 const BUCKETS_MS: [u64; 12] = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000];
@@ -219,7 +219,7 @@ impl Metrics {
         write_counter(
             out,
             "widgetry_broker_denied_total",
-            "Publishes, subscriptions and wills the embedded broker's access policy denied, by action.",
+            "Client ids, publishes, subscriptions and wills the embedded broker's access policy denied, by action.",
             &samples,
         );
         let labels: Vec<(String, u64)> = BROKER_REFUSALS

@@ -155,6 +155,31 @@ async fn anonymous_clients_cannot_forge_acks_live_data_or_errors() {
         ],
     );
     assert!(o.status.success(), "client id takeover: {}", text(&o));
+    // The server's own client ids cannot be taken (that would disconnect
+    // the ingestor).
+    for (version, port) in [("311", &v4), ("5", &v5)] {
+        let o = mosquitto(
+            "mosquitto_sub",
+            &[
+                "-V",
+                version,
+                "-p",
+                port,
+                "-i",
+                "widgetry-ingest",
+                "-t",
+                "x",
+                "-E",
+            ],
+        );
+        assert!(
+            String::from_utf8_lossy(&o.stderr)
+                .to_lowercase()
+                .contains("not authori"),
+            "{version}: {}",
+            text(&o)
+        );
+    }
 
     let store = Store::open(&stack.db).await.expect("open db");
     wait_for(
@@ -179,6 +204,15 @@ async fn anonymous_clients_cannot_forge_acks_live_data_or_errors() {
     let (_, m) = stack.get_text("/metrics").await;
     assert!(
         metric(&m, "widgetry_broker_denied_total{action=\"publish\"}") >= 6.0,
+        "{m}"
+    );
+    assert!(
+        metric(&m, "widgetry_broker_denied_total{action=\"connect\"}") >= 2.0,
+        "{m}"
+    );
+    assert_eq!(
+        metric(&m, "widgetry_ingest_mqtt_reconnects_total"),
+        0.0,
         "{m}"
     );
     store.close().await;
@@ -233,6 +267,46 @@ async fn with_credentials_a_device_stays_in_its_own_topics() {
                 text(&o)
             );
         }
+    }
+
+    // d1 connects only under its own client id.
+    for (version, port) in [("311", &v4), ("5", &v5)] {
+        for id in ["widgetry-agent-d2", "d2"] {
+            let mut args = vec![
+                "-V",
+                version,
+                "-p",
+                port,
+                "-i",
+                id,
+                "-t",
+                "widgetry/v1/d1/ack",
+                "-E",
+            ];
+            args.extend_from_slice(&d1);
+            let o = mosquitto("mosquitto_sub", &args);
+            assert!(
+                String::from_utf8_lossy(&o.stderr)
+                    .to_lowercase()
+                    .contains("not authori"),
+                "{version} {id}: {}",
+                text(&o)
+            );
+        }
+        let mut args = vec![
+            "-V",
+            version,
+            "-p",
+            port,
+            "-i",
+            "widgetry-agent-d1",
+            "-t",
+            "widgetry/v1/d1/ack",
+            "-E",
+        ];
+        args.extend_from_slice(&d1);
+        let o = mosquitto("mosquitto_sub", &args);
+        assert!(o.status.success(), "{version}: {}", text(&o));
     }
 
     // d1 may not read d2's acks, nor everything.

@@ -33,7 +33,16 @@ struct Client {
 
 impl Client {
     fn connect(stack: &Stack, id: &str) -> Client {
+        Client::with(MqttOptions::new(id, "127.0.0.1", stack.mqtt.port()))
+    }
+
+    fn connect_as(stack: &Stack, id: &str, (user, pass): (&str, &str)) -> Client {
         let mut opts = MqttOptions::new(id, "127.0.0.1", stack.mqtt.port());
+        opts.set_credentials(user, pass);
+        Client::with(opts)
+    }
+
+    fn with(mut opts: MqttOptions) -> Client {
         opts.set_max_packet_size(2 << 20, 2 << 20);
         let (client, mut ev) = AsyncClient::new(opts, 64);
         let task = tokio::spawn(async move { while ev.poll().await.is_ok() {} });
@@ -228,6 +237,7 @@ async fn every_series_on_metrics_moves() {
     // a client id the broker cannot take (refused CONNECTs).
     dev.publish("widgetry/v1/m1/ack", b"{}".to_vec()).await;
     for (id, will, login) in [
+        ("widgetry-web-thief", false, None),
         ("metrics-will", true, None),
         (
             "metrics-bad-login",
@@ -270,7 +280,12 @@ async fn every_series_on_metrics_moves() {
 
     // A reconnect: a client taking the ingestor's client id makes the
     // broker drop the ingestor's connection.
-    let thief = Client::connect(&stack, "widgetry-ingest");
+    // (Only the server may use that id: log in as the server.)
+    let thief = Client::connect_as(
+        &stack,
+        "widgetry-ingest",
+        ("widgetry-server", TEST_SERVER_PASSWORD),
+    );
     wait_for("the ingestor reconnected", T, || async {
         let (_, m) = stack.get_text("/metrics").await;
         (metric(&m, "widgetry_ingest_mqtt_reconnects_total") >= 1.0).then_some(())

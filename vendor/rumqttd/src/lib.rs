@@ -75,6 +75,10 @@ pub enum Action<'a> {
     Subscribe { filter: &'a str },
     /// Register a last will on this topic (decided at CONNECT).
     Will { topic: &'a str, retain: bool },
+    /// Connect under this client id (decided at CONNECT, after the login;
+    /// a denial refuses the connection, so it cannot take over the
+    /// session of the client that has this id).
+    Connect { client_id: &'a str },
 }
 
 /// Told of every CONNECT the broker refuses, with the CONNACK reason sent.

@@ -7,8 +7,11 @@
 //! because an ack is what makes an agent delete data. With device
 //! credentials on, a device (its username is its device id) may publish
 //! only under `widgetry/v1/{device}/` and subscribe only to its own `…/ack`
-//! and `…/errors`; observers (by username) may subscribe to anything and
-//! publish nothing. Deciding must stay cheap and never block: it runs on
+//! and `…/errors`, and nobody takes another account's client id
+//! (`{user}`, `widgetry-agent-{user}`); observers (by username) may
+//! subscribe to anything and publish nothing. Client ids starting
+//! `widgetry-` (except agents') are the server's: nobody else may take them
+//! over. Deciding must stay cheap and never block: it runs on
 //! the broker's router thread for every publish and subscribe.
 
 use std::collections::{HashMap, HashSet};
@@ -74,6 +77,13 @@ impl Policy {
         }
     }
 
+    /// The account whose client id `id` is (with device credentials on).
+    fn owner<'a>(&'a self, id: &'a str) -> Option<&'a str> {
+        let map = self.devices.as_ref()?;
+        let user = id.strip_prefix(AGENT_CLIENT_PREFIX).unwrap_or(id);
+        map.contains_key(user).then_some(user)
+    }
+
     /// Whether device credentials are on (then anonymous clients are refused).
     pub fn credentials_on(&self) -> bool {
         self.devices.is_some()
@@ -114,6 +124,16 @@ impl Policy {
                 Role::Device(d) => own(topic, d) && !server_only(topic),
                 Role::Observer | Role::Nobody => false,
             },
+            Action::Connect { client_id } => match role {
+                Role::Server => true,
+                _ if server_client_id(client_id) => false,
+                Role::Nobody => false,
+                // Another account's ids (`{user}`, `widgetry-agent-{user}`)
+                // are its own: taking one would kick it off.
+                Role::Open | Role::Device(_) | Role::Observer => self
+                    .owner(client_id)
+                    .is_none_or(|u| Some(u) == who.username.as_deref()),
+            },
             Action::Subscribe { filter } => match role {
                 Role::Server | Role::Open | Role::Observer => true,
                 Role::Device(d) => filter
@@ -135,6 +155,7 @@ impl Policy {
             Action::Publish { topic, .. } => ("publish", topic),
             Action::Subscribe { filter } => ("subscribe", filter),
             Action::Will { topic, .. } => ("will", topic),
+            Action::Connect { client_id } => ("connect", client_id),
         };
         self.metrics.broker_denied(kind);
         if first_in_window(&self.denial_logged) {
@@ -174,6 +195,15 @@ impl Policy {
 fn first_in_window(last: &AtomicU64) -> bool {
     let window = widgetry_common::now_ms().max(0) as u64 / 10_000;
     last.swap(window, Ordering::Relaxed) != window
+}
+
+/// Client ids of Widgetry's agents: `widgetry-agent-{device}`.
+const AGENT_CLIENT_PREFIX: &str = "widgetry-agent-";
+
+/// Client ids only the server's own connections may take (`widgetry-ingest`,
+/// `widgetry-web-…`): anyone else taking one would disconnect them.
+fn server_client_id(id: &str) -> bool {
+    id.starts_with("widgetry-") && !id.starts_with(AGENT_CLIENT_PREFIX)
 }
 
 /// Whether only the server may publish on `topic`.
@@ -262,6 +292,34 @@ mod tests {
         ));
         assert_eq!(p.metrics.broker_denials("publish"), 4);
         assert_eq!(p.metrics.broker_denials("will"), 3);
+    }
+
+    #[test]
+    fn client_ids_cannot_be_taken_over() {
+        let connect = |client_id| Action::Connect { client_id };
+        let open = policy(false);
+        let anon = who(None, false);
+        assert!(!open.decide(&anon, connect("widgetry-ingest")));
+        assert!(!open.decide(&anon, connect("widgetry-web-0001")));
+        assert!(
+            open.decide(&anon, connect("widgetry-agent-d1")),
+            "open: devices are not protected"
+        );
+        assert!(open.decide(&anon, connect("my-client")));
+        assert!(open.decide(&who(Some(SERVER_USER), true), connect("widgetry-ingest")));
+        let creds = policy(true);
+        let d1 = who(Some("d1"), true);
+        assert!(creds.decide(&d1, connect("d1")));
+        assert!(creds.decide(&d1, connect("widgetry-agent-d1")));
+        assert!(creds.decide(&d1, connect("mosquitto_sub_1234")));
+        for other in ["widgetry-agent-viewer", "viewer", "widgetry-ingest"] {
+            assert!(!creds.decide(&d1, connect(other)), "{other}");
+        }
+        let viewer = who(Some("viewer"), true);
+        assert!(creds.decide(&viewer, connect("grafana-1")));
+        assert!(!creds.decide(&viewer, connect("d1")));
+        assert!(!creds.decide(&viewer, connect("widgetry-agent-d1")));
+        assert_eq!(creds.metrics.broker_denials("connect"), 5);
     }
 
     #[test]

@@ -55,6 +55,10 @@ pub async fn test_database(dir: &std::path::Path) -> Database {
 
 /// A running in-process `widgetry serve` on free ports with its database in
 /// a temporary directory (or on PostgreSQL, see [`test_database`]).
+/// The `widgetry-server` password of test stacks (tests that act as the
+/// server, e.g. to take over the ingestor's client id, log in with it).
+pub const TEST_SERVER_PASSWORD: &str = "test-server-password-0123456789";
+
 pub struct Stack {
     pub running: Option<Running>,
     pub http: SocketAddr,
@@ -95,7 +99,7 @@ impl Stack {
             database: db.clone(),
             retention: Default::default(),
             limits,
-            server_password: None,
+            server_password: Some(TEST_SERVER_PASSWORD.into()),
         };
         let running = start_serve(cfg, CancellationToken::new())
             .await

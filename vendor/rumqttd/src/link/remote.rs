@@ -27,6 +27,8 @@ pub enum Error {
     Io(#[from] io::Error),
     #[error("will topic {0:?} not authorised")]
     WillNotAuthorized(String),
+    #[error("client id {0:?} not authorised")]
+    ClientIdNotAuthorized(String),
     #[error("connection refused: {0:?}")]
     Refused(ConnectReturnCode),
     #[error("Not connect packet")]
@@ -62,7 +64,9 @@ impl Error {
         match self {
             Error::InvalidAuth => Some(ConnectReturnCode::BadUserNamePassword),
             Error::InvalidClientId => Some(ConnectReturnCode::ClientIdentifierNotValid),
-            Error::WillNotAuthorized(_) => Some(ConnectReturnCode::NotAuthorized),
+            Error::WillNotAuthorized(_) | Error::ClientIdNotAuthorized(_) => {
+                Some(ConnectReturnCode::NotAuthorized)
+            }
             Error::Refused(code) => Some(*code),
             _ => None,
         }
@@ -308,6 +312,14 @@ where
         username: login.as_ref().map(|l| l.username.clone()),
         authenticated,
     };
+
+    if let Some(authoriser) = &config.authoriser {
+        let client_id = identity.client_id.as_str();
+        if !client_id.is_empty() && !authoriser(&identity, Action::Connect { client_id }) {
+            refuse(network, ConnectReturnCode::NotAuthorized).await?;
+            return Err(Error::ClientIdNotAuthorized(client_id.to_owned()));
+        }
+    }
 
     if let (Some(authoriser), Some(will)) = (&config.authoriser, will) {
         let topic = std::str::from_utf8(&will.topic).unwrap_or_default();
