@@ -6,7 +6,7 @@
 
 mod common;
 
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::*;
@@ -15,26 +15,6 @@ use widgetry_server::config::DEFAULT_BROKER_TOML;
 use widgetry_server::store::Store;
 
 const SERIES: [&str; 3] = ["cpu.usage_pct", "mem.used_bytes", "mem.total_bytes"];
-
-/// Runs a mosquitto tool to completion (each invocation is bounded by its
-/// own -W timeout or by publishing one message).
-fn mosquitto(tool: &str, args: &[&str]) -> Output {
-    Command::new(require_tool(tool))
-        .args(["-h", "127.0.0.1"])
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("run {tool}: {e}"))
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "status {:?}, stdout {:?}, stderr {:?}",
-        o.status.code(),
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
 
 /// An agent sampling every 100 ms that resends after 1 s without an ack.
 fn fast_agent(mqtt: u16, device: &str, login: Option<(&str, &str)>) -> Agent {
@@ -109,11 +89,7 @@ async fn anonymous_clients_cannot_forge_acks_live_data_or_errors() {
             assert!(o.status.success(), "{version} {topic}: {}", text(&o));
             if version == "5" {
                 // MQTT 5 tells the publisher: PUBACK reason 0x87.
-                assert!(
-                    String::from_utf8_lossy(&o.stderr).contains("Not authorized"),
-                    "{topic}: {}",
-                    text(&o)
-                );
+                assert!(stderr_says(&o, "Not authorized"), "{topic}: {}", text(&o));
             }
         }
     }
@@ -173,9 +149,7 @@ async fn anonymous_clients_cannot_forge_acks_live_data_or_errors() {
             ],
         );
         assert!(
-            String::from_utf8_lossy(&o.stderr)
-                .to_lowercase()
-                .contains("not authori"),
+            stderr_says_lower(&o, "not authori"),
             "{version}: {}",
             text(&o)
         );
@@ -260,9 +234,8 @@ async fn with_credentials_a_device_stays_in_its_own_topics() {
             assert!(!o.status.success(), "{version} {login:?}: {}", text(&o));
             // 3.1.1: "Connection Refused: bad user name or password";
             // MQTT 5: "Bad User Name or Password" (reason 0x86).
-            let err = String::from_utf8_lossy(&o.stderr).to_lowercase();
             assert!(
-                err.contains("bad user name or password"),
+                stderr_says_lower(&o, "bad user name or password"),
                 "{version} {login:?}: {}",
                 text(&o)
             );
@@ -286,9 +259,7 @@ async fn with_credentials_a_device_stays_in_its_own_topics() {
             args.extend_from_slice(&d1);
             let o = mosquitto("mosquitto_sub", &args);
             assert!(
-                String::from_utf8_lossy(&o.stderr)
-                    .to_lowercase()
-                    .contains("not authori"),
+                stderr_says_lower(&o, "not authori"),
                 "{version} {id}: {}",
                 text(&o)
             );
@@ -317,7 +288,7 @@ async fn with_credentials_a_device_stays_in_its_own_topics() {
             // mosquitto_sub exits (status 0) once every filter is denied.
             let o = mosquitto("mosquitto_sub", &args);
             assert!(
-                String::from_utf8_lossy(&o.stderr).contains("denied"),
+                stderr_says(&o, "denied"),
                 "{version} {filter}: {}",
                 text(&o)
             );
@@ -392,7 +363,7 @@ async fn with_credentials_a_device_stays_in_its_own_topics() {
         let mut args = vec!["-V", "5", "-p", &v5, "-q", "1", "-t", topic, "-m", payload];
         args.extend_from_slice(&d1);
         let o = mosquitto("mosquitto_pub", &args);
-        let denied = String::from_utf8_lossy(&o.stderr).contains("Not authorized");
+        let denied = stderr_says(&o, "Not authorized");
         assert_eq!(
             denied,
             !topic.starts_with("widgetry/v1/d1/samples"),
@@ -469,11 +440,7 @@ async fn with_credentials_a_device_stays_in_its_own_topics() {
         ])
         .collect::<Vec<_>>(),
     );
-    assert!(
-        String::from_utf8_lossy(&o.stderr).contains("Not authorized"),
-        "{}",
-        text(&o)
-    );
+    assert!(stderr_says(&o, "Not authorized"), "{}", text(&o));
 
     let (_, m) = stack.get_text("/metrics").await;
     for (series, least) in [

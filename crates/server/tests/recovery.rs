@@ -138,22 +138,23 @@ async fn a_forged_ack_while_the_ingestor_is_down_loses_nothing() {
     // The agent spools and publishes; nobody stores yet.
     receive(port, "widgetry/v1/victim/samples", 3);
     let forged = format!(r#"{{"session":"{session}","through":1000000,"seqs":[]}}"#);
-    let ok = Command::new(require_tool("mosquitto_pub"))
-        .args([
+    let port_arg = port.to_string();
+    let o = mosquitto(
+        "mosquitto_pub",
+        &[
             "-V",
             "311",
-            "-h",
-            "127.0.0.1",
             "-p",
-            &port.to_string(),
+            &port_arg,
             "-q",
             "1",
-        ])
-        .args(["-t", "widgetry/v1/victim/ack", "-m", &forged])
-        .status()
-        .expect("mosquitto_pub")
-        .success();
-    assert!(ok, "publish the forged ack");
+            "-t",
+            "widgetry/v1/victim/ack",
+            "-m",
+            &forged,
+        ],
+    );
+    assert!(o.status.success(), "publish the forged ack: {}", text(&o));
     // Later batches are published after the agent received the ack.
     receive(port, "widgetry/v1/victim/samples", 3);
     let db = test_database(dir.path()).await;
@@ -183,24 +184,12 @@ async fn retained_messages_survive_a_restart_of_serve() {
     let (mqtt, http) = (free_port(), free_port());
     let mut serve = ServeProc::start(mqtt, http, dir.path()).await;
     let keeper = agent(mqtt, "keeper");
+    let mqtt_arg = mqtt.to_string();
     let publish = |args: &[&str]| {
-        let ok = Command::new(require_tool("mosquitto_pub"))
-            .args([
-                "-V",
-                "311",
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &mqtt.to_string(),
-                "-q",
-                "1",
-                "-r",
-            ])
-            .args(args)
-            .status()
-            .expect("mosquitto_pub")
-            .success();
-        assert!(ok, "mosquitto_pub {args:?}");
+        let mut all = vec!["-V", "311", "-p", &mqtt_arg, "-q", "1", "-r"];
+        all.extend_from_slice(args);
+        let o = mosquitto("mosquitto_pub", &all);
+        assert!(o.status.success(), "mosquitto_pub {args:?}: {}", text(&o));
     };
     publish(&["-t", "site/hall-1/config", "-m", "cfg-v1"]);
     publish(&["-t", "site/cleared", "-m", "soon gone"]);
@@ -228,9 +217,14 @@ async fn retained_messages_survive_a_restart_of_serve() {
 
     let mqtt = free_port();
     let _serve = ServeProc::start(mqtt, free_port(), dir.path()).await;
-    let out = Command::new(require_tool("mosquitto_sub"))
-        .args(["-V", "311", "-h", "127.0.0.1", "-p", &mqtt.to_string()])
-        .args([
+    let mqtt_arg = mqtt.to_string();
+    let out = mosquitto(
+        "mosquitto_sub",
+        &[
+            "-V",
+            "311",
+            "-p",
+            &mqtt_arg,
             "-t",
             "widgetry/v1/+/status",
             "-t",
@@ -240,9 +234,8 @@ async fn retained_messages_survive_a_restart_of_serve() {
             "2",
             "-W",
             "20",
-        ])
-        .output()
-        .expect("mosquitto_sub");
+        ],
+    );
     let got = String::from_utf8_lossy(&out.stdout).to_string();
     assert!(
         got.contains("site/hall-1/config cfg-v1"),

@@ -8,6 +8,7 @@ use std::future::Future;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
@@ -358,6 +359,40 @@ pub fn metric_sum(text: &str, name: &str) -> f64 {
         .collect();
     assert!(!values.is_empty(), "{name} is not on /metrics:\n{text}");
     values.iter().sum()
+}
+
+/// Runs a mosquitto tool to completion (each invocation is bounded by its
+/// own -W timeout or by publishing one message).
+pub fn mosquitto(tool: &str, args: &[&str]) -> Output {
+    Command::new(require_tool(tool))
+        .args(["-h", "127.0.0.1"])
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("run {tool}: {e}"))
+}
+
+/// A tool's exit status and output, for assertion messages.
+pub fn text(o: &Output) -> String {
+    format!(
+        "status {:?}, stdout {:?}, stderr {:?}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// Whether a tool's stderr contains `needle`.
+pub fn stderr_says(o: &Output, needle: &str) -> bool {
+    String::from_utf8_lossy(&o.stderr).contains(needle)
+}
+
+/// Whether a tool's stderr, lowercased, contains `needle` (lowercase): for
+/// messages whose case differs between MQTT versions.
+pub fn stderr_says_lower(o: &Output, needle: &str) -> bool {
+    String::from_utf8_lossy(&o.stderr)
+        .to_lowercase()
+        .contains(needle)
 }
 
 /// A Mosquitto broker on `127.0.0.1:port` (anonymous, no persistence,
