@@ -16,6 +16,44 @@ fn write_counter(out: &mut String, name: &str, help: &str, samples: &[(&str, u64
     }
 }
 
+/// Counts one more `name` in counters kept per fixed name: `counts[i]`
+/// counts `names[i]` (a name not in the list is not counted).
+fn bump(names: &[&str], counts: &[AtomicU64], name: &str) {
+    if let Some(i) = names.iter().position(|n| *n == name) {
+        counts[i].fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// What such counters hold for `name` (0 for a name not in the list).
+fn count_of(names: &[&str], counts: &[AtomicU64], name: &str) -> u64 {
+    names
+        .iter()
+        .position(|n| *n == name)
+        .map_or(0, |i| counts[i].load(Ordering::Relaxed))
+}
+
+/// Prometheus samples `{label="name"} value` of such counters, each one
+/// `show` keeps.
+fn labelled(
+    label: &str,
+    names: &[&str],
+    counts: &[AtomicU64],
+    show: impl Fn(&str, u64) -> bool,
+) -> Vec<(String, u64)> {
+    names
+        .iter()
+        .zip(counts)
+        .map(|(n, c)| (*n, c.load(Ordering::Relaxed)))
+        .filter(|(n, v)| show(n, *v))
+        .map(|(n, v)| (format!("{{{label}=\"{n}\"}}"), v))
+        .collect()
+}
+
+/// `labelled`'s samples as `write_counter` takes them.
+fn as_samples(samples: &[(String, u64)]) -> Vec<(&str, u64)> {
+    samples.iter().map(|(l, v)| (l.as_str(), *v)).collect()
+}
+
 /// Which roles a process runs: `/metrics` shows only their counters.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Roles {
@@ -157,41 +195,27 @@ impl Metrics {
 
     /// Counts a rejected payload under its reason code.
     pub fn reject(&self, reject: &Reject) {
-        if let Some(i) = Reject::CODES.iter().position(|c| *c == reject.code()) {
-            self.rejects[i].fetch_add(1, Ordering::Relaxed);
-        }
+        bump(&Reject::CODES, &self.rejects, reject.code());
     }
 
     /// Counts an action the broker's policy denied (`BROKER_ACTIONS`).
     pub fn broker_denied(&self, action: &str) {
-        if let Some(i) = BROKER_ACTIONS.iter().position(|a| *a == action) {
-            self.broker_denied[i].fetch_add(1, Ordering::Relaxed);
-        }
+        bump(&BROKER_ACTIONS, &self.broker_denied, action);
     }
 
     /// Counts a refused CONNECT under its reason (`BROKER_REFUSALS`).
     pub fn broker_refused(&self, reason: &str) {
-        if let Some(i) = BROKER_REFUSALS.iter().position(|r| *r == reason) {
-            self.broker_refused[i].fetch_add(1, Ordering::Relaxed);
-        }
+        bump(&BROKER_REFUSALS, &self.broker_refused, reason);
     }
 
     /// Denials of `action` counted so far.
     pub fn broker_denials(&self, action: &str) -> u64 {
-        BROKER_ACTIONS
-            .iter()
-            .position(|a| *a == action)
-            .map(|i| self.broker_denied[i].load(Ordering::Relaxed))
-            .unwrap_or(0)
+        count_of(&BROKER_ACTIONS, &self.broker_denied, action)
     }
 
     /// Rejects counted under `code` so far.
     pub fn rejects(&self, code: &str) -> u64 {
-        Reject::CODES
-            .iter()
-            .position(|c| *c == code)
-            .map(|i| self.rejects[i].load(Ordering::Relaxed))
-            .unwrap_or(0)
+        count_of(&Reject::CODES, &self.rejects, code)
     }
 
     /// Prometheus text exposition format: the counters of the roles this
@@ -211,31 +235,28 @@ impl Metrics {
     }
 
     fn render_broker(&self, out: &mut String) {
-        let labels: Vec<(String, u64)> = BROKER_ACTIONS
-            .iter()
-            .map(|a| (format!("{{action=\"{a}\"}}"), self.broker_denials(a)))
-            .collect();
-        let samples: Vec<(&str, u64)> = labels.iter().map(|(l, v)| (l.as_str(), *v)).collect();
+        let all = |_: &str, _: u64| true;
         write_counter(
             out,
             "widgetry_broker_denied_total",
             "Client ids, publishes, subscriptions and wills the embedded broker's access policy denied, by action.",
-            &samples,
+            &as_samples(&labelled(
+                "action",
+                &BROKER_ACTIONS,
+                &self.broker_denied,
+                all,
+            )),
         );
-        let labels: Vec<(String, u64)> = BROKER_REFUSALS
-            .iter()
-            .enumerate()
-            .map(|(i, r)| {
-                let v = self.broker_refused[i].load(Ordering::Relaxed);
-                (format!("{{reason=\"{r}\"}}"), v)
-            })
-            .collect();
-        let samples: Vec<(&str, u64)> = labels.iter().map(|(l, v)| (l.as_str(), *v)).collect();
         write_counter(
             out,
             "widgetry_broker_refused_connections_total",
             "CONNECTs the embedded broker refused (answered with a failed CONNACK), by reason.",
-            &samples,
+            &as_samples(&labelled(
+                "reason",
+                &BROKER_REFUSALS,
+                &self.broker_refused,
+                all,
+            )),
         );
     }
 
@@ -335,17 +356,13 @@ impl Metrics {
         }
         // `bad_topic` cannot come from the ingestor's subscriptions (every
         // topic they match parses); it is shown only if it ever happens.
-        let rejects: Vec<(String, u64)> = Reject::CODES
-            .iter()
-            .enumerate()
-            .map(|(i, c)| (format!("{{reason=\"{c}\"}}"), get(&self.rejects[i])))
-            .filter(|(l, v)| *v > 0 || !l.contains("bad_topic"))
-            .collect();
-        let rejects: Vec<(&str, u64)> = rejects.iter().map(|(l, v)| (l.as_str(), *v)).collect();
+        let rejects = labelled("reason", &Reject::CODES, &self.rejects, |code, v| {
+            v > 0 || code != "bad_topic"
+        });
         counter(
             "widgetry_ingest_rejects_total",
             "Payloads rejected by the ingestor, by reason.",
-            &rejects,
+            &as_samples(&rejects),
         );
         counter(
             "widgetry_ingest_live_published_total",
