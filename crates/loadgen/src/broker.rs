@@ -181,7 +181,8 @@ pub async fn fanin(cfg: FaninConfig, mut progress: impl FnMut(String)) -> FaninR
     sub_task.abort();
     let (unique, dups) = result.unwrap_or((received.load(Ordering::Relaxed), 0));
     FaninReport {
-        sent: sent.load(Ordering::Relaxed).max(total.min(unique)),
+        // A message can arrive before its publisher counted it as sent.
+        sent: sent.load(Ordering::Relaxed).max(unique),
         received_unique: unique,
         duplicates: dups,
         seconds,

@@ -105,7 +105,7 @@ pub async fn start_serve(
     let credentials = Some((SERVER_USER.to_string(), server_password.clone()));
     let policy = Arc::new(Policy::new(
         server_password,
-        broker::device_credentials(&cfg.broker.rumqttd),
+        crate::config::device_credentials(&cfg.broker.rumqttd),
         cfg.broker.observers.clone(),
         metrics.clone(),
     ));

@@ -9,7 +9,6 @@
 pub mod policy;
 pub mod retained;
 
-use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::Arc;
@@ -19,7 +18,7 @@ use policy::Policy;
 
 use tracing::{error, info};
 
-use crate::config::BrokerConfig;
+use crate::config::{BrokerConfig, device_credentials};
 
 /// Errors starting the broker.
 #[derive(Debug, thiserror::Error)]
@@ -49,20 +48,6 @@ pub fn connect_addr(listen: SocketAddr) -> SocketAddr {
         });
     }
     addr
-}
-
-/// The device credentials of every listener's `auth` table, merged: with
-/// any of them set, every listener requires credentials.
-pub fn device_credentials(cfg: &rumqttd::Config) -> Option<HashMap<String, String>> {
-    let mut all: Option<HashMap<String, String>> = None;
-    for servers in [&cfg.v4, &cfg.v5].into_iter().flatten() {
-        for server in servers.values() {
-            if let Some(auth) = &server.connections.auth {
-                all.get_or_insert_with(HashMap::new).extend(auth.clone());
-            }
-        }
-    }
-    all
 }
 
 /// Puts `policy` in charge of every listener's logins and authorisation.
@@ -95,7 +80,7 @@ pub fn start(mut cfg: BrokerConfig, policy: Arc<Policy>) -> Result<(), BrokerErr
     for addr in std::iter::once(addr).chain(cfg.mqtt5_listen) {
         TcpListener::bind(addr).map_err(|source| BrokerError::Bind { addr, source })?;
     }
-    let users = crate::config::auth_users(&cfg.rumqttd);
+    let users = device_credentials(&cfg.rumqttd).map_or(0, |m| m.len());
     apply_policy(&mut cfg.rumqttd, &policy);
     let cfg_mqtt5 = cfg.mqtt5_listen;
     let (done_tx, done_rx) = std::sync::mpsc::channel();

@@ -148,15 +148,6 @@ pub struct ListenOverride {
     pub v5: Option<SocketAddr>,
 }
 
-impl ListenOverride {
-    pub fn v4(addr: SocketAddr) -> ListenOverride {
-        ListenOverride {
-            v4: Some(addr),
-            v5: None,
-        }
-    }
-}
-
 /// Parses and validates a broker.toml text, applying `listen_override` to
 /// the first `[v4.*]` and `[v5.*]` servers.
 pub fn parse_broker_config(
@@ -237,16 +228,10 @@ pub fn parse_broker_config(
                 message: "missing".into(),
             }])
         })?;
-    let auth_users: std::collections::HashSet<&String> = [&rumqttd.v4, &rumqttd.v5]
-        .into_iter()
-        .flatten()
-        .flat_map(|m| m.values())
-        .filter_map(|s| s.connections.auth.as_ref())
-        .flat_map(|a| a.keys())
-        .collect();
+    let accounts = device_credentials(&rumqttd).unwrap_or_default();
     let unknown: Vec<&String> = observers
         .iter()
-        .filter(|o| !auth_users.contains(o))
+        .filter(|o| !accounts.contains_key(*o))
         .collect();
     if !unknown.is_empty() {
         return Err(ConfigError(vec![Problem {
@@ -698,16 +683,18 @@ pub fn redact_url(url: &str) -> String {
     }
 }
 
-/// Users allowed by `[v4.*.connections.auth]`, if any (for logging only
-/// the count: credentials never reach the logs).
-pub fn auth_users(cfg: &rumqttd::Config) -> usize {
-    let count = |m: &Option<HashMap<String, rumqttd::ServerSettings>>| {
-        m.iter()
-            .flat_map(|m| m.values())
-            .filter_map(|s| s.connections.auth.as_ref().map(|a| a.len()))
-            .sum::<usize>()
-    };
-    count(&cfg.v4) + count(&cfg.v5)
+/// The device credentials of every listener's `auth` table, merged: with
+/// any of them set, every listener requires credentials.
+pub fn device_credentials(cfg: &rumqttd::Config) -> Option<HashMap<String, String>> {
+    let mut all: Option<HashMap<String, String>> = None;
+    for servers in [&cfg.v4, &cfg.v5].into_iter().flatten() {
+        for server in servers.values() {
+            if let Some(auth) = &server.connections.auth {
+                all.get_or_insert_with(HashMap::new).extend(auth.clone());
+            }
+        }
+    }
+    all
 }
 
 #[cfg(test)]
