@@ -44,6 +44,9 @@ pub struct Connection {
     pub identity: ClientIdentity,
     /// Decides publishes and subscribes; None allows everything
     pub authoriser: Option<Authoriser>,
+    /// The client id, shared with every log entry this connection publishes
+    /// (for No Local)
+    pub(crate) publisher_id: std::sync::Arc<str>,
     /// Unique per connection (ids are reused): names it in `Event::Disconnect`
     pub token: u64,
     /// Packet ids of QoS 2 publishes that were denied: their PUBREL is
@@ -87,6 +90,7 @@ impl Connection {
             client_id: client_id.clone(),
             ..Default::default()
         };
+        let publisher_id = client_id.as_str().into();
         Connection {
             client_id,
             tenant_prefix,
@@ -102,6 +106,7 @@ impl Connection {
             topic_aliases: HashMap::new(),
             broker_topic_aliases: None,
             subscription_ids: HashMap::new(),
+            publisher_id,
             identity,
             token: {
                 static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);

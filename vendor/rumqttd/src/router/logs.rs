@@ -23,7 +23,8 @@ pub struct PublishData {
     pub properties: Option<PublishProperties>,
     pub timestamp: Instant,
     /// Client id of the connection that published this, for No Local
-    pub publisher: Option<String>,
+    /// (shared with the connection: no allocation per message)
+    pub publisher: Option<std::sync::Arc<str>>,
 }
 
 impl From<PubWithProp> for PublishData {

@@ -1411,7 +1411,7 @@ fn append_to_commitlog(
     for filter_idx in filter_idxs {
         let datalog = datalog.native.get_mut(filter_idx).unwrap();
         let mut publish_data: PublishData = (publish.clone(), properties.clone()).into();
-        publish_data.publisher = Some(connection.client_id.clone());
+        publish_data.publisher = Some(connection.publisher_id.clone());
         let (offset, filter) = datalog.append(publish_data, notifications);
         debug!(
             pkid,

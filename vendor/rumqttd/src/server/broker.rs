@@ -13,7 +13,6 @@ use crate::{meters, ConnectionSettings, Meter};
 use flume::{RecvError, SendError, Sender};
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use tracing::{error, field, info, warn, Instrument};
 use uuid::Uuid;
@@ -588,14 +587,13 @@ async fn remote<P: Protocol>(
     };
 
     // Registered only for a link that started: a refused connection leaves
-    // no handler behind.
-    static NEXT_HANDLER: AtomicU64 = AtomicU64::new(0);
-    let handler = NEXT_HANDLER.fetch_add(1, Ordering::Relaxed);
-    let (will_tx, will_rx) = flume::bounded::<AwaitingWill>(1);
-    lock(&will_handlers).insert(client_id.clone(), (handler, will_tx));
-
+    // no handler behind. Keyed with the connection's token, so that this
+    // task removes only its own handler.
     let connection_id = link.connection_id;
     let token = link.token;
+    let (will_tx, will_rx) = flume::bounded::<AwaitingWill>(1);
+    lock(&will_handlers).insert(client_id.clone(), (token, will_tx));
+
     let will_delay_interval = link.will_delay_interval;
     let mut send_disconnect = true;
 
@@ -644,7 +642,7 @@ async fn remote<P: Protocol>(
     // No need to keep the sender (unless a newer connection replaced it)
     {
         let mut handlers = lock(&will_handlers);
-        if handlers.get(&client_id).is_some_and(|(h, _)| *h == handler) {
+        if handlers.get(&client_id).is_some_and(|(t, _)| *t == token) {
             handlers.remove(&client_id);
         }
     }
