@@ -697,6 +697,27 @@ mod tests {
     }
 
     #[test]
+    fn a_short_server_password_is_refused_and_never_echoed() {
+        let dir = tempfile::tempdir().expect("dir");
+        let db = dir.path().join("w.db");
+        let db = db.to_str().expect("utf-8 path");
+        let err = match run(&["serve", "--database", db, "--server-password", "hunter2"]) {
+            Err(e) => e,
+            Ok(_) => panic!("a 7-character server password accepted"),
+        };
+        assert!(
+            err.contains("server-password") && err.contains("at least 16"),
+            "{err}"
+        );
+        assert!(!err.contains("hunter2"), "password echoed: {err}");
+        let long = "0123456789abcdef0123";
+        match run(&["serve", "--database", db, "--server-password", long]) {
+            Ok(Ok(Role::Serve(cfg))) => assert_eq!(cfg.server_password.as_deref(), Some(long)),
+            _ => panic!("a 20-character server password is valid"),
+        }
+    }
+
+    #[test]
     fn check_prints_the_resolved_settings_instead_of_running() {
         let dir = tempfile::tempdir().expect("dir");
         let db = dir.path().join("w.db");

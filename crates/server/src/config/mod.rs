@@ -841,6 +841,36 @@ mod tests {
     }
 
     #[test]
+    fn observers_need_a_password_and_a_list_of_names() {
+        let with = |access: &str| {
+            DEFAULT_BROKER_TOML.replacen(
+                "\n[v5.1]\n",
+                &format!("\n[v4.1.connections.auth]\nviewer = \"pw\"\n\n{access}\n\n[v5.1]\n"),
+                1,
+            )
+        };
+        let ok = parse_broker_config(
+            &BrokerSource::BuiltIn,
+            &with("[access]\nobservers = [\"viewer\"]"),
+            Default::default(),
+        )
+        .expect("an observer with a password");
+        assert!(ok.observers.contains("viewer"));
+        let got = problems(&with("[access]\nobservers = [\"ghost\"]")).join("\n");
+        assert!(
+            got.contains("[access] observers") && got.contains("ghost"),
+            "{got}"
+        );
+        let got = problems(&with("[access]\nobservers = \"viewer\"")).join("\n");
+        assert!(got.contains("must be a list of usernames"), "{got}");
+        let got = problems(&with("[access]\nreaders = []")).join("\n");
+        assert!(
+            got.contains("[access] readers") && got.contains("unknown key"),
+            "{got}"
+        );
+    }
+
+    #[test]
     fn auth_values_are_never_echoed() {
         let text = DEFAULT_BROKER_TOML.replacen(
             "\n[v5.1]\n",
