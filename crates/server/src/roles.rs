@@ -93,8 +93,6 @@ pub async fn start_serve(
                 source,
             })?;
     let http_addr = listener.local_addr().map_err(ServeError::Http)?;
-    let mqtt_addr = cfg.broker.mqtt_listen;
-    let mqtt5_addr = cfg.broker.mqtt5_listen;
     let metrics = Arc::new(Metrics::for_roles(Roles::ALL));
     // The ingestor and the web bridge log in as the server: only it may
     // publish acks, live data and error reports.
@@ -114,7 +112,10 @@ pub async fn start_serve(
     let mut broker_cfg = cfg.broker.clone();
     broker_cfg.rumqttd.router.initial_retained = broker::retained::load(&store).await?;
     broker_cfg.rumqttd.router.retained_hook = Some(retained.hook());
-    tokio::task::spawn_blocking(move || broker::start(broker_cfg, policy)).await??;
+    let broker::Listening {
+        mqtt: mqtt_addr,
+        mqtt5: mqtt5_addr,
+    } = tokio::task::spawn_blocking(move || broker::start(broker_cfg, policy)).await??;
 
     let mut tasks = Supervisor::new(shutdown.clone(), DRAIN_DEADLINE);
     let writer = broker::retained::run(retained, store.clone(), shutdown.clone());

@@ -468,7 +468,7 @@ async fn hostile_topics_cannot_forge_or_flood_log_lines() {
         Command::new(workspace_bin("widgetry"))
             .current_dir(dir.path())
             .args(["serve", "--mqtt-listen", &format!("127.0.0.1:{mqtt}")])
-            .args(["--mqtt5-listen", &format!("127.0.0.1:{}", free_port())])
+            .args(["--mqtt5-listen", "127.0.0.1:0"])
             .args(["--http-listen", &format!("127.0.0.1:{http}")])
             .stderr(std::fs::File::create(&log).expect("log file"))
             .spawn()

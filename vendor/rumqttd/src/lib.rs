@@ -150,6 +150,11 @@ impl TlsConfig {
 pub struct ServerSettings {
     pub name: String,
     pub listen: SocketAddr,
+    /// A socket already bound (e.g. on port 0, so that the caller knows the
+    /// port before the broker starts); the server listens on it instead of
+    /// binding `listen`.
+    #[serde(skip)]
+    pub prebound: Option<PreboundListener>,
     pub tls: Option<TlsConfig>,
     pub next_connection_delay_ms: u64,
     pub connections: ConnectionSettings,
@@ -281,6 +286,28 @@ pub struct RetainedHook(pub Arc<dyn Fn(RetainedChange) + Send + Sync>);
 impl fmt::Debug for RetainedHook {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("RetainedHook")
+    }
+}
+
+/// A listening socket handed to a server (`ServerSettings::prebound`).
+/// Clones share the socket; the first server to start takes it.
+#[derive(Clone, Default)]
+pub struct PreboundListener(Arc<std::sync::Mutex<Option<std::net::TcpListener>>>);
+
+impl PreboundListener {
+    pub fn new(listener: std::net::TcpListener) -> Self {
+        PreboundListener(Arc::new(std::sync::Mutex::new(Some(listener))))
+    }
+
+    /// The socket, once; `None` when it was taken already.
+    pub fn take(&self) -> Option<std::net::TcpListener> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).take()
+    }
+}
+
+impl fmt::Debug for PreboundListener {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("PreboundListener")
     }
 }
 

@@ -1,9 +1,10 @@
 //! The embedded MQTT broker (rumqttd) on a dedicated thread.
 //!
 //! rumqttd's `start()` blocks forever and has no stop call, and it logs
-//! rather than returns a failure to bind. So we check the port ourselves
-//! first, then wait until the listener accepts connections; the thread ends
-//! with the process. Nothing here may touch the database. Who may do what
+//! rather than returns a failure to bind. So we bind its sockets ourselves
+//! first and hand them over (which also makes port 0 usable), then wait
+//! until the listener accepts connections; the thread ends with the
+//! process. Nothing here may touch the database. Who may do what
 //! on the broker is decided in [`policy`].
 
 pub mod policy;
@@ -72,17 +73,50 @@ fn apply_policy(cfg: &mut rumqttd::Config, policy: &Arc<Policy>) {
     }
 }
 
-/// Starts the broker under `policy` and returns once its first MQTT
-/// listener accepts connections.
-pub fn start(mut cfg: BrokerConfig, policy: Arc<Policy>) -> Result<(), BrokerError> {
-    let addr = cfg.mqtt_listen;
-    // Fail clearly if a port is taken: rumqttd would only log it.
-    for addr in std::iter::once(addr).chain(cfg.mqtt5_listen) {
-        TcpListener::bind(addr).map_err(|source| BrokerError::Bind { addr, source })?;
+/// Where the broker's first MQTT 3.1.1 and MQTT 5 listeners are bound (a
+/// configured port 0 resolved to the port the system chose).
+#[derive(Debug, Clone, Copy)]
+pub struct Listening {
+    pub mqtt: SocketAddr,
+    pub mqtt5: Option<SocketAddr>,
+}
+
+/// Binds every listener of `cfg` now, so a taken port fails here with its
+/// address (rumqttd would only log it) and port 0 resolves before anyone
+/// needs the address; the broker then listens on these sockets.
+fn bind_listeners(cfg: &mut BrokerConfig) -> Result<Listening, BrokerError> {
+    let mut found = Listening {
+        mqtt: cfg.mqtt_listen,
+        mqtt5: cfg.mqtt5_listen,
+    };
+    for (v5, servers) in [(false, &mut cfg.rumqttd.v4), (true, &mut cfg.rumqttd.v5)] {
+        for server in servers.iter_mut().flat_map(|m| m.values_mut()) {
+            let addr = server.listen;
+            let socket =
+                TcpListener::bind(addr).map_err(|source| BrokerError::Bind { addr, source })?;
+            let bound = socket
+                .local_addr()
+                .map_err(|source| BrokerError::Bind { addr, source })?;
+            if !v5 && addr == cfg.mqtt_listen {
+                found.mqtt = bound;
+            }
+            if v5 && Some(addr) == cfg.mqtt5_listen {
+                found.mqtt5 = Some(bound);
+            }
+            server.listen = bound;
+            server.prebound = Some(rumqttd::PreboundListener::new(socket));
+        }
     }
+    Ok(found)
+}
+
+/// Starts the broker under `policy` and returns, once its first MQTT
+/// listener accepts connections, where its listeners are.
+pub fn start(mut cfg: BrokerConfig, policy: Arc<Policy>) -> Result<Listening, BrokerError> {
+    let listening = bind_listeners(&mut cfg)?;
+    let addr = listening.mqtt;
     let users = device_credentials(&cfg.rumqttd).map_or(0, |m| m.len());
     apply_policy(&mut cfg.rumqttd, &policy);
-    let cfg_mqtt5 = cfg.mqtt5_listen;
     let (done_tx, done_rx) = std::sync::mpsc::channel();
     std::thread::Builder::new()
         .name("mqtt-broker".into())
@@ -102,11 +136,11 @@ pub fn start(mut cfg: BrokerConfig, policy: Arc<Policy>) -> Result<(), BrokerErr
         if mqtt_ping(target).is_ok() {
             info!(
                 listen = %addr,
-                listen_mqtt5 = ?cfg_mqtt5,
+                listen_mqtt5 = ?listening.mqtt5,
                 device_credentials = users,
                 "embedded MQTT broker listening"
             );
-            return Ok(());
+            return Ok(listening);
         }
         if done_rx.try_recv().is_ok() || Instant::now() > deadline {
             return Err(BrokerError::NotReady { addr, secs });

@@ -119,10 +119,10 @@ pub struct ServeArgs {
     /// Embedded broker configuration [default: ./broker.toml if present, else the built-in copy].
     #[arg(long, env = "WIDGETRY_BROKER_CONFIG")]
     pub broker_config: Option<PathBuf>,
-    /// MQTT listen address; overrides `listen` of the first [v4.*] server in broker.toml [default: 0.0.0.0:1883].
+    /// MQTT listen address (port 0 picks a free port); overrides `listen` of the first [v4.*] server in broker.toml [default: 0.0.0.0:1883].
     #[arg(long, env = "WIDGETRY_MQTT_LISTEN")]
     pub mqtt_listen: Option<String>,
-    /// MQTT 5 listen address; overrides `listen` of the first [v5.*] server in broker.toml [default: 0.0.0.0:1884].
+    /// MQTT 5 listen address (port 0 picks a free port); overrides `listen` of the first [v5.*] server in broker.toml [default: 0.0.0.0:1884].
     #[arg(long, env = "WIDGETRY_MQTT5_LISTEN")]
     pub mqtt5_listen: Option<String>,
     /// HTTP listen address of the API and dashboard (port 0 picks a free port) [default: 0.0.0.0:8080].
@@ -304,13 +304,13 @@ pub fn resolve_serve(args: &ServeArgs) -> Result<ServeConfig, ConfigError> {
     let label = file_label(&args.config);
     let mut problems = Vec::new();
     let mqtt_override = pick(&args.mqtt_listen, &file.mqtt_listen, &label).and_then(|(t, src)| {
-        super::parse_addr(&t, &src, "mqtt_listen", false)
+        super::parse_addr(&t, &src, "mqtt_listen", true)
             .map_err(|p| problems.push(p))
             .ok()
     });
     let mqtt5_override =
         pick(&args.mqtt5_listen, &file.mqtt5_listen, &label).and_then(|(t, src)| {
-            super::parse_addr(&t, &src, "mqtt5_listen", false)
+            super::parse_addr(&t, &src, "mqtt5_listen", true)
                 .map_err(|p| problems.push(p))
                 .ok()
         });

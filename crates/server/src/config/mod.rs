@@ -269,11 +269,7 @@ fn check_value(file: &str, key: &str, v: &toml::Value, kind: Kind, p: &mut Probl
     match kind {
         Kind::Int { min, max } => match v.as_integer() {
             Some(i) if (min..=max).contains(&i) => {}
-            Some(i) => p.add(
-                file,
-                key,
-                format!("{i} is out of range ({min}-{max})"),
-            ),
+            Some(i) => p.add(file, key, format!("{i} is out of range ({min}-{max})")),
             None => p.add(file, key, format!("{v} is not an integer")),
         },
         Kind::Bool => {
@@ -287,15 +283,12 @@ fn check_value(file: &str, key: &str, v: &toml::Value, kind: Kind, p: &mut Probl
             }
         }
         Kind::Addr => match v.as_str().map(str::parse::<SocketAddr>) {
-            Some(Ok(a)) if a.port() == 0 => p.add(
+            Some(Ok(_)) => {}
+            Some(Err(e)) => p.add(
                 file,
                 key,
-                format!(
-                    "\"{a}\": port 0 is not allowed, the embedded broker cannot report an OS-chosen port; pick a free port"
-                ),
+                format!("{v}: {e} (expected IP:PORT, e.g. \"0.0.0.0:1883\")"),
             ),
-            Some(Ok(_)) => {}
-            Some(Err(e)) => p.add(file, key, format!("{v}: {e} (expected IP:PORT, e.g. \"0.0.0.0:1883\")")),
             None => p.add(file, key, format!("{v} is not a string")),
         },
         Kind::Strategy => match v.as_str() {

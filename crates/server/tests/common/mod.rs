@@ -17,7 +17,8 @@ use widgetry_server::config::{
 };
 use widgetry_server::{Running, ServeConfig, start_serve};
 
-/// A port that was free a moment ago (the broker cannot bind port 0).
+/// A port that was free a moment ago, for a child process that must come
+/// back on the same port after a restart (anything else binds port 0).
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -86,11 +87,10 @@ impl Stack {
     pub async fn with(limits: widgetry_proto::Limits, broker_toml: &str) -> Stack {
         let dir = tempfile::tempdir().expect("temp dir");
         let db = test_database(dir.path()).await;
-        let mqtt: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
-        let mqtt5: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+        let any_port: SocketAddr = "127.0.0.1:0".parse().expect("addr");
         let listen = ListenOverride {
-            v4: Some(mqtt),
-            v5: Some(mqtt5),
+            v4: Some(any_port),
+            v5: Some(any_port),
         };
         let broker = parse_broker_config(&BrokerSource::BuiltIn, broker_toml, listen)
             .expect("test broker.toml is valid");
@@ -106,6 +106,10 @@ impl Stack {
             .await
             .expect("serve starts");
         let http = running.http_addr;
+        let mqtt = running.mqtt_addr;
+        let mqtt5 = running
+            .mqtt5_addr
+            .expect("the test broker has an MQTT 5 listener");
         Stack {
             running: Some(running),
             http,
@@ -278,7 +282,7 @@ impl ServeProc {
         let child = std::process::Command::new(workspace_bin("widgetry"))
             .current_dir(dir)
             .args(["serve", "--mqtt-listen", &format!("127.0.0.1:{mqtt}")])
-            .args(["--mqtt5-listen", &format!("127.0.0.1:{}", free_port())])
+            .args(["--mqtt5-listen", "127.0.0.1:0"])
             .args(["--http-listen", &http.to_string()])
             .stderr(std::process::Stdio::null())
             .spawn()

@@ -385,14 +385,22 @@ impl<P: Protocol + Clone + Send + 'static> Server<P> {
     }
 
     pub async fn start(&mut self, link_type: LinkType) -> Result<(), Error> {
-        let listener = TcpListener::bind(&self.config.listen).await?;
+        let listener = match self.config.prebound.as_ref().and_then(|p| p.take()) {
+            Some(std) => {
+                std.set_nonblocking(true)?;
+                TcpListener::from_std(std)?
+            }
+            None => TcpListener::bind(&self.config.listen).await?,
+        };
         let delay = Duration::from_millis(self.config.next_connection_delay_ms);
         let mut count: usize = 0;
 
         let config = Arc::new(self.config.connections.clone());
         info!(
             config = self.config.name,
-            listen_addr = self.config.listen.to_string(),
+            listen_addr = listener
+                .local_addr()
+                .map_or_else(|_| self.config.listen.to_string(), |a| a.to_string()),
             "Listening for remote connections",
         );
         loop {
