@@ -466,6 +466,7 @@ struct Topics {
 /// Drives the MQTT event loop, reconnecting with jittered backoff.
 async fn drive(mut events: EventLoop, topics: Topics, tx: mpsc::Sender<Link>) {
     let mut failures = 0u32;
+    let mut last_refusal = None;
     loop {
         let report = match events.poll().await {
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
@@ -484,7 +485,14 @@ async fn drive(mut events: EventLoop, topics: Topics, tx: mpsc::Sender<Link>) {
                 return;
             }
             Ok(_) => None,
-            Err(_) => {
+            Err(e) => {
+                if let rumqttc::ConnectionError::ConnectionRefused(code) = e {
+                    // Said when the reason is new, then every 20th time.
+                    if last_refusal != Some(code) || failures.is_multiple_of(20) {
+                        eprintln!("widgetry-agent: {}; retrying with backoff", refusal(code));
+                    }
+                    last_refusal = Some(code);
+                }
                 if tx.is_closed() {
                     // The main loop has finished: nobody to reconnect for.
                     return;
@@ -500,6 +508,23 @@ async fn drive(mut events: EventLoop, topics: Topics, tx: mpsc::Sender<Link>) {
             // DISCONNECT is written.
             let _ = tx.send(r).await;
         }
+    }
+}
+
+/// What a refused CONNECT means for this agent's user.
+fn refusal(code: rumqttc::ConnectReturnCode) -> String {
+    use rumqttc::ConnectReturnCode as C;
+    match code {
+        C::BadUserNamePassword => "the broker refused the login: bad username or password \
+            (--username/--password or WIDGETRY_MQTT_USERNAME/WIDGETRY_MQTT_PASSWORD; \
+            on the server, `widgetry device add DEVICE` makes an account and \
+            `widgetry device rotate DEVICE` a new password)"
+            .into(),
+        C::NotAuthorized => "the broker refused the connection as not authorised: \
+            it needs an account (--username, the device id, and --password), \
+            or the client id belongs to another account"
+            .into(),
+        other => format!("the broker refused the connection ({other:?})"),
     }
 }
 

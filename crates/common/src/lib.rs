@@ -17,6 +17,31 @@ pub fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
+/// `ms` since the Unix epoch as UTC, `YYYY-MM-DDTHH:MM:SSZ` (whole
+/// seconds; years outside 0..=9999 are clamped to that range's ends).
+pub fn utc_string(ms: i64) -> String {
+    const MIN: i64 = -62_167_219_200; // 0000-01-01T00:00:00Z
+    const MAX: i64 = 253_402_300_799; // 9999-12-31T23:59:59Z
+    let secs = ms.div_euclid(1000).clamp(MIN, MAX);
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Days to a civil date (H. Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
+}
+
 /// Process-wide jitter state (splitmix64), seeded from the clock and the
 /// process id on first use.
 static JITTER: AtomicU64 = AtomicU64::new(0);
@@ -149,6 +174,16 @@ mod tests {
     }
 
     use super::*;
+
+    #[test]
+    fn utc_strings() {
+        assert_eq!(utc_string(0), "1970-01-01T00:00:00Z");
+        assert_eq!(utc_string(951_782_400_000), "2000-02-29T00:00:00Z");
+        assert_eq!(utc_string(1_798_761_599_999), "2026-12-31T23:59:59Z");
+        assert_eq!(utc_string(-1), "1969-12-31T23:59:59Z");
+        assert_eq!(utc_string(i64::MAX), "9999-12-31T23:59:59Z");
+        assert_eq!(utc_string(i64::MIN), "0000-01-01T00:00:00Z");
+    }
 
     #[test]
     fn backoff_grows_and_is_capped() {

@@ -30,6 +30,19 @@ async fn run(role: Role) -> Result<bool, ServeError> {
             Role::Serve(cfg) => widgetry_server::run_serve(*cfg, token.clone()).await,
             Role::Ingest(cfg, db) => widgetry_server::run_ingest(cfg, db, token.clone()).await,
             Role::Web(h, db, b) => widgetry_server::run_web(h, db, b, token.clone()).await,
+            Role::Device(action, db) => {
+                let mut stdin = std::io::stdin().lock();
+                let (mut out, mut err) = (std::io::stdout(), std::io::stderr());
+                let run =
+                    widgetry_server::device_cmd::run(action, &db, &mut stdin, &mut out, &mut err);
+                return match run.await {
+                    Ok(()) => Ok(true),
+                    Err(e) => {
+                        eprintln!("widgetry device: {e}");
+                        Ok(false)
+                    }
+                };
+            }
             Role::Loadgen(cfg) => {
                 let report = widgetry_loadgen::run(*cfg, |l| eprintln!("{l}")).await;
                 println!("{}", report.render());
@@ -69,7 +82,7 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    if !matches!(role, Role::Loadgen(_)) {
+    if !matches!(role, Role::Loadgen(_) | Role::Device(..)) {
         init_tracing(cli.log_format);
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread()

@@ -16,6 +16,7 @@ use tracing::{info, warn};
 use crate::broker::policy::{Policy, SERVER_USER};
 use crate::broker::retained::RetainedSink;
 use crate::config::Database;
+use crate::config::roles::AuthMode;
 use crate::ingest::{self, IngestConfig};
 use crate::metrics::{Metrics, Roles};
 use crate::sinks;
@@ -101,12 +102,14 @@ pub async fn start_serve(
         .clone()
         .unwrap_or_else(|| format!("{:032x}", rand::random::<u128>()));
     let credentials = Some((SERVER_USER.to_string(), server_password.clone()));
+    let accounts = broker_accounts(&cfg, &store).await?;
     let policy = Arc::new(Policy::new(
         server_password,
-        crate::config::device_credentials(&cfg.broker.rumqttd),
+        accounts,
         cfg.broker.observers.clone(),
         metrics.clone(),
     ));
+    let follow_policy = policy.clone();
     // Retained messages (every device's last status) survive a restart.
     let retained = Arc::new(RetainedSink::default());
     let mut broker_cfg = cfg.broker.clone();
@@ -120,6 +123,10 @@ pub async fn start_serve(
     let mut tasks = Supervisor::new(shutdown.clone(), DRAIN_DEADLINE);
     let writer = broker::retained::run(retained, store.clone(), shutdown.clone());
     tasks.spawn("retained", async move { Ok(writer.await?) });
+    if follow_policy.credentials_on() {
+        let follow = broker::accounts::follow(follow_policy, store.clone(), shutdown.clone());
+        tasks.spawn("accounts", async move { Ok(follow.await?) });
+    }
     let target = broker::connect_addr(mqtt_addr);
     let mut ingest_cfg = IngestConfig::new(target.ip().to_string(), target.port());
     ingest_cfg.retention = cfg.retention;
@@ -170,6 +177,62 @@ pub async fn start_serve(
 }
 
 /// Runs `serve` until `shutdown` is cancelled.
+/// The broker's accounts, or None when authentication is off (see
+/// [`AuthMode`]); says at start what was decided and, when no account
+/// exists yet, how to add one.
+async fn broker_accounts(
+    cfg: &ServeConfig,
+    store: &Store,
+) -> Result<Option<broker::accounts::Accounts>, ServeError> {
+    let plain = crate::config::device_credentials(&cfg.broker.rumqttd);
+    let stored = store.accounts().await?;
+    let listeners = crate::config::listen_addrs(&cfg.broker.rumqttd);
+    let exposed: Vec<String> = listeners
+        .iter()
+        .filter(|a| !a.ip().is_loopback())
+        .map(|a| a.to_string())
+        .collect();
+    let have = plain.as_ref().map_or(0, |p| p.len()) + stored.len();
+    let on = match cfg.auth {
+        AuthMode::Required => true,
+        AuthMode::Off => false,
+        AuthMode::Auto => !exposed.is_empty() || plain.is_some() || !stored.is_empty(),
+    };
+    if !on {
+        if have > 0 {
+            warn!(
+                accounts = have,
+                "MQTT authentication is off (--auth off): accounts are not checked and anyone may connect"
+            );
+        } else {
+            info!(
+                "MQTT authentication is off: every listener is loopback-only and no account exists (--auth required turns it on)"
+            );
+        }
+        return Ok(None);
+    }
+    let mqtt = cfg.broker.mqtt_listen;
+    if have == 0 {
+        let why = if exposed.is_empty() {
+            "--auth required".to_string()
+        } else {
+            format!("{} not loopback-only", exposed.join(", "))
+        };
+        warn!(
+            "MQTT authentication is on ({why}) and no device has an account yet, so no device can connect. \
+             Add one with `widgetry device add DEVICE --database {db}` (it prints the password once), \
+             then start its agent with `WIDGETRY_MQTT_USERNAME=DEVICE WIDGETRY_MQTT_PASSWORD=<password> \
+             widgetry-agent --device DEVICE --broker HOST:{port}`; on a trusted network, `serve --auth off` lets anyone in",
+            db = cfg.database,
+            port = mqtt.port(),
+        );
+    }
+    Ok(Some(broker::accounts::Accounts::new(
+        plain.unwrap_or_default(),
+        &stored,
+    )))
+}
+
 pub async fn run_serve(cfg: ServeConfig, shutdown: CancellationToken) -> Result<(), ServeError> {
     start_serve(cfg, shutdown).await?.wait().await
 }
@@ -244,12 +307,8 @@ async fn serve_http(
         shutdown: shutdown.clone(),
         overview: Default::default(),
     });
-    let served = axum::serve(listener, app)
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await
-        .map_err(ServeError::Http);
+    web::server::serve(listener, app, shutdown).await;
     bridge_task.await??;
-    served?;
     info!("web service stopped");
     Ok(())
 }

@@ -7,6 +7,7 @@
 //! process. Nothing here may touch the database. Who may do what
 //! on the broker is decided in [`policy`].
 
+pub mod accounts;
 pub mod policy;
 pub mod retained;
 
@@ -19,7 +20,7 @@ use policy::Policy;
 
 use tracing::{error, info};
 
-use crate::config::{BrokerConfig, device_credentials};
+use crate::config::BrokerConfig;
 
 /// Errors starting the broker.
 #[derive(Debug, thiserror::Error)]
@@ -62,8 +63,8 @@ fn apply_policy(cfg: &mut rumqttd::Config, policy: &Arc<Policy>) {
             c.allow_anonymous = !policy.credentials_on();
             let p = policy.clone();
             c.set_auth_handler(move |_client_id, user: String, pass: String| {
-                let ok = p.login(&user, &pass);
-                async move { ok }
+                let p = p.clone();
+                async move { p.login(&user, &pass).await }
             });
             let p = policy.clone();
             c.set_authoriser(move |who, action| p.decide(who, action));
@@ -115,7 +116,7 @@ fn bind_listeners(cfg: &mut BrokerConfig) -> Result<Listening, BrokerError> {
 pub fn start(mut cfg: BrokerConfig, policy: Arc<Policy>) -> Result<Listening, BrokerError> {
     let listening = bind_listeners(&mut cfg)?;
     let addr = listening.mqtt;
-    let users = device_credentials(&cfg.rumqttd).map_or(0, |m| m.len());
+    let users = policy.accounts().map_or(0, |a| a.len());
     apply_policy(&mut cfg.rumqttd, &policy);
     let (done_tx, done_rx) = std::sync::mpsc::channel();
     std::thread::Builder::new()
@@ -133,7 +134,7 @@ pub fn start(mut cfg: BrokerConfig, policy: Arc<Policy>) -> Result<Listening, Br
     let secs = 10;
     let deadline = Instant::now() + Duration::from_secs(secs);
     loop {
-        if mqtt_ping(target).is_ok() {
+        if mqtt_ping(target, policy.server_password()).is_ok() {
             info!(
                 listen = %addr,
                 listen_mqtt5 = ?listening.mqtt5,
@@ -149,27 +150,38 @@ pub fn start(mut cfg: BrokerConfig, policy: Arc<Policy>) -> Result<Listening, Br
     }
 }
 
-/// Connects with a minimal MQTT 3.1.1 CONNECT, expects CONNACK "accepted",
+/// Connects with a minimal MQTT 3.1.1 CONNECT as the server (so the probe
+/// is neither refused nor logged as a denial), expects CONNACK "accepted",
 /// then disconnects cleanly: proof that the broker serves clients (a bare
 /// TCP connect would only leave a connect-timeout error in its log).
-fn mqtt_ping(addr: SocketAddr) -> std::io::Result<()> {
+fn mqtt_ping(addr: SocketAddr, server_password: &str) -> std::io::Result<()> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(200))?;
     s.set_read_timeout(Some(Duration::from_secs(2)))?;
-    let client_id = b"widgetry-ready-probe";
-    let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 30];
-    body.extend_from_slice(&(client_id.len() as u16).to_be_bytes());
-    body.extend_from_slice(client_id);
-    let mut packet = vec![0x10, body.len() as u8];
+    // Flags: username, password, clean session.
+    let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', 4, 0xC2, 0, 30];
+    for field in [
+        "widgetry-ready-probe".as_bytes(),
+        policy::SERVER_USER.as_bytes(),
+        server_password.as_bytes(),
+    ] {
+        let len = u16::try_from(field.len()).map_err(std::io::Error::other)?;
+        body.extend_from_slice(&len.to_be_bytes());
+        body.extend_from_slice(field);
+    }
+    let mut packet = vec![0x10];
+    let mut remaining = body.len();
+    loop {
+        let byte = (remaining % 128) as u8;
+        remaining /= 128;
+        packet.push(if remaining > 0 { byte | 0x80 } else { byte });
+        if remaining == 0 {
+            break;
+        }
+    }
     packet.extend_from_slice(&body);
     s.write_all(&packet)?;
     let mut ack = [0u8; 4];
-    match s.read_exact(&mut ack) {
-        // A broker with authentication on may refuse or close on an
-        // anonymous CONNECT: either answer still proves it is serving.
-        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
-        Err(e) => return Err(e),
-        Ok(()) => {}
-    }
+    s.read_exact(&mut ack)?;
     let _ = s.write_all(&[0xE0, 0x00]);
     if ack[0] == 0x20 {
         Ok(())

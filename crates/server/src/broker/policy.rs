@@ -14,7 +14,7 @@
 //! over. Deciding must stay cheap and never block: it runs on
 //! the broker's router thread for every publish and subscribe.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -23,6 +23,7 @@ use tracing::warn;
 use widgetry_common::excerpt;
 use widgetry_proto::topic::PREFIX;
 
+use super::accounts::{Accounts, same};
 use crate::metrics::Metrics;
 
 /// Username of the server's own connections to its embedded broker.
@@ -50,8 +51,8 @@ enum Role<'a> {
 #[derive(Debug)]
 pub struct Policy {
     server_password: String,
-    /// Device credentials (username = device id → password); None: off.
-    devices: Option<HashMap<String, String>>,
+    /// Device and observer accounts (username = device id); None: off.
+    accounts: Option<Accounts>,
     observers: HashSet<String>,
     metrics: Arc<Metrics>,
     /// The 10 s windows in which a denial and a refusal were last logged
@@ -63,13 +64,13 @@ pub struct Policy {
 impl Policy {
     pub fn new(
         server_password: String,
-        devices: Option<HashMap<String, String>>,
+        accounts: Option<Accounts>,
         observers: HashSet<String>,
         metrics: Arc<Metrics>,
     ) -> Policy {
         Policy {
             server_password,
-            devices,
+            accounts,
             observers,
             metrics,
             denial_logged: AtomicU64::new(u64::MAX),
@@ -79,23 +80,33 @@ impl Policy {
 
     /// The account whose client id `id` is (with device credentials on).
     fn owner<'a>(&'a self, id: &'a str) -> Option<&'a str> {
-        let map = self.devices.as_ref()?;
+        let accounts = self.accounts.as_ref()?;
         let user = id.strip_prefix(AGENT_CLIENT_PREFIX).unwrap_or(id);
-        map.contains_key(user).then_some(user)
+        accounts.contains(user).then_some(user)
     }
 
     /// Whether device credentials are on (then anonymous clients are refused).
     pub fn credentials_on(&self) -> bool {
-        self.devices.is_some()
+        self.accounts.is_some()
+    }
+
+    /// The password of the server's own connections.
+    pub(crate) fn server_password(&self) -> &str {
+        &self.server_password
+    }
+
+    /// The accounts, when credentials are on.
+    pub fn accounts(&self) -> Option<&Accounts> {
+        self.accounts.as_ref()
     }
 
     /// Checks a CONNECT's username and password.
-    pub fn login(&self, username: &str, password: &str) -> bool {
+    pub async fn login(&self, username: &str, password: &str) -> bool {
         if username == SERVER_USER {
             return same(password, &self.server_password);
         }
-        match &self.devices {
-            Some(map) => map.get(username).is_some_and(|p| same(password, p)),
+        match &self.accounts {
+            Some(accounts) => accounts.check(username, password).await,
             // Credentials off: a username is accepted unchecked; it grants
             // nothing more than an anonymous connection.
             None => true,
@@ -105,8 +116,13 @@ impl Policy {
     fn role<'a>(&self, who: &'a ClientIdentity) -> Role<'a> {
         match (&who.username, who.authenticated) {
             (Some(u), true) if u == SERVER_USER => Role::Server,
-            _ if self.devices.is_none() => Role::Open,
-            (Some(u), true) if self.observers.contains(u) => Role::Observer,
+            _ if self.accounts.is_none() => Role::Open,
+            (Some(u), true)
+                if self.observers.contains(u)
+                    || self.accounts.as_ref().is_some_and(|a| a.is_observer(u)) =>
+            {
+                Role::Observer
+            }
             (Some(u), true) if widgetry_proto::validate::validate_device(u).is_ok() => {
                 Role::Device(u)
             }
@@ -219,15 +235,10 @@ fn own(topic: &str, device: &str) -> bool {
         .is_some_and(|r| r.starts_with('/'))
 }
 
-/// Compares two secrets in time independent of where they differ.
-fn same(a: &str, b: &str) -> bool {
-    let (a, b) = (a.as_bytes(), b.as_bytes());
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::HashMap;
 
     fn who(user: Option<&str>, authenticated: bool) -> ClientIdentity {
         ClientIdentity {
@@ -246,10 +257,11 @@ mod tests {
 
     fn policy(devices: bool) -> Policy {
         let devices = devices.then(|| {
-            HashMap::from([
+            let plain = HashMap::from([
                 ("d1".to_string(), "p1".to_string()),
                 ("viewer".to_string(), "pv".to_string()),
-            ])
+            ]);
+            Accounts::new(plain, &[])
         });
         Policy::new(
             "secret".into(),
@@ -322,18 +334,18 @@ mod tests {
         assert_eq!(creds.metrics.broker_denials("connect"), 5);
     }
 
-    #[test]
-    fn logins() {
+    #[tokio::test]
+    async fn logins() {
         let open = policy(false);
-        assert!(open.login(SERVER_USER, "secret"));
-        assert!(!open.login(SERVER_USER, "secreT"));
-        assert!(!open.login(SERVER_USER, ""));
-        assert!(open.login("anyone", "anything"));
+        assert!(open.login(SERVER_USER, "secret").await);
+        assert!(!open.login(SERVER_USER, "secreT").await);
+        assert!(!open.login(SERVER_USER, "").await);
+        assert!(open.login("anyone", "anything").await);
         let creds = policy(true);
-        assert!(creds.login("d1", "p1"));
-        assert!(!creds.login("d1", "p2"));
-        assert!(!creds.login("d2", "p1"));
-        assert!(creds.login(SERVER_USER, "secret"));
+        assert!(creds.login("d1", "p1").await);
+        assert!(!creds.login("d1", "p2").await);
+        assert!(!creds.login("d2", "p1").await);
+        assert!(creds.login(SERVER_USER, "secret").await);
     }
 
     #[test]

@@ -52,6 +52,46 @@ pub enum Cmd {
     CheckConfig(ServeArgs),
     /// Simulate devices publishing batches to a broker and report what the server committed.
     Loadgen(LoadgenArgs),
+    /// Manage the MQTT accounts of devices and read-only observers (argon2id hashes in the database).
+    Device(DeviceArgs),
+}
+
+#[derive(Args)]
+pub struct DeviceArgs {
+    #[command(subcommand)]
+    pub action: DeviceAction,
+    /// Optional widgetry.toml (key database).
+    #[arg(long, env = "WIDGETRY_CONFIG", global = true)]
+    pub config: Option<PathBuf>,
+    /// SQLite database file (created if missing) or postgres://user:password@host:port/db [default: widgetry.db].
+    #[arg(long, env = "WIDGETRY_DATABASE", hide_env_values = true, global = true)]
+    pub database: Option<String>,
+}
+
+#[derive(Subcommand, Debug, Clone, PartialEq, Eq)]
+pub enum DeviceAction {
+    /// Add an account and print its new password on stdout, once (only its hash is kept).
+    Add {
+        /// The device id (the account's username), e.g. kiosk-1.
+        id: String,
+        /// A read-only observer account (subscribes to everything, publishes nothing) instead of a device.
+        #[arg(long)]
+        observer: bool,
+        /// Read the password from the first line of stdin instead of generating one.
+        #[arg(long)]
+        password_stdin: bool,
+    },
+    /// Give an account a new password (printed on stdout, once); the old one stops working within a second.
+    Rotate {
+        id: String,
+        /// Read the new password from the first line of stdin instead of generating one.
+        #[arg(long)]
+        password_stdin: bool,
+    },
+    /// Remove an account: it cannot log in again (open connections stay until they end).
+    Remove { id: String },
+    /// List the accounts (name, kind, created, password last changed).
+    List,
 }
 
 #[derive(Args)]
@@ -137,6 +177,10 @@ pub struct ServeArgs {
     /// [default: a random one per start, used by this process only].
     #[arg(long, env = "WIDGETRY_SERVER_PASSWORD", hide_env_values = true)]
     pub server_password: Option<String>,
+    /// Whether MQTT clients must log in with an account (`widgetry device add`): auto = required
+    /// when a listener is not loopback-only or any account exists.
+    #[arg(long, env = "WIDGETRY_AUTH", value_enum, default_value = "auto")]
+    pub auth: super::roles::AuthMode,
     #[command(flatten)]
     pub retention: RetentionArgs,
 }
@@ -351,6 +395,7 @@ pub fn resolve_serve(args: &ServeArgs) -> Result<ServeConfig, ConfigError> {
                 retention,
                 limits: Default::default(),
                 server_password,
+                auth: args.auth,
             })
         }
         _ => Err(ConfigError(problems)),
@@ -588,6 +633,7 @@ pub enum Role {
     Ingest(IngestConfig, Database),
     Web(SocketAddr, Database, BridgeConfig),
     Loadgen(Box<widgetry_loadgen::LoadConfig>),
+    Device(DeviceAction, Database),
 }
 
 /// Validates the command line into a role, or the line `--check` and
@@ -626,7 +672,31 @@ pub fn resolve_command(cmd: &Cmd) -> Result<Result<Role, String>, ConfigError> {
             )),
             cfg => Ok(Role::Loadgen(Box::new(cfg))),
         },
+        Cmd::Device(args) => Ok(resolve_device(args)?),
     })
+}
+
+/// Validates `widgetry device …`: the account name and the database.
+pub fn resolve_device(args: &DeviceArgs) -> Result<Role, ConfigError> {
+    let file = load_file(&args.config)?;
+    let label = file_label(&args.config);
+    let mut problems = Vec::new();
+    let database = resolve_database(&args.database, &file, &label, &mut problems);
+    let id = match &args.action {
+        DeviceAction::Add { id, .. } | DeviceAction::Rotate { id, .. } => Some(id),
+        DeviceAction::Remove { .. } | DeviceAction::List => None,
+    };
+    if let Some(Err(message)) = id.map(|id| crate::device_cmd::check_account_name(id)) {
+        problems.push(Problem {
+            file: FLAG.into(),
+            key: "ID".into(),
+            message,
+        });
+    }
+    match database {
+        Some(db) if problems.is_empty() => Ok(Role::Device(args.action.clone(), db)),
+        _ => Err(ConfigError(problems)),
+    }
 }
 
 #[cfg(test)]

@@ -676,6 +676,15 @@ pub fn redact_url(url: &str) -> String {
     }
 }
 
+/// Every MQTT listener's address (3.1.1 and 5).
+pub fn listen_addrs(cfg: &rumqttd::Config) -> Vec<SocketAddr> {
+    [&cfg.v4, &cfg.v5]
+        .into_iter()
+        .flatten()
+        .flat_map(|m| m.values().map(|s| s.listen))
+        .collect()
+}
+
 /// The device credentials of every listener's `auth` table, merged: with
 /// any of them set, every listener requires credentials.
 pub fn device_credentials(cfg: &rumqttd::Config) -> Option<HashMap<String, String>> {

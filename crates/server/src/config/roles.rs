@@ -18,6 +18,23 @@ pub struct ServeConfig {
     pub limits: widgetry_proto::Limits,
     /// Password of the broker's `widgetry-server` account; None: random.
     pub server_password: Option<String>,
+    /// Whether MQTT clients must log in with an account.
+    pub auth: AuthMode,
+}
+
+/// `serve --auth`: whether MQTT clients must log in with an account.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum AuthMode {
+    /// Required when a listener is not loopback-only or any account
+    /// exists (in broker.toml or made with `widgetry device add`); off
+    /// otherwise.
+    #[default]
+    Auto,
+    /// Every client logs in with an account; anonymous ones are refused.
+    Required,
+    /// Anyone may connect (a username is not checked); only the server's
+    /// own topics stay protected.
+    Off,
 }
 
 /// Where the bridge gets its live messages.

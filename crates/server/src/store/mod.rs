@@ -25,6 +25,7 @@ use sqlx::{AnyConnection, AnyPool, ConnectOptions, Executor, Row, Transaction};
 
 use crate::config::Database;
 
+pub mod accounts;
 pub mod read;
 pub mod retained;
 pub mod retention;

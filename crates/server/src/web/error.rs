@@ -34,6 +34,14 @@ impl AppError {
         }
     }
 
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        AppError {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            code: "timeout",
+            message: message.into(),
+        }
+    }
+
     pub fn internal(message: impl Into<String>) -> Self {
         let message = message.into();
         tracing::error!(%message, "internal error while serving a request");

@@ -25,9 +25,35 @@ const MAX_BACKLOG: u64 = 200_000;
 /// A client that cannot take a message for this long is disconnected.
 const WS_SEND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// Largest message a client may send (a subscription is a few hundred
+/// bytes); a larger one ends the connection with close code 1009.
+pub const MAX_CLIENT_MESSAGE: usize = 64 * 1024;
+
 pub async fn live(ws: WebSocketUpgrade, State(state): State<AppState>) -> Response {
-    ws.max_message_size(64 * 1024)
+    // The codec stops reading at this size, so what one client can make the
+    // server buffer stays bounded; messages between the two limits get a
+    // 1009 close from `live_client`, larger ones when the codec refuses them.
+    ws.max_message_size(4 * MAX_CLIENT_MESSAGE)
+        .max_frame_size(4 * MAX_CLIENT_MESSAGE)
         .on_upgrade(move |socket| live_client(socket, state))
+}
+
+/// Ends a connection whose client sent a message over the limit: close
+/// code 1009 ("message too big") with the limit.
+async fn close_too_big(socket: &mut WebSocket) {
+    let frame = axum::extract::ws::CloseFrame {
+        code: 1009,
+        reason: format!("message too big: the limit is {MAX_CLIENT_MESSAGE} bytes").into(),
+    };
+    let _ = tokio::time::timeout(WS_SEND_TIMEOUT, socket.send(Message::Close(Some(frame)))).await;
+}
+
+/// Whether a receive error is the codec refusing a message over its size
+/// limit (axum's error type is opaque; tungstenite's capacity errors say
+/// "Space limit exceeded").
+fn is_too_big(e: &axum::Error) -> bool {
+    let text = e.to_string();
+    text.contains("Space limit exceeded") || text.contains("too long") || text.contains("too big")
 }
 
 /// Counts a connected websocket client while alive.
@@ -75,6 +101,18 @@ async fn live_client(mut socket: WebSocket, state: AppState) {
                 break Ended::Closed;
             }
             incoming = socket.recv() => match incoming {
+                Some(Ok(Message::Text(text))) if text.len() > MAX_CLIENT_MESSAGE => {
+                    close_too_big(&mut socket).await;
+                    break Ended::Closed;
+                }
+                Some(Ok(Message::Binary(b))) if b.len() > MAX_CLIENT_MESSAGE => {
+                    close_too_big(&mut socket).await;
+                    break Ended::Closed;
+                }
+                Some(Err(e)) if is_too_big(&e) => {
+                    close_too_big(&mut socket).await;
+                    break Ended::Closed;
+                }
                 Some(Ok(Message::Text(text))) => {
                     match serde_json::from_str::<ClientRequest>(text.as_str()) {
                         Ok(req) => match start_subscription(&mut socket, &state, req.subscribe).await {

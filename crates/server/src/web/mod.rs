@@ -8,6 +8,7 @@ pub mod assets;
 pub mod cache;
 pub mod error;
 pub mod live;
+pub mod server;
 pub mod state;
 
 use axum::Router;
@@ -36,7 +37,21 @@ pub fn app(state: AppState) -> Router {
             state.clone(),
             count_requests,
         ))
+        .layer(axum::middleware::from_fn(time_limit))
         .with_state(state)
+}
+
+/// Answers 503 when a request takes longer than [`server::REQUEST_TIMEOUT`]
+/// (a websocket upgrade is answered at once; its stream is not limited).
+async fn time_limit(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    match tokio::time::timeout(server::REQUEST_TIMEOUT, next.run(req)).await {
+        Ok(r) => r,
+        Err(_) => AppError::unavailable(format!(
+            "the request took longer than {} s; ask for a shorter range or fewer points",
+            server::REQUEST_TIMEOUT.as_secs()
+        ))
+        .into_response(),
+    }
 }
 
 async fn count_requests(

@@ -85,6 +85,15 @@ impl Stack {
     /// A stack whose embedded broker runs `broker_toml` (its first [v4.*]
     /// listener moved to a free port).
     pub async fn with(limits: widgetry_proto::Limits, broker_toml: &str) -> Stack {
+        Stack::with_auth(limits, broker_toml, Default::default()).await
+    }
+
+    /// A stack with `serve --auth` set to `auth`.
+    pub async fn with_auth(
+        limits: widgetry_proto::Limits,
+        broker_toml: &str,
+        auth: widgetry_server::config::roles::AuthMode,
+    ) -> Stack {
         let dir = tempfile::tempdir().expect("temp dir");
         let db = test_database(dir.path()).await;
         let any_port: SocketAddr = "127.0.0.1:0".parse().expect("addr");
@@ -101,6 +110,7 @@ impl Stack {
             retention: Default::default(),
             limits,
             server_password: Some(TEST_SERVER_PASSWORD.into()),
+            auth,
         };
         let running = start_serve(cfg, CancellationToken::new())
             .await
