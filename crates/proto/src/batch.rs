@@ -259,14 +259,22 @@ impl DecodedBatch {
                 raw.settled_through, raw.seq
             )));
         }
-        Ok(DecodedBatch {
+        let batch = DecodedBatch {
             session,
             seq: raw.seq,
             series,
             runs,
             gaps,
             settled_through: raw.settled_through,
-        })
+        };
+        // A batch that carries neither samples nor news of lost or settled
+        // seqs would only use up a commit id.
+        if batch.sample_count() == 0 && batch.gaps.is_empty() && batch.settled_through == 0 {
+            return Err(Reject::TooMany(
+                "an empty batch (no samples, no gap reports): nothing to store".into(),
+            ));
+        }
+        Ok(batch)
     }
 
     /// Number of samples in the batch.
@@ -474,7 +482,9 @@ mod tests {
     fn arb_batch() -> impl Strategy<Value = DecodedBatch> {
         (
             any::<[u8; 16]>(),
-            1u64..1_000_000,
+            // From 2: `settled_through` (seq / 2) is then never 0, so even
+            // a batch without samples or gaps is a valid one.
+            2u64..1_000_000,
             proptest::collection::vec(arb_key(), 0..5),
             proptest::collection::vec(
                 (
@@ -531,6 +541,29 @@ mod tests {
     }
 
     const MIN_TS: i64 = crate::validate::MIN_TS_MS;
+
+    #[test]
+    fn an_empty_batch_is_refused_but_one_with_only_a_gap_report_is_not() {
+        let empty = pb::Batch {
+            session: vec![1; 16],
+            seq: 5,
+            ..Default::default()
+        };
+        let got = DecodedBatch::decode(&empty.encode_to_vec(), &Limits::default(), NOW);
+        assert_eq!(got.map_err(|e| e.code()), Err("too_many"));
+        let gap_only = pb::Batch {
+            gaps: vec![pb::Gap {
+                session: vec![1; 16],
+                from_seq: 2,
+                to_seq: 3,
+                samples: 4,
+                ..Default::default()
+            }],
+            ..empty
+        };
+        let got = DecodedBatch::decode(&gap_only.encode_to_vec(), &Limits::default(), NOW);
+        assert_eq!(got.map(|b| b.gaps.len()), Ok(1));
+    }
 
     #[test]
     fn settled_through_must_lie_below_the_batch_seq() {

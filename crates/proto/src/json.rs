@@ -58,6 +58,11 @@ pub fn parse_samples(
         JsonPayload::Many { samples } => samples,
         JsonPayload::One(s) => vec![s],
     };
+    if list.is_empty() {
+        return Err(Reject::TooMany(
+            "no samples: an empty message stores nothing (send at least one sample)".into(),
+        ));
+    }
     if list.len() > limits.max_samples {
         return Err(Reject::TooMany(format!(
             "{} samples; at most {}",
@@ -373,6 +378,7 @@ mod tests {
             (br#"{"series":"temp","value":"x"}"#, "bad_json"),
             (br#"{"series":"bad name","value":1}"#, "bad_series"),
             (br#"{"series":"t","value":1,"ts":5}"#, "bad_timestamp"),
+            (br#"{"samples":[]}"#, "too_many"),
         ] {
             assert_eq!(
                 parse_samples(bad, &l, NOW).map_err(|e| e.code()),

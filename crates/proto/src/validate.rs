@@ -25,6 +25,8 @@ pub struct Limits {
     pub max_payload_bytes: usize,
     pub max_samples: usize,
     pub max_series: usize,
+    /// Series one device may have in all (the server's cardinality limit).
+    pub max_series_per_device: usize,
 }
 
 impl Default for Limits {
@@ -33,6 +35,7 @@ impl Default for Limits {
             max_payload_bytes: 1024 * 1024,
             max_samples: 100_000,
             max_series: 10_000,
+            max_series_per_device: 10_000,
         }
     }
 }
@@ -60,6 +63,14 @@ pub enum Reject {
     Value(String),
     #[error("too many items: {0}")]
     TooMany(String),
+    #[error(
+        "device {device:?} has reached its limit of {limit} series: {key:?} was not created and the message was not stored; reuse existing series names (put varying parts in values, not names)"
+    )]
+    SeriesLimit {
+        device: String,
+        key: String,
+        limit: usize,
+    },
     /// A batch refers to series ids the server has no definition for in
     /// its session (the server's database is new or restored, or the
     /// batches carrying the definitions were lost). Not the device's
@@ -88,12 +99,13 @@ impl Reject {
             Reject::Timestamp(_) => "bad_timestamp",
             Reject::Value(_) => "bad_value",
             Reject::TooMany(_) => "too_many",
+            Reject::SeriesLimit { .. } => "series_limit",
             Reject::UnknownSeries { .. } => "unknown_series",
         }
     }
 
     /// Every reason code, for pre-registering metrics.
-    pub const CODES: [&'static str; 11] = [
+    pub const CODES: [&'static str; 12] = [
         "bad_topic",
         "bad_device",
         "oversize",
@@ -104,6 +116,7 @@ impl Reject {
         "bad_timestamp",
         "bad_value",
         "too_many",
+        "series_limit",
         "unknown_series",
     ];
 }
@@ -279,6 +292,11 @@ mod tests {
             Reject::Timestamp(String::new()),
             Reject::Value(String::new()),
             Reject::TooMany(String::new()),
+            Reject::SeriesLimit {
+                device: String::new(),
+                key: String::new(),
+                limit: 0,
+            },
             Reject::UnknownSeries {
                 session: crate::SessionId([0; 16]),
                 seq: 1,

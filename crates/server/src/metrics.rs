@@ -124,6 +124,9 @@ pub struct Metrics {
     broker_denied: [AtomicU64; BROKER_ACTIONS.len()],
     /// CONNECTs the embedded broker refused, by [`BROKER_REFUSALS`].
     broker_refused: [AtomicU64; BROKER_REFUSALS.len()],
+    /// Messages subscribers missed because the broker's log dropped them
+    /// before they read them (QoS 0 floods beyond a slow subscriber).
+    pub broker_dropped: AtomicU64,
 }
 
 /// Why the embedded broker refuses a CONNECT.
@@ -257,6 +260,12 @@ impl Metrics {
                 &self.broker_refused,
                 all,
             )),
+        );
+        write_counter(
+            out,
+            "widgetry_broker_dropped_messages_total",
+            "Messages subscribers (the ingestor among them) missed because the embedded broker's log dropped them before they read them: a flood beyond what they keep up with ([router] max_segment_size x max_segment_count per filter).",
+            &[("", self.broker_dropped.load(Ordering::Relaxed))],
         );
     }
 

@@ -115,6 +115,7 @@ pub async fn start_serve(
     let mut broker_cfg = cfg.broker.clone();
     broker_cfg.rumqttd.router.initial_retained = broker::retained::load(&store).await?;
     broker_cfg.rumqttd.router.retained_hook = Some(retained.hook());
+    broker_cfg.rumqttd.router.dropped_hook = Some(broker::dropped_hook(metrics.clone()));
     let broker::Listening {
         mqtt: mqtt_addr,
         mqtt5: mqtt5_addr,

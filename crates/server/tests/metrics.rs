@@ -81,11 +81,20 @@ fn batch(session: SessionId, seq: u64, samples: usize, defs: bool) -> Vec<u8> {
 async fn every_series_on_metrics_moves() {
     // A small payload limit, so an oversize payload gets past the broker
     // (whose own limit is 1 MiB) and is rejected by the ingestor.
+    // And a small series limit, so one message can go past it.
     let limits = Limits {
         max_payload_bytes: 64 * 1024,
+        max_series_per_device: 50,
         ..Limits::default()
     };
-    let stack = Stack::with_limits(limits).await;
+    // And a tiny broker log for `flood/#`, so a subscriber that is away
+    // during a flood misses messages.
+    let broker_toml = widgetry_server::config::DEFAULT_BROKER_TOML.replacen(
+        "\n[router.custom_segment.\"widgetry/v1/+/ack\"]",
+        "\n[router.custom_segment.\"flood/#\"]\nmax_segment_size = 1024\nmax_segment_count = 1\n\n[router.custom_segment.\"widgetry/v1/+/ack\"]",
+        1,
+    );
+    let stack = Stack::with(limits, &broker_toml).await;
     let dev = Client::connect(&stack, "metrics-dev");
     let s = SessionId([7; 16]);
     let topic = "widgetry/v1/m1/samples";
@@ -159,6 +168,13 @@ async fn every_series_on_metrics_moves() {
         }],
         ..Default::default()
     };
+    let many_series = format!(
+        r#"{{"samples":[{}]}}"#,
+        (0..51)
+            .map(|i| format!(r#"{{"series":"c{i}","value":1}}"#))
+            .collect::<Vec<_>>()
+            .join(",")
+    );
     let too_many = pb::Batch {
         session: vec![9; 16],
         seq: 2,
@@ -189,6 +205,7 @@ async fn every_series_on_metrics_moves() {
         ),
         (topic, bad_value.encode_to_vec()),
         (topic, too_many.encode_to_vec()),
+        ("widgetry/v1/m-card/samples/json", many_series.into_bytes()),
         (topic, batch(SessionId([8; 16]), 1, 1, false)),
     ] {
         let c = Client::connect(&stack, "metrics-bad");
@@ -325,6 +342,29 @@ async fn every_series_on_metrics_moves() {
         Ok(true),
         "a client too far behind is told it lost data"
     );
+
+    // A persistent subscriber away while 200 QoS 0 messages go by misses
+    // most of them (the log holds 1 KiB) and, back, is skipped ahead.
+    let port = stack.mqtt.port().to_string();
+    let sub = |extra: &[&str]| {
+        let mut args = vec!["-p", &port, "-c", "-i", "flood-sub", "-t", "flood/#"];
+        args.extend_from_slice(extra);
+        let o = mosquitto("mosquitto_sub", &args);
+        assert!(o.status.success(), "{}", text(&o));
+    };
+    sub(&["-E"]);
+    let lines: String = (0..200)
+        .map(|i| format!("message {i:04} {}\n", "x".repeat(90)))
+        .collect();
+    let mut flood = std::process::Command::new(require_tool("mosquitto_pub"))
+        .args(["-h", "127.0.0.1", "-p", &port, "-t", "flood/x", "-l"])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .expect("mosquitto_pub");
+    std::io::Write::write_all(&mut flood.stdin.take().expect("stdin"), lines.as_bytes())
+        .expect("write lines");
+    assert!(flood.wait().expect("mosquitto_pub ends").success());
+    sub(&["-C", "1", "-W", "10"]);
 
     let m = wait_for("every series above zero", T, || async {
         let (_, text) = stack.get_text("/metrics").await;

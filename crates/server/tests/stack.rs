@@ -697,3 +697,86 @@ async fn gap_claims_cannot_break_fleet_answers() {
     }
     stack.stop().await;
 }
+
+/// One device cannot create series without bound (a flood of distinct
+/// names grew `/api/v1/devices` to 400 KB): past its limit a message that
+/// would create one is rejected with `series_limit` on `…/errors` and
+/// counted, while its existing series and other devices keep flowing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_cannot_create_more_series_than_its_limit() {
+    assert_eq!(
+        widgetry_proto::Limits::default().max_series_per_device,
+        10_000
+    );
+    let limits = widgetry_proto::Limits {
+        max_series_per_device: 5,
+        ..Default::default()
+    };
+    let stack = Stack::with_limits(limits).await;
+    let (c, mut ev) = client(&stack, "test-series-limit");
+    subscribed(&c, &mut ev, "widgetry/v1/many/errors").await;
+    let port = stack.mqtt.port().to_string();
+    let send = |device: &str, body: &str| {
+        let o = mosquitto(
+            "mosquitto_pub",
+            &[
+                "-p",
+                &port,
+                "-q",
+                "1",
+                "-t",
+                &format!("widgetry/v1/{device}/samples/json"),
+                "-m",
+                body,
+            ],
+        );
+        assert!(o.status.success(), "{}", text(&o));
+    };
+    // Five series fit; one message with three new ones is refused whole.
+    send(
+        "many",
+        r#"{"samples":[{"series":"s0","value":0},{"series":"s1","value":1},{"series":"s2","value":2}]}"#,
+    );
+    send(
+        "many",
+        r#"{"samples":[{"series":"s3","value":3},{"series":"s4","value":4}]}"#,
+    );
+    send(
+        "many",
+        r#"{"samples":[{"series":"s4","value":44},{"series":"s5","value":5},{"series":"s6","value":6}]}"#,
+    );
+    let p = next_publish(&mut ev, "a series_limit report").await;
+    let report: ErrorReport = serde_json::from_slice(&p.payload).expect("JSON");
+    assert_eq!(report.code, "series_limit", "{report:?}");
+    assert!(report.message.contains("limit of 5 series"), "{report:?}");
+    // Existing series still take samples; other devices are not limited by it.
+    send("many", r#"{"series":"s0","value":10}"#);
+    send("other", r#"{"series":"s9","value":9}"#);
+    wait_for("s0's new sample and the other device", T, || async {
+        let s0 = points(&stack, "many", "s0").await;
+        let other = points(&stack, "other", "s9").await;
+        (s0.len() == 2 && other.len() == 1).then_some(())
+    })
+    .await;
+    let many = device_listed(&stack, "many").await.expect("listed");
+    let series: Vec<&str> = many["series"]
+        .as_array()
+        .expect("series")
+        .iter()
+        .filter_map(|s| s.as_str())
+        .collect();
+    assert_eq!(series, ["s0", "s1", "s2", "s3", "s4"], "{many}");
+    assert!(
+        points(&stack, "many", "s4").await.len() == 1,
+        "the refused message stored nothing"
+    );
+    let (_, metrics) = stack.get_text("/metrics").await;
+    assert_eq!(
+        metric(
+            &metrics,
+            "widgetry_ingest_rejects_total{reason=\"series_limit\"}"
+        ),
+        1.0
+    );
+    stack.stop().await;
+}

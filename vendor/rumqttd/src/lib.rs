@@ -311,6 +311,18 @@ impl fmt::Debug for PreboundListener {
     }
 }
 
+/// Told, on the router thread, of messages a subscription missed: the
+/// commit log dropped them before the subscriber read them (a slow or
+/// offline subscriber behind a flood). It must be quick and never block.
+#[derive(Clone)]
+pub struct DroppedHook(pub Arc<dyn Fn(u64) + Send + Sync>);
+
+impl fmt::Debug for DroppedHook {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("DroppedHook")
+    }
+}
+
 /// A retained message the broker starts with: (topic, payload, QoS).
 pub type InitialRetained = (String, bytes::Bytes, u8);
 
@@ -332,6 +344,10 @@ pub struct RouterConfig {
     /// before a restart).
     #[serde(skip)]
     pub initial_retained: Vec<InitialRetained>,
+    /// Told how many messages a subscription missed because the commit
+    /// log dropped them (its segments were full) before it read them.
+    #[serde(skip)]
+    pub dropped_hook: Option<DroppedHook>,
 }
 
 #[derive(Debug, Default, Clone, Serialize, Deserialize)]

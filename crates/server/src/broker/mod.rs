@@ -74,6 +74,23 @@ fn apply_policy(cfg: &mut rumqttd::Config, policy: &Arc<Policy>) {
     }
 }
 
+/// Counts the messages subscribers missed because the broker's log dropped
+/// them, and says so in the log at most once per 10 s.
+pub fn dropped_hook(metrics: Arc<crate::metrics::Metrics>) -> rumqttd::DroppedHook {
+    let logged = std::sync::atomic::AtomicU64::new(u64::MAX);
+    rumqttd::DroppedHook(Arc::new(move |n| {
+        use std::sync::atomic::Ordering;
+        let total = metrics.broker_dropped.fetch_add(n, Ordering::Relaxed) + n;
+        if policy::first_in_window(&logged) {
+            tracing::warn!(
+                missed = n,
+                total,
+                "a subscriber fell behind and missed messages the broker had to drop (QoS 0 flood?); counted in widgetry_broker_dropped_messages_total"
+            );
+        }
+    }))
+}
+
 /// Where the broker's first MQTT 3.1.1 and MQTT 5 listeners are bound (a
 /// configured port 0 resolved to the port the system chose).
 #[derive(Debug, Clone, Copy)]

@@ -208,7 +208,7 @@ impl Policy {
 }
 
 /// True for the first call in each 10 s window.
-fn first_in_window(last: &AtomicU64) -> bool {
+pub(crate) fn first_in_window(last: &AtomicU64) -> bool {
     let window = widgetry_common::now_ms().max(0) as u64 / 10_000;
     last.swap(window, Ordering::Relaxed) != window
 }

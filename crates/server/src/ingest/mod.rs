@@ -69,7 +69,7 @@ pub async fn run(
                 metrics: metrics.clone(),
                 max_packet: cfg.limits.max_payload_bytes + 64 * 1024,
             },
-            resolver: SeriesResolver::default(),
+            resolver: SeriesResolver::new(cfg.limits.max_series_per_device),
             sessions: HashMap::new(),
             max_items: cfg.max_batch_items,
             max_wait: cfg.max_wait,

@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 
-use widgetry_proto::{SeriesKey, SessionId};
+use widgetry_proto::{Reject, SeriesKey, SessionId};
 
 use crate::store::write;
 use crate::store::{StoreError, WriteTx};
@@ -26,11 +26,16 @@ pub struct Pending {
     pub series: HashMap<(String, String), i64>,
     /// series id → key.
     pub new_keys: HashMap<i64, String>,
+    /// Series created per device.
+    pub created: HashMap<String, usize>,
 }
 
 /// The caches of committed series.
-#[derive(Default)]
 pub struct SeriesResolver {
+    /// Series one device may have ([`widgetry_proto::Limits`]).
+    limit: usize,
+    /// device → committed series count, learnt when it first creates one.
+    counts: HashMap<String, usize>,
     /// (device, session, local id) → series id.
     bindings: HashMap<BindingKey, i64>,
     /// (device, series key) → series id.
@@ -40,8 +45,26 @@ pub struct SeriesResolver {
 }
 
 impl SeriesResolver {
+    pub fn new(limit: usize) -> SeriesResolver {
+        SeriesResolver {
+            limit,
+            counts: HashMap::new(),
+            bindings: HashMap::new(),
+            series_ids: HashMap::new(),
+            keys: HashMap::new(),
+        }
+    }
+
     /// Adds what a committed transaction learnt.
     pub fn commit(&mut self, pending: Pending) {
+        for (device, n) in pending.created {
+            if let Some(c) = self.counts.get_mut(&device) {
+                *c += n;
+            }
+        }
+        if self.counts.len() > CACHE_LIMIT {
+            self.counts.clear();
+        }
         fn extend<K: std::hash::Hash + Eq, V>(map: &mut HashMap<K, V>, new: HashMap<K, V>) {
             if map.len() + new.len() > CACHE_LIMIT {
                 map.clear();
@@ -53,28 +76,52 @@ impl SeriesResolver {
         extend(&mut self.keys, pending.new_keys);
     }
 
-    /// The database id of a device's series, created if new.
+    /// The database id of a device's series, created if new, unless the
+    /// device has reached its series limit (then the inner result is the
+    /// reject and nothing is created).
     pub async fn series_id(
-        &self,
+        &mut self,
         tx: &mut WriteTx,
         device: &str,
         key: &SeriesKey,
         pending: &mut Pending,
-    ) -> Result<i64, StoreError> {
+    ) -> Result<Result<i64, Reject>, StoreError> {
         let name = (device.to_string(), key.to_string());
         if let Some(g) = self
             .series_ids
             .get(&name)
             .or_else(|| pending.series.get(&name))
         {
-            return Ok(*g);
+            return Ok(Ok(*g));
         }
-        let global = write::upsert_series(tx, device, key).await?;
+        let global = match write::find_series(tx, device, key).await? {
+            Some(g) => g,
+            None => {
+                let committed = match self.counts.get(device) {
+                    Some(n) => *n,
+                    None => {
+                        let n = write::count_series(tx, device).await?;
+                        self.counts.insert(device.to_string(), n);
+                        n
+                    }
+                };
+                let created = pending.created.entry(device.to_string()).or_default();
+                if committed + *created >= self.limit {
+                    return Ok(Err(Reject::SeriesLimit {
+                        device: device.to_string(),
+                        key: widgetry_common::excerpt(&name.1),
+                        limit: self.limit,
+                    }));
+                }
+                *created += 1;
+                write::upsert_series(tx, device, key).await?
+            }
+        };
         if !self.keys.contains_key(&global) {
             pending.new_keys.insert(global, name.1.clone());
         }
         pending.series.insert(name, global);
-        Ok(global)
+        Ok(Ok(global))
     }
 
     /// The series a session-local id is bound to, if any.

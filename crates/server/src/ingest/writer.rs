@@ -204,8 +204,19 @@ impl Writer {
                     received_ms,
                 } => {
                     seen.entry(device.clone()).or_insert((received_ms, 0)).0 = received_ms;
-                    self.store_json(&mut tx, &device, samples, received_ms, pending, &mut out)
-                        .await?;
+                    if let Err(reject) = self
+                        .store_json(&mut tx, &device, samples, received_ms, pending, &mut out)
+                        .await?
+                    {
+                        self.reject(
+                            &device,
+                            Topic::name(&device, TopicKind::SamplesJson),
+                            reject,
+                            received_ms,
+                            &mut out,
+                        );
+                        seen.entry(device).or_insert((received_ms, 0)).1 += 1;
+                    }
                 }
                 Item::Status {
                     device,
@@ -334,7 +345,10 @@ impl Writer {
         let seq = batch.seq;
         let mut local: HashMap<u32, i64> = HashMap::with_capacity(batch.series.len());
         for (id, key) in &batch.series {
-            let global = self.resolver.series_id(tx, device, key, pending).await?;
+            let global = match self.resolver.series_id(tx, device, key, pending).await? {
+                Ok(g) => g,
+                Err(reject) => return Ok(Err(reject)),
+            };
             let binding = (device.to_string(), session, *id);
             match self.resolver.bound(tx, &binding, pending).await? {
                 Some(g) if g != global => {
@@ -395,21 +409,26 @@ impl Writer {
         received_ms: i64,
         pending: &mut Pending,
         out: &mut Outcome,
-    ) -> Result<(), StoreError> {
+    ) -> Result<Result<(), Reject>, StoreError> {
         let seq = json_seq(&samples);
         let mut builder = BatchBuilder::default();
         for s in samples {
-            let global = self
+            let global = match self
                 .resolver
                 .series_id(tx, device, &s.series, pending)
-                .await?;
+                .await?
+            {
+                Ok(g) => g,
+                Err(reject) => return Ok(Err(reject)),
+            };
             let id = u32::try_from(global)
                 .map_err(|_| StoreError::Corrupt(format!("series id {global} exceeds u32")))?;
             builder.push(id, s.ts_ms, s.value);
         }
         let batch = builder.finish(JSON_SESSION, seq, Vec::new());
         self.append(tx, device, batch, received_ms, pending, out)
-            .await
+            .await?;
+        Ok(Ok(()))
     }
 
     /// Appends a batch whose series ids are database ids to the log, with
@@ -425,6 +444,12 @@ impl Writer {
     ) -> Result<(), StoreError> {
         let session = batch.session;
         let samples = batch.sample_count() as i64;
+        if samples == 0 {
+            // Only gap reports or a settled watermark (handled by the
+            // caller): acknowledged, but nothing for the log, the rollups
+            // or the live feed, and no commit id used up.
+            return Ok(());
+        }
         let (min_ts, max_ts) = batch.ts_range().unwrap_or((received_ms, received_ms));
         let payload = batch.encode();
         let commit_id = match out.next_commit {

@@ -30,6 +30,29 @@ pub async fn upsert_series(
     Ok(row.get(0))
 }
 
+/// A device's series by key, if it exists.
+pub async fn find_series(
+    conn: &mut AnyConnection,
+    device: &str,
+    key: &SeriesKey,
+) -> Result<Option<i64>, StoreError> {
+    let row = sqlx::query("SELECT id FROM series WHERE device = $1 AND key = $2")
+        .bind(device)
+        .bind(key.to_string())
+        .fetch_optional(&mut *conn)
+        .await?;
+    Ok(row.map(|r| r.get(0)))
+}
+
+/// How many series a device has.
+pub async fn count_series(conn: &mut AnyConnection, device: &str) -> Result<usize, StoreError> {
+    let (n,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM series WHERE device = $1")
+        .bind(device)
+        .fetch_one(&mut *conn)
+        .await?;
+    Ok(usize::try_from(n).unwrap_or(0))
+}
+
 /// The series a session-local id was bound to, if any.
 pub async fn session_series(
     conn: &mut AnyConnection,

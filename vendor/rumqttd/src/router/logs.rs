@@ -208,6 +208,12 @@ impl DataLog {
         // Encoding this information is important so that calling function
         // has more information on how this method behaves.
         let next = data.log.readv(offset, len, &mut o)?;
+        // The log jumps a reader whose position it no longer holds to its
+        // oldest message: what lies in between is lost to this reader.
+        let (Position::Next { start, .. } | Position::Done { start, .. }) = next;
+        if let (true, Some(hook)) = (start.1 > offset.1, &self.config.dropped_hook) {
+            (hook.0)(start.1 - offset.1);
+        }
 
         let now = Instant::now();
         o.retain_mut(|(pubdata, _)| {
@@ -494,6 +500,7 @@ mod test {
             shared_subscriptions_strategy: Strategy::RoundRobin,
             retained_hook: None,
             initial_retained: Vec::new(),
+            dropped_hook: None,
         };
         let mut data = DataLog::new(config).unwrap();
         data.next_native_offset("topic/a");
@@ -548,6 +555,43 @@ mod test {
     }
 
     #[test]
+    fn a_reader_behind_dropped_segments_is_told_how_many_it_missed() {
+        use crate::protocol::Publish;
+        use crate::DroppedHook;
+        use std::collections::VecDeque;
+        use std::sync::atomic::{AtomicU64, Ordering};
+        use std::sync::Arc;
+
+        let missed = Arc::new(AtomicU64::new(0));
+        let count = missed.clone();
+        let config = RouterConfig {
+            // Two tiny segments: older messages are dropped quickly.
+            max_segment_size: 100,
+            max_segment_count: 2,
+            max_connections: 10,
+            max_outgoing_packet_count: 1024,
+            dropped_hook: Some(DroppedHook(Arc::new(move |n| {
+                count.fetch_add(n, Ordering::Relaxed);
+            }))),
+            ..Default::default()
+        };
+        let mut data = DataLog::new(config).unwrap();
+        let (idx, start) = data.next_native_offset("t");
+        let mut notifications = VecDeque::new();
+        for i in 0..100u32 {
+            let publish = Publish::new("t", i.to_string(), false);
+            data.native
+                .get_mut(idx)
+                .unwrap()
+                .append((publish, None).into(), &mut notifications);
+        }
+        let (_, read) = data.native_readv(idx, start, 1000, None).unwrap();
+        let missed = missed.load(Ordering::Relaxed);
+        assert!(missed > 0, "some messages were dropped");
+        assert_eq!(missed + read.len() as u64, 100, "missed + read = published");
+    }
+
+    #[test]
     fn publish_filters_updating_correctly_on_new_publish() {
         let config = RouterConfig {
             max_segment_size: 1024,
@@ -559,6 +603,7 @@ mod test {
             shared_subscriptions_strategy: Strategy::RoundRobin,
             retained_hook: None,
             initial_retained: Vec::new(),
+            dropped_hook: None,
         };
         let mut data = DataLog::new(config).unwrap();
         data.next_native_offset("+/+");
