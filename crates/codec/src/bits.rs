@@ -115,9 +115,16 @@ mod tests {
             } else {
                 (u64::MAX - u64::from(bits)) & ((1u64 << bits) - 1)
             };
-            assert_eq!(r.read(bits, "test").unwrap(), want, "width {bits}");
+            assert_eq!(
+                r.read(bits, "test").expect("within the written bits"),
+                want,
+                "width {bits}"
+            );
         }
         assert!(r.remaining_bits() < 8);
-        assert_eq!(r.read(8, "past end"), Err(DecodeError::Truncated("past end")));
+        assert_eq!(
+            r.read(8, "past end"),
+            Err(DecodeError::Truncated("past end"))
+        );
     }
 }

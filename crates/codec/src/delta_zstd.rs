@@ -34,7 +34,8 @@ pub fn encode(ts: &[i64], values: &[f64], level: i32) -> Result<Vec<u8>, EncodeE
             plain[start + plane * n + i] = *byte;
         }
     }
-    let frame = zstd::bulk::compress(&plain, level).map_err(|e| EncodeError::Zstd(e.to_string()))?;
+    let frame =
+        zstd::bulk::compress(&plain, level).map_err(|e| EncodeError::Zstd(e.to_string()))?;
     out.extend_from_slice(&frame);
     Ok(out)
 }

@@ -34,9 +34,7 @@ pub fn decode(data: &[u8]) -> Result<(Vec<i64>, Vec<f64>), DecodeError> {
     let n = checked_count(varint::get(data, &mut pos, "the point count")?)?;
     if n == 0 {
         if pos != data.len() {
-            return Err(DecodeError::Corrupt(
-                "bytes follow an empty series".into(),
-            ));
+            return Err(DecodeError::Corrupt("bytes follow an empty series".into()));
         }
         return Ok((Vec::new(), Vec::new()));
     }

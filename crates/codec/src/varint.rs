@@ -18,14 +18,18 @@ pub fn get(data: &[u8], pos: &mut usize, what: &'static str) -> Result<u64, Deco
         let b = *data.get(*pos).ok_or(DecodeError::Truncated(what))?;
         *pos += 1;
         if i == 9 && b > 1 {
-            return Err(DecodeError::Corrupt(format!("{what}: varint overflows 64 bits")));
+            return Err(DecodeError::Corrupt(format!(
+                "{what}: varint overflows 64 bits"
+            )));
         }
         v |= u64::from(b & 0x7f) << (7 * i);
         if b & 0x80 == 0 {
             return Ok(v);
         }
     }
-    Err(DecodeError::Corrupt(format!("{what}: varint longer than 10 bytes")))
+    Err(DecodeError::Corrupt(format!(
+        "{what}: varint longer than 10 bytes"
+    )))
 }
 
 pub fn zigzag(v: i64) -> u64 {

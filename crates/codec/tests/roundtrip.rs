@@ -38,7 +38,7 @@ fn special_values() -> Vec<f64> {
         0.0,
         -0.0,
         f64::MIN_POSITIVE,
-        f64::from_bits(1), // smallest subnormal
+        f64::from_bits(1),                      // smallest subnormal
         -f64::from_bits(0x000f_ffff_ffff_ffff), // largest negative subnormal
         f64::MAX,
         f64::MIN,
@@ -67,7 +67,9 @@ fn one_sample_series() {
 #[test]
 fn special_values_in_every_order() {
     let vals = special_values();
-    let ts: Vec<i64> = (0..vals.len() as i64).map(|i| 1_700_000_000_000 + i * 1000).collect();
+    let ts: Vec<i64> = (0..vals.len() as i64)
+        .map(|i| 1_700_000_000_000 + i * 1000)
+        .collect();
     assert_round_trip(&ts, &vals);
     let mut rev = vals.clone();
     rev.reverse();
@@ -130,7 +132,11 @@ fn regular_series_is_small_with_gorilla() {
     let ts: Vec<i64> = (0..10_000).map(|i| 1_700_000_000_000 + i * 1000).collect();
     let values = vec![42.0; ts.len()];
     let bytes = Codec::Gorilla.encode(&ts, &values).expect("encode");
-    assert!(bytes.len() < 2_600, "{} bytes for 10,000 regular points", bytes.len());
+    assert!(
+        bytes.len() < 2_600,
+        "{} bytes for 10,000 regular points",
+        bytes.len()
+    );
     assert_round_trip(&ts, &values);
 }
 
@@ -145,7 +151,10 @@ fn mismatched_columns_and_oversized_series_are_refused() {
             })
         );
         let n = MAX_SAMPLES + 1;
-        assert_eq!(codec.encode(&vec![0; n], &vec![0.0; n]), Err(EncodeError::TooMany(n)));
+        assert_eq!(
+            codec.encode(&vec![0; n], &vec![0.0; n]),
+            Err(EncodeError::TooMany(n))
+        );
     }
 }
 
@@ -156,7 +165,9 @@ fn corrupt_headers_are_errors() {
     for codec in CODECS {
         let tag = codec.tag();
         // A count past the bound is refused before anything is allocated.
-        let huge = [tag, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01];
+        let huge = [
+            tag, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01,
+        ];
         assert!(
             matches!(decode(&huge), Err(DecodeError::TooMany(_))),
             "{}: {:?}",
@@ -168,7 +179,11 @@ fn corrupt_headers_are_errors() {
         // Trailing bytes after a valid encoding.
         let mut bytes = codec.encode(&[1, 2, 3], &[1.0, 2.0, 3.0]).expect("encode");
         bytes.extend_from_slice(&[0xAB; 16]);
-        assert!(decode(&bytes).is_err(), "{}: trailing bytes accepted", codec.name());
+        assert!(
+            decode(&bytes).is_err(),
+            "{}: trailing bytes accepted",
+            codec.name()
+        );
     }
 }
 

@@ -15,11 +15,20 @@ pub const MAX_LINE_BYTES: usize = 4096;
 #[derive(Debug, Clone, PartialEq)]
 pub enum Row {
     /// A first line that names the columns (`timestamp,value`).
-    Header { line: u64 },
-    Sample { line: u64, ts_ms: i64, value: f64 },
+    Header {
+        line: u64,
+    },
+    Sample {
+        line: u64,
+        ts_ms: i64,
+        value: f64,
+    },
     /// A line that is not a sample, with the reason (input quoted through
     /// [`crate::excerpt`]).
-    Bad { line: u64, error: String },
+    Bad {
+        line: u64,
+        error: String,
+    },
 }
 
 pub struct SampleReader<R> {
@@ -37,6 +46,11 @@ impl<R: BufRead> SampleReader<R> {
             bytes: 0,
             buf: Vec::new(),
         }
+    }
+
+    /// The underlying reader.
+    pub fn into_inner(self) -> R {
+        self.inner
     }
 
     /// Bytes consumed so far (for progress reports).
@@ -127,13 +141,13 @@ impl<R: BufRead> SampleReader<R> {
 pub fn parse_line(text: &str) -> Result<(i64, f64), String> {
     let Some((ts, value)) = text.split_once(',') else {
         return Err(format!(
-            "{:?}: expected `timestamp,value`",
+            "\"{}\": expected `timestamp,value`",
             crate::excerpt(text)
         ));
     };
     if value.contains(',') {
         return Err(format!(
-            "{:?}: more than two fields (expected `timestamp,value`)",
+            "\"{}\": more than two fields (expected `timestamp,value`)",
             crate::excerpt(text)
         ));
     }
@@ -141,7 +155,7 @@ pub fn parse_line(text: &str) -> Result<(i64, f64), String> {
     let v = unquote(value);
     let value = v
         .parse::<f64>()
-        .map_err(|_| format!("value {:?} is not a number", crate::excerpt(v)))?;
+        .map_err(|_| format!("value \"{}\" is not a number", crate::excerpt(v)))?;
     Ok((ts, value))
 }
 
@@ -160,11 +174,11 @@ pub fn parse_timestamp(text: &str) -> Result<i64, String> {
     if !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()) {
         return text
             .parse::<i64>()
-            .map_err(|_| format!("timestamp {:?} is out of range", crate::excerpt(text)));
+            .map_err(|_| format!("timestamp \"{}\" is out of range", crate::excerpt(text)));
     }
     parse_iso(text).map_err(|why| {
         format!(
-            "timestamp {:?}: {why} (expected epoch ms or e.g. 2014-04-01 00:00:00)",
+            "timestamp \"{}\": {why} (expected epoch ms or e.g. 2014-04-01 00:00:00)",
             crate::excerpt(text)
         )
     })
@@ -229,7 +243,20 @@ fn parse_iso(text: &str) -> Result<i64, &'static str> {
         return Err("month out of range");
     }
     let leap = (year % 4 == 0 && year % 100 != 0) || year % 400 == 0;
-    let month_days = [31, if leap { 29 } else { 28 }, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31];
+    let month_days = [
+        31,
+        if leap { 29 } else { 28 },
+        31,
+        30,
+        31,
+        30,
+        31,
+        31,
+        30,
+        31,
+        30,
+        31,
+    ];
     if day < 1 || day > month_days[(month - 1) as usize] {
         return Err("day out of range for the month");
     }
@@ -275,9 +302,15 @@ mod tests {
         );
         assert_eq!(parse_timestamp("1970-01-01 00:00:00"), Ok(0));
         assert_eq!(parse_timestamp("1969-12-31T23:59:59.999Z"), Ok(-1));
-        assert_eq!(parse_timestamp("2000-02-29T12:00:00+01:30"), Ok(951_825_600_000 - 5_400_000));
+        assert_eq!(
+            parse_timestamp("2000-02-29T12:00:00+01:30"),
+            Ok(951_825_600_000 - 5_400_000)
+        );
         assert_eq!(parse_timestamp("2013-12-02 21:15"), Ok(1_386_018_900_000));
-        assert_eq!(parse_timestamp("2014-04-01 00:00:00.25"), Ok(1_396_310_400_250));
+        assert_eq!(
+            parse_timestamp("2014-04-01 00:00:00.25"),
+            Ok(1_396_310_400_250)
+        );
         assert_eq!(parse_timestamp("1396310400000"), Ok(1_396_310_400_000));
         assert_eq!(parse_timestamp("-5"), Ok(-5));
     }
@@ -327,7 +360,9 @@ mod tests {
                 other => panic!("line {line}: expected a bad row, got {other:?}"),
             }
         }
-        assert!(matches!(got[6], Row::Sample { line: 7, value, .. } if value.to_bits() == (-0.0f64).to_bits()));
+        assert!(
+            matches!(got[6], Row::Sample { line: 7, value, .. } if value.to_bits() == (-0.0f64).to_bits())
+        );
         assert_eq!(got.len(), 7);
     }
 
@@ -347,7 +382,11 @@ mod tests {
         let mut r = SampleReader::new(io::BufReader::with_capacity(64, &input[..]));
         let mut got = Vec::new();
         while let Some(row) = r.next_row().expect("reading from memory") {
-            assert!(r.buf.capacity() <= 2 * MAX_LINE_BYTES, "held {} bytes", r.buf.capacity());
+            assert!(
+                r.buf.capacity() <= 2 * MAX_LINE_BYTES,
+                "held {} bytes",
+                r.buf.capacity()
+            );
             got.push(row);
         }
         assert!(matches!(got[0], Row::Sample { line: 1, .. }));
@@ -358,7 +397,14 @@ mod tests {
                 error: format!("line longer than {MAX_LINE_BYTES} bytes")
             }
         );
-        assert!(matches!(got[2], Row::Sample { line: 3, ts_ms: 3, .. }));
+        assert!(matches!(
+            got[2],
+            Row::Sample {
+                line: 3,
+                ts_ms: 3,
+                ..
+            }
+        ));
         assert_eq!(got.len(), 3);
     }
 

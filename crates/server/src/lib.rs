@@ -7,6 +7,7 @@
 
 pub mod broker;
 pub mod config;
+pub mod import;
 pub mod ingest;
 pub mod metrics;
 pub mod mqtt;

@@ -120,7 +120,10 @@ fn bench(
     for ((t, v), bytes) in chunks.iter().zip(&encoded) {
         let (t2, v2) = decode(bytes).map_err(|e| e.to_string())?;
         let same_values = v2.len() == v.len()
-            && v2.iter().zip(v.iter()).all(|(a, b)| a.to_bits() == b.to_bits());
+            && v2
+                .iter()
+                .zip(v.iter())
+                .all(|(a, b)| a.to_bits() == b.to_bits());
         if t2 != *t || !same_values {
             return Err("decoded points differ from the input".into());
         }
@@ -156,10 +159,21 @@ fn bench_csv_zstd(set: &Dataset, samples: usize) {
     });
     let dec = time(|| {
         for (f, c) in frames.iter().zip(&set.csv) {
-            std::hint::black_box(zstd::bulk::decompress(f, c.len()).map(|d| d.len()).unwrap_or(0));
+            std::hint::black_box(
+                zstd::bulk::decompress(f, c.len())
+                    .map(|d| d.len())
+                    .unwrap_or(0),
+            );
         }
     });
-    row(set, samples, "zstd-19 of the CSV", size, Some(enc), Some(dec));
+    row(
+        set,
+        samples,
+        "zstd-19 of the CSV",
+        size,
+        Some(enc),
+        Some(dec),
+    );
 }
 
 /// Seconds per pass of `f`, repeated for at least [`MIN_TIME`].
@@ -173,7 +187,14 @@ fn time(mut f: impl FnMut()) -> f64 {
     start.elapsed().as_secs_f64() / f64::from(passes)
 }
 
-fn row(set: &Dataset, samples: usize, codec: &str, size: usize, enc: Option<f64>, dec: Option<f64>) {
+fn row(
+    set: &Dataset,
+    samples: usize,
+    codec: &str,
+    size: usize,
+    enc: Option<f64>,
+    dec: Option<f64>,
+) {
     let n = samples as f64;
     let speed = |s: Option<f64>| match s {
         Some(s) => format!("{:.1} | {:.0}", n / s / 1e6, n * 16.0 / s / 1e6),
