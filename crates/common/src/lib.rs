@@ -6,6 +6,8 @@
 //! and its binary must stay small. The `signal` feature adds
 //! [`shutdown_signal`] (tokio, which both binaries already use).
 
+pub mod csv;
+
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 

@@ -8,6 +8,7 @@
 pub mod broker;
 pub mod config;
 pub mod device_cmd;
+pub mod import;
 pub mod ingest;
 pub mod metrics;
 pub mod mqtt;

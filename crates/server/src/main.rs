@@ -48,6 +48,18 @@ async fn run(role: Role) -> Result<bool, ServeError> {
                 println!("{}", report.render());
                 return Ok(report.clean());
             }
+            Role::Import(cfg) => {
+                return match widgetry_server::import::run(&cfg, &mut |l| eprintln!("{l}")).await {
+                    Ok(report) => {
+                        println!("{}", report.render(&cfg));
+                        Ok(true)
+                    }
+                    Err(e) => {
+                        eprintln!("widgetry import: {e}");
+                        Ok(false)
+                    }
+                };
+            }
         }
         .map(|()| true)
     };
@@ -82,7 +94,7 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    if !matches!(role, Role::Loadgen(_) | Role::Device(..)) {
+    if !matches!(role, Role::Loadgen(_) | Role::Device(..) | Role::Import(_)) {
         init_tracing(cli.log_format);
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread()

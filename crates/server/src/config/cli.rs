@@ -54,6 +54,8 @@ pub enum Cmd {
     Loadgen(LoadgenArgs),
     /// Manage the MQTT accounts of devices and read-only observers (argon2id hashes in the database).
     Device(DeviceArgs),
+    /// Load a CSV file of `timestamp,value` rows as one series of a device.
+    Import(ImportArgs),
 }
 
 #[derive(Args)]
@@ -92,6 +94,33 @@ pub enum DeviceAction {
     Remove { id: String },
     /// List the accounts (name, kind, created, password last changed).
     List,
+}
+
+/// `widgetry import`: see `crate::import`.
+#[derive(Args)]
+#[command(
+    after_help = "Rows are `timestamp,value`: the timestamp in epoch milliseconds or ISO 8601 \
+(`2014-04-01 00:00:00`, UTC unless it carries Z or an offset); a first line such as \
+`timestamp,value` is a header. Importing the same file into the same device and series \
+again stores nothing twice (its batches are named by the file's content). Any bad row is \
+reported with its line number and, without --skip-bad-rows, nothing is imported and the \
+exit status is 1. Progress goes to stderr, the summary to stdout."
+)]
+pub struct ImportArgs {
+    /// The CSV file.
+    pub file: PathBuf,
+    /// Device id to store the series under ([A-Za-z0-9_.-], 1-64 characters).
+    #[arg(long)]
+    pub device: String,
+    /// Series, `name` or `name{key=value,...}`, e.g. machine_temperature.
+    #[arg(long)]
+    pub series: String,
+    /// SQLite database file (created if missing) or postgres://user:password@host:port/db [default: widgetry.db].
+    #[arg(long, env = "WIDGETRY_DATABASE", hide_env_values = true)]
+    pub database: Option<String>,
+    /// Import the good rows of a file that has bad ones (still listed and counted).
+    #[arg(long)]
+    pub skip_bad_rows: bool,
 }
 
 #[derive(Args)]
@@ -627,6 +656,44 @@ pub fn resolve_loadgen(a: &LoadgenArgs) -> Result<widgetry_loadgen::LoadConfig, 
     })
 }
 
+pub fn resolve_import(a: &ImportArgs) -> Result<crate::import::ImportConfig, ConfigError> {
+    let mut problems = Vec::new();
+    let mut problem = |key: &str, message: String| {
+        problems.push(Problem {
+            file: FLAG.into(),
+            key: key.into(),
+            message,
+        })
+    };
+    if let Err(r) = widgetry_proto::validate::validate_device(&a.device) {
+        problem("device", r.to_string());
+    }
+    let series =
+        match widgetry_proto::SeriesKey::parse(&a.series).and_then(|k| k.validate().map(|()| k)) {
+            Ok(k) => Some(k),
+            Err(r) => {
+                problem("series", r.to_string());
+                None
+            }
+        };
+    match std::fs::metadata(&a.file) {
+        Ok(m) if m.is_file() => {}
+        Ok(_) => problem("file", format!("{}: not a regular file", a.file.display())),
+        Err(e) => problem("file", format!("{}: {e}", a.file.display())),
+    }
+    let database = resolve_database(&a.database, &FileConfig::default(), "", &mut problems);
+    match (series, database) {
+        (Some(series), Some(database)) if problems.is_empty() => Ok(crate::import::ImportConfig {
+            file: a.file.clone(),
+            device: a.device.clone(),
+            series,
+            database,
+            skip_bad_rows: a.skip_bad_rows,
+        }),
+        _ => Err(ConfigError(problems)),
+    }
+}
+
 /// What the command line asks for, once validated.
 pub enum Role {
     Serve(Box<ServeConfig>),
@@ -634,6 +701,7 @@ pub enum Role {
     Web(SocketAddr, Database, BridgeConfig),
     Loadgen(Box<widgetry_loadgen::LoadConfig>),
     Device(DeviceAction, Database),
+    Import(Box<crate::import::ImportConfig>),
 }
 
 /// Validates the command line into a role, or the line `--check` and
@@ -673,6 +741,7 @@ pub fn resolve_command(cmd: &Cmd) -> Result<Result<Role, String>, ConfigError> {
             cfg => Ok(Role::Loadgen(Box::new(cfg))),
         },
         Cmd::Device(args) => Ok(resolve_device(args)?),
+        Cmd::Import(args) => Ok(Role::Import(Box::new(resolve_import(args)?))),
     })
 }
 

@@ -25,7 +25,7 @@ use super::series::{CACHE_LIMIT, Pending, SeriesResolver};
 use crate::metrics::Metrics;
 use crate::sources::Item;
 use crate::store::rollup::Rollups;
-use crate::store::write::{self, BatchRow};
+use crate::store::write;
 use crate::store::{Store, StoreError, WriteTx};
 
 /// The writer task's state; see the module docs.
@@ -443,38 +443,24 @@ impl Writer {
         out: &mut Outcome,
     ) -> Result<(), StoreError> {
         let session = batch.session;
-        let samples = batch.sample_count() as i64;
-        if samples == 0 {
+        if batch.sample_count() == 0 {
             // Only gap reports or a settled watermark (handled by the
             // caller): acknowledged, but nothing for the log, the rollups
             // or the live feed, and no commit id used up.
             return Ok(());
         }
-        let (min_ts, max_ts) = batch.ts_range().unwrap_or((received_ms, received_ms));
-        let payload = batch.encode();
-        let commit_id = match out.next_commit {
-            Some(c) => c,
-            None => write::max_commit_id(tx).await? + 1,
-        };
-        let inserted = write::insert_batch(
+        let appended = write::append_batch(
             tx,
-            &BatchRow {
-                commit_id,
-                device,
-                session: &session,
-                seq: batch.seq,
-                received_ms,
-                min_ts,
-                max_ts,
-                samples,
-                payload: &payload,
-            },
+            device,
+            &batch,
+            received_ms,
+            &mut out.next_commit,
+            &mut out.rollups,
         )
         .await?;
-        if inserted {
-            out.next_commit = Some(commit_id + 1);
+        if let Some(commit_id) = appended {
             out.batches += 1;
-            out.samples += samples as u64;
+            out.samples += batch.sample_count() as u64;
             let mut live = Live {
                 commit: commit_id,
                 device: device.to_string(),
@@ -483,11 +469,10 @@ impl Writer {
                 series: Default::default(),
             };
             for run in &batch.runs {
-                let id = i64::from(run.series_id);
-                for (ts, v) in run.ts_ms.iter().zip(&run.values) {
-                    out.rollups.add(id, *ts, *v);
-                }
-                let key = self.resolver.series_key(tx, id, pending).await?;
+                let key = self
+                    .resolver
+                    .series_key(tx, i64::from(run.series_id), pending)
+                    .await?;
                 live.series
                     .entry(key)
                     .or_default()

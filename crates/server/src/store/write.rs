@@ -4,9 +4,10 @@
 
 use sqlx::{AnyConnection, Row};
 use widgetry_proto::json::Status;
-use widgetry_proto::{SeriesKey, SessionId};
+use widgetry_proto::{DecodedBatch, SeriesKey, SessionId};
 
 use super::StoreError;
+use super::rollup::Rollups;
 
 /// Returns the id of `key` on `device`, creating the series if new.
 pub async fn upsert_series(
@@ -148,6 +149,55 @@ pub async fn insert_batch(conn: &mut AnyConnection, b: &BatchRow<'_>) -> Result<
     .execute(&mut *conn)
     .await?;
     Ok(res.rows_affected() == 1)
+}
+
+/// Appends a batch whose series ids are database ids: numbers it with the
+/// transaction's next commit id (`*next_commit`, read from the log on
+/// first use and advanced) and, only when it is newly stored, adds its
+/// samples to `rollups`. Returns its commit id, or `None` for a batch
+/// already stored (nothing written). The ingest writer and `import` both
+/// append through here, so rollups and commit ids follow one rule.
+pub async fn append_batch(
+    conn: &mut AnyConnection,
+    device: &str,
+    batch: &DecodedBatch,
+    received_ms: i64,
+    next_commit: &mut Option<u64>,
+    rollups: &mut Rollups,
+) -> Result<Option<u64>, StoreError> {
+    let samples = batch.sample_count() as i64;
+    let (min_ts, max_ts) = batch.ts_range().unwrap_or((received_ms, received_ms));
+    let payload = batch.encode();
+    let commit_id = match *next_commit {
+        Some(c) => c,
+        None => max_commit_id(conn).await? + 1,
+    };
+    let inserted = insert_batch(
+        conn,
+        &BatchRow {
+            commit_id,
+            device,
+            session: &batch.session,
+            seq: batch.seq,
+            received_ms,
+            min_ts,
+            max_ts,
+            samples,
+            payload: &payload,
+        },
+    )
+    .await?;
+    if !inserted {
+        return Ok(None);
+    }
+    *next_commit = Some(commit_id + 1);
+    for run in &batch.runs {
+        let id = i64::from(run.series_id);
+        for (ts, v) in run.ts_ms.iter().zip(&run.values) {
+            rollups.add(id, *ts, *v);
+        }
+    }
+    Ok(Some(commit_id))
 }
 
 /// The stored ack watermark of a session, if the session is known.
