@@ -1,0 +1,52 @@
+//! The `broker.toml` loader (`config::parse_broker_config`): returns the
+//! config or a `ConfigError` with at least one problem, never panics, and
+//! never echoes a password of a `[….connections.auth]` table in its errors.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use widgetry_server::config::{BrokerSource, ListenOverride, parse_broker_config};
+
+/// The values of `user = "password"` lines under an `auth` table header,
+/// found line by line (so also in a text that is not valid TOML), that
+/// occur once in the text and are long enough not to appear by chance.
+fn passwords(text: &str) -> Vec<&str> {
+    let mut in_auth = false;
+    let mut out = Vec::new();
+    for line in text.lines() {
+        let line = line.trim();
+        if line.starts_with('[') {
+            in_auth = line.contains("auth");
+            continue;
+        }
+        let Some((_, value)) = line.split_once('=') else {
+            continue;
+        };
+        let value = value.trim();
+        let secret = match value.strip_prefix('"') {
+            Some(rest) => rest.split('"').next().unwrap_or(rest),
+            None => value,
+        };
+        if in_auth && secret.len() >= 8 && text.matches(secret).count() == 1 {
+            out.push(secret);
+        }
+    }
+    out
+}
+
+fuzz_target!(|data: &[u8]| {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    match parse_broker_config(&BrokerSource::BuiltIn, text, ListenOverride::default()) {
+        Ok(cfg) => {
+            assert!(cfg.rumqttd.v4.as_ref().is_some_and(|v4| !v4.is_empty()));
+        }
+        Err(e) => {
+            assert!(!e.0.is_empty(), "an error names at least one problem");
+            let shown = e.to_string();
+            for pw in passwords(text) {
+                assert!(!shown.contains(pw), "password {pw:?} echoed in: {shown}");
+            }
+        }
+    }
+});
