@@ -1,6 +1,7 @@
 //! The `broker.toml` loader (`config::parse_broker_config`): returns the
 //! config or a `ConfigError` with at least one problem, never panics, and
-//! never echoes a password of a `[….connections.auth]` table in its errors.
+//! never echoes a password of a `[….connections.auth]` table in its errors
+//! (a value found in the error must be there whatever the password is).
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -33,6 +34,20 @@ fn passwords(text: &str) -> Vec<&str> {
     out
 }
 
+/// `s` with every ASCII letter and digit replaced by the next one (z→a,
+/// 9→0): the same shape to a parser, different text.
+fn rotate(s: &str) -> String {
+    s.chars()
+        .map(|c| match c {
+            'a'..='y' | 'A'..='Y' | '0'..='8' => char::from(c as u8 + 1),
+            'z' => 'a',
+            'Z' => 'A',
+            '9' => '0',
+            c => c,
+        })
+        .collect()
+}
+
 fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else {
         return;
@@ -45,7 +60,21 @@ fuzz_target!(|data: &[u8]| {
             assert!(!e.0.is_empty(), "an error names at least one problem");
             let shown = e.to_string();
             for pw in passwords(text) {
-                assert!(!shown.contains(pw), "password {pw:?} echoed in: {shown}");
+                if !shown.contains(pw) {
+                    continue;
+                }
+                // Echoed, unless the error contains that text anyway:
+                // load the file again with the password changed.
+                let other = text.replacen(pw, &rotate(pw), 1);
+                let shown_other =
+                    parse_broker_config(&BrokerSource::BuiltIn, &other, ListenOverride::default())
+                        .err()
+                        .map(|e| e.to_string())
+                        .unwrap_or_default();
+                assert!(
+                    rotate(pw) == pw || shown_other.contains(pw),
+                    "password {pw:?} echoed in: {shown}"
+                );
             }
         }
     }
