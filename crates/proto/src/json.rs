@@ -58,6 +58,13 @@ pub fn parse_samples(
         JsonPayload::Many { samples } => samples,
         JsonPayload::One(s) => vec![s],
     };
+    // Nothing to store: an empty message would use up a commit id and a
+    // batch-log row (issue 13, found by the fuzz target `json_samples`).
+    if list.is_empty() {
+        return Err(Reject::Json(
+            "no samples: \"samples\" must hold at least one sample".into(),
+        ));
+    }
     if list.len() > limits.max_samples {
         return Err(Reject::TooMany(format!(
             "{} samples; at most {}",
@@ -362,6 +369,12 @@ mod tests {
             seqs.insert(q);
         }
         assert_eq!(seqs.len(), 10_000, "no collisions among 10k messages");
+    }
+
+    #[test]
+    fn an_empty_sample_list_is_rejected() {
+        let got = parse_samples(br#"{"samples":[]}"#, &Limits::default(), NOW);
+        assert_eq!(got.map_err(|e| e.code()), Err("bad_json"));
     }
 
     #[test]

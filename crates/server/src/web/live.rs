@@ -71,8 +71,16 @@ impl RequestError {
 /// Parses and checks a client's text message (`{"subscribe": {...}}`).
 /// Public for the fuzz target `ws_subscribe` (fuzz/).
 pub fn parse_request(text: &str) -> Result<Subscription, RequestError> {
-    let req: ClientRequest =
-        serde_json::from_str(text).map_err(|e| RequestError::Malformed(e.to_string()))?;
+    let malformed = |e: serde_json::Error| RequestError::Malformed(e.to_string());
+    let value: serde_json::Value = serde_json::from_str(text).map_err(malformed)?;
+    // serde would also take a struct from an array (`[[]]` subscribed to
+    // everything): only the documented objects are requests.
+    if !value.get("subscribe").is_some_and(|s| s.is_object()) {
+        return Err(RequestError::Malformed(
+            "not an object with a \"subscribe\" object".into(),
+        ));
+    }
+    let req: ClientRequest = serde_json::from_value(value).map_err(malformed)?;
     for d in req.subscribe.devices.iter().flatten() {
         validate_device(d).map_err(|e| RequestError::BadDevice(e.to_string()))?;
     }
@@ -249,9 +257,15 @@ mod tests {
         assert_eq!(sub.since, Some(5));
         let e = parse_request(r#"{"subscribe":{"devices":["bad id"]}}"#).expect_err("bad id");
         assert!(matches!(e, RequestError::BadDevice(_)), "{e:?}");
+        // `[[]]` and `{"subscribe":[]}`: found by the fuzz target
+        // `ws_subscribe`, taken before as a subscription to everything.
         for bad in [
             "",
             "[]",
+            "[[]]",
+            r#"[[["d1"], null, true, true, 5]]"#,
+            r#"{"subscribe":[]}"#,
+            r#"{"subscribe":null}"#,
             r#"{"subscribe":{"bogus":1}}"#,
             r#"{"subscribe":{},"x":1}"#,
         ] {
