@@ -126,7 +126,9 @@ AGENT = [
 ]
 
 with open(os.path.join(ROOT, "broker.toml"), "rb") as f:
-    SHIPPED = f.read()
+    # Without its comment lines: the same keys, a third of the size, so
+    # the corpus derived from it stays small.
+    SHIPPED = b"".join(l for l in f.readlines() if not l.lstrip().startswith(b"#"))
 BROKER = [
     SHIPPED,
     SHIPPED + b'\n[v4.1.connections.auth]\nd1 = "d1-secret"\nd2 = "d2-secret"\n'

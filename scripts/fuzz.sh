@@ -15,7 +15,7 @@ usage: scripts/fuzz.sh [--cmin] [--seeds] [SECONDS] [TARGET...]
 Runs each fuzz target for SECONDS (default 60) of wall time, one after the
 other, and prints per target: executions, execs/s, new inputs found,
 corpus size (files and bytes). Fails if a target crashes; the crashing
-input is in fuzz/artifacts/TARGET/, and
+input is in fuzz/artifacts/TARGET/, libFuzzer's output in fuzz/logs/, and
   RUSTC_BOOTSTRAP=1 cargo fuzz run -s none -a TARGET fuzz/artifacts/TARGET/crash-…
 replays it.
 
@@ -24,7 +24,8 @@ Targets (default: all): ${ALL_TARGETS[*]}
 Each run reads the committed corpus fuzz/corpus/TARGET/ and writes the
 inputs it finds to fuzz/corpus-work/TARGET/ (not committed).
   --cmin    afterwards, merge corpus-work into fuzz/corpus/TARGET/ and
-            minimise it (cargo fuzz cmin): what to commit
+            minimise it to the inputs that reach every edge reached
+            (cargo fuzz cmin -- -use_counters=0): what to commit
   --seeds   first write the seed inputs (fuzz/seeds.py: the README's and
             the tests' examples) into fuzz/corpus/
 
@@ -69,12 +70,11 @@ fi
 [ "$seeds" -eq 0 ] || python3 fuzz/seeds.py
 
 echo "==> building the fuzz targets (cargo fuzz build ${FLAGS[*]})"
-build_log=$(mktemp)
-if ! cargo fuzz build "${FLAGS[@]}" >"$build_log" 2>&1; then
-  tail -40 "$build_log" >&2
+mkdir -p fuzz/logs
+if ! cargo fuzz build "${FLAGS[@]}" >fuzz/logs/build.log 2>&1; then
+  tail -40 fuzz/logs/build.log >&2
   exit 1
 fi
-rm -f "$build_log"
 
 size_of() { # files and bytes under the given directories
   find "$@" -type f 2>/dev/null | wc -l | tr -d ' '
@@ -83,8 +83,9 @@ size_of() { # files and bytes under the given directories
 
 rows=()
 failed=()
-logdir=$(mktemp -d)
-trap 'rm -rf "$logdir"' EXIT
+# Logs of the last run (not committed): fuzz/logs/TARGET.log.
+logdir=fuzz/logs
+mkdir -p "$logdir"
 for t in "${targets[@]}"; do
   work=fuzz/corpus-work/$t
   mkdir -p "$work" "fuzz/corpus/$t" "fuzz/artifacts/$t"
@@ -105,7 +106,6 @@ for t in "${targets[@]}"; do
     status="CRASH (exit $rc)"
     failed+=("$t")
     grep -E 'panicked at|ERROR: libFuzzer|SUMMARY|Test unit written' "$log" | head -20 >&2 || true
-    tail -40 "$log" > "fuzz/artifacts/$t/last-run.log"
   fi
   rows+=("$(printf '%-14s %6ss %12s %10s %6s %7s %9s  %s' "$t" "$took" "${execs:-?}" "${rate:-?}" "${new:-?}" "$files" "$bytes" "$status")")
 done
@@ -115,7 +115,9 @@ if [ "$cmin" -eq 1 ]; then
     [[ " ${failed[*]-} " == *" $t "* ]] && continue
     echo "==> $t: minimising fuzz/corpus/$t"
     cp -n fuzz/corpus-work/"$t"/* "fuzz/corpus/$t/" 2>/dev/null || true
-    cargo fuzz cmin "${FLAGS[@]}" "$t" "fuzz/corpus/$t" >"$logdir/$t.cmin.log" 2>&1
+    # Edges only (-use_counters=0): every branch the corpus reaches, in a
+    # few hundred small files rather than one per hit count.
+    cargo fuzz cmin "${FLAGS[@]}" "$t" "fuzz/corpus/$t" -- -use_counters=0 >"$logdir/$t.cmin.log" 2>&1
     read -r files bytes < <(size_of "fuzz/corpus/$t" | paste -sd' ')
     echo "    $files files, $bytes bytes"
   done
@@ -125,6 +127,6 @@ echo
 printf '%-14s %7s %12s %10s %6s %7s %9s  %s\n' target time execs execs/s new files bytes status
 printf '%s\n' "${rows[@]}"
 if [ ${#failed[@]} -gt 0 ]; then
-  echo "fuzz.sh: crash in ${failed[*]}: see fuzz/artifacts/" >&2
+  echo "fuzz.sh: crash in ${failed[*]}: see fuzz/artifacts/ and fuzz/logs/" >&2
   exit 1
 fi
