@@ -7,7 +7,8 @@
 use libfuzzer_sys::fuzz_target;
 use widgetry_server::config::{BrokerSource, ListenOverride, parse_broker_config};
 
-/// The values of `user = "password"` lines under an `auth` table header,
+/// The values of `user = "password"` lines under a
+/// `[v4.*.connections.auth]` or `[v5.*.connections.auth]` header,
 /// found line by line (so also in a text that is not valid TOML), that
 /// occur once in the text and are long enough not to appear by chance.
 fn passwords(text: &str) -> Vec<&str> {
@@ -16,7 +17,10 @@ fn passwords(text: &str) -> Vec<&str> {
     for line in text.lines() {
         let line = line.trim();
         if line.starts_with('[') {
-            in_auth = line.contains("auth");
+            // `[v4.1.connections.auth]`, not any table with "auth" in its
+            // name (`[v5.1auth]` is a listener named "1auth").
+            let name: String = line.chars().filter(|c| !c.is_whitespace()).collect();
+            in_auth = name.starts_with("[v") && name.ends_with(".connections.auth]");
             continue;
         }
         let Some((_, value)) = line.split_once('=') else {
