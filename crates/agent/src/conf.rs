@@ -4,6 +4,9 @@
 //! the agent's settings. A full TOML parser would add ~230 KB to a binary
 //! whose budget is 1 MB.
 
+/// Keys whose values are never quoted in a problem.
+pub const SECRET_KEYS: [&str; 1] = ["password"];
+
 /// A value from the file, kept as text for the settings' own validation.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Value {
@@ -97,6 +100,12 @@ pub fn parse(text: &str) -> Result<Vec<(String, Value)>, Vec<String>> {
         let key = key.trim().trim_matches('"');
         match parse_value(value) {
             Ok(v) => out.push((key.to_string(), v)),
+            // The messages quote the text they could not read: never a
+            // secret's.
+            Err(_) if SECRET_KEYS.contains(&key) => problems.push(format!(
+                "line {} ({key}): not a valid value (quote it: {key} = \"…\"; the value is not shown)",
+                n + 1
+            )),
             Err(e) => problems.push(format!("line {} ({key}): {e}", n + 1)),
         }
     }
@@ -121,6 +130,30 @@ mod tests {
         assert_eq!(got[2].1, Value::List(vec!["nginx".into(), "ssh d".into()]));
         assert_eq!(got[3].1, Value::List(vec!["12".into(), "34".into()]));
         assert_eq!(got[4].1, Value::Scalar("a \"b\"".into()));
+    }
+
+    /// Found by the fuzz target `agent_toml`: an unquoted password with a
+    /// space was quoted back in the problem ("… is not a string").
+    #[test]
+    fn a_bad_password_line_is_reported_without_its_value() {
+        for line in [
+            "password = ce tttttttttottmmte",
+            "password = \"pa55word-x\" trailing",
+            "\"password\" = \"pa55word-x\\q\"",
+            "password = [\"pa55word-x\" \"y\"]",
+            "password = \"pa55word-x",
+        ] {
+            let errs = parse(&format!("device = \"d\"\n{line}\n")).expect_err(line);
+            assert_eq!(errs.len(), 1, "{line}: {errs:?}");
+            assert!(errs[0].starts_with("line 2 (password)"), "{errs:?}");
+            assert!(
+                !errs[0].contains("pa55word") && !errs[0].contains("ttttt"),
+                "password leaked: {errs:?}"
+            );
+        }
+        // Other keys still show what was wrong.
+        let errs = parse("device = two words\n").expect_err("unquoted");
+        assert!(errs[0].contains("two words"), "{errs:?}");
     }
 
     #[test]

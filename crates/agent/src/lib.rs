@@ -11,6 +11,7 @@ pub mod conf;
 pub mod local;
 pub mod outbox;
 pub mod sampler;
+pub mod settings;
 pub mod spool;
 
 use std::future::Future;
@@ -27,7 +28,7 @@ use crate::outbox::Outbox;
 use crate::sampler::Sampler;
 use crate::spool::Spool;
 
-/// Agent settings (validated by `main.rs` before anything connects).
+/// Agent settings (validated by `settings::build` before anything connects).
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
     pub broker_host: String,

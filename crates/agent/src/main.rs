@@ -5,6 +5,7 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
+use widgetry_agent::settings::{self, ENV, Raw, build, key_of};
 use widgetry_agent::{AgentConfig, run};
 
 const USAGE: &str = "\
@@ -48,105 +49,11 @@ OPTIONS:
 Exit status: 0 after a clean shutdown (SIGINT/SIGTERM), 64 on bad arguments.
 ";
 
-/// Parses "1s", "250ms", "2m", "1h" or a bare number of seconds, above
-/// 0 and at most a day.
-fn parse_duration(text: &str) -> Result<Duration, String> {
-    let d = widgetry_common::parse_duration(text)?;
-    if d.is_zero() || d > Duration::from_secs(86_400) {
-        return Err(format!("{text:?} is out of range (above 0, at most 24h)"));
-    }
-    Ok(d)
-}
-
-/// Every setting, as a flag name without `--`; the same names (with `_`
-/// for `-`) are the keys of `agent.toml`.
-const KEYS: [&str; 19] = [
-    "broker",
-    "device",
-    "username",
-    "password",
-    "interval",
-    "batch-max-samples",
-    "batch-max-bytes",
-    "batch-max-wait",
-    "ack-timeout",
-    "spool-dir",
-    "spool-max-bytes",
-    "watch",
-    "watch-pid",
-    "events-socket",
-    "events-udp",
-    "statsd",
-    "statsd-flush",
-    "events-queue",
-    "config",
-];
-
-/// Environment variables, by setting.
-const ENV: [(&str, &str); 7] = [
-    ("broker", "WIDGETRY_BROKER"),
-    ("device", "WIDGETRY_DEVICE"),
-    ("username", "WIDGETRY_MQTT_USERNAME"),
-    ("password", "WIDGETRY_MQTT_PASSWORD"),
-    ("spool-dir", "WIDGETRY_SPOOL_DIR"),
-    ("statsd", "WIDGETRY_STATSD"),
-    ("config", "WIDGETRY_AGENT_CONFIG"),
-];
-
-/// Raw settings gathered from the file, the environment and the flags
-/// (later sources win; `watch` and `watch-pid` accumulate).
-#[derive(Default)]
-struct Raw {
-    values: std::collections::HashMap<&'static str, (String, String)>,
-    lists: Vec<(&'static str, String, String)>,
-}
-
-impl Raw {
-    fn set(&mut self, key: &'static str, value: String, source: String) {
-        if matches!(key, "watch" | "watch-pid") {
-            self.lists.push((key, value, source));
-        } else {
-            self.values.insert(key, (value, source));
-        }
-    }
-}
-
-fn key_of(name: &str) -> Option<&'static str> {
-    KEYS.iter().copied().find(|k| *k == name)
-}
-
-/// Reads `agent.toml`: every key is a setting name with `_` for `-`.
+/// Reads `agent.toml` into `raw`; a file that cannot be read is a problem.
 fn load_file(path: &str, raw: &mut Raw, problems: &mut Vec<String>) {
-    let text = match std::fs::read_to_string(path) {
-        Ok(t) => t,
-        Err(e) => return problems.push(format!("config {path}: cannot read: {e}")),
-    };
-    let entries = match widgetry_agent::conf::parse(&text) {
-        Ok(e) => e,
-        Err(errs) => {
-            problems.extend(errs.into_iter().map(|e| format!("config {path}: {e}")));
-            return;
-        }
-    };
-    for (k, v) in entries {
-        let source = format!("config {path}: key {k}");
-        let Some(key) = key_of(&k.replace('_', "-")).filter(|k| *k != "config") else {
-            problems.push(format!(
-                "{source}: unknown key (see widgetry-agent --help for the settings)"
-            ));
-            continue;
-        };
-        match (v, key) {
-            (widgetry_agent::conf::Value::List(items), "watch" | "watch-pid") => {
-                for item in items {
-                    raw.set(key, item, source.clone());
-                }
-            }
-            (widgetry_agent::conf::Value::Scalar(s), _) => raw.set(key, s, source),
-            (widgetry_agent::conf::Value::List(_), _) => {
-                problems.push(format!("{source}: expected a single value, not a list"))
-            }
-        }
+    match std::fs::read_to_string(path) {
+        Ok(text) => settings::load_text(path, &text, raw, problems),
+        Err(e) => problems.push(format!("config {path}: cannot read: {e}")),
     }
 }
 
@@ -202,119 +109,6 @@ fn parse_args(args: Vec<String>) -> Result<(AgentConfig, bool), Vec<String>> {
         Some(cfg) if problems.is_empty() => Ok((cfg, check)),
         _ => Err(problems),
     }
-}
-
-fn bad(problems: &mut Vec<String>, (value, source): &(String, String), why: &str) {
-    problems.push(format!("{source}: {value:?} {why}"));
-}
-
-/// Validates the gathered settings; every problem names its source.
-fn build(raw: Raw, problems: &mut Vec<String>) -> Option<AgentConfig> {
-    let mut cfg = AgentConfig::new("", 0, "");
-    let get = |k: &str| raw.values.get(k).cloned();
-    let (broker, src) = get("broker").unwrap_or(("127.0.0.1:1883".into(), "default".into()));
-    match broker.rsplit_once(':').map(|(h, p)| (h, p.parse::<u16>())) {
-        Some((host, Ok(port))) if !host.is_empty() && port != 0 => {
-            cfg.broker_host = host.trim_matches(['[', ']']).to_string();
-            cfg.broker_port = port;
-        }
-        _ => bad(
-            problems,
-            &(broker, src),
-            "is not HOST:PORT (e.g. 127.0.0.1:1883)",
-        ),
-    }
-    match get("device") {
-        Some(d) => match widgetry_proto::validate::validate_device(&d.0) {
-            Ok(()) => cfg.device = d.0,
-            Err(e) => problems.push(format!("{}: {e}", d.1)),
-        },
-        None => problems
-            .push("--device is required (or env WIDGETRY_DEVICE, or device in agent.toml)".into()),
-    }
-    for (key, slot) in [
-        ("interval", &mut cfg.interval),
-        ("batch-max-wait", &mut cfg.batch_max_wait),
-        ("ack-timeout", &mut cfg.ack_timeout),
-        ("statsd-flush", &mut cfg.statsd_flush),
-    ] {
-        if let Some(v) = get(key) {
-            match parse_duration(&v.0) {
-                Ok(d) => *slot = d,
-                Err(e) => problems.push(format!("{}: {e}", v.1)),
-            }
-        }
-    }
-    let mut number = |key: &str, min: u64, max: u64| -> Option<u64> {
-        let v = get(key)?;
-        match v.0.parse::<u64>() {
-            Ok(n) if (min..=max).contains(&n) => Some(n),
-            _ => {
-                bad(
-                    problems,
-                    &v,
-                    &format!("is not a number from {min} to {max}"),
-                );
-                None
-            }
-        }
-    };
-    if let Some(n) = number("batch-max-samples", 1, 100_000) {
-        cfg.batch_max_samples = n as usize;
-    }
-    // The broker's default max_payload_size is 1 MiB (broker.toml).
-    if let Some(n) = number("batch-max-bytes", 1024, 1024 * 1024) {
-        cfg.batch_max_bytes = n as usize;
-    }
-    if let Some(n) = number("spool-max-bytes", 64 * 1024, u64::MAX / 2) {
-        cfg.spool_max_bytes = n;
-    }
-    if let Some(n) = number("events-queue", 1, 1_000_000) {
-        cfg.events_queue = n as usize;
-    }
-    if let Some(v) = get("spool-dir") {
-        cfg.spool_dir = v.0.into();
-    }
-    if let Some(v) = get("events-socket") {
-        cfg.events_socket = Some(v.0.into());
-    }
-    if let Some(v) = get("events-udp") {
-        match v.0.parse::<std::net::SocketAddr>() {
-            Ok(a) if a.ip().is_loopback() => cfg.events_udp = Some(a),
-            Ok(_) => bad(
-                problems,
-                &v,
-                "is not a loopback address; the local protocol is for apps on this device (use 127.0.0.1)",
-            ),
-            Err(_) => bad(problems, &v, "is not IP:PORT (e.g. 127.0.0.1:8126)"),
-        }
-    }
-    if let Some(v) = get("statsd") {
-        match v.0.parse() {
-            Ok(a) => cfg.statsd = Some(a),
-            Err(_) => bad(problems, &v, "is not IP:PORT (e.g. 127.0.0.1:8125)"),
-        }
-    }
-    for (key, value, source) in &raw.lists {
-        let item = (value.clone(), source.clone());
-        match *key {
-            "watch" if !value.is_empty() && value.len() <= 64 => cfg
-                .watch
-                .push(widgetry_agent::sampler::Target::Name(value.clone())),
-            "watch" => bad(problems, &item, "must be 1-64 characters"),
-            _ => match value.parse::<u32>() {
-                Ok(p) if p > 0 => cfg.watch.push(widgetry_agent::sampler::Target::Pid(p)),
-                _ => bad(problems, &item, "is not a process id"),
-            },
-        }
-    }
-    match (get("username"), get("password")) {
-        (Some(u), Some(p)) => cfg.credentials = Some((u.0, p.0)),
-        (None, None) => {}
-        // Never echo a password.
-        _ => problems.push("give both username and password, or neither".into()),
-    }
-    Some(cfg)
 }
 
 fn main() -> ExitCode {
@@ -378,15 +172,6 @@ fn main() -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn durations() {
-        assert_eq!(parse_duration("1s"), Ok(Duration::from_secs(1)));
-        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
-        assert_eq!(parse_duration("2"), Ok(Duration::from_secs(2)));
-        assert!(parse_duration("0s").is_err());
-        assert!(parse_duration("5x").is_err());
-    }
 
     #[test]
     fn all_problems_reported() {

@@ -104,9 +104,25 @@ impl FileConfig {
             ConfigError(vec![Problem {
                 file,
                 key: String::new(),
-                message: e.to_string().trim().replace('\n', " "),
+                message: toml_error(&e, &text),
             }])
         })
+    }
+}
+
+/// A TOML error as "TOML parse error at line L, column C: message",
+/// without the excerpt of the offending line that toml's `Display` shows:
+/// that line may hold a password (an `auth` table, a `postgres://` URL).
+fn toml_error(e: &toml::de::Error, text: &str) -> String {
+    let message = e.message().trim().replace('\n', " ");
+    match e.span() {
+        Some(span) => {
+            let before = &text[..span.start.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            let column = before.rsplit('\n').next().unwrap_or("").chars().count() + 1;
+            format!("TOML parse error at line {line}, column {column}: {message}")
+        }
+        None => format!("TOML parse error: {message}"),
     }
 }
 
@@ -160,7 +176,7 @@ pub fn parse_broker_config(
     let table: toml::Table = match text.parse() {
         Ok(t) => t,
         Err(e) => {
-            p.add(&file, "", e.to_string().trim().replace('\n', " "));
+            p.add(&file, "", toml_error(&e, text));
             return Err(ConfigError(p.0));
         }
     };
@@ -883,5 +899,36 @@ mod tests {
         let got = problems(&text).join("\n");
         assert!(got.contains("auth.demo"), "{got}");
         assert!(!got.contains("12345678"), "password leaked: {got}");
+    }
+
+    /// Found by the fuzz target `broker_toml`: toml's error text quotes
+    /// the offending line, here a password of a duplicate user.
+    #[test]
+    fn a_toml_syntax_error_never_shows_the_offending_line() {
+        let text = DEFAULT_BROKER_TOML.replacen(
+            "\n[v5.1]\n",
+            "\n[v4.1.connections.auth]\nd1 = \"d1-secret\"\nd1 = \"d2-secret\"\n\n[v5.1]\n",
+            1,
+        );
+        let line = text
+            .lines()
+            .position(|l| l.contains("d2-secret"))
+            .expect("inserted")
+            + 1;
+        let got = problems(&text).join("\n");
+        assert!(
+            got.contains(&format!("line {line}, column 1")) && got.contains("duplicate key"),
+            "{got}"
+        );
+        assert!(!got.contains("secret"), "password leaked: {got}");
+        // Any bad line, e.g. an unterminated string, in widgetry.toml too.
+        let dir = tempfile::tempdir().expect("dir");
+        let file = dir.path().join("widgetry.toml");
+        std::fs::write(&file, "database = \"postgres://w:hunter22@db/w\nx = 1\n").expect("write");
+        let got = FileConfig::load(&file)
+            .expect_err("unterminated")
+            .to_string();
+        assert!(got.contains("line 1"), "{got}");
+        assert!(!got.contains("hunter22"), "password leaked: {got}");
     }
 }

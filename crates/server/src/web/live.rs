@@ -71,6 +71,48 @@ struct ClientRequest {
     subscribe: Subscription,
 }
 
+/// Why a client's text message is not a subscription.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RequestError {
+    /// Not `{"subscribe": {...}}`: the client is told and may try again.
+    Malformed(String),
+    /// A device id in `subscribe.devices` is invalid: the client is told
+    /// and the connection is closed.
+    BadDevice(String),
+}
+
+impl RequestError {
+    /// The `{"type":"error"}` message sent to the client.
+    pub fn message(&self) -> String {
+        let text = match self {
+            RequestError::Malformed(e) => format!(
+                "{e}; expected {{\"subscribe\": {{\"devices\": [..] | null, \"series\": [..] | null, \"status\": bool, \"events\": bool, \"since\": N | null}}}}"
+            ),
+            RequestError::BadDevice(e) => format!("subscribe.devices: {e}"),
+        };
+        json!({"type": "error", "message": text}).to_string()
+    }
+}
+
+/// Parses and checks a client's text message (`{"subscribe": {...}}`).
+/// Public for the fuzz target `ws_subscribe` (fuzz/).
+pub fn parse_request(text: &str) -> Result<Subscription, RequestError> {
+    let malformed = |e: serde_json::Error| RequestError::Malformed(e.to_string());
+    let value: serde_json::Value = serde_json::from_str(text).map_err(malformed)?;
+    // serde would also take a struct from an array (`[[]]` subscribed to
+    // everything): only the documented objects are requests.
+    if !value.get("subscribe").is_some_and(|s| s.is_object()) {
+        return Err(RequestError::Malformed(
+            "not an object with a \"subscribe\" object".into(),
+        ));
+    }
+    let req: ClientRequest = serde_json::from_value(value).map_err(malformed)?;
+    for d in req.subscribe.devices.iter().flatten() {
+        validate_device(d).map_err(|e| RequestError::BadDevice(e.to_string()))?;
+    }
+    Ok(req.subscribe)
+}
+
 /// Why a live client's session ended.
 enum Ended {
     Closed,
@@ -113,22 +155,20 @@ async fn live_client(mut socket: WebSocket, state: AppState) {
                     close_too_big(&mut socket).await;
                     break Ended::Closed;
                 }
-                Some(Ok(Message::Text(text))) => {
-                    match serde_json::from_str::<ClientRequest>(text.as_str()) {
-                        Ok(req) => match start_subscription(&mut socket, &state, req.subscribe).await {
-                            Ok(a) => active = Some(a),
-                            Err(e) => break e,
-                        },
-                        Err(e) => {
-                            let msg = json!({"type": "error", "message": format!(
-                                "{e}; expected {{\"subscribe\": {{\"devices\": [..] | null, \"series\": [..] | null, \"status\": bool, \"events\": bool, \"since\": N | null}}}}"
-                            )});
-                            if let Err(e) = send_text(&mut socket, msg.to_string()).await {
-                                break e;
-                            }
+                Some(Ok(Message::Text(text))) => match parse_request(text.as_str()) {
+                    Ok(sub) => match start_subscription(&mut socket, &state, sub).await {
+                        Ok(a) => active = Some(a),
+                        Err(e) => break e,
+                    },
+                    Err(e) => {
+                        if let Err(ended) = send_text(&mut socket, e.message()).await {
+                            break ended;
+                        }
+                        if let RequestError::BadDevice(_) = e {
+                            break Ended::Closed;
                         }
                     }
-                }
+                },
                 Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break Ended::Closed,
                 Some(Ok(_)) => {}
             },
@@ -179,13 +219,6 @@ async fn start_subscription(
     state: &AppState,
     sub: Subscription,
 ) -> Result<(Subscription, broadcast::Receiver<Arc<HubMsg>>, u64), Ended> {
-    for d in sub.devices.iter().flatten() {
-        if let Err(e) = validate_device(d) {
-            let msg = json!({"type": "error", "message": format!("subscribe.devices: {e}")});
-            send_text(socket, msg.to_string()).await?;
-            return Err(Ended::Closed);
-        }
-    }
     // Subscribe before reading the database, so nothing committed in
     // between can fall through.
     let rx = state.hub.subscribe();
@@ -247,4 +280,37 @@ async fn start_subscription(
     )
     .await?;
     Ok((sub, rx, cursor))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subscription_requests_are_parsed_and_their_devices_checked() {
+        let sub = parse_request(r#"{"subscribe":{"devices":["d1"],"status":true,"since":5}}"#)
+            .expect("valid");
+        assert_eq!(sub.devices, Some(vec!["d1".to_string()]));
+        assert!(sub.status && !sub.events);
+        assert_eq!(sub.since, Some(5));
+        let e = parse_request(r#"{"subscribe":{"devices":["bad id"]}}"#).expect_err("bad id");
+        assert!(matches!(e, RequestError::BadDevice(_)), "{e:?}");
+        // `[[]]` and `{"subscribe":[]}`: found by the fuzz target
+        // `ws_subscribe`, taken before as a subscription to everything.
+        for bad in [
+            "",
+            "[]",
+            "[[]]",
+            r#"[[["d1"], null, true, true, 5]]"#,
+            r#"{"subscribe":[]}"#,
+            r#"{"subscribe":null}"#,
+            r#"{"subscribe":{"bogus":1}}"#,
+            r#"{"subscribe":{},"x":1}"#,
+        ] {
+            let e = parse_request(bad).expect_err(bad);
+            assert!(matches!(e, RequestError::Malformed(_)), "{bad}: {e:?}");
+            let msg: serde_json::Value = serde_json::from_str(&e.message()).expect("json");
+            assert_eq!(msg["type"], "error", "{bad}");
+        }
+    }
 }
