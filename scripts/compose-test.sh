@@ -96,6 +96,15 @@ cleanup() {
       kill -KILL "$dockerd_pid"
       rc=1
     fi
+    # dockerd stops the containerd it started; nothing may still run from
+    # the temp dir (containerd, shims).
+    local left
+    left=$(pgrep -af -- "$tmp" | grep -v "^$$ ")
+    if [ -n "$left" ]; then
+      echo "compose test FAILED: processes of the test's daemon still run:" >&2
+      echo "$left" >&2
+      rc=1
+    fi
   fi
   # Mounts the daemon left (overlay layers, shm) before removing the dir.
   grep -o " $tmp[^ ]*" /proc/mounts | sort -r | xargs -r -n1 umount -l 2>/dev/null
