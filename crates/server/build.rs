@@ -2,10 +2,11 @@
 //! every file it produces in the binary, so `cargo run` alone serves it.
 //!
 //! Needs Node.js and npm; without them the build stops and says what to
-//! install. `WIDGETRY_UI_DIST=DIR` embeds an already built `dist/` instead
-//! (the Dockerfile builds it in a Node stage). `WIDGETRY_SKIP_UI=1` builds
-//! without the dashboard (the server then answers `/` with a page saying
-//! so) — for tooling that must not run npm.
+//! install. The dashboard's packages are installed with `npm ci`, which
+//! never modifies the committed lockfile. `WIDGETRY_UI_DIST=DIR` embeds an
+//! already built `dist/` instead (the Dockerfile builds it in a Node stage).
+//! `WIDGETRY_SKIP_UI=1` builds without the dashboard (the server then
+//! answers `/` with a page saying so) — for tooling that must not run npm.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -95,17 +96,21 @@ fn build_ui(ui: &Path, dist: &Path) {
         _ => true,
     };
     if stale {
-        // `npm install` rather than `npm ci`: it installs the versions the
-        // committed lockfile pins, but npm 10/11 leave other platforms'
-        // optional packages (rollup's native builds) out of lockfiles and
-        // `npm ci` then refuses them as out of sync (npm/cli#4828, #8320).
+        // `npm ci` installs exactly what the committed lockfile pins and
+        // never rewrites it, so a build leaves the checkout unchanged. The
+        // lockfile lists every platform's optional packages (rollup's and
+        // esbuild's native builds); `npm ci` refuses a lockfile out of sync
+        // with package.json: after changing package.json run `npm install`
+        // in web-ui/ and commit the lockfile.
+        progress("npm ci: installing the dashboard's packages from web-ui/package-lock.json");
         run(
             Command::new(npm)
-                .args(["install", "--no-audit", "--no-fund"])
+                .args(["ci", "--no-audit", "--no-fund"])
                 .current_dir(ui),
-            "npm install",
+            "npm ci",
         );
     }
+    progress("npm run build: building the dashboard (tsc + vite) to embed it");
     run(
         Command::new(npm)
             .args(["run", "build", "--", "--outDir"])
@@ -114,6 +119,17 @@ fn build_ui(ui: &Path, dist: &Path) {
             .current_dir(ui),
         "npm run build",
     );
+}
+
+/// Says what a long step is doing while it runs. Cargo shows a build
+/// script's output only when it fails, so this writes to the terminal the
+/// build runs in, when there is one (CI logs get scripts/test.sh's steps).
+fn progress(what: &str) {
+    use std::io::Write as _;
+    if let Ok(mut tty) = std::fs::OpenOptions::new().write(true).open("/dev/tty") {
+        let _ = writeln!(tty, "   widgetry-server build.rs: {what}");
+    }
+    eprintln!("{what}");
 }
 
 fn run(cmd: &mut Command, what: &str) {

@@ -25,6 +25,9 @@ fn init_tracing(format: LogFormat) {
 /// Runs `role`; the first signal asks it to drain, a second exits at once.
 async fn run(role: Role) -> Result<bool, ServeError> {
     let token = CancellationToken::new();
+    // loadgen has nothing to drain: a signal ends it before --duration
+    // (in containers it is PID 1, and `docker stop` must not need SIGKILL).
+    let is_loadgen = matches!(role, Role::Loadgen(_));
     let work = async {
         match role {
             Role::Serve(cfg) => widgetry_server::run_serve(*cfg, token.clone()).await,
@@ -67,6 +70,10 @@ async fn run(role: Role) -> Result<bool, ServeError> {
     tokio::select! {
         r = &mut work => return r,
         _ = widgetry_common::shutdown_signal() => {
+            if is_loadgen {
+                eprintln!("loadgen: stopped by a signal before --duration ended; no report");
+                return Ok(true);
+            }
             tracing::info!("shutdown requested; draining (signal again to exit immediately)");
             token.cancel();
         }
