@@ -154,6 +154,7 @@ pub async fn start_serve(
             store.clone(),
             metrics.clone(),
             bridge,
+            cfg.api_token.clone(),
             shutdown.clone(),
         ),
     );
@@ -261,6 +262,7 @@ pub async fn run_web(
     http_listen: SocketAddr,
     database: Database,
     bridge: sinks::live::BridgeConfig,
+    api_token: Option<String>,
     shutdown: CancellationToken,
 ) -> Result<(), ServeError> {
     let store = Store::open(&database).await?;
@@ -279,6 +281,7 @@ pub async fn run_web(
             store.clone(),
             Arc::new(Metrics::for_roles(Roles::WEB)),
             bridge,
+            api_token,
             shutdown,
         ),
     );
@@ -292,6 +295,7 @@ async fn serve_http(
     store: Store,
     metrics: Arc<Metrics>,
     bridge: sinks::live::BridgeConfig,
+    api_token: Option<String>,
     shutdown: CancellationToken,
 ) -> Result<(), ServeError> {
     let hub = sinks::live::Hub::new(store.last_commit_id().await?);
@@ -307,6 +311,7 @@ async fn serve_http(
         hub,
         shutdown: shutdown.clone(),
         overview: Default::default(),
+        api_token: api_token.map(Arc::from),
     });
     web::server::serve(listener, app, shutdown).await;
     bridge_task.await??;

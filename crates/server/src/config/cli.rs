@@ -210,6 +210,10 @@ pub struct ServeArgs {
     /// when a listener is not loopback-only or any account exists.
     #[arg(long, env = "WIDGETRY_AUTH", value_enum, default_value = "auto")]
     pub auth: super::roles::AuthMode,
+    /// Read-only API token: when set, /api/* and /metrics need `Authorization: Bearer TOKEN`
+    /// (or the cookie that `GET /login?token=TOKEN` sets for the dashboard) [default: none, open].
+    #[arg(long, env = "WIDGETRY_API_TOKEN", hide_env_values = true)]
+    pub api_token: Option<String>,
     #[command(flatten)]
     pub retention: RetentionArgs,
 }
@@ -283,6 +287,10 @@ pub struct WebArgs {
     /// Validate the flags and configuration, print them and exit without connecting.
     #[arg(long)]
     pub check: bool,
+    /// Read-only API token: when set, /api/* and /metrics need `Authorization: Bearer TOKEN`
+    /// (or the cookie that `GET /login?token=TOKEN` sets for the dashboard) [default: none, open].
+    #[arg(long, env = "WIDGETRY_API_TOKEN", hide_env_values = true)]
+    pub api_token: Option<String>,
 }
 
 const FLAG: &str = "command line/environment";
@@ -415,6 +423,7 @@ pub fn resolve_serve(args: &ServeArgs) -> Result<ServeConfig, ConfigError> {
         }
         p => p.clone(),
     };
+    let api_token = resolve_api_token(&args.api_token, &mut problems);
     match (broker, http_listen, database) {
         (Some(broker), Some(http_listen), Some(database)) if problems.is_empty() => {
             Ok(ServeConfig {
@@ -425,6 +434,7 @@ pub fn resolve_serve(args: &ServeArgs) -> Result<ServeConfig, ConfigError> {
                 limits: Default::default(),
                 server_password,
                 auth: args.auth,
+                api_token,
             })
         }
         _ => Err(ConfigError(problems)),
@@ -473,7 +483,26 @@ pub fn resolve_ingest(args: &IngestArgs) -> Result<(IngestConfig, Database), Con
     }
 }
 
-pub fn resolve_web(args: &WebArgs) -> Result<(SocketAddr, Database, BridgeConfig), ConfigError> {
+/// `--api-token`, at least 16 characters (never echoed).
+fn resolve_api_token(token: &Option<String>, problems: &mut Vec<Problem>) -> Option<String> {
+    match token {
+        Some(t) if t.len() < 16 || t.chars().any(|c| c.is_whitespace() || c == ';') => {
+            problems.push(Problem {
+                file: FLAG.into(),
+                key: "api-token".into(),
+                message:
+                    "use at least 16 characters without spaces or `;` (e.g. `openssl rand -hex 16`)"
+                        .into(),
+            });
+            None
+        }
+        t => t.clone(),
+    }
+}
+
+pub type WebRole = (SocketAddr, Database, BridgeConfig, Option<String>);
+
+pub fn resolve_web(args: &WebArgs) -> Result<WebRole, ConfigError> {
     let file = load_file(&args.config)?;
     let label = file_label(&args.config);
     let mut problems = Vec::new();
@@ -490,8 +519,9 @@ pub fn resolve_web(args: &WebArgs) -> Result<(SocketAddr, Database, BridgeConfig
             Err(p) => problems.push(p),
         }
     }
+    let token = resolve_api_token(&args.api_token, &mut problems);
     match (http, database) {
-        (Some(h), Some(database)) if problems.is_empty() => Ok((h, database, bridge)),
+        (Some(h), Some(database)) if problems.is_empty() => Ok((h, database, bridge, token)),
         _ => Err(ConfigError(problems)),
     }
 }
@@ -698,7 +728,7 @@ pub fn resolve_import(a: &ImportArgs) -> Result<crate::import::ImportConfig, Con
 pub enum Role {
     Serve(Box<ServeConfig>),
     Ingest(IngestConfig, Database),
-    Web(SocketAddr, Database, BridgeConfig),
+    Web(SocketAddr, Database, BridgeConfig, Option<String>),
     Loadgen(Box<widgetry_loadgen::LoadConfig>),
     Device(DeviceAction, Database),
     Import(Box<crate::import::ImportConfig>),
@@ -728,10 +758,10 @@ pub fn resolve_command(cmd: &Cmd) -> Result<Result<Role, String>, ConfigError> {
             (c, db) => Ok(Role::Ingest(c, db)),
         },
         Cmd::Web(args) => match resolve_web(args)? {
-            (http, db, _) if args.check => {
+            (http, db, _, _) if args.check => {
                 Err(format!("configuration ok: web http {http} database {db}"))
             }
-            (h, d, b) => Ok(Role::Web(h, d, b)),
+            (h, d, b, t) => Ok(Role::Web(h, d, b, t)),
         },
         Cmd::Loadgen(args) => match resolve_loadgen(args)? {
             cfg if args.check => Err(format!(
@@ -873,7 +903,7 @@ mod tests {
             _ => panic!("--check prints the configuration"),
         }
         match run(&["web", "--http-listen", "127.0.0.1:0", "--database", db]) {
-            Ok(Ok(Role::Web(http, _, bridge))) => {
+            Ok(Ok(Role::Web(http, _, bridge, _))) => {
                 assert_eq!(http.port(), 0);
                 assert!(bridge.broker.is_none(), "no --broker: the bridge polls");
             }

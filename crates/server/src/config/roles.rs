@@ -20,6 +20,8 @@ pub struct ServeConfig {
     pub server_password: Option<String>,
     /// Whether MQTT clients must log in with an account.
     pub auth: AuthMode,
+    /// When set, the HTTP API and /metrics require it.
+    pub api_token: Option<String>,
 }
 
 /// `serve --auth`: whether MQTT clients must log in with an account.

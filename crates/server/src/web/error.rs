@@ -34,6 +34,14 @@ impl AppError {
         }
     }
 
+    pub fn unauthorised(message: impl Into<String>) -> Self {
+        AppError {
+            status: StatusCode::UNAUTHORIZED,
+            code: "unauthorised",
+            message: message.into(),
+        }
+    }
+
     pub fn unavailable(message: impl Into<String>) -> Self {
         AppError {
             status: StatusCode::SERVICE_UNAVAILABLE,

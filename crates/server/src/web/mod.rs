@@ -32,7 +32,12 @@ pub fn app(state: AppState) -> Router {
         .route("/api/v1/devices", get(api::devices))
         .route("/api/v1/series", get(api::series))
         .route("/api/v1/events", get(api::events))
+        .route("/login", get(login))
         .fallback(not_found)
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            require_token,
+        ))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             count_requests,
@@ -61,6 +66,73 @@ async fn count_requests(
 ) -> Response {
     state.metrics.http_requests.fetch_add(1, Ordering::Relaxed);
     next.run(req).await
+}
+
+/// Name of the cookie `GET /login?token=…` sets for the dashboard.
+const TOKEN_COOKIE: &str = "widgetry_token";
+
+/// Whether `req` carries the API token: `Authorization: Bearer TOKEN` or
+/// the dashboard's cookie.
+fn has_token(req: &axum::extract::Request, token: &str) -> bool {
+    let headers = req.headers();
+    let bearer = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    let cookie = headers
+        .get_all(axum::http::header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|c| c.trim().strip_prefix(TOKEN_COOKIE)?.strip_prefix('='))
+        .find(|v| crate::broker::accounts::same(v, token));
+    bearer.is_some_and(|b| crate::broker::accounts::same(b, token)) || cookie.is_some()
+}
+
+/// With an API token configured, the data (`/api/…`, `/metrics`) needs it;
+/// the dashboard's files, `/healthz` and `/login` do not.
+async fn require_token(
+    State(state): State<AppState>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let Some(token) = state.api_token.as_deref() else {
+        return next.run(req).await;
+    };
+    let path = req.uri().path();
+    let protected = path.starts_with("/api/") || path == "/metrics";
+    if !protected || has_token(&req, token) {
+        return next.run(req).await;
+    }
+    AppError::unauthorised(
+        "this server requires its API token: send `Authorization: Bearer TOKEN`, or open /login?token=TOKEN once in the browser",
+    )
+    .into_response()
+}
+
+#[derive(serde::Deserialize)]
+struct LoginQuery {
+    token: String,
+}
+
+/// `GET /login?token=…`: with the right token, sets the dashboard's cookie
+/// (HttpOnly, SameSite=Strict) and goes to the dashboard.
+async fn login(
+    State(state): State<AppState>,
+    axum::extract::Query(q): axum::extract::Query<LoginQuery>,
+) -> Response {
+    let Some(token) = state.api_token.as_deref() else {
+        return axum::response::Redirect::to("/").into_response();
+    };
+    if !crate::broker::accounts::same(&q.token, token) {
+        return AppError::unauthorised("wrong API token").into_response();
+    }
+    let cookie = format!("{TOKEN_COOKIE}={token}; Path=/; HttpOnly; SameSite=Strict");
+    (
+        [(axum::http::header::SET_COOKIE, cookie)],
+        axum::response::Redirect::to("/"),
+    )
+        .into_response()
 }
 
 async fn not_found(uri: axum::http::Uri) -> Response {
@@ -116,6 +188,7 @@ mod tests {
             hub: Hub::new(0),
             shutdown: CancellationToken::new(),
             overview: Default::default(),
+            api_token: None,
         });
         assert_eq!(
             call(&app, "/healthz").await,
@@ -157,6 +230,74 @@ mod tests {
         assert_eq!(status, StatusCode::OK);
         assert!(text.contains("widgetry_web_requests_total 8"), "{text}");
         assert!(!text.contains("widgetry_ingest_"), "web alone: {text}");
+        store.close().await;
+    }
+
+    #[tokio::test]
+    async fn with_an_api_token_the_data_needs_it_and_the_dashboard_gets_a_cookie() {
+        let dir = tempfile::tempdir().expect("dir");
+        let store = Store::open(&Database::Sqlite(dir.path().join("w.db")))
+            .await
+            .expect("open");
+        let token = "tok-0123456789abcdef";
+        let app = app(AppState {
+            store: store.clone(),
+            metrics: Arc::new(Metrics::for_roles(Roles::WEB)),
+            hub: Hub::new(0),
+            shutdown: CancellationToken::new(),
+            overview: Default::default(),
+            api_token: Some(token.into()),
+        });
+        let send = |uri: &str, header: Option<(&str, String)>| {
+            let mut req = Request::get(uri);
+            if let Some((k, v)) = header {
+                req = req.header(k, v);
+            }
+            let app = app.clone();
+            let req = req.body(Body::empty()).expect("request");
+            async move { app.oneshot(req).await.expect("infallible") }
+        };
+        for uri in ["/api/v1/devices", "/metrics", "/api/v1/live"] {
+            assert_eq!(
+                send(uri, None).await.status(),
+                StatusCode::UNAUTHORIZED,
+                "{uri}"
+            );
+            let wrong = Some(("authorization", "Bearer tok-0123456789abcdeX".to_string()));
+            assert_eq!(
+                send(uri, wrong).await.status(),
+                StatusCode::UNAUTHORIZED,
+                "{uri}"
+            );
+        }
+        let bearer = Some(("authorization", format!("Bearer {token}")));
+        assert_eq!(
+            send("/api/v1/devices", bearer).await.status(),
+            StatusCode::OK
+        );
+        assert_eq!(send("/healthz", None).await.status(), StatusCode::OK);
+        assert_eq!(
+            send("/login?token=nope", None).await.status(),
+            StatusCode::UNAUTHORIZED
+        );
+        let res = send(&format!("/login?token={token}"), None).await;
+        assert_eq!(res.status(), StatusCode::SEE_OTHER);
+        let cookie = res
+            .headers()
+            .get("set-cookie")
+            .and_then(|v| v.to_str().ok())
+            .expect("a cookie")
+            .to_string();
+        assert!(
+            cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict"),
+            "{cookie}"
+        );
+        let pair = cookie.split(';').next().expect("name=value").to_string();
+        let with_cookie = Some(("cookie", format!("theme=dark; {pair}")));
+        assert_eq!(
+            send("/api/v1/devices", with_cookie).await.status(),
+            StatusCode::OK
+        );
         store.close().await;
     }
 }

@@ -21,4 +21,6 @@ pub struct AppState {
     /// The fleet-wide answers (`/api/v1/devices`, `/api/v1/fleet`), shared
     /// by every client asking within a second.
     pub overview: Arc<OverviewCache>,
+    /// When set, the API and /metrics require this token.
+    pub api_token: Option<Arc<str>>,
 }

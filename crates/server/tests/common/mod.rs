@@ -111,6 +111,7 @@ impl Stack {
             limits,
             server_password: Some(TEST_SERVER_PASSWORD.into()),
             auth,
+            api_token: None,
         };
         let running = start_serve(cfg, CancellationToken::new())
             .await
