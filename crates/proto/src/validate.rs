@@ -27,6 +27,10 @@ pub struct Limits {
     pub max_series: usize,
     /// Series one device may have in all (the server's cardinality limit).
     pub max_series_per_device: usize,
+    /// Messages per second one device may send on average (the server's
+    /// rate limit), and how many it may send at once above that.
+    pub device_messages_per_s: u32,
+    pub device_burst: u32,
 }
 
 impl Default for Limits {
@@ -36,6 +40,8 @@ impl Default for Limits {
             max_samples: 100_000,
             max_series: 10_000,
             max_series_per_device: 10_000,
+            device_messages_per_s: 100,
+            device_burst: 2_000,
         }
     }
 }
@@ -71,6 +77,10 @@ pub enum Reject {
         key: String,
         limit: usize,
     },
+    #[error(
+        "more than {per_s} messages/s (bursts of {burst}) from this device: messages over the limit are dropped unread (this report is sent once per 10 s); unacknowledged batches are sent again later"
+    )]
+    RateLimited { per_s: u32, burst: u32 },
     /// A batch refers to series ids the server has no definition for in
     /// its session (the server's database is new or restored, or the
     /// batches carrying the definitions were lost). Not the device's
@@ -100,12 +110,13 @@ impl Reject {
             Reject::Value(_) => "bad_value",
             Reject::TooMany(_) => "too_many",
             Reject::SeriesLimit { .. } => "series_limit",
+            Reject::RateLimited { .. } => "rate_limited",
             Reject::UnknownSeries { .. } => "unknown_series",
         }
     }
 
     /// Every reason code, for pre-registering metrics.
-    pub const CODES: [&'static str; 12] = [
+    pub const CODES: [&'static str; 13] = [
         "bad_topic",
         "bad_device",
         "oversize",
@@ -117,6 +128,7 @@ impl Reject {
         "bad_value",
         "too_many",
         "series_limit",
+        "rate_limited",
         "unknown_series",
     ];
 }
@@ -297,6 +309,7 @@ mod tests {
                 key: String::new(),
                 limit: 0,
             },
+            Reject::RateLimited { per_s: 0, burst: 0 },
             Reject::UnknownSeries {
                 session: crate::SessionId([0; 16]),
                 seq: 1,

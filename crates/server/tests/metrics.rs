@@ -85,6 +85,9 @@ async fn every_series_on_metrics_moves() {
     let limits = Limits {
         max_payload_bytes: 64 * 1024,
         max_series_per_device: 50,
+        // And a rate limit one device can go past.
+        device_messages_per_s: 100,
+        device_burst: 200,
         ..Limits::default()
     };
     // And a tiny broker log for `flood/#`, so a subscriber that is away
@@ -365,6 +368,26 @@ async fn every_series_on_metrics_moves() {
         .expect("write lines");
     assert!(flood.wait().expect("mosquitto_pub ends").success());
     sub(&["-C", "1", "-W", "10"]);
+    // A device sending 400 messages at once goes past its rate limit.
+    let burst: String = (0..400)
+        .map(|i| format!("{{\"series\":\"r\",\"value\":{i}}}\n"))
+        .collect();
+    let mut rate = std::process::Command::new(require_tool("mosquitto_pub"))
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port,
+            "-t",
+            "widgetry/v1/m-rate/samples/json",
+            "-l",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .expect("mosquitto_pub");
+    std::io::Write::write_all(&mut rate.stdin.take().expect("stdin"), burst.as_bytes())
+        .expect("write lines");
+    assert!(rate.wait().expect("mosquitto_pub ends").success());
 
     let m = wait_for("every series above zero", T, || async {
         let (_, text) = stack.get_text("/metrics").await;

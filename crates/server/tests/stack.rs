@@ -780,3 +780,80 @@ async fn a_device_cannot_create_more_series_than_its_limit() {
     );
     stack.stop().await;
 }
+
+/// One device flooding the broker is cut to its rate (a burst, then so many
+/// messages per second): the rest are dropped unread and counted, the
+/// device is told once, and other devices are served as usual.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flooding_device_is_held_to_its_rate_and_others_are_not() {
+    let limits = widgetry_proto::Limits {
+        device_messages_per_s: 5,
+        device_burst: 10,
+        ..Default::default()
+    };
+    let stack = Stack::with_limits(limits).await;
+    let (c, mut ev) = client(&stack, "test-flood");
+    subscribed(&c, &mut ev, "widgetry/v1/flood/errors").await;
+    let port = stack.mqtt.port().to_string();
+    let now = widgetry_common::now_ms();
+    let lines: String = (0..200)
+        .map(|i| {
+            format!(
+                "{{\"series\":\"x\",\"value\":{i},\"ts\":{}}}\n",
+                now - 200 + i
+            )
+        })
+        .collect();
+    let started = std::time::Instant::now();
+    let mut flood = std::process::Command::new(require_tool("mosquitto_pub"))
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port,
+            "-q",
+            "1",
+            "-t",
+            "widgetry/v1/flood/samples/json",
+            "-l",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .expect("mosquitto_pub");
+    std::io::Write::write_all(&mut flood.stdin.take().expect("stdin"), lines.as_bytes())
+        .expect("write");
+    assert!(flood.wait().expect("mosquitto_pub ends").success());
+    let o = mosquitto(
+        "mosquitto_pub",
+        &[
+            "-p",
+            &port,
+            "-q",
+            "1",
+            "-t",
+            "widgetry/v1/calm/samples/json",
+            "-m",
+            r#"{"series":"y","value":1}"#,
+        ],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let p = next_publish(&mut ev, "a rate_limited report").await;
+    let report: ErrorReport = serde_json::from_slice(&p.payload).expect("JSON");
+    assert_eq!(report.code, "rate_limited", "{report:?}");
+    // Every message is either stored or counted as dropped.
+    let (stored, dropped) = wait_for("all 200 messages accounted for", T, || async {
+        let stored = points(&stack, "flood", "x").await.len() as f64;
+        let (_, m) = stack.get_text("/metrics").await;
+        let dropped = metric(&m, "widgetry_ingest_rejects_total{reason=\"rate_limited\"}");
+        let calm = points(&stack, "calm", "y").await.len();
+        (stored + dropped == 200.0 && calm == 1).then_some((stored, dropped))
+    })
+    .await;
+    let elapsed = started.elapsed().as_secs_f64();
+    assert!(stored >= 10.0, "the burst passes: {stored}");
+    assert!(
+        stored <= 10.0 + 5.0 * elapsed + 1.0,
+        "at most the burst and 5/s over {elapsed:.1} s: {stored} stored, {dropped} dropped"
+    );
+    stack.stop().await;
+}

@@ -5,6 +5,7 @@
 //! Validation happens here, before the writer's queue, so bad input from
 //! one device costs only the parse of its own message.
 
+pub mod limit;
 pub mod mqtt;
 
 use widgetry_proto::json::{Event as AppEvent, EventBatch, KeyedSample, Status};

@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
 use widgetry_common::now_ms;
 use widgetry_proto::json::{parse_events, parse_samples, parse_status};
-use widgetry_proto::{DecodedBatch, Limits, Topic, TopicKind};
+use widgetry_proto::{DecodedBatch, Limits, Reject, Topic, TopicKind};
 
 use super::Item;
 use crate::config::ingest::IngestConfig;
@@ -46,6 +46,8 @@ pub async fn subscribe_loop(
     ready: &watch::Sender<bool>,
 ) {
     let mut conn = Connection::new(ev, "ingest subscriber", Some(&metrics.mqtt_reconnects));
+    let mut limiter =
+        super::limit::RateLimiter::new(cfg.limits.device_messages_per_s, cfg.limits.device_burst);
     loop {
         match conn.next(shutdown).await {
             Polled::Stopped => break,
@@ -73,7 +75,10 @@ pub async fn subscribe_loop(
                 ready.send_replace(true);
             }
             Polled::Event(Event::Incoming(Packet::Publish(p))) => {
-                let item = classify(&p.topic, &p.payload, &cfg.limits, metrics);
+                let item = match rate_limited(&mut limiter, &p.topic, &cfg.limits, metrics) {
+                    Some(report) => report,
+                    None => classify(&p.topic, &p.payload, &cfg.limits, metrics),
+                };
                 if let Some(item) = item {
                     // Backpressure: when the writer is behind we stop
                     // reading from the broker.
@@ -107,6 +112,37 @@ pub async fn subscribe_loop(
         }
     })
     .await;
+}
+
+/// Applies the per-device rate limit to a device's publish: `None` lets it
+/// through; `Some(report)` drops it (a reject to report, once per 10 s per
+/// device, or nothing; every drop is counted).
+fn rate_limited(
+    limiter: &mut super::limit::RateLimiter,
+    topic: &str,
+    limits: &Limits,
+    metrics: &Metrics,
+) -> Option<Option<Item>> {
+    use super::limit::Verdict;
+    let parsed = Topic::parse(topic).ok()?;
+    let reject = Reject::RateLimited {
+        per_s: limits.device_messages_per_s,
+        burst: limits.device_burst,
+    };
+    match limiter.check(parsed.device, std::time::Instant::now()) {
+        Verdict::Pass => None,
+        Verdict::Drop => {
+            metrics.reject(&reject);
+            Some(None)
+        }
+        // Counted and logged by the writer, and reported to the device.
+        Verdict::DropAndReport => Some(Some(Item::Rejected {
+            device: Some(parsed.device.to_string()),
+            topic: topic.to_string(),
+            reject,
+            received_ms: now_ms(),
+        })),
+    }
 }
 
 /// Decodes one publish into work for the writer (or a reject).
