@@ -359,35 +359,18 @@ async fn every_series_on_metrics_moves() {
     let lines: String = (0..200)
         .map(|i| format!("message {i:04} {}\n", "x".repeat(90)))
         .collect();
-    let mut flood = std::process::Command::new(require_tool("mosquitto_pub"))
-        .args(["-h", "127.0.0.1", "-p", &port, "-t", "flood/x", "-l"])
-        .stdin(std::process::Stdio::piped())
-        .spawn()
-        .expect("mosquitto_pub");
-    std::io::Write::write_all(&mut flood.stdin.take().expect("stdin"), lines.as_bytes())
-        .expect("write lines");
-    assert!(flood.wait().expect("mosquitto_pub ends").success());
+    mosquitto_lines(stack.mqtt.port(), "flood/x", 0, &lines);
     sub(&["-C", "1", "-W", "10"]);
     // A device sending 400 messages at once goes past its rate limit.
     let burst: String = (0..400)
         .map(|i| format!("{{\"series\":\"r\",\"value\":{i}}}\n"))
         .collect();
-    let mut rate = std::process::Command::new(require_tool("mosquitto_pub"))
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &port,
-            "-t",
-            "widgetry/v1/m-rate/samples/json",
-            "-l",
-        ])
-        .stdin(std::process::Stdio::piped())
-        .spawn()
-        .expect("mosquitto_pub");
-    std::io::Write::write_all(&mut rate.stdin.take().expect("stdin"), burst.as_bytes())
-        .expect("write lines");
-    assert!(rate.wait().expect("mosquitto_pub ends").success());
+    mosquitto_lines(
+        stack.mqtt.port(),
+        "widgetry/v1/m-rate/samples/json",
+        0,
+        &burst,
+    );
 
     let m = wait_for("every series above zero", T, || async {
         let (_, text) = stack.get_text("/metrics").await;

@@ -805,24 +805,12 @@ async fn a_flooding_device_is_held_to_its_rate_and_others_are_not() {
         })
         .collect();
     let started = std::time::Instant::now();
-    let mut flood = std::process::Command::new(require_tool("mosquitto_pub"))
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &port,
-            "-q",
-            "1",
-            "-t",
-            "widgetry/v1/flood/samples/json",
-            "-l",
-        ])
-        .stdin(std::process::Stdio::piped())
-        .spawn()
-        .expect("mosquitto_pub");
-    std::io::Write::write_all(&mut flood.stdin.take().expect("stdin"), lines.as_bytes())
-        .expect("write");
-    assert!(flood.wait().expect("mosquitto_pub ends").success());
+    mosquitto_lines(
+        stack.mqtt.port(),
+        "widgetry/v1/flood/samples/json",
+        1,
+        &lines,
+    );
     let o = mosquitto(
         "mosquitto_pub",
         &[

@@ -97,9 +97,7 @@ impl Store {
         .await?
         .rows_affected()
             == 1;
-        bump_version(&mut tx).await?;
-        tx.commit().await?;
-        Ok(done)
+        bump_and_commit(tx, done).await
     }
 
     /// Replaces an account's hash; false when there is no such account.
@@ -114,9 +112,7 @@ impl Store {
             .await?
             .rows_affected()
             == 1;
-        bump_version(&mut tx).await?;
-        tx.commit().await?;
-        Ok(done)
+        bump_and_commit(tx, done).await
     }
 
     /// Removes an account; false when there was none.
@@ -128,15 +124,16 @@ impl Store {
             .await?
             .rows_affected()
             == 1;
-        bump_version(&mut tx).await?;
-        tx.commit().await?;
-        Ok(done)
+        bump_and_commit(tx, done).await
     }
 }
 
-async fn bump_version(tx: &mut super::WriteTx) -> Result<(), StoreError> {
+/// Ends an account change: the version moves in the same transaction, so
+/// a running `serve` sees the change with its next poll.
+async fn bump_and_commit(mut tx: super::WriteTx, changed: bool) -> Result<bool, StoreError> {
     sqlx::query("UPDATE accounts_version SET version = version + 1 WHERE id = 1")
-        .execute(&mut **tx)
+        .execute(&mut *tx)
         .await?;
-    Ok(())
+    tx.commit().await?;
+    Ok(changed)
 }

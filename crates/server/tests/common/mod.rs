@@ -387,6 +387,31 @@ pub fn mosquitto(tool: &str, args: &[&str]) -> Output {
         .unwrap_or_else(|e| panic!("run {tool}: {e}"))
 }
 
+/// Publishes each line of `lines` as one message on `topic` with one
+/// `mosquitto_pub -l` (one connection, as fast as the broker takes them).
+pub fn mosquitto_lines(port: u16, topic: &str, qos: u8, lines: &str) {
+    let mut child = Command::new(require_tool("mosquitto_pub"))
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-q",
+            &qos.to_string(),
+        ])
+        .args(["-t", topic, "-l"])
+        .stdin(Stdio::piped())
+        .spawn()
+        .expect("run mosquitto_pub");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(lines.as_bytes())
+        .expect("write lines");
+    assert!(child.wait().expect("mosquitto_pub ends").success());
+}
+
 /// A tool's exit status and output, for assertion messages.
 pub fn text(o: &Output) -> String {
     format!(
