@@ -20,6 +20,8 @@ step() { printf '\n==> %s\n' "$*"; }
 
 need_apt=()
 command -v mosquitto_pub >/dev/null 2>&1 || need_apt+=(mosquitto-clients)
+# The MQTT-over-TLS test makes its CA and certificates with openssl.
+command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
 # The external-broker test runs its own Mosquitto on a free loopback port.
 command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need_apt+=(mosquitto)
 # The plain-clients test publishes with Debian's paho (python3-paho-mqtt).

@@ -59,6 +59,8 @@ pub struct Running {
     pub mqtt_addr: SocketAddr,
     /// The MQTT 5 listener, if broker.toml has one.
     pub mqtt5_addr: Option<SocketAddr>,
+    /// The MQTT-over-TLS listeners, if broker.toml has any.
+    pub mqtt_tls_addrs: Vec<SocketAddr>,
     pub metrics: Arc<Metrics>,
     pub store: Store,
     tasks: Supervisor<ServeError>,
@@ -119,6 +121,7 @@ pub async fn start_serve(
     let broker::Listening {
         mqtt: mqtt_addr,
         mqtt5: mqtt5_addr,
+        tls: mqtt_tls_addrs,
     } = tokio::task::spawn_blocking(move || broker::start(broker_cfg, policy)).await??;
 
     let mut tasks = Supervisor::new(shutdown.clone(), DRAIN_DEADLINE);
@@ -172,6 +175,7 @@ pub async fn start_serve(
         http_addr,
         mqtt_addr,
         mqtt5_addr,
+        mqtt_tls_addrs,
         metrics,
         store,
         tasks,

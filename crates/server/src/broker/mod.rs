@@ -93,10 +93,12 @@ pub fn dropped_hook(metrics: Arc<crate::metrics::Metrics>) -> rumqttd::DroppedHo
 
 /// Where the broker's first MQTT 3.1.1 and MQTT 5 listeners are bound (a
 /// configured port 0 resolved to the port the system chose).
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Listening {
     pub mqtt: SocketAddr,
     pub mqtt5: Option<SocketAddr>,
+    /// Listeners that speak MQTT over TLS (`[v4.*.tls]`, `[v5.*.tls]`).
+    pub tls: Vec<SocketAddr>,
 }
 
 /// Binds every listener of `cfg` now, so a taken port fails here with its
@@ -106,20 +108,26 @@ fn bind_listeners(cfg: &mut BrokerConfig) -> Result<Listening, BrokerError> {
     let mut found = Listening {
         mqtt: cfg.mqtt_listen,
         mqtt5: cfg.mqtt5_listen,
+        tls: Vec::new(),
     };
+    let (first_v4, first_v5) = (cfg.mqtt_name.clone(), cfg.mqtt5_name.clone());
     for (v5, servers) in [(false, &mut cfg.rumqttd.v4), (true, &mut cfg.rumqttd.v5)] {
-        for server in servers.iter_mut().flat_map(|m| m.values_mut()) {
+        for (name, server) in servers.iter_mut().flat_map(|m| m.iter_mut()) {
             let addr = server.listen;
             let socket =
                 TcpListener::bind(addr).map_err(|source| BrokerError::Bind { addr, source })?;
             let bound = socket
                 .local_addr()
                 .map_err(|source| BrokerError::Bind { addr, source })?;
-            if !v5 && addr == cfg.mqtt_listen {
+            // By name: several listeners may ask for port 0.
+            if !v5 && *name == first_v4 {
                 found.mqtt = bound;
             }
-            if v5 && Some(addr) == cfg.mqtt5_listen {
+            if v5 && Some(name) == first_v5.as_ref() {
                 found.mqtt5 = Some(bound);
+            }
+            if server.tls.is_some() {
+                found.tls.push(bound);
             }
             server.listen = bound;
             server.prebound = Some(rumqttd::PreboundListener::new(socket));
@@ -155,6 +163,7 @@ pub fn start(mut cfg: BrokerConfig, policy: Arc<Policy>) -> Result<Listening, Br
             info!(
                 listen = %addr,
                 listen_mqtt5 = ?listening.mqtt5,
+                listen_tls = ?listening.tls,
                 device_credentials = users,
                 "embedded MQTT broker listening"
             );

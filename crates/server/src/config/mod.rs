@@ -150,6 +150,9 @@ pub struct BrokerConfig {
     pub mqtt_listen: SocketAddr,
     /// Address of the first MQTT 5 listener, if any.
     pub mqtt5_listen: Option<SocketAddr>,
+    /// The names of those listeners in broker.toml (`[v4.NAME]`, `[v5.NAME]`).
+    pub mqtt_name: String,
+    pub mqtt5_name: Option<String>,
     /// `[access] observers`: usernames (with credentials in an `auth`
     /// table) that may subscribe to every topic and publish nothing.
     pub observers: std::collections::HashSet<String>,
@@ -258,6 +261,7 @@ pub fn parse_broker_config(
             ),
         }]));
     }
+    let mqtt5_name = first_v5.clone();
     let mqtt5_listen = first_v5.and_then(|name| {
         rumqttd
             .v5
@@ -269,6 +273,8 @@ pub fn parse_broker_config(
         rumqttd,
         mqtt_listen,
         mqtt5_listen,
+        mqtt_name: first_v4,
+        mqtt5_name,
         observers,
     })
 }
@@ -435,23 +441,73 @@ fn check_server(file: &str, path: &str, s: &toml::Table, p: &mut Problems) {
         match k.as_str() {
             "name" => check_value(file, &key, v, Kind::Str, p),
             "listen" => check_value(file, &key, v, Kind::Addr, p),
-            "next_connection_delay_ms" => {
-                check_value(file, &key, v, Kind::Int { min: 0, max: 60_000 }, p)
-            }
-            "tls" => p.add(
+            "next_connection_delay_ms" => check_value(
                 file,
-                key,
-                "TLS is not built into the embedded broker; terminate TLS in front of it or use an external broker",
+                &key,
+                v,
+                Kind::Int {
+                    min: 0,
+                    max: 60_000,
+                },
+                p,
             ),
+            "tls" => match v.as_table() {
+                Some(t) => check_tls(
+                    file,
+                    &format!("[{}.tls]", path.trim_matches(['[', ']'])),
+                    t,
+                    p,
+                ),
+                None => p.add(file, key, "must be a table with certpath and keypath"),
+            },
             "connections" => match v.as_table() {
-                Some(c) => check_connections(file, &format!("[{}.connections]", path.trim_matches(['[', ']'])), c, p),
+                Some(c) => check_connections(
+                    file,
+                    &format!("[{}.connections]", path.trim_matches(['[', ']'])),
+                    c,
+                    p,
+                ),
                 None => p.add(file, key, "must be a table"),
             },
             _ => p.add(
                 file,
                 key,
-                "unknown key (expected name, listen, next_connection_delay_ms, connections)",
+                "unknown key (expected name, listen, next_connection_delay_ms, tls, connections)",
             ),
+        }
+    }
+}
+
+/// A listener's `[….tls]`: PEM files of the server's certificate chain
+/// (`certpath`) and private key (`keypath`), both readable now.
+fn check_tls(file: &str, path: &str, t: &toml::Table, p: &mut Problems) {
+    for need in ["certpath", "keypath"] {
+        if !t.contains_key(need) {
+            p.add(file, format!("{path} {need}"), "missing (a PEM file)");
+        }
+    }
+    for (k, v) in t {
+        let key = format!("{path} {k}");
+        match (k.as_str(), v.as_str()) {
+            ("certpath" | "keypath", Some(f)) => {
+                let marker = if k == "certpath" { "CERTIFICATE-----" } else { "PRIVATE KEY-----" };
+                match std::fs::read_to_string(f) {
+                    Err(e) => p.add(file, key, format!("{f:?}: {e}")),
+                    Ok(text) if !text.contains(marker) => p.add(
+                        file,
+                        key,
+                        format!("{f:?} holds no PEM \"{}\" block", marker.trim_end_matches('-')),
+                    ),
+                    Ok(_) => {}
+                }
+            }
+            ("certpath" | "keypath", None) => p.add(file, key, "must be a file path (string)"),
+            ("capath", _) => p.add(
+                file,
+                key,
+                "client certificates are not checked by the embedded broker; remove capath (devices log in with accounts)",
+            ),
+            _ => p.add(file, key, "unknown key (expected certpath, keypath)"),
         }
     }
 }
@@ -775,6 +831,52 @@ mod tests {
             Ok(_) => vec![],
             Err(e) => e.0.iter().map(|p| p.to_string()).collect(),
         }
+    }
+
+    #[test]
+    fn a_tls_listener_needs_readable_pem_files_and_no_client_ca() {
+        let dir = tempfile::tempdir().expect("dir");
+        let cert = dir.path().join("cert.pem");
+        let key = dir.path().join("key.pem");
+        std::fs::write(
+            &cert,
+            "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n",
+        )
+        .expect("write");
+        std::fs::write(&key, "not a key").expect("write");
+        let with_tls = |tls: &str| {
+            format!(
+                "{DEFAULT_BROKER_TOML}\n[v4.2]\nname = \"t\"\nlisten = \"127.0.0.1:0\"\nnext_connection_delay_ms = 0\n[v4.2.tls]\n{tls}\n[v4.2.connections]\nconnection_timeout_ms = 2000\nmax_payload_size = 1114112\nmax_inflight_count = 500\n"
+            )
+        };
+        let c = cert.display().to_string();
+        let k = key.display().to_string();
+        let got = problems(&with_tls(&format!(
+            "certpath = {c:?}\nkeypath = {k:?}\ncapath = {c:?}"
+        )));
+        assert!(
+            got.iter()
+                .any(|p| p.contains("[v4.2.tls] keypath") && p.contains("PRIVATE KEY")),
+            "{got:?}"
+        );
+        assert!(
+            got.iter().any(|p| p.contains("[v4.2.tls] capath")),
+            "{got:?}"
+        );
+        assert!(
+            !got.iter().any(|p| p.contains("certpath")),
+            "the certificate is fine: {got:?}"
+        );
+        let got = problems(&with_tls("certpath = \"/nonexistent/cert.pem\""));
+        assert!(
+            got.iter()
+                .any(|p| p.contains("[v4.2.tls] keypath") && p.contains("missing")),
+            "{got:?}"
+        );
+        assert!(
+            got.iter().any(|p| p.contains("/nonexistent/cert.pem")),
+            "{got:?}"
+        );
     }
 
     #[test]

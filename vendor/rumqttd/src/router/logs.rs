@@ -565,8 +565,9 @@ mod test {
         let missed = Arc::new(AtomicU64::new(0));
         let count = missed.clone();
         let config = RouterConfig {
-            // Two tiny segments: older messages are dropped quickly.
-            max_segment_size: 100,
+            // Two segments of the smallest size: older messages are
+            // dropped quickly.
+            max_segment_size: 1024,
             max_segment_count: 2,
             max_connections: 10,
             max_outgoing_packet_count: 1024,
@@ -579,7 +580,7 @@ mod test {
         let (idx, start) = data.next_native_offset("t");
         let mut notifications = VecDeque::new();
         for i in 0..100u32 {
-            let publish = Publish::new("t", i.to_string(), false);
+            let publish = Publish::new("t".to_string(), format!("{i:0>100}"), false);
             data.native
                 .get_mut(idx)
                 .unwrap()
@@ -589,6 +590,7 @@ mod test {
         let missed = missed.load(Ordering::Relaxed);
         assert!(missed > 0, "some messages were dropped");
         assert_eq!(missed + read.len() as u64, 100, "missed + read = published");
+        assert!(!read.is_empty(), "the newest are still read");
     }
 
     #[test]

@@ -371,6 +371,7 @@ impl<P: Protocol + Clone + Send + 'static> Server<P> {
     }
 
     // Depending on TLS or not create a new Network
+    #[cfg(feature = "websocket")]
     async fn tls_accept(&self, stream: TcpStream) -> Result<(Box<dyn N>, Option<String>), Error> {
         #[cfg(any(feature = "use-rustls", feature = "use-native-tls"))]
         match &self.config.tls {
@@ -396,6 +397,13 @@ impl<P: Protocol + Clone + Send + 'static> Server<P> {
         let mut count: usize = 0;
 
         let config = Arc::new(self.config.connections.clone());
+        #[cfg(any(feature = "use-rustls", feature = "use-native-tls"))]
+        let acceptor = match &self.config.tls {
+            Some(c) => Some(Arc::new(TLSAcceptor::new(c)?)),
+            None => None,
+        };
+        #[cfg(any(feature = "use-rustls", feature = "use-native-tls"))]
+        let handshake = Duration::from_millis(u64::from(config.connection_timeout_ms).max(1000));
         info!(
             config = self.config.name,
             listen_addr = listener
@@ -413,17 +421,7 @@ impl<P: Protocol + Clone + Send + 'static> Server<P> {
                 }
             };
 
-            let (network, tenant_id) = match self.tls_accept(stream).await {
-                Ok(o) => o,
-                Err(e) => {
-                    error!(error=?e, "Tls accept error");
-                    continue;
-                }
-            };
-
-            info!(
-                name=?self.config.name, ?addr, count, tenant=?tenant_id, "accept"
-            );
+            info!(name=?self.config.name, ?addr, count, "accept");
 
             let config = config.clone();
             let router_tx = self.router_tx.clone();
@@ -433,6 +431,13 @@ impl<P: Protocol + Clone + Send + 'static> Server<P> {
             match link_type {
                 #[cfg(feature = "websocket")]
                 LinkType::Websocket => {
+                    let (network, tenant_id) = match self.tls_accept(stream).await {
+                        Ok(o) => o,
+                        Err(e) => {
+                            error!(error=?e, "Tls accept error");
+                            continue;
+                        }
+                    };
                     let stream = match accept_hdr_async(network, WSCallback).await {
                         Ok(s) => Box::new(WsStream::new(s)),
                         Err(e) => {
@@ -456,22 +461,49 @@ impl<P: Protocol + Clone + Send + 'static> Server<P> {
                         )),
                     )
                 }
-                LinkType::Remote => task::spawn(
-                    remote(
-                        config,
-                        tenant_id.clone(),
-                        router_tx,
-                        network,
-                        protocol,
-                        self.awaiting_will_handler.clone(),
-                    )
-                    .instrument(tracing::error_span!(
-                        "remote_link",
-                        ?tenant_id,
-                        client_id = field::Empty,
-                        connection_id = field::Empty,
-                    )),
-                ),
+                LinkType::Remote => {
+                    // The TLS handshake runs in the connection's own task,
+                    // bounded by the connection timeout: a client that
+                    // stalls it delays nobody else's accept.
+                    #[cfg(any(feature = "use-rustls", feature = "use-native-tls"))]
+                    let acceptor = acceptor.clone();
+                    let will_handler = self.awaiting_will_handler.clone();
+                    task::spawn(async move {
+                        #[cfg(any(feature = "use-rustls", feature = "use-native-tls"))]
+                        let (network, tenant_id): (Box<dyn N>, Option<String>) = match &acceptor {
+                            Some(a) => match time::timeout(handshake, a.accept(stream)).await {
+                                Ok(Ok((tenant, network))) => (network, tenant),
+                                Ok(Err(e)) => {
+                                    error!(error=?e, ?addr, "Tls accept error");
+                                    return;
+                                }
+                                Err(_) => {
+                                    warn!(?addr, "TLS handshake timed out");
+                                    return;
+                                }
+                            },
+                            None => (Box::new(stream), None),
+                        };
+                        #[cfg(not(any(feature = "use-rustls", feature = "use-native-tls")))]
+                        let (network, tenant_id): (Box<dyn N>, Option<String>) =
+                            (Box::new(stream), None);
+                        remote(
+                            config,
+                            tenant_id.clone(),
+                            router_tx,
+                            network,
+                            protocol,
+                            will_handler,
+                        )
+                        .instrument(tracing::error_span!(
+                            "remote_link",
+                            ?tenant_id,
+                            client_id = field::Empty,
+                            connection_id = field::Empty,
+                        ))
+                        .await
+                    })
+                }
             };
 
             time::sleep(delay).await;
