@@ -5,11 +5,12 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use super::ingest::IngestConfig;
-use super::roles::{BridgeConfig, ServeConfig};
+use super::roles::{BridgeConfig, ServeConfig, StatsdConfig};
 use super::{ConfigError, DEFAULT_DATABASE, DEFAULT_HTTP_LISTEN, Database, FileConfig, Problem};
 
 /// Exit status for bad configuration (EX_CONFIG is 78; DESIGN.md §6.7 fixes 64, EX_USAGE).
@@ -212,6 +213,31 @@ pub struct ServeArgs {
     pub auth: super::roles::AuthMode,
     #[command(flatten)]
     pub retention: RetentionArgs,
+    #[command(flatten)]
+    pub statsd: StatsdArgs,
+}
+
+/// The statsd listener of `serve` (off unless `--statsd` is given).
+#[derive(Args)]
+pub struct StatsdArgs {
+    /// Receive statsd/DogStatsD lines on this UDP address, e.g. 127.0.0.1:8125 [default: off].
+    #[arg(long = "statsd", env = "WIDGETRY_STATSD")]
+    pub listen: Option<String>,
+    /// statsd aggregation interval: one sample per aggregate per interval, e.g. 10s, 500ms.
+    #[arg(
+        long = "statsd-flush",
+        env = "WIDGETRY_STATSD_FLUSH",
+        default_value = "10s"
+    )]
+    pub flush: String,
+    /// Device id the statsd samples are stored under ([A-Za-z0-9_.-], 1-64 characters);
+    /// a DogStatsD `device:NAME` tag overrides it per metric.
+    #[arg(
+        long = "statsd-device",
+        env = "WIDGETRY_STATSD_DEVICE",
+        default_value = "statsd"
+    )]
+    pub device: String,
 }
 
 /// Retention flags of the roles that write (`serve`, `ingest`).
@@ -415,6 +441,7 @@ pub fn resolve_serve(args: &ServeArgs) -> Result<ServeConfig, ConfigError> {
         }
         p => p.clone(),
     };
+    let statsd = resolve_statsd(&args.statsd, &mut problems);
     match (broker, http_listen, database) {
         (Some(broker), Some(http_listen), Some(database)) if problems.is_empty() => {
             Ok(ServeConfig {
@@ -425,10 +452,56 @@ pub fn resolve_serve(args: &ServeArgs) -> Result<ServeConfig, ConfigError> {
                 limits: Default::default(),
                 server_password,
                 auth: args.auth,
+                statsd,
             })
         }
         _ => Err(ConfigError(problems)),
     }
+}
+
+/// The statsd listener's settings, or None when `--statsd` is not given;
+/// the flush interval and device are checked even then, so a typo is
+/// reported rather than ignored.
+fn resolve_statsd(args: &StatsdArgs, problems: &mut Vec<Problem>) -> Option<StatsdConfig> {
+    let flush = match parse_secs(&args.flush, "statsd-flush") {
+        Ok(s) if s >= 0.001 => Some(Duration::from_secs_f64(s)),
+        Ok(_) => {
+            problems.push(Problem {
+                file: FLAG.into(),
+                key: "statsd-flush".into(),
+                message: format!("{:?}: use at least 1ms", args.flush),
+            });
+            None
+        }
+        Err(p) => {
+            problems.push(p);
+            None
+        }
+    };
+    let device = match widgetry_proto::validate::validate_device(&args.device) {
+        Ok(()) => Some(args.device.clone()),
+        Err(_) => {
+            problems.push(Problem {
+                file: FLAG.into(),
+                key: "statsd-device".into(),
+                message: format!(
+                    "{:?}: a device id is 1-64 characters of A-Z a-z 0-9 _ . -",
+                    widgetry_common::excerpt(&args.device)
+                ),
+            });
+            None
+        }
+    };
+    let listen = args.listen.as_ref().and_then(|t| {
+        super::parse_addr(t, FLAG, "statsd", true)
+            .map_err(|p| problems.push(p))
+            .ok()
+    })?;
+    Some(StatsdConfig {
+        listen,
+        flush: flush?,
+        device: device?,
+    })
 }
 
 pub fn resolve_ingest(args: &IngestArgs) -> Result<(IngestConfig, Database), ConfigError> {
@@ -711,8 +784,11 @@ pub fn resolve_command(cmd: &Cmd) -> Result<Result<Role, String>, ConfigError> {
         Cmd::CheckConfig(args) => {
             let cfg = resolve_serve(args)?;
             let mqtt5 = cfg.broker.mqtt5_listen.map(|a| a.to_string());
+            let statsd = cfg.statsd.as_ref().map_or("off".to_string(), |s| {
+                format!("{} (flush {:?}, device {})", s.listen, s.flush, s.device)
+            });
             Err(format!(
-                "configuration ok: mqtt {} mqtt5 {} http {} database {}",
+                "configuration ok: mqtt {} mqtt5 {} http {} database {} statsd {statsd}",
                 cfg.broker.mqtt_listen,
                 mqtt5.as_deref().unwrap_or("off"),
                 cfg.http_listen,
@@ -830,6 +906,48 @@ mod tests {
             "broker",
             "retain-raw",
             "/nonexistent-dir",
+        ] {
+            assert!(err.contains(needle), "{needle:?} missing from: {err}");
+        }
+    }
+
+    #[test]
+    fn statsd_flags_are_validated_together() {
+        let dir = tempfile::tempdir().expect("dir");
+        let db = dir.path().join("w.db");
+        let db = db.to_str().expect("utf-8 path");
+        let Ok(Ok(Role::Serve(cfg))) = run(&["serve", "--database", db]) else {
+            panic!("defaults accepted");
+        };
+        assert!(cfg.statsd.is_none(), "statsd is off by default");
+        let Ok(Ok(Role::Serve(cfg))) =
+            run(&["serve", "--database", db, "--statsd", "127.0.0.1:8125"])
+        else {
+            panic!("--statsd accepted");
+        };
+        let statsd = cfg.statsd.expect("statsd on");
+        assert_eq!(statsd.listen.to_string(), "127.0.0.1:8125");
+        assert_eq!(statsd.flush, Duration::from_secs(10));
+        assert_eq!(statsd.device, "statsd");
+        let err = match run(&[
+            "serve",
+            "--database",
+            db,
+            "--statsd",
+            "localhost:8125",
+            "--statsd-flush",
+            "soon",
+            "--statsd-device",
+            "no/slash",
+        ]) {
+            Err(e) => e,
+            Ok(_) => panic!("bad statsd flags accepted"),
+        };
+        for needle in [
+            "3 configuration problem(s)",
+            "statsd-flush",
+            "statsd-device",
+            "localhost:8125",
         ] {
             assert!(err.contains(needle), "{needle:?} missing from: {err}");
         }

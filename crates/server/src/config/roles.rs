@@ -20,6 +20,21 @@ pub struct ServeConfig {
     pub server_password: Option<String>,
     /// Whether MQTT clients must log in with an account.
     pub auth: AuthMode,
+    /// The statsd listener (`--statsd`); None: off.
+    pub statsd: Option<StatsdConfig>,
+}
+
+/// `serve --statsd`: a UDP listener whose statsd/DogStatsD lines are
+/// aggregated per flush interval and stored as samples of a device.
+#[derive(Debug, Clone)]
+pub struct StatsdConfig {
+    /// UDP address to receive packets on (port 0 picks a free port).
+    pub listen: SocketAddr,
+    /// Aggregation interval: one sample per aggregate per interval.
+    pub flush: Duration,
+    /// Device the samples are stored under, unless a `device:NAME` tag
+    /// names another.
+    pub device: String,
 }
 
 /// `serve --auth`: whether MQTT clients must log in with an account.

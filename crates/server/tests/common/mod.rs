@@ -67,6 +67,9 @@ pub struct Stack {
     pub mqtt: SocketAddr,
     /// The MQTT 5 listener.
     pub mqtt5: SocketAddr,
+    /// The statsd listener's UDP address, for stacks made by
+    /// [`Stack::with_statsd`].
+    pub statsd: Option<SocketAddr>,
     pub db: Database,
     pub dir: tempfile::TempDir,
 }
@@ -94,6 +97,27 @@ impl Stack {
         broker_toml: &str,
         auth: widgetry_server::config::roles::AuthMode,
     ) -> Stack {
+        Stack::with_options(limits, broker_toml, auth, None).await
+    }
+
+    /// A stack with `serve --statsd` on (`statsd.listen` may use port 0:
+    /// [`Stack::statsd`] says which port was bound).
+    pub async fn with_statsd(statsd: widgetry_server::config::roles::StatsdConfig) -> Stack {
+        Stack::with_options(
+            Default::default(),
+            DEFAULT_BROKER_TOML,
+            Default::default(),
+            Some(statsd),
+        )
+        .await
+    }
+
+    async fn with_options(
+        limits: widgetry_proto::Limits,
+        broker_toml: &str,
+        auth: widgetry_server::config::roles::AuthMode,
+        statsd: Option<widgetry_server::config::roles::StatsdConfig>,
+    ) -> Stack {
         let dir = tempfile::tempdir().expect("temp dir");
         let db = test_database(dir.path()).await;
         let any_port: SocketAddr = "127.0.0.1:0".parse().expect("addr");
@@ -111,6 +135,7 @@ impl Stack {
             limits,
             server_password: Some(TEST_SERVER_PASSWORD.into()),
             auth,
+            statsd,
         };
         let running = start_serve(cfg, CancellationToken::new())
             .await
@@ -120,11 +145,13 @@ impl Stack {
         let mqtt5 = running
             .mqtt5_addr
             .expect("the test broker has an MQTT 5 listener");
+        let statsd = running.statsd_addr;
         Stack {
             running: Some(running),
             http,
             mqtt,
             mqtt5,
+            statsd,
             db,
             dir,
         }
