@@ -129,6 +129,51 @@ pub struct Metrics {
     pub broker_dropped: AtomicU64,
     /// The statsd listener's counters (on `/metrics` while it runs).
     pub statsd: StatsdMetrics,
+    /// The Graphite export's counters (on `/metrics` while it runs).
+    pub graphite: GraphiteMetrics,
+}
+
+/// Counters of the `[graphite]` export.
+#[derive(Debug, Default)]
+pub struct GraphiteMetrics {
+    /// Set when the export starts; its counters are shown from then on.
+    pub enabled: AtomicBool,
+    pub lines_sent: AtomicU64,
+    /// Lines dropped, oldest first, while Carbon was away too long.
+    pub dropped: AtomicU64,
+    /// Failed connects and writes.
+    pub errors: AtomicU64,
+    /// Unix time (s) of the last write that reached Carbon; 0 before one.
+    pub last_flush_s: AtomicI64,
+}
+
+impl GraphiteMetrics {
+    fn render(&self, out: &mut String) {
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        write_counter(
+            out,
+            "widgetry_graphite_lines_sent_total",
+            "Lines written to Carbon.",
+            &[("", get(&self.lines_sent))],
+        );
+        write_counter(
+            out,
+            "widgetry_graphite_dropped_total",
+            "Lines dropped, oldest first, because the buffer was full while Carbon was away.",
+            &[("", get(&self.dropped))],
+        );
+        write_counter(
+            out,
+            "widgetry_graphite_errors_total",
+            "Failed connects and writes to Carbon.",
+            &[("", get(&self.errors))],
+        );
+        let _ = writeln!(
+            out,
+            "# HELP widgetry_graphite_last_flush_timestamp_seconds Unix time of the last write that reached Carbon.\n# TYPE widgetry_graphite_last_flush_timestamp_seconds gauge\nwidgetry_graphite_last_flush_timestamp_seconds {}",
+            self.last_flush_s.load(Ordering::Relaxed)
+        );
+    }
 }
 
 /// Why the statsd listener skipped a line: the parser's reasons
@@ -325,6 +370,9 @@ impl Metrics {
         }
         if self.statsd.enabled.load(Ordering::Relaxed) {
             self.statsd.render(&mut out);
+        }
+        if self.graphite.enabled.load(Ordering::Relaxed) {
+            self.graphite.render(&mut out);
         }
         out
     }

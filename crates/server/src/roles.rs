@@ -1,7 +1,7 @@
 //! The roles and `serve`: each role's tasks run under one [`Supervisor`].
 //! `serve` starts the embedded broker, the ingestor, the web service and,
 //! with `--statsd`, the statsd listener (a source of the ingestor's writer)
-//! in one process; `ingest` and `web` run one role against an external broker
+//! and, with `[graphite]`, the Graphite export in one process; `ingest` and `web` run one role against an external broker
 //! and database. Roles talk only through MQTT and the database, even in
 //! one process.
 
@@ -186,6 +186,11 @@ pub async fn start_serve(
         queued,
     );
     tasks.spawn("ingest", async move { Ok(ingest.await?) });
+    if let Some(graphite) = cfg.graphite.clone() {
+        let export =
+            sinks::graphite::run(graphite, store.clone(), metrics.clone(), shutdown.clone());
+        tasks.spawn("graphite", async move { Ok(export.await?) });
+    }
     let bridge = sinks::live::BridgeConfig {
         broker: Some((target.ip().to_string(), target.port())),
         credentials,

@@ -10,7 +10,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use super::ingest::IngestConfig;
-use super::roles::{BridgeConfig, ServeConfig, StatsdConfig};
+use super::roles::{BridgeConfig, GraphiteConfig, ServeConfig, StatsdConfig};
 use super::{ConfigError, DEFAULT_DATABASE, DEFAULT_HTTP_LISTEN, Database, FileConfig, Problem};
 
 /// Exit status for bad configuration (EX_CONFIG is 78; DESIGN.md §6.7 fixes 64, EX_USAGE).
@@ -442,6 +442,10 @@ pub fn resolve_serve(args: &ServeArgs) -> Result<ServeConfig, ConfigError> {
         p => p.clone(),
     };
     let statsd = resolve_statsd(&args.statsd, &mut problems);
+    let graphite = file
+        .graphite
+        .as_ref()
+        .and_then(|g| resolve_graphite(g, &label, &mut problems));
     match (broker, http_listen, database) {
         (Some(broker), Some(http_listen), Some(database)) if problems.is_empty() => {
             Ok(ServeConfig {
@@ -453,6 +457,7 @@ pub fn resolve_serve(args: &ServeArgs) -> Result<ServeConfig, ConfigError> {
                 server_password,
                 auth: args.auth,
                 statsd,
+                graphite,
             })
         }
         _ => Err(ConfigError(problems)),
@@ -501,6 +506,60 @@ fn resolve_statsd(args: &StatsdArgs, problems: &mut Vec<Problem>) -> Option<Stat
         listen,
         flush: flush?,
         device: device?,
+    })
+}
+
+/// The `[graphite]` section of `file`.
+fn resolve_graphite(
+    g: &super::GraphiteFile,
+    file: &str,
+    problems: &mut Vec<Problem>,
+) -> Option<GraphiteConfig> {
+    let problem = |key: &str, message: String| Problem {
+        file: file.to_string(),
+        key: format!("graphite.{key}"),
+        message,
+    };
+    let target = super::parse_host_port(&g.address, file, "graphite.address")
+        .map_err(|p| problems.push(p))
+        .ok();
+    let flush = match widgetry_common::parse_duration(g.flush_interval.as_deref().unwrap_or("10s"))
+    {
+        Ok(d) if !d.is_zero() => Some(d),
+        Ok(_) => {
+            problems.push(problem("flush_interval", "must be more than 0".into()));
+            None
+        }
+        Err(e) => {
+            problems.push(problem("flush_interval", e));
+            None
+        }
+    };
+    let prefix = g
+        .prefix
+        .clone()
+        .unwrap_or_else(|| GraphiteConfig::DEFAULT_PREFIX.to_string());
+    if !prefix.contains("{series}") || prefix.contains([' ', '\n', ';']) {
+        problems.push(problem(
+            "prefix",
+            format!("{prefix:?}: must contain {{series}} and no space, newline or ';'"),
+        ));
+        return None;
+    }
+    let max_buffered_lines = g
+        .max_buffered_lines
+        .unwrap_or(GraphiteConfig::DEFAULT_MAX_BUFFERED_LINES);
+    if max_buffered_lines == 0 {
+        problems.push(problem("max_buffered_lines", "must be at least 1".into()));
+        return None;
+    }
+    let (host, port) = target?;
+    Some(GraphiteConfig {
+        host,
+        port,
+        prefix,
+        flush: flush?,
+        max_buffered_lines,
     })
 }
 
@@ -787,8 +846,12 @@ pub fn resolve_command(cmd: &Cmd) -> Result<Result<Role, String>, ConfigError> {
             let statsd = cfg.statsd.as_ref().map_or("off".to_string(), |s| {
                 format!("{} (flush {:?}, device {})", s.listen, s.flush, s.device)
             });
+            let graphite = cfg
+                .graphite
+                .as_ref()
+                .map_or("off".to_string(), |g| format!("{}:{}", g.host, g.port));
             Err(format!(
-                "configuration ok: mqtt {} mqtt5 {} http {} database {} statsd {statsd}",
+                "configuration ok: mqtt {} mqtt5 {} http {} database {} statsd {statsd} graphite {graphite}",
                 cfg.broker.mqtt_listen,
                 mqtt5.as_deref().unwrap_or("off"),
                 cfg.http_listen,
@@ -948,6 +1011,39 @@ mod tests {
             "statsd-flush",
             "statsd-device",
             "localhost:8125",
+        ] {
+            assert!(err.contains(needle), "{needle:?} missing from: {err}");
+        }
+    }
+
+    #[test]
+    fn the_graphite_section_is_validated() {
+        let dir = tempfile::tempdir().expect("dir");
+        let db = dir.path().join("w.db");
+        let file = dir.path().join("widgetry.toml");
+        let write = |graphite: &str| {
+            std::fs::write(&file, format!("database = {db:?}\n[graphite]\n{graphite}"))
+                .expect("write config");
+        };
+        let path = file.to_str().expect("utf-8 path");
+        write("address = \"127.0.0.1:2003\"\n");
+        let Ok(Ok(Role::Serve(cfg))) = run(&["serve", "--config", path]) else {
+            panic!("a valid [graphite] accepted");
+        };
+        let g = cfg.graphite.expect("graphite on");
+        assert_eq!((g.host.as_str(), g.port), ("127.0.0.1", 2003));
+        assert_eq!(g.prefix, GraphiteConfig::DEFAULT_PREFIX);
+        assert_eq!(g.flush, Duration::from_secs(10));
+        write("address = \"nowhere\"\nflush_interval = \"often\"\nprefix = \"a b\"\n");
+        let err = match run(&["serve", "--config", path]) {
+            Err(e) => e,
+            Ok(_) => panic!("a bad [graphite] accepted"),
+        };
+        for needle in [
+            "3 configuration problem(s)",
+            "graphite.address",
+            "graphite.flush_interval",
+            "graphite.prefix",
         ] {
             assert!(err.contains(needle), "{needle:?} missing from: {err}");
         }

@@ -22,6 +22,28 @@ pub struct ServeConfig {
     pub auth: AuthMode,
     /// The statsd listener (`--statsd`); None: off.
     pub statsd: Option<StatsdConfig>,
+    /// The Graphite export (`[graphite]`); None: off.
+    pub graphite: Option<GraphiteConfig>,
+}
+
+/// `[graphite]`: committed samples forwarded to Carbon's plaintext
+/// protocol, in commit order, from a cursor kept in the database.
+#[derive(Debug, Clone)]
+pub struct GraphiteConfig {
+    /// Carbon's plaintext listener.
+    pub host: String,
+    pub port: u16,
+    /// Path template with `{device}` and `{series}`.
+    pub prefix: String,
+    pub flush: Duration,
+    pub max_buffered_lines: usize,
+}
+
+impl GraphiteConfig {
+    /// The default path template.
+    pub const DEFAULT_PREFIX: &str = "widgetry.{device}.{series}";
+    /// The default bound on lines held while Carbon is away.
+    pub const DEFAULT_MAX_BUFFERED_LINES: usize = 100_000;
 }
 
 /// `serve --statsd`: a UDP listener whose statsd/DogStatsD lines are

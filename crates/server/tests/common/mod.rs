@@ -97,7 +97,7 @@ impl Stack {
         broker_toml: &str,
         auth: widgetry_server::config::roles::AuthMode,
     ) -> Stack {
-        Stack::with_options(limits, broker_toml, auth, None).await
+        Stack::with_options(limits, broker_toml, auth, None, None).await
     }
 
     /// A stack with `serve --statsd` on (`statsd.listen` may use port 0:
@@ -108,6 +108,22 @@ impl Stack {
             DEFAULT_BROKER_TOML,
             Default::default(),
             Some(statsd),
+            None,
+        )
+        .await
+    }
+
+    /// A stack with `serve --statsd` and a `[graphite]` export.
+    pub async fn with_statsd_and_graphite(
+        statsd: widgetry_server::config::roles::StatsdConfig,
+        graphite: widgetry_server::config::roles::GraphiteConfig,
+    ) -> Stack {
+        Stack::with_options(
+            Default::default(),
+            DEFAULT_BROKER_TOML,
+            Default::default(),
+            Some(statsd),
+            Some(graphite),
         )
         .await
     }
@@ -117,6 +133,7 @@ impl Stack {
         broker_toml: &str,
         auth: widgetry_server::config::roles::AuthMode,
         statsd: Option<widgetry_server::config::roles::StatsdConfig>,
+        graphite: Option<widgetry_server::config::roles::GraphiteConfig>,
     ) -> Stack {
         let dir = tempfile::tempdir().expect("temp dir");
         let db = test_database(dir.path()).await;
@@ -136,6 +153,7 @@ impl Stack {
             server_password: Some(TEST_SERVER_PASSWORD.into()),
             auth,
             statsd,
+            graphite,
         };
         let running = start_serve(cfg, CancellationToken::new())
             .await
