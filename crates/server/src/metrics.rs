@@ -4,7 +4,7 @@
 //! allocate on the ingest path.
 
 use std::fmt::Write;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 
 use widgetry_proto::Reject;
 
@@ -127,6 +127,140 @@ pub struct Metrics {
     /// Messages subscribers missed because the broker's log dropped them
     /// before they read them (QoS 0 floods beyond a slow subscriber).
     pub broker_dropped: AtomicU64,
+    /// The statsd listener's counters (on `/metrics` while it runs).
+    pub statsd: StatsdMetrics,
+    /// The Graphite export's counters (on `/metrics` while it runs).
+    pub graphite: GraphiteMetrics,
+}
+
+/// Counters of the `[graphite]` export.
+#[derive(Debug, Default)]
+pub struct GraphiteMetrics {
+    /// Set when the export starts; its counters are shown from then on.
+    pub enabled: AtomicBool,
+    pub lines_sent: AtomicU64,
+    /// Lines dropped, oldest first, while Carbon was away too long.
+    pub dropped: AtomicU64,
+    /// Failed connects and writes.
+    pub errors: AtomicU64,
+    /// Unix time (s) of the last write that reached Carbon; 0 before one.
+    pub last_flush_s: AtomicI64,
+}
+
+impl GraphiteMetrics {
+    fn render(&self, out: &mut String) {
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        write_counter(
+            out,
+            "widgetry_graphite_lines_sent_total",
+            "Lines written to Carbon.",
+            &[("", get(&self.lines_sent))],
+        );
+        write_counter(
+            out,
+            "widgetry_graphite_dropped_total",
+            "Lines dropped, oldest first, because the buffer was full while Carbon was away.",
+            &[("", get(&self.dropped))],
+        );
+        write_counter(
+            out,
+            "widgetry_graphite_errors_total",
+            "Failed connects and writes to Carbon.",
+            &[("", get(&self.errors))],
+        );
+        let _ = writeln!(
+            out,
+            "# HELP widgetry_graphite_last_flush_timestamp_seconds Unix time of the last write that reached Carbon.\n# TYPE widgetry_graphite_last_flush_timestamp_seconds gauge\nwidgetry_graphite_last_flush_timestamp_seconds {}",
+            self.last_flush_s.load(Ordering::Relaxed)
+        );
+    }
+}
+
+/// Why the statsd listener skipped a line: the parser's reasons
+/// ([`widgetry_statsd::BadLine::code`], in the order of
+/// [`widgetry_statsd::BadLine::ALL`]), then a `device:` tag that is not a
+/// device id.
+pub const STATSD_BAD_LINES: [&str; 9] = [
+    "missing_colon",
+    "empty_name",
+    "missing_type",
+    "bad_rate",
+    "rate_out_of_range",
+    "not_a_number",
+    "not_finite",
+    "unknown_type",
+    "bad_device",
+];
+
+/// Counters of `serve --statsd`.
+#[derive(Debug, Default)]
+pub struct StatsdMetrics {
+    /// Set when the listener starts; its counters are shown from then on.
+    pub enabled: AtomicBool,
+    pub packets: AtomicU64,
+    pub lines: AtomicU64,
+    /// Samples handed to the writer at flushes.
+    pub samples: AtomicU64,
+    bad_lines: [AtomicU64; STATSD_BAD_LINES.len()],
+    /// The aggregator's drops, by [`widgetry_statsd::Dropped::ALL`]; a copy
+    /// of its cumulative [`widgetry_statsd::Stats`].
+    dropped: [AtomicU64; widgetry_statsd::Dropped::ALL.len()],
+}
+
+impl StatsdMetrics {
+    /// Counts a skipped line under its reason ([`STATSD_BAD_LINES`]).
+    pub fn bad_line(&self, reason: &str) {
+        bump(&STATSD_BAD_LINES, &self.bad_lines, reason);
+    }
+
+    /// Lines skipped for `reason` so far.
+    pub fn bad_lines(&self, reason: &str) -> u64 {
+        count_of(&STATSD_BAD_LINES, &self.bad_lines, reason)
+    }
+
+    /// Copies the aggregator's drop counts.
+    pub fn set_dropped(&self, stats: &widgetry_statsd::Stats) {
+        for (slot, reason) in self.dropped.iter().zip(widgetry_statsd::Dropped::ALL) {
+            slot.store(stats.dropped(reason), Ordering::Relaxed);
+        }
+    }
+
+    fn render(&self, out: &mut String) {
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        write_counter(
+            out,
+            "widgetry_statsd_packets_total",
+            "UDP packets received by the statsd listener.",
+            &[("", get(&self.packets))],
+        );
+        write_counter(
+            out,
+            "widgetry_statsd_lines_total",
+            "statsd lines received (good and bad).",
+            &[("", get(&self.lines))],
+        );
+        write_counter(
+            out,
+            "widgetry_statsd_samples_total",
+            "Aggregated samples handed to the ingest writer at flushes.",
+            &[("", get(&self.samples))],
+        );
+        let bad = labelled("reason", &STATSD_BAD_LINES, &self.bad_lines, |_, _| true);
+        write_counter(
+            out,
+            "widgetry_statsd_bad_lines_total",
+            "statsd lines skipped, by reason.",
+            &as_samples(&bad),
+        );
+        let codes = widgetry_statsd::Dropped::ALL.map(|d| d.code());
+        let dropped = labelled("reason", &codes, &self.dropped, |_, _| true);
+        write_counter(
+            out,
+            "widgetry_statsd_dropped_total",
+            "statsd metrics or values the aggregator dropped (byte budget full, or not finite), by reason.",
+            &as_samples(&dropped),
+        );
+    }
 }
 
 /// Why the embedded broker refuses a CONNECT.
@@ -233,6 +367,12 @@ impl Metrics {
         }
         if self.roles.web {
             self.render_web(&mut out);
+        }
+        if self.statsd.enabled.load(Ordering::Relaxed) {
+            self.statsd.render(&mut out);
+        }
+        if self.graphite.enabled.load(Ordering::Relaxed) {
+            self.graphite.render(&mut out);
         }
         out
     }
@@ -440,6 +580,28 @@ mod tests {
         let ingest = Metrics::for_roles(Roles::INGEST).render();
         assert!(ingest.contains("widgetry_ingest_samples_stored_total"));
         assert!(!ingest.contains("widgetry_web_"), "{ingest}");
+    }
+
+    #[test]
+    fn statsd_reasons_follow_the_parser_and_show_only_when_on() {
+        let parser: Vec<&str> = widgetry_statsd::BadLine::ALL.map(|b| b.code()).to_vec();
+        assert_eq!(&STATSD_BAD_LINES[..parser.len()], &parser[..]);
+        let m = Metrics::for_roles(Roles::ALL);
+        assert!(!m.render().contains("widgetry_statsd_"), "off by default");
+        m.statsd.enabled.store(true, Ordering::Relaxed);
+        m.statsd.bad_line("bad_device");
+        m.statsd.bad_line("not_a_number");
+        m.statsd.bad_line("not_a_number");
+        assert_eq!(m.statsd.bad_lines("not_a_number"), 2);
+        let text = m.render();
+        for line in [
+            "widgetry_statsd_bad_lines_total{reason=\"bad_device\"} 1",
+            "widgetry_statsd_bad_lines_total{reason=\"not_a_number\"} 2",
+            "widgetry_statsd_dropped_total{reason=\"budget_metric\"} 0",
+            "widgetry_statsd_packets_total 0",
+        ] {
+            assert!(text.contains(line), "missing {line}: {text}");
+        }
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! The roles and `serve`: each role's tasks run under one [`Supervisor`].
-//! `serve` starts the embedded broker, the ingestor and the web service in
-//! one process; `ingest` and `web` run one role against an external broker
+//! `serve` starts the embedded broker, the ingestor, the web service and,
+//! with `--statsd`, the statsd listener (a source of the ingestor's writer)
+//! and, with `[graphite]`, the Graphite export in one process; `ingest` and `web` run one role against an external broker
 //! and database. Roles talk only through MQTT and the database, even in
 //! one process.
 
@@ -19,10 +20,10 @@ use crate::config::Database;
 use crate::config::roles::AuthMode;
 use crate::ingest::{self, IngestConfig};
 use crate::metrics::{Metrics, Roles};
-use crate::sinks;
 use crate::store::{self, Store};
 use crate::supervisor::Supervisor;
 use crate::{broker, web};
+use crate::{sinks, sources};
 
 /// How long roles get to drain after a shutdown request.
 pub const DRAIN_DEADLINE: Duration = Duration::from_secs(10);
@@ -39,6 +40,12 @@ pub enum ServeError {
     Broker(#[from] broker::BrokerError),
     #[error("HTTP listen address {addr}: {source}; choose another with --http-listen")]
     HttpBind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("statsd listen address {addr}: {source}; choose another with --statsd")]
+    StatsdBind {
         addr: SocketAddr,
         #[source]
         source: std::io::Error,
@@ -61,6 +68,8 @@ pub struct Running {
     pub mqtt5_addr: Option<SocketAddr>,
     /// The MQTT-over-TLS listeners, if broker.toml has any.
     pub mqtt_tls_addrs: Vec<SocketAddr>,
+    /// The statsd listener's UDP address, if `--statsd` is on.
+    pub statsd_addr: Option<SocketAddr>,
     pub metrics: Arc<Metrics>,
     pub store: Store,
     tasks: Supervisor<ServeError>,
@@ -96,7 +105,25 @@ pub async fn start_serve(
                 source,
             })?;
     let http_addr = listener.local_addr().map_err(ServeError::Http)?;
+    let statsd = match &cfg.statsd {
+        Some(s) => {
+            let bind_err = |source| ServeError::StatsdBind {
+                addr: s.listen,
+                source,
+            };
+            let socket = sources::statsd::bind(s).await.map_err(bind_err)?;
+            let addr = socket.local_addr().map_err(bind_err)?;
+            Some((socket, addr, s.clone()))
+        }
+        None => None,
+    };
+    let statsd_addr = statsd.as_ref().map(|(_, addr, _)| *addr);
     let metrics = Arc::new(Metrics::for_roles(Roles::ALL));
+    // Its counters are on /metrics from the start, not from its first packet.
+    metrics
+        .statsd
+        .enabled
+        .store(statsd.is_some(), std::sync::atomic::Ordering::Relaxed);
     // The ingestor and the web bridge log in as the server: only it may
     // publish acks, live data and error reports.
     let server_password = cfg
@@ -137,14 +164,36 @@ pub async fn start_serve(
     ingest_cfg.limits = cfg.limits;
     ingest_cfg.credentials = credentials.clone();
     let (ready_tx, mut ready) = watch::channel(false);
-    let ingest = ingest::run(
+    // One writer stores what every source sends into its queue.
+    let (queue, queued) = ingest::queue(&ingest_cfg);
+    if let Some((socket, _, statsd_cfg)) = statsd {
+        let listen = sources::statsd::run(
+            socket,
+            statsd_cfg,
+            queue.clone(),
+            metrics.clone(),
+            shutdown.clone(),
+        );
+        tasks.spawn("statsd", async move {
+            listen.await;
+            Ok(())
+        });
+    }
+    let ingest = ingest::run_with_queue(
         ingest_cfg,
         store.clone(),
         metrics.clone(),
         shutdown.clone(),
         ready_tx,
+        queue,
+        queued,
     );
     tasks.spawn("ingest", async move { Ok(ingest.await?) });
+    if let Some(graphite) = cfg.graphite.clone() {
+        let export =
+            sinks::graphite::run(graphite, store.clone(), metrics.clone(), shutdown.clone());
+        tasks.spawn("graphite", async move { Ok(export.await?) });
+    }
     let bridge = sinks::live::BridgeConfig {
         broker: Some((target.ip().to_string(), target.port())),
         credentials,
@@ -170,12 +219,13 @@ pub async fn start_serve(
     {
         warn!("the ingestor has not subscribed to the broker after 10 s; continuing");
     }
-    info!(http = %http_addr, mqtt = %mqtt_addr, mqtt5 = ?mqtt5_addr, "widgetry serving");
+    info!(http = %http_addr, mqtt = %mqtt_addr, mqtt5 = ?mqtt5_addr, statsd = ?statsd_addr, "widgetry serving");
     Ok(Running {
         http_addr,
         mqtt_addr,
         mqtt5_addr,
         mqtt_tls_addrs,
+        statsd_addr,
         metrics,
         store,
         tasks,

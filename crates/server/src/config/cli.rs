@@ -5,11 +5,12 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use super::ingest::IngestConfig;
-use super::roles::{BridgeConfig, ServeConfig};
+use super::roles::{BridgeConfig, GraphiteConfig, ServeConfig, StatsdConfig};
 use super::{ConfigError, DEFAULT_DATABASE, DEFAULT_HTTP_LISTEN, Database, FileConfig, Problem};
 
 /// Exit status for bad configuration (EX_CONFIG is 78; DESIGN.md §6.7 fixes 64, EX_USAGE).
@@ -216,6 +217,31 @@ pub struct ServeArgs {
     pub api_token: Option<String>,
     #[command(flatten)]
     pub retention: RetentionArgs,
+    #[command(flatten)]
+    pub statsd: StatsdArgs,
+}
+
+/// The statsd listener of `serve` (off unless `--statsd` is given).
+#[derive(Args)]
+pub struct StatsdArgs {
+    /// Receive statsd/DogStatsD lines on this UDP address, e.g. 127.0.0.1:8125 [default: off].
+    #[arg(long = "statsd", env = "WIDGETRY_STATSD")]
+    pub listen: Option<String>,
+    /// statsd aggregation interval: one sample per aggregate per interval, e.g. 10s, 500ms.
+    #[arg(
+        long = "statsd-flush",
+        env = "WIDGETRY_STATSD_FLUSH",
+        default_value = "10s"
+    )]
+    pub flush: String,
+    /// Device id the statsd samples are stored under ([A-Za-z0-9_.-], 1-64 characters);
+    /// a DogStatsD `device:NAME` tag overrides it per metric.
+    #[arg(
+        long = "statsd-device",
+        env = "WIDGETRY_STATSD_DEVICE",
+        default_value = "statsd"
+    )]
+    pub device: String,
 }
 
 /// Retention flags of the roles that write (`serve`, `ingest`).
@@ -424,6 +450,11 @@ pub fn resolve_serve(args: &ServeArgs) -> Result<ServeConfig, ConfigError> {
         p => p.clone(),
     };
     let api_token = resolve_api_token(&args.api_token, &mut problems);
+    let statsd = resolve_statsd(&args.statsd, &mut problems);
+    let graphite = file
+        .graphite
+        .as_ref()
+        .and_then(|g| resolve_graphite(g, &label, &mut problems));
     match (broker, http_listen, database) {
         (Some(broker), Some(http_listen), Some(database)) if problems.is_empty() => {
             Ok(ServeConfig {
@@ -435,10 +466,111 @@ pub fn resolve_serve(args: &ServeArgs) -> Result<ServeConfig, ConfigError> {
                 server_password,
                 auth: args.auth,
                 api_token,
+                statsd,
+                graphite,
             })
         }
         _ => Err(ConfigError(problems)),
     }
+}
+
+/// The statsd listener's settings, or None when `--statsd` is not given;
+/// the flush interval and device are checked even then, so a typo is
+/// reported rather than ignored.
+fn resolve_statsd(args: &StatsdArgs, problems: &mut Vec<Problem>) -> Option<StatsdConfig> {
+    let flush = match parse_secs(&args.flush, "statsd-flush") {
+        Ok(s) if s >= 0.001 => Some(Duration::from_secs_f64(s)),
+        Ok(_) => {
+            problems.push(Problem {
+                file: FLAG.into(),
+                key: "statsd-flush".into(),
+                message: format!("{:?}: use at least 1ms", args.flush),
+            });
+            None
+        }
+        Err(p) => {
+            problems.push(p);
+            None
+        }
+    };
+    let device = match widgetry_proto::validate::validate_device(&args.device) {
+        Ok(()) => Some(args.device.clone()),
+        Err(_) => {
+            problems.push(Problem {
+                file: FLAG.into(),
+                key: "statsd-device".into(),
+                message: format!(
+                    "{:?}: a device id is 1-64 characters of A-Z a-z 0-9 _ . -",
+                    widgetry_common::excerpt(&args.device)
+                ),
+            });
+            None
+        }
+    };
+    let listen = args.listen.as_ref().and_then(|t| {
+        super::parse_addr(t, FLAG, "statsd", true)
+            .map_err(|p| problems.push(p))
+            .ok()
+    })?;
+    Some(StatsdConfig {
+        listen,
+        flush: flush?,
+        device: device?,
+    })
+}
+
+/// The `[graphite]` section of `file`.
+fn resolve_graphite(
+    g: &super::GraphiteFile,
+    file: &str,
+    problems: &mut Vec<Problem>,
+) -> Option<GraphiteConfig> {
+    let problem = |key: &str, message: String| Problem {
+        file: file.to_string(),
+        key: format!("graphite.{key}"),
+        message,
+    };
+    let target = super::parse_host_port(&g.address, file, "graphite.address")
+        .map_err(|p| problems.push(p))
+        .ok();
+    let flush = match widgetry_common::parse_duration(g.flush_interval.as_deref().unwrap_or("10s"))
+    {
+        Ok(d) if !d.is_zero() => Some(d),
+        Ok(_) => {
+            problems.push(problem("flush_interval", "must be more than 0".into()));
+            None
+        }
+        Err(e) => {
+            problems.push(problem("flush_interval", e));
+            None
+        }
+    };
+    let prefix = g
+        .prefix
+        .clone()
+        .unwrap_or_else(|| GraphiteConfig::DEFAULT_PREFIX.to_string());
+    if !prefix.contains("{series}") || prefix.contains([' ', '\n', ';']) {
+        problems.push(problem(
+            "prefix",
+            format!("{prefix:?}: must contain {{series}} and no space, newline or ';'"),
+        ));
+        return None;
+    }
+    let max_buffered_lines = g
+        .max_buffered_lines
+        .unwrap_or(GraphiteConfig::DEFAULT_MAX_BUFFERED_LINES);
+    if max_buffered_lines == 0 {
+        problems.push(problem("max_buffered_lines", "must be at least 1".into()));
+        return None;
+    }
+    let (host, port) = target?;
+    Some(GraphiteConfig {
+        host,
+        port,
+        prefix,
+        flush: flush?,
+        max_buffered_lines,
+    })
 }
 
 pub fn resolve_ingest(args: &IngestArgs) -> Result<(IngestConfig, Database), ConfigError> {
@@ -741,8 +873,15 @@ pub fn resolve_command(cmd: &Cmd) -> Result<Result<Role, String>, ConfigError> {
         Cmd::CheckConfig(args) => {
             let cfg = resolve_serve(args)?;
             let mqtt5 = cfg.broker.mqtt5_listen.map(|a| a.to_string());
+            let statsd = cfg.statsd.as_ref().map_or("off".to_string(), |s| {
+                format!("{} (flush {:?}, device {})", s.listen, s.flush, s.device)
+            });
+            let graphite = cfg
+                .graphite
+                .as_ref()
+                .map_or("off".to_string(), |g| format!("{}:{}", g.host, g.port));
             Err(format!(
-                "configuration ok: mqtt {} mqtt5 {} http {} database {}",
+                "configuration ok: mqtt {} mqtt5 {} http {} database {} statsd {statsd} graphite {graphite}",
                 cfg.broker.mqtt_listen,
                 mqtt5.as_deref().unwrap_or("off"),
                 cfg.http_listen,
@@ -860,6 +999,81 @@ mod tests {
             "broker",
             "retain-raw",
             "/nonexistent-dir",
+        ] {
+            assert!(err.contains(needle), "{needle:?} missing from: {err}");
+        }
+    }
+
+    #[test]
+    fn statsd_flags_are_validated_together() {
+        let dir = tempfile::tempdir().expect("dir");
+        let db = dir.path().join("w.db");
+        let db = db.to_str().expect("utf-8 path");
+        let Ok(Ok(Role::Serve(cfg))) = run(&["serve", "--database", db]) else {
+            panic!("defaults accepted");
+        };
+        assert!(cfg.statsd.is_none(), "statsd is off by default");
+        let Ok(Ok(Role::Serve(cfg))) =
+            run(&["serve", "--database", db, "--statsd", "127.0.0.1:8125"])
+        else {
+            panic!("--statsd accepted");
+        };
+        let statsd = cfg.statsd.expect("statsd on");
+        assert_eq!(statsd.listen.to_string(), "127.0.0.1:8125");
+        assert_eq!(statsd.flush, Duration::from_secs(10));
+        assert_eq!(statsd.device, "statsd");
+        let err = match run(&[
+            "serve",
+            "--database",
+            db,
+            "--statsd",
+            "localhost:8125",
+            "--statsd-flush",
+            "soon",
+            "--statsd-device",
+            "no/slash",
+        ]) {
+            Err(e) => e,
+            Ok(_) => panic!("bad statsd flags accepted"),
+        };
+        for needle in [
+            "3 configuration problem(s)",
+            "statsd-flush",
+            "statsd-device",
+            "localhost:8125",
+        ] {
+            assert!(err.contains(needle), "{needle:?} missing from: {err}");
+        }
+    }
+
+    #[test]
+    fn the_graphite_section_is_validated() {
+        let dir = tempfile::tempdir().expect("dir");
+        let db = dir.path().join("w.db");
+        let file = dir.path().join("widgetry.toml");
+        let write = |graphite: &str| {
+            std::fs::write(&file, format!("database = {db:?}\n[graphite]\n{graphite}"))
+                .expect("write config");
+        };
+        let path = file.to_str().expect("utf-8 path");
+        write("address = \"127.0.0.1:2003\"\n");
+        let Ok(Ok(Role::Serve(cfg))) = run(&["serve", "--config", path]) else {
+            panic!("a valid [graphite] accepted");
+        };
+        let g = cfg.graphite.expect("graphite on");
+        assert_eq!((g.host.as_str(), g.port), ("127.0.0.1", 2003));
+        assert_eq!(g.prefix, GraphiteConfig::DEFAULT_PREFIX);
+        assert_eq!(g.flush, Duration::from_secs(10));
+        write("address = \"nowhere\"\nflush_interval = \"often\"\nprefix = \"a b\"\n");
+        let err = match run(&["serve", "--config", path]) {
+            Err(e) => e,
+            Ok(_) => panic!("a bad [graphite] accepted"),
+        };
+        for needle in [
+            "3 configuration problem(s)",
+            "graphite.address",
+            "graphite.flush_interval",
+            "graphite.prefix",
         ] {
             assert!(err.contains(needle), "{needle:?} missing from: {err}");
         }

@@ -87,6 +87,25 @@ pub struct FileConfig {
     pub broker_config: Option<PathBuf>,
     /// External broker (`host:port`) for the `ingest` role.
     pub broker: Option<String>,
+    /// `[graphite]`: forward committed samples to Carbon (`serve` only).
+    pub graphite: Option<GraphiteFile>,
+}
+
+/// The `[graphite]` section of `widgetry.toml`.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GraphiteFile {
+    /// Carbon's plaintext listener, `HOST:PORT` (usually port 2003).
+    pub address: String,
+    /// Path of a series, with `{device}` and `{series}` replaced; labels
+    /// are appended as Graphite tags (`;k=v`). Default
+    /// `widgetry.{device}.{series}`.
+    pub prefix: Option<String>,
+    /// How often new commits are forwarded, e.g. `10s` (the default).
+    pub flush_interval: Option<String>,
+    /// Most lines held while Carbon is away (default 100000); beyond it the
+    /// oldest are dropped and counted.
+    pub max_buffered_lines: Option<usize>,
 }
 
 impl FileConfig {

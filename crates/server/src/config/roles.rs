@@ -22,6 +22,43 @@ pub struct ServeConfig {
     pub auth: AuthMode,
     /// When set, the HTTP API and /metrics require it.
     pub api_token: Option<String>,
+    /// The statsd listener (`--statsd`); None: off.
+    pub statsd: Option<StatsdConfig>,
+    /// The Graphite export (`[graphite]`); None: off.
+    pub graphite: Option<GraphiteConfig>,
+}
+
+/// `[graphite]`: committed samples forwarded to Carbon's plaintext
+/// protocol, in commit order, from a cursor kept in the database.
+#[derive(Debug, Clone)]
+pub struct GraphiteConfig {
+    /// Carbon's plaintext listener.
+    pub host: String,
+    pub port: u16,
+    /// Path template with `{device}` and `{series}`.
+    pub prefix: String,
+    pub flush: Duration,
+    pub max_buffered_lines: usize,
+}
+
+impl GraphiteConfig {
+    /// The default path template.
+    pub const DEFAULT_PREFIX: &str = "widgetry.{device}.{series}";
+    /// The default bound on lines held while Carbon is away.
+    pub const DEFAULT_MAX_BUFFERED_LINES: usize = 100_000;
+}
+
+/// `serve --statsd`: a UDP listener whose statsd/DogStatsD lines are
+/// aggregated per flush interval and stored as samples of a device.
+#[derive(Debug, Clone)]
+pub struct StatsdConfig {
+    /// UDP address to receive packets on (port 0 picks a free port).
+    pub listen: SocketAddr,
+    /// Aggregation interval: one sample per aggregate per interval.
+    pub flush: Duration,
+    /// Device the samples are stored under, unless a `device:NAME` tag
+    /// names another.
+    pub device: String,
 }
 
 /// `serve --auth`: whether MQTT clients must log in with an account.

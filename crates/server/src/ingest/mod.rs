@@ -26,7 +26,7 @@ use widgetry_common::now_ms;
 
 pub use crate::config::ingest::{IngestConfig, Retention};
 use crate::metrics::Metrics;
-use crate::sources::mqtt;
+use crate::sources::{Item, mqtt};
 use crate::store::{self, Store};
 use publish::{Publisher, drive_publisher};
 use series::SeriesResolver;
@@ -48,7 +48,28 @@ pub async fn run(
     shutdown: CancellationToken,
     ready: watch::Sender<bool>,
 ) -> Result<(), IngestError> {
-    let (tx, rx) = mpsc::channel(cfg.queue);
+    let (tx, rx) = queue(&cfg);
+    run_with_queue(cfg, store, metrics, shutdown, ready, tx, rx).await
+}
+
+/// The writer's queue: other sources (the statsd listener) send into a
+/// clone of its sender, so that one writer stores everything.
+pub fn queue(cfg: &IngestConfig) -> (mpsc::Sender<Item>, mpsc::Receiver<Item>) {
+    mpsc::channel(cfg.queue)
+}
+
+/// [`run`] on a queue made by [`queue`]. The writer drains and stops once
+/// the MQTT source and every other holder of a sender are done, so a
+/// source that flushes at shutdown has its last items stored.
+pub async fn run_with_queue(
+    cfg: IngestConfig,
+    store: Store,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+    ready: watch::Sender<bool>,
+    tx: mpsc::Sender<Item>,
+    rx: mpsc::Receiver<Item>,
+) -> Result<(), IngestError> {
     let (pub_client, pub_loop) = AsyncClient::new(
         mqtt::mqtt_options(&cfg, format!("{}-pub", cfg.client_id), true),
         1024,

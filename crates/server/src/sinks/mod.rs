@@ -3,6 +3,9 @@
 //! and fetches what it missed from the database, so a lost message costs
 //! latency, never data.
 //!
-//! Sinks read the store; they never write it and never acknowledge.
+//! Sinks read the store; they never write data (only their own cursor)
+//! and never acknowledge. `live` feeds `/api/v1/live`; `graphite` forwards
+//! to Carbon.
 
+pub mod graphite;
 pub mod live;

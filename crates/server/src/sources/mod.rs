@@ -1,5 +1,5 @@
 //! Where data comes from. A source decodes and validates what arrives
-//! (MQTT publishes today) into [`Item`]s for the ingest writer, or into a
+//! (MQTT publishes, statsd packets) into [`Item`]s for the ingest writer, or into a
 //! reject with its reason; it never touches the database.
 //!
 //! Validation happens here, before the writer's queue, so bad input from
@@ -7,6 +7,7 @@
 
 pub mod limit;
 pub mod mqtt;
+pub mod statsd;
 
 use widgetry_proto::json::{Event as AppEvent, EventBatch, KeyedSample, Status};
 use widgetry_proto::{DecodedBatch, Reject};

@@ -67,6 +67,9 @@ pub struct Stack {
     pub mqtt: SocketAddr,
     /// The MQTT 5 listener.
     pub mqtt5: SocketAddr,
+    /// The statsd listener's UDP address, for stacks made by
+    /// [`Stack::with_statsd`].
+    pub statsd: Option<SocketAddr>,
     pub db: Database,
     pub dir: tempfile::TempDir,
 }
@@ -94,6 +97,44 @@ impl Stack {
         broker_toml: &str,
         auth: widgetry_server::config::roles::AuthMode,
     ) -> Stack {
+        Stack::with_options(limits, broker_toml, auth, None, None).await
+    }
+
+    /// A stack with `serve --statsd` on (`statsd.listen` may use port 0:
+    /// [`Stack::statsd`] says which port was bound).
+    pub async fn with_statsd(statsd: widgetry_server::config::roles::StatsdConfig) -> Stack {
+        Stack::with_options(
+            Default::default(),
+            DEFAULT_BROKER_TOML,
+            Default::default(),
+            Some(statsd),
+            None,
+        )
+        .await
+    }
+
+    /// A stack with `serve --statsd` and a `[graphite]` export.
+    pub async fn with_statsd_and_graphite(
+        statsd: widgetry_server::config::roles::StatsdConfig,
+        graphite: widgetry_server::config::roles::GraphiteConfig,
+    ) -> Stack {
+        Stack::with_options(
+            Default::default(),
+            DEFAULT_BROKER_TOML,
+            Default::default(),
+            Some(statsd),
+            Some(graphite),
+        )
+        .await
+    }
+
+    async fn with_options(
+        limits: widgetry_proto::Limits,
+        broker_toml: &str,
+        auth: widgetry_server::config::roles::AuthMode,
+        statsd: Option<widgetry_server::config::roles::StatsdConfig>,
+        graphite: Option<widgetry_server::config::roles::GraphiteConfig>,
+    ) -> Stack {
         let dir = tempfile::tempdir().expect("temp dir");
         let db = test_database(dir.path()).await;
         let any_port: SocketAddr = "127.0.0.1:0".parse().expect("addr");
@@ -112,6 +153,8 @@ impl Stack {
             server_password: Some(TEST_SERVER_PASSWORD.into()),
             auth,
             api_token: None,
+            statsd,
+            graphite,
         };
         let running = start_serve(cfg, CancellationToken::new())
             .await
@@ -121,11 +164,13 @@ impl Stack {
         let mqtt5 = running
             .mqtt5_addr
             .expect("the test broker has an MQTT 5 listener");
+        let statsd = running.statsd_addr;
         Stack {
             running: Some(running),
             http,
             mqtt,
             mqtt5,
+            statsd,
             db,
             dir,
         }
