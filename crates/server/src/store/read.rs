@@ -116,12 +116,8 @@ impl Store {
         device: &str,
         key: &SeriesKey,
     ) -> Result<Option<i64>, StoreError> {
-        let row = sqlx::query("SELECT id FROM series WHERE device = $1 AND key = $2")
-            .bind(device)
-            .bind(key.to_string())
-            .fetch_optional(&self.reader)
-            .await?;
-        Ok(row.map(|r| r.get(0)))
+        let mut conn = self.reader.acquire().await?;
+        super::write::find_series(&mut conn, device, key).await
     }
 
     /// Raw points of a device's series by key; `None` when it has no such

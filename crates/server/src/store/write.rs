@@ -16,7 +16,10 @@ pub async fn upsert_series(
     key: &SeriesKey,
 ) -> Result<i64, StoreError> {
     let text = key.to_string();
-    let labels = serde_json::to_string(&key.labels).unwrap_or_else(|_| "{}".into());
+    // Never store a series without its labels: an encoding failure fails
+    // the transaction (the device resends) instead of writing `{}`.
+    let labels = serde_json::to_string(&key.labels)
+        .map_err(|e| StoreError::Sql(sqlx::Error::Encode(Box::new(e))))?;
     let row = sqlx::query(
         "INSERT INTO series (device, key, name, labels) VALUES ($1, $2, $3, $4)
          ON CONFLICT (device, key) DO UPDATE SET name = excluded.name
