@@ -16,6 +16,7 @@ use widgetry_proto::json::{parse_events, parse_samples, parse_status};
 use widgetry_proto::{DecodedBatch, Limits, Reject, Topic, TopicKind};
 
 use super::Item;
+use super::limit::{RateLimiter, Verdict};
 use crate::config::ingest::IngestConfig;
 use crate::metrics::Metrics;
 use crate::mqtt::{Connection, Polled};
@@ -46,8 +47,7 @@ pub async fn subscribe_loop(
     ready: &watch::Sender<bool>,
 ) {
     let mut conn = Connection::new(ev, "ingest subscriber", Some(&metrics.mqtt_reconnects));
-    let mut limiter =
-        super::limit::RateLimiter::new(cfg.limits.device_messages_per_s, cfg.limits.device_burst);
+    let mut limiter = RateLimiter::new(cfg.limits.device_messages_per_s, cfg.limits.device_burst);
     loop {
         match conn.next(shutdown).await {
             Polled::Stopped => break,
@@ -75,10 +75,7 @@ pub async fn subscribe_loop(
                 ready.send_replace(true);
             }
             Polled::Event(Event::Incoming(Packet::Publish(p))) => {
-                let item = match rate_limited(&mut limiter, &p.topic, &cfg.limits, metrics) {
-                    Some(report) => report,
-                    None => classify(&p.topic, &p.payload, &cfg.limits, metrics),
-                };
+                let item = classify(&p.topic, &p.payload, &cfg.limits, &mut limiter, metrics);
                 if let Some(item) = item {
                     // Backpressure: when the writer is behind we stop
                     // reading from the broker.
@@ -114,39 +111,16 @@ pub async fn subscribe_loop(
     .await;
 }
 
-/// Applies the per-device rate limit to a device's publish: `None` lets it
-/// through; `Some(report)` drops it (a reject to report, once per 10 s per
-/// device, or nothing; every drop is counted).
-fn rate_limited(
-    limiter: &mut super::limit::RateLimiter,
+/// Decodes one publish into work for the writer (or a reject). A device
+/// over its rate limit costs only the topic parse: its message is dropped
+/// unread and counted, and reported once per 10 s.
+pub fn classify(
     topic: &str,
+    payload: &[u8],
     limits: &Limits,
+    limiter: &mut RateLimiter,
     metrics: &Metrics,
-) -> Option<Option<Item>> {
-    use super::limit::Verdict;
-    let parsed = Topic::parse(topic).ok()?;
-    let reject = Reject::RateLimited {
-        per_s: limits.device_messages_per_s,
-        burst: limits.device_burst,
-    };
-    match limiter.check(parsed.device, std::time::Instant::now()) {
-        Verdict::Pass => None,
-        Verdict::Drop => {
-            metrics.reject(&reject);
-            Some(None)
-        }
-        // Counted and logged by the writer, and reported to the device.
-        Verdict::DropAndReport => Some(Some(Item::Rejected {
-            device: Some(parsed.device.to_string()),
-            topic: topic.to_string(),
-            reject,
-            received_ms: now_ms(),
-        })),
-    }
-}
-
-/// Decodes one publish into work for the writer (or a reject).
-pub fn classify(topic: &str, payload: &[u8], limits: &Limits, metrics: &Metrics) -> Option<Item> {
+) -> Option<Item> {
     let received_ms = now_ms();
     let parsed = match Topic::parse(topic) {
         Ok(t) => t,
@@ -160,6 +134,22 @@ pub fn classify(topic: &str, payload: &[u8], limits: &Limits, metrics: &Metrics)
             });
         }
     };
+    match limiter.check(parsed.device, std::time::Instant::now()) {
+        Verdict::Pass => {}
+        Verdict::Drop => {
+            metrics.reject(&rate_limited(limits));
+            return None;
+        }
+        // Counted and logged by the writer, and reported to the device.
+        Verdict::DropAndReport => {
+            return Some(Item::Rejected {
+                device: Some(parsed.device.to_string()),
+                topic: topic.to_string(),
+                reject: rate_limited(limits),
+                received_ms,
+            });
+        }
+    }
     let device = parsed.device.to_string();
     let result = match parsed.kind {
         TopicKind::Samples => {
@@ -212,4 +202,12 @@ pub fn classify(topic: &str, payload: &[u8], limits: &Limits, metrics: &Metrics)
         reject,
         received_ms,
     }))
+}
+
+/// The reject of a message over the device's rate limit.
+fn rate_limited(limits: &Limits) -> Reject {
+    Reject::RateLimited {
+        per_s: limits.device_messages_per_s,
+        burst: limits.device_burst,
+    }
 }
