@@ -38,7 +38,9 @@ use crate::link::local::{self, LinkRx, LinkTx};
 use crate::router::{Event, Router};
 use crate::{Config, ConnectionId, ServerSettings};
 
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
+#[cfg(feature = "websocket")]
+use tokio::net::TcpStream;
 use tokio::time::error::Elapsed;
 use tokio::{task, time};
 
