@@ -186,3 +186,41 @@ async fn hash(password: String) -> String {
         .await
         .expect("hashing does not panic")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn from_stdin(input: &[u8]) -> Result<(String, bool), String> {
+        password(true, &mut &input[..]).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn a_password_from_stdin_is_one_bounded_line() {
+        assert_eq!(
+            from_stdin(b"correct-horse-battery\r\nrest"),
+            Ok(("correct-horse-battery".into(), false))
+        );
+        let long = vec![b'x'; 10 * MAX_PASSWORD_LEN];
+        assert!(from_stdin(&long).is_err_and(|e| e.contains("longer than 1024")));
+        assert!(from_stdin(b"short\n").is_err_and(|e| e.contains("shorter than 12")));
+        assert!(from_stdin(b"\xff\xfe-not-utf8-at-all\n").is_err_and(|e| e.contains("UTF-8")));
+        assert!(from_stdin(b"").is_err());
+        let (generated, was_generated) = password(false, &mut &b""[..]).expect("generated");
+        assert!(was_generated && generated.len() == 32);
+    }
+
+    #[test]
+    fn account_names_are_device_ids_and_not_the_servers() {
+        assert!(check_account_name("kiosk-1").is_ok());
+        for bad in [
+            "",
+            "a/b",
+            "widgetry-server",
+            "widgetry-agent-x",
+            &"x".repeat(65),
+        ] {
+            assert!(check_account_name(bad).is_err(), "{bad:?}");
+        }
+    }
+}
