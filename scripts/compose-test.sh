@@ -25,6 +25,8 @@ cd "$(dirname "$0")/.."
 repo=$PWD
 
 step() { printf '\n==> compose: %s\n' "$*"; }
+# shellcheck source=scripts/apt-install.sh
+. scripts/apt-install.sh
 fail() {
   printf '\ncompose test FAILED: %s\n' "$*" >&2
   exit 1
@@ -53,13 +55,7 @@ command -v dockerd >/dev/null 2>&1 || need_apt+=(docker.io)
 command -v docker-compose >/dev/null 2>&1 || need_apt+=(docker-compose)
 command -v debootstrap >/dev/null 2>&1 || need_apt+=(debootstrap)
 command -v mosquitto_sub >/dev/null 2>&1 || need_apt+=(mosquitto-clients)
-if [ ${#need_apt[@]} -gt 0 ]; then
-  step "installing ${need_apt[*]} (apt-get)"
-  SUDO=""
-  [ "$(id -u)" -eq 0 ] || SUDO="sudo"
-  $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}" >/dev/null
-fi
+apt_install "${need_apt[@]}"
 [ "$(id -u)" -eq 0 ] || fail "the test's dockerd must run as root"
 
 links() { ip -o link show | awk -F': ' '{print $2}' | sort; }
