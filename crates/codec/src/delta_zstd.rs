@@ -7,7 +7,7 @@
 //! Layout: varint count; if any points, one zstd frame holding the
 //! timestamp varints followed by the 8 value byte planes of `count` bytes.
 
-use crate::{DecodeError, EncodeError, checked_count, varint};
+use crate::{DecodeError, EncodeError, read_count, varint};
 
 /// The caller has checked that the columns have equal lengths.
 pub fn encode(ts: &[i64], values: &[f64], level: i32) -> Result<Vec<u8>, EncodeError> {
@@ -41,14 +41,9 @@ pub fn encode(ts: &[i64], values: &[f64], level: i32) -> Result<Vec<u8>, EncodeE
 }
 
 pub fn decode(data: &[u8]) -> Result<(Vec<i64>, Vec<f64>), DecodeError> {
-    let mut pos = 0;
-    let n = checked_count(varint::get(data, &mut pos, "the point count")?)?;
-    if n == 0 {
-        if pos != data.len() {
-            return Err(DecodeError::Corrupt("bytes follow an empty series".into()));
-        }
+    let Some((n, pos)) = read_count(data)? else {
         return Ok((Vec::new(), Vec::new()));
-    }
+    };
     // At most 10 bytes per timestamp varint and 8 per value.
     let plain = zstd::bulk::decompress(&data[pos..], n * 18)
         .map_err(|e| DecodeError::Corrupt(format!("zstd frame: {e}")))?;

@@ -141,3 +141,18 @@ fn checked_count(n: u64) -> Result<usize, DecodeError> {
     }
     Ok(n as usize)
 }
+
+/// The point count at the start of a column-pair encoding (pcodec,
+/// delta+zstd): `None` for an empty series, which must end right there,
+/// else the count and the position after it.
+fn read_count(data: &[u8]) -> Result<Option<(usize, usize)>, DecodeError> {
+    let mut pos = 0;
+    let n = checked_count(varint::get(data, &mut pos, "the point count")?)?;
+    if n == 0 {
+        if pos != data.len() {
+            return Err(DecodeError::Corrupt("bytes follow an empty series".into()));
+        }
+        return Ok(None);
+    }
+    Ok(Some((n, pos)))
+}

@@ -10,7 +10,7 @@
 use pco::ChunkConfig;
 use pco::standalone::{simple_compress, simple_decompress_into};
 
-use crate::{DecodeError, EncodeError, checked_count, varint};
+use crate::{DecodeError, EncodeError, read_count, varint};
 
 /// The caller has checked that the columns have equal lengths.
 pub fn encode(ts: &[i64], values: &[f64]) -> Result<Vec<u8>, EncodeError> {
@@ -30,14 +30,9 @@ pub fn encode(ts: &[i64], values: &[f64]) -> Result<Vec<u8>, EncodeError> {
 }
 
 pub fn decode(data: &[u8]) -> Result<(Vec<i64>, Vec<f64>), DecodeError> {
-    let mut pos = 0;
-    let n = checked_count(varint::get(data, &mut pos, "the point count")?)?;
-    if n == 0 {
-        if pos != data.len() {
-            return Err(DecodeError::Corrupt("bytes follow an empty series".into()));
-        }
+    let Some((n, mut pos)) = read_count(data)? else {
         return Ok((Vec::new(), Vec::new()));
-    }
+    };
     let t_len = varint::get(data, &mut pos, "the timestamp column's length")?;
     let v_len = varint::get(data, &mut pos, "the value column's length")?;
     let rest = &data[pos..];
