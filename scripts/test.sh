@@ -76,8 +76,13 @@ if [ "${unit_rc:-0}" -ne 0 ] || [ -n "$unit_out" ]; then
   exit 1
 fi
 
-step "cargo test --workspace"
+step "cargo test --workspace (includes the fault suite, crates/server/tests/faults.rs)"
+# The fault suite appends one row per fault and workload here.
+rm -f target/tmp/fault-suite.txt
 cargo test --workspace --locked
+
+step "fault suite summary (taken / acknowledged / stored / duplicated / reported gaps per fault)"
+cat target/tmp/fault-suite.txt
 
 step "the vendored rumqttd's own unit tests (vendor/rumqttd/PATCHES.md)"
 CARGO_TARGET_DIR="$PWD/target/rumqttd" cargo test --manifest-path vendor/rumqttd/Cargo.toml --lib --locked

@@ -101,6 +101,9 @@ pub struct Report {
     /// Unacknowledged batches of earlier runs found in the spool at start.
     pub batches_recovered: u64,
     pub batches_acked: u64,
+    /// Samples in the batches the server acknowledged during this run
+    /// (including recovered batches of earlier runs).
+    pub samples_acked: u64,
     /// Batches and samples lost because the spool was full (reported to
     /// the server as gaps).
     pub batches_dropped: u64,
@@ -401,6 +404,7 @@ pub async fn run(
         samples_taken,
         batches_recovered: recovery.batches as u64,
         batches_acked: outbox.acked,
+        samples_acked: outbox.acked_samples,
         batches_dropped: outbox.dropped_batches,
         samples_dropped: outbox.dropped_samples,
         batches_unacked: outbox.len() as u64,

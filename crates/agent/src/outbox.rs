@@ -59,8 +59,9 @@ pub struct Outbox {
     gaps_pending: Vec<Gap>,
     /// Gaps carried by a batch that is not yet acknowledged.
     gaps_carried: HashMap<Key, Vec<Gap>>,
-    /// Batches acknowledged so far.
+    /// Batches acknowledged so far, and the samples they held.
     pub acked: u64,
+    pub acked_samples: u64,
     /// Batches and samples lost because the spool was full or failed.
     pub dropped_batches: u64,
     pub dropped_samples: u64,
@@ -87,6 +88,7 @@ impl Outbox {
             gaps_pending: Vec::new(),
             gaps_carried: HashMap::new(),
             acked: 0,
+            acked_samples: 0,
             dropped_batches: 0,
             dropped_samples: 0,
         }
@@ -205,19 +207,20 @@ impl Outbox {
         } else if !self.has_session(ack.session) {
             return Ok(());
         }
-        let covered: Vec<u64> = self
+        let covered: Vec<(u64, u32)> = self
             .spool
             .pending()
             .filter(|e| {
                 e.session == ack.session
                     && (e.seq <= ack.through || ack.seqs.binary_search(&e.seq).is_ok())
             })
-            .map(|e| e.seq)
+            .map(|e| (e.seq, e.samples))
             .collect();
-        for seq in covered {
+        for (seq, samples) in covered {
             let key = (ack.session, seq);
             if self.spool.ack(ack.session, seq)? {
                 self.acked += 1;
+                self.acked_samples += u64::from(samples);
             }
             self.sent_at.remove(&key);
             self.gaps_carried.remove(&key);

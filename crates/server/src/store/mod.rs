@@ -160,7 +160,22 @@ impl Store {
     /// before it commits, even with several ingestors on one database:
     /// SQLite's `BEGIN IMMEDIATE` takes the write lock; on PostgreSQL a
     /// transaction-scoped advisory lock does the same.
+    ///
+    /// A failed begin closes the writer's connection and tries once more
+    /// on a fresh one (see [`Store::reset_writer`]), so one bad transaction
+    /// never wedges every later write.
     pub async fn begin(&self) -> Result<WriteTx, StoreError> {
+        match self.begin_once().await {
+            Ok(tx) => Ok(tx),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot start a write transaction; reopening the writer's connection");
+                self.reset_writer().await;
+                self.begin_once().await
+            }
+        }
+    }
+
+    async fn begin_once(&self) -> Result<WriteTx, StoreError> {
         match self.backend {
             Backend::Sqlite => Ok(self.writer.begin_with("BEGIN IMMEDIATE").await?),
             Backend::Postgres => {
@@ -170,6 +185,25 @@ impl Store {
                     .execute(&mut *tx)
                     .await?;
                 Ok(tx)
+            }
+        }
+    }
+
+    /// Closes the writer's pooled connection, so the next begin opens a
+    /// fresh one. When SQLite rolls a
+    /// transaction back by itself (a full disk fails the COMMIT with
+    /// SQLITE_FULL), sqlx's rollback at drop fails too and leaves the
+    /// connection thinking it is still inside a transaction: every later
+    /// `begin` would fail with "non-zero transaction depth", for good.
+    async fn reset_writer(&self) {
+        match self.writer.acquire().await {
+            Ok(conn) => {
+                if let Err(e) = conn.close().await {
+                    tracing::debug!(error = %e, "closing the writer's connection");
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot reach the writer's connection to reset it")
             }
         }
     }
