@@ -149,13 +149,15 @@ pub async fn start_serve(
         mqtt: mqtt_addr,
         mqtt5: mqtt5_addr,
         tls: mqtt_tls_addrs,
+        revalidator,
     } = tokio::task::spawn_blocking(move || broker::start(broker_cfg, policy)).await??;
 
     let mut tasks = Supervisor::new(shutdown.clone(), DRAIN_DEADLINE);
     let writer = broker::retained::run(retained, store.clone(), shutdown.clone());
     tasks.spawn("retained", async move { Ok(writer.await?) });
     if follow_policy.credentials_on() {
-        let follow = broker::accounts::follow(follow_policy, store.clone(), shutdown.clone());
+        let follow =
+            broker::accounts::follow(follow_policy, store.clone(), revalidator, shutdown.clone());
         tasks.spawn("accounts", async move { Ok(follow.await?) });
     }
     let target = broker::connect_addr(mqtt_addr);

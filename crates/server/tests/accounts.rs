@@ -1,8 +1,9 @@
 //! Accounts made with `widgetry device …` on a running `serve --auth
 //! required`: a device logs in with its generated password, a wrong one or
 //! none is refused (and the agent says why), a rotated password replaces
-//! the old one, a removed account is refused, an observer reads
-//! everything and publishes nothing. All within a second of the command,
+//! the old one, a removed account is refused, connections that logged in
+//! with a rotated or removed account's credentials are disconnected, an
+//! observer reads everything and publishes nothing. All within a second of the command,
 //! without a restart.
 
 mod common;
@@ -71,6 +72,63 @@ fn login(port: u16, user: &str, password: &str) -> Output {
             "-E",
         ],
     )
+}
+
+/// How a held connection ended.
+#[derive(Debug)]
+enum Held {
+    /// The broker closed it (or sent DISCONNECT), after this long.
+    Ended(Duration),
+    /// It was still open when the test stopped watching.
+    Open,
+}
+
+/// A connection that logs in as `user` (client id `id`), waits for its
+/// CONNACK and then stays connected until the broker ends it. The task
+/// reports how long after `since` was first set it ended.
+async fn hold(
+    port: u16,
+    id: &str,
+    user: &str,
+    password: &str,
+) -> (
+    tokio::task::JoinHandle<Held>,
+    tokio::sync::watch::Sender<Option<std::time::Instant>>,
+) {
+    use rumqttc::{AsyncClient, Event, MqttOptions, Packet};
+    let mut o = MqttOptions::new(id, "127.0.0.1", port);
+    o.set_credentials(user, password);
+    o.set_keep_alive(Duration::from_secs(30));
+    let (client, mut events) = AsyncClient::new(o, 10);
+    let (connected_tx, connected) = tokio::sync::oneshot::channel();
+    let (since_tx, since) = tokio::sync::watch::channel(None::<std::time::Instant>);
+    let task = tokio::spawn(async move {
+        let _client = client;
+        let mut connected_tx = Some(connected_tx);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let ended = match tokio::time::timeout_at(deadline, events.poll()).await {
+                Err(_) => return Held::Open,
+                Ok(Ok(Event::Incoming(Packet::ConnAck(_)))) => {
+                    if let Some(tx) = connected_tx.take() {
+                        let _ = tx.send(());
+                    }
+                    false
+                }
+                Ok(Ok(Event::Incoming(Packet::Disconnect))) | Ok(Err(_)) => true,
+                Ok(Ok(_)) => false,
+            };
+            if ended {
+                let at = since.borrow().unwrap_or_else(std::time::Instant::now);
+                return Held::Ended(at.elapsed());
+            }
+        }
+    });
+    tokio::time::timeout(Duration::from_secs(10), connected)
+        .await
+        .expect("connected within 10 s")
+        .expect("CONNACK");
+    (task, since_tx)
 }
 
 /// Waits until logging in as `user` with `password` succeeds (`want`) or
@@ -173,9 +231,18 @@ async fn device_accounts_log_in_rotate_and_are_removed_while_serve_runs() {
     .await;
     drop(good);
 
-    // Rotation: the old password stops working, the new one works.
+    // Rotation: the old password stops working, the new one works, and a
+    // connection that logged in with the old one is disconnected.
+    let (held, since) = hold(port, "d1-watch", "d1", &pw).await;
+    since.send_replace(Some(std::time::Instant::now()));
     let rotated = new_password(&db, &["rotate", "d1"]);
     assert_ne!(rotated, pw);
+    let kicked = held.await.expect("join");
+    println!("connection with the rotated password: {kicked:?}");
+    assert!(
+        matches!(kicked, Held::Ended(t) if t < Duration::from_secs(10)),
+        "the old password's connection is ended by the rotation: {kicked:?}"
+    );
     wait_login(port, "d1", &pw, false).await;
     wait_login(port, "d1", &rotated, true).await;
     // A chosen password from stdin (too short ones are refused).
@@ -234,10 +301,22 @@ async fn device_accounts_log_in_rotate_and_are_removed_while_serve_runs() {
     );
     assert!(!listed.contains("argon2"), "no hashes listed: {listed}");
 
-    // Removal.
+    // Removal: refused from now on, and its open connection is ended;
+    // another account's connection stays.
+    let (held, since) = hold(port, "d1-watch", "d1", "correct-horse-battery").await;
+    let (other, _) = hold(port, "viewer-watch", "viewer", &eye).await;
+    since.send_replace(Some(std::time::Instant::now()));
     let removed = device(&db, &["remove", "d1"], "");
     assert!(removed.status.success(), "{}", text(&removed));
+    let kicked = held.await.expect("join");
+    println!("connection of the removed account: {kicked:?}");
+    assert!(
+        matches!(kicked, Held::Ended(t) if t < Duration::from_secs(10)),
+        "the removed account's connection is ended: {kicked:?}"
+    );
     wait_login(port, "d1", "correct-horse-battery", false).await;
+    assert!(!other.is_finished(), "the observer's connection stays open");
+    other.abort();
     let gone = device(&db, &["remove", "d1"], "");
     assert_eq!(gone.status.code(), Some(1), "{}", text(&gone));
     stack.stop().await;

@@ -63,6 +63,24 @@ pub struct ClientIdentity {
     /// True when the username and password were checked and accepted
     /// (by `auth` or the auth handler); false for an anonymous client.
     pub authenticated: bool,
+    /// Serial number of the CONNECT's login, taken before its credentials
+    /// were checked (see [`latest_login`]): an authoriser that revokes a
+    /// username's credentials at [`latest_login`] can tell the
+    /// connections that logged in with the old ones (serial at or below)
+    /// from those that logged in afterwards.
+    pub login: u64,
+}
+
+static LOGINS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// The serial number the latest CONNECT's login got (0 before the first).
+pub fn latest_login() -> u64 {
+    LOGINS.load(std::sync::atomic::Ordering::SeqCst)
+}
+
+/// The next login's serial number.
+pub(crate) fn next_login() -> u64 {
+    LOGINS.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1
 }
 
 /// What a client asks the broker to do.
@@ -79,6 +97,30 @@ pub enum Action<'a> {
     /// a denial refuses the connection, so it cannot take over the
     /// session of the client that has this id).
     Connect { client_id: &'a str },
+}
+
+/// Asks the router to put every connection to its authoriser again
+/// ([`Action::Connect`] under its identity) and to disconnect those it now
+/// denies: for credentials revoked while their clients are connected.
+#[derive(Clone)]
+pub struct Revalidator(flume::Sender<(ConnectionId, router::Event)>);
+
+impl Revalidator {
+    pub(crate) fn new(tx: flume::Sender<(ConnectionId, router::Event)>) -> Self {
+        Revalidator(tx)
+    }
+
+    /// Queues the check; false when the router's queue is full or the
+    /// router has stopped (try again later).
+    pub fn revalidate(&self) -> bool {
+        self.0.try_send((0, router::Event::Revalidate)).is_ok()
+    }
+}
+
+impl std::fmt::Debug for Revalidator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Revalidator")
+    }
 }
 
 /// Told of every CONNECT the broker refuses, with the CONNACK reason sent.

@@ -79,6 +79,10 @@ pub struct Accounts {
     plain: HashMap<String, String>,
     /// From the database (replaced whole by [`Accounts::replace_stored`]).
     stored: RwLock<Arc<HashMap<String, Stored>>>,
+    /// Stored accounts whose password was rotated or that were removed,
+    /// with the broker's login serial at that moment: connections of
+    /// theirs that logged in at or before it are no longer let in.
+    revoked: RwLock<Arc<HashMap<String, u64>>>,
     /// Username → (hash, keyed digest of the password verified against it).
     verified: Mutex<HashMap<String, Verified>>,
     digest_key: [u8; 32],
@@ -91,18 +95,23 @@ impl Accounts {
         let accounts = Accounts {
             plain,
             stored: RwLock::default(),
+            revoked: RwLock::default(),
             verified: Mutex::default(),
             digest_key: rand::random(),
             checking: tokio::sync::Semaphore::new(1),
             waiting: AtomicUsize::new(0),
         };
-        accounts.replace_stored(stored);
+        accounts.replace_stored(stored, 0);
         accounts
     }
 
-    /// Takes the database's accounts as they are now.
-    pub fn replace_stored(&self, accounts: &[Account]) {
-        let map = accounts
+    /// Takes the database's accounts as they are now. Those whose password
+    /// changed or that are gone are revoked as of `login` (the broker's
+    /// latest login serial, read by the caller before this call): their
+    /// connections that logged in up to it are cut off (see
+    /// [`Accounts::revoked`]). Returns how many were revoked.
+    pub fn replace_stored(&self, accounts: &[Account], login: u64) -> usize {
+        let map: HashMap<String, Stored> = accounts
             .iter()
             .map(|a| {
                 let stored = Stored {
@@ -112,7 +121,33 @@ impl Accounts {
                 (a.name.clone(), stored)
             })
             .collect();
+        let old = self.snapshot();
+        let gone: Vec<&String> = old
+            .iter()
+            .filter(|(name, was)| {
+                !self.plain.contains_key(*name)
+                    && map.get(*name).is_none_or(|now| now.phc != was.phc)
+            })
+            .map(|(name, _)| name)
+            .collect();
+        if !gone.is_empty() {
+            let mut revoked = self.revoked.write().unwrap_or_else(|e| e.into_inner());
+            let mut next = HashMap::clone(&revoked);
+            for name in &gone {
+                next.insert((*name).clone(), login);
+            }
+            *revoked = Arc::new(next);
+        }
         *self.stored.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(map);
+        gone.len()
+    }
+
+    /// Whether a connection of `name` that logged in with serial `login`
+    /// used credentials revoked since (a rotated password, a removed
+    /// account). Cheap: it runs for every publish.
+    pub fn revoked(&self, name: &str, login: u64) -> bool {
+        let revoked = self.revoked.read().unwrap_or_else(|e| e.into_inner());
+        !revoked.is_empty() && revoked.get(name).is_some_and(|&at| login <= at)
     }
 
     fn snapshot(&self) -> Arc<HashMap<String, Stored>> {
@@ -199,11 +234,13 @@ impl Accounts {
 /// Keeps the policy's stored accounts equal to the database's: polls the
 /// accounts' version every second and reloads them when it changed, so a
 /// device added, rotated or removed with `widgetry device` takes effect
-/// for its next CONNECT without a restart. (Connections already open
-/// stay open.)
+/// without a restart: for its next CONNECT, and the connections that
+/// logged in with a rotated or removed account's old credentials are
+/// disconnected by the broker (`revalidator`).
 pub async fn follow(
     policy: Arc<super::policy::Policy>,
     store: crate::store::Store,
+    revalidator: rumqttd::Revalidator,
     shutdown: tokio_util::sync::CancellationToken,
 ) -> Result<(), crate::store::StoreError> {
     let Some(accounts) = policy.accounts() else {
@@ -212,12 +249,17 @@ pub async fn follow(
         return Ok(());
     };
     let mut seen = store.accounts_version().await?;
+    // A revalidation the router could not take yet (its queue was full).
+    let mut kick_pending = false;
     let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = tick.tick() => {}
             _ = shutdown.cancelled() => return Ok(()),
+        }
+        if kick_pending {
+            kick_pending = !revalidator.revalidate();
         }
         // A failed read (a busy or briefly missing database) is retried at
         // the next tick with the accounts as they were.
@@ -231,12 +273,16 @@ pub async fn follow(
         if version != seen {
             match store.accounts().await {
                 Ok(all) => {
-                    accounts.replace_stored(&all);
+                    let revoked = accounts.replace_stored(&all, rumqttd::latest_login());
                     seen = version;
                     tracing::info!(
                         accounts = all.len(),
+                        revoked,
                         "MQTT accounts reloaded from the database"
                     );
+                    if revoked > 0 {
+                        kick_pending = !revalidator.revalidate();
+                    }
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot reload the MQTT accounts; keeping the accounts as they are")
@@ -292,10 +338,22 @@ mod tests {
         assert!(!accounts.check("d1", "two").await);
         assert!(!accounts.check("nobody", "one").await);
         // Rotated: the old password stops working at once.
-        accounts.replace_stored(&[stored("d1", "two", AccountKind::Device)]);
+        assert!(!accounts.revoked("d1", 5));
+        let d1 = stored("d1", "two", AccountKind::Device);
+        assert_eq!(accounts.replace_stored(std::slice::from_ref(&d1), 7), 1);
         assert!(!accounts.check("d1", "one").await);
         assert!(accounts.check("d1", "two").await);
-        accounts.replace_stored(&[stored("o", "eye", AccountKind::Observer)]);
+        // Logins up to serial 7 used the old password; later ones the new.
+        assert!(accounts.revoked("d1", 5) && accounts.revoked("d1", 7));
+        assert!(!accounts.revoked("d1", 8));
+        // The same accounts again revoke nothing more.
+        assert_eq!(accounts.replace_stored(&[d1], 9), 0);
+        assert!(!accounts.revoked("d1", 8));
+        // broker.toml's accounts are never revoked by the database.
+        assert!(!accounts.revoked("t", 1));
+        let o = stored("o", "eye", AccountKind::Observer);
+        assert_eq!(accounts.replace_stored(&[o], 12), 1);
+        assert!(accounts.revoked("d1", 10), "removed after login 10");
         assert!(!accounts.check("d1", "two").await, "removed");
         assert!(accounts.is_observer("o") && !accounts.is_observer("t"));
         assert_eq!(accounts.len(), 2);

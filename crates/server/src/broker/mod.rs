@@ -99,13 +99,22 @@ pub struct Listening {
     pub mqtt5: Option<SocketAddr>,
     /// Listeners that speak MQTT over TLS (`[v4.*.tls]`, `[v5.*.tls]`).
     pub tls: Vec<SocketAddr>,
+    /// Asks the broker to disconnect clients whose credentials were revoked.
+    pub revalidator: rumqttd::Revalidator,
+}
+
+/// [`Listening`]'s addresses.
+struct Bound {
+    mqtt: SocketAddr,
+    mqtt5: Option<SocketAddr>,
+    tls: Vec<SocketAddr>,
 }
 
 /// Binds every listener of `cfg` now, so a taken port fails here with its
 /// address (rumqttd would only log it) and port 0 resolves before anyone
 /// needs the address; the broker then listens on these sockets.
-fn bind_listeners(cfg: &mut BrokerConfig) -> Result<Listening, BrokerError> {
-    let mut found = Listening {
+fn bind_listeners(cfg: &mut BrokerConfig) -> Result<Bound, BrokerError> {
+    let mut found = Bound {
         mqtt: cfg.mqtt_listen,
         mqtt5: cfg.mqtt5_listen,
         tls: Vec::new(),
@@ -139,15 +148,17 @@ fn bind_listeners(cfg: &mut BrokerConfig) -> Result<Listening, BrokerError> {
 /// Starts the broker under `policy` and returns, once its first MQTT
 /// listener accepts connections, where its listeners are.
 pub fn start(mut cfg: BrokerConfig, policy: Arc<Policy>) -> Result<Listening, BrokerError> {
-    let listening = bind_listeners(&mut cfg)?;
-    let addr = listening.mqtt;
+    let bound = bind_listeners(&mut cfg)?;
+    let addr = bound.mqtt;
     let users = policy.accounts().map_or(0, |a| a.len());
     apply_policy(&mut cfg.rumqttd, &policy);
     let (done_tx, done_rx) = std::sync::mpsc::channel();
+    let (revalidator_tx, revalidator_rx) = std::sync::mpsc::channel();
     std::thread::Builder::new()
         .name("mqtt-broker".into())
         .spawn(move || {
             let mut broker = rumqttd::Broker::new(cfg.rumqttd);
+            let _ = revalidator_tx.send(broker.revalidator());
             let res = broker.start();
             if let Err(e) = &res {
                 error!(error = %e, "embedded broker stopped");
@@ -160,6 +171,16 @@ pub fn start(mut cfg: BrokerConfig, policy: Arc<Policy>) -> Result<Listening, Br
     let deadline = Instant::now() + Duration::from_secs(secs);
     loop {
         if mqtt_ping(target, policy.server_password()).is_ok() {
+            // Sent before the broker starts, so it is here once it answers.
+            let Ok(revalidator) = revalidator_rx.try_recv() else {
+                return Err(BrokerError::NotReady { addr, secs });
+            };
+            let listening = Listening {
+                mqtt: bound.mqtt,
+                mqtt5: bound.mqtt5,
+                tls: bound.tls,
+                revalidator,
+            };
             info!(
                 listen = %addr,
                 listen_mqtt5 = ?listening.mqtt5,

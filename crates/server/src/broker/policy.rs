@@ -117,6 +117,15 @@ impl Policy {
         match (&who.username, who.authenticated) {
             (Some(u), true) if u == SERVER_USER => Role::Server,
             _ if self.accounts.is_none() => Role::Open,
+            // Logged in with credentials revoked since: nothing more.
+            (Some(u), true)
+                if self
+                    .accounts
+                    .as_ref()
+                    .is_some_and(|a| a.revoked(u, who.login)) =>
+            {
+                Role::Nobody
+            }
             (Some(u), true)
                 if self.observers.contains(u)
                     || self.accounts.as_ref().is_some_and(|a| a.is_observer(u)) =>
@@ -245,6 +254,7 @@ mod tests {
             client_id: "c".into(),
             username: user.map(str::to_owned),
             authenticated,
+            login: 1,
         }
     }
 

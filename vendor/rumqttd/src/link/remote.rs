@@ -287,6 +287,8 @@ where
 
     Span::current().record("client_id", &connect.client_id);
 
+    // Taken before the credentials are checked: see `ClientIdentity::login`.
+    let login_serial = crate::next_login();
     let authenticated = match handle_auth(config.clone(), login.as_ref(), &connect.client_id).await
     {
         Ok(authenticated) => authenticated,
@@ -311,6 +313,7 @@ where
         client_id: connect.client_id.clone(),
         username: login.as_ref().map(|l| l.username.clone()),
         authenticated,
+        login: login_serial,
     };
 
     if let Some(authoriser) = &config.authoriser {

@@ -68,6 +68,9 @@ pub enum Event {
     PrintStatus(Print),
     /// Publish Will message
     PublishWill((String, Option<String>)),
+    /// Ask the authoriser about every connection again; disconnect those
+    /// it denies ([`crate::Revalidator`])
+    Revalidate,
 }
 
 /// Notification from router to connection

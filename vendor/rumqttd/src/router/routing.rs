@@ -274,6 +274,26 @@ impl Router {
                 #[cfg(feature = "validate-tenant-prefix")]
                 _tenant_id,
             ),
+            Event::Revalidate => self.revalidate(),
+        }
+    }
+
+    /// Disconnects every connection the authoriser no longer lets connect
+    /// under its client id (MQTT 5: DISCONNECT 0x87 "not authorized"). Its
+    /// will is published as on any abnormal end.
+    fn revalidate(&mut self) {
+        let denied: Vec<ConnectionId> = self
+            .connections
+            .iter()
+            .filter(|(_, c)| {
+                let client_id = c.client_id.as_str();
+                !c.may(crate::Action::Connect { client_id })
+            })
+            .map(|(id, _)| id)
+            .collect();
+        for id in denied {
+            info!(connection_id = id, "authorisation revoked: disconnecting");
+            self.handle_disconnection(id, Some(DisconnectReasonCode::NotAuthorized));
         }
     }
 

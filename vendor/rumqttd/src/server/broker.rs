@@ -149,6 +149,12 @@ impl Broker {
         Ok(link)
     }
 
+    /// A handle that asks the router to re-check every connection with the
+    /// authoriser ([`crate::Revalidator`]).
+    pub fn revalidator(&self) -> crate::Revalidator {
+        crate::Revalidator::new(self.router_tx.clone())
+    }
+
     pub fn link(&self, client_id: &str) -> Result<(LinkTx, LinkRx), local::LinkError> {
         // Register this connection with the router. Router replies with ack which if ok will
         // start the link. Router can sometimes reject the connection (ex. max connection limit).
