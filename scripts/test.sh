@@ -82,6 +82,7 @@ rm -f target/tmp/fault-suite.txt
 cargo test --workspace --locked
 
 step "fault suite summary (taken / acknowledged / stored / duplicated / reported gaps per fault)"
+printf '| %-34s | %-8s | %7s | %12s | %7s | %10s | %13s | %5s |\n' fault source taken acknowledged stored duplicated reported_gaps lost
 cat target/tmp/fault-suite.txt
 
 step "the vendored rumqttd's own unit tests (vendor/rumqttd/PATCHES.md)"
