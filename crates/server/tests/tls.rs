@@ -246,7 +246,7 @@ async fn agent_broker_and_dashboard_over_tls_with_the_real_binaries() {
     let mut serve = Command::new(workspace_bin("widgetry"));
     serve
         .current_dir(dir.path())
-        .arg("serve")
+        .args(["--log-format", "json", "serve"])
         .arg("--broker-config")
         .arg(&broker_toml)
         .args(["--mqtt-listen", "127.0.0.1:0", "--mqtt5-listen", "127.0.0.1:0"])
@@ -419,5 +419,8 @@ async fn agent_broker_and_dashboard_over_tls_with_the_real_binaries() {
     }
     drop(trusting_agent);
     let log = serve_log.lock().expect("lines").join("\n");
-    assert!(log.contains("https=true"), "serve says it serves HTTPS: {log}");
+    assert!(
+        log.contains("\"https\":true"),
+        "serve says it serves HTTPS: {log}"
+    );
 }
