@@ -249,7 +249,8 @@ mod config_tests {
     fn a_ca_file_is_read_when_the_arguments_are_validated() {
         let dir = tempfile::tempdir().expect("dir");
         let missing = dir.path().join("missing-ca.pem").display().to_string();
-        let errs = parse_args(args(&["--device", "d", "--ca-file", &missing])).expect_err("missing");
+        let errs =
+            parse_args(args(&["--device", "d", "--ca-file", &missing])).expect_err("missing");
         assert_eq!(errs.len(), 1, "{errs:#?}");
         assert!(
             errs[0].contains("--ca-file") && errs[0].contains("missing-ca.pem"),
@@ -260,7 +261,10 @@ mod config_tests {
         std::fs::write(&not_pem, "hello\n").expect("write");
         std::fs::write(
             &empty,
-            format!("device = \"d\"\nca_file = {:?}\n", not_pem.display().to_string()),
+            format!(
+                "device = \"d\"\nca_file = {:?}\n",
+                not_pem.display().to_string()
+            ),
         )
         .expect("write");
         let errs = parse_args(args(&["--config", &empty.display().to_string()]))

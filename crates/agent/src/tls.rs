@@ -45,9 +45,11 @@ impl ClientTls {
             .collect::<Result<_, _>>()
             .map_err(|e| format!("the CA file is not valid PEM: {e}"))?;
         if certs.is_empty() {
-            return Err("the CA file holds no PEM certificate (-----BEGIN CERTIFICATE-----); \
+            return Err(
+                "the CA file holds no PEM certificate (-----BEGIN CERTIFICATE-----); \
                  give the CA's certificate, e.g. ca.pem"
-                .into());
+                    .into(),
+            );
         }
         let mut roots = rustls::RootCertStore::empty();
         let (added, ignored) = roots.add_parsable_certificates(certs);
@@ -72,9 +74,11 @@ impl ClientTls {
     /// Without the `tls` feature there is no TLS: a CA file is a problem.
     #[cfg(not(feature = "tls"))]
     pub fn load(_path: &str) -> Result<ClientTls, String> {
-        Err("this widgetry-agent was built without TLS (cargo feature `tls`); \
+        Err(
+            "this widgetry-agent was built without TLS (cargo feature `tls`); \
              use a build with default features, or connect without --ca-file"
-            .into())
+                .into(),
+        )
     }
 
     /// The rumqttc transport for this configuration.
@@ -87,7 +91,12 @@ impl ClientTls {
 /// What a failed connection attempt over TLS means, in words naming the
 /// broker `host:port` and the CA file; None when `e` is not about TLS.
 #[cfg(feature = "tls")]
-pub fn explain(e: &rumqttc::ConnectionError, host: &str, port: u16, tls: &ClientTls) -> Option<String> {
+pub fn explain(
+    e: &rumqttc::ConnectionError,
+    host: &str,
+    port: u16,
+    tls: &ClientTls,
+) -> Option<String> {
     use rumqttc::ConnectionError as C;
     use rumqttc::TlsError as T;
     let ca = tls.ca_file.display();

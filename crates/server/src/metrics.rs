@@ -160,12 +160,9 @@ impl HttpTlsMetrics {
     }
 
     fn render(&self, out: &mut String) {
-        let failed = labelled(
-            "reason",
-            &TLS_HANDSHAKE_FAILURES,
-            &self.failures,
-            |_, _| true,
-        );
+        let failed = labelled("reason", &TLS_HANDSHAKE_FAILURES, &self.failures, |_, _| {
+            true
+        });
         write_counter(
             out,
             "widgetry_web_tls_handshake_failures_total",

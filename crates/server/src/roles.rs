@@ -58,8 +58,8 @@ pub enum ServeError {
     Join(#[from] tokio::task::JoinError),
 }
 
-pub use crate::config::roles::{ServeConfig, WebConfig};
 use crate::config::http_tls::HttpTls;
+pub use crate::config::roles::{ServeConfig, WebConfig};
 
 /// A running `serve`: the bound addresses and the handle to wait on.
 pub struct Running {
@@ -317,12 +317,13 @@ pub async fn run_ingest(
 /// Runs the web role alone; its live bridge follows `cfg.bridge`.
 pub async fn run_web(cfg: WebConfig, shutdown: CancellationToken) -> Result<(), ServeError> {
     let store = Store::open(&cfg.database).await?;
-    let listener = TcpListener::bind(cfg.http_listen)
-        .await
-        .map_err(|source| ServeError::HttpBind {
-            addr: cfg.http_listen,
-            source,
-        })?;
+    let listener =
+        TcpListener::bind(cfg.http_listen)
+            .await
+            .map_err(|source| ServeError::HttpBind {
+                addr: cfg.http_listen,
+                source,
+            })?;
     info!(http = %listener.local_addr().map_err(ServeError::Http)?, https = cfg.http_tls.is_some(), "web service listening");
     let mut tasks = Supervisor::new(shutdown.clone(), DRAIN_DEADLINE);
     tasks.spawn(

@@ -249,7 +249,12 @@ async fn agent_broker_and_dashboard_over_tls_with_the_real_binaries() {
         .args(["--log-format", "json", "serve"])
         .arg("--broker-config")
         .arg(&broker_toml)
-        .args(["--mqtt-listen", "127.0.0.1:0", "--mqtt5-listen", "127.0.0.1:0"])
+        .args([
+            "--mqtt-listen",
+            "127.0.0.1:0",
+            "--mqtt5-listen",
+            "127.0.0.1:0",
+        ])
         .args(["--http-listen", &format!("127.0.0.1:{http}")])
         .args(["--http-tls-cert", &path("good-cert.pem")])
         .args(["--http-tls-key", &path("good-key.pem")])
@@ -303,33 +308,40 @@ async fn agent_broker_and_dashboard_over_tls_with_the_real_binaries() {
     let other = trusting(&dir.path().join("other-ca.pem"));
     let refused = https_get(&other, http, "/healthz").await;
     assert!(
-        refused.as_ref().is_err_and(|e| e.to_string().contains("UnknownIssuer")),
+        refused
+            .as_ref()
+            .is_err_and(|e| e.to_string().contains("UnknownIssuer")),
         "a client trusting another CA: {refused:?}"
     );
 
     // The agent over MQTT/TLS, verifying the broker against the test CA.
     let agent = |device: &str, ca: &str| {
         let mut c = Command::new(workspace_bin("widgetry-agent"));
-        c.args(["--broker", &format!("localhost:{mqtt_tls}"), "--device", device])
-            .args(["--ca-file", &path(ca)])
-            .args(["--interval", "200ms", "--batch-max-wait", "200ms"])
-            .args(["--spool-dir", &path(&format!("spool-{device}"))])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
+        c.args([
+            "--broker",
+            &format!("localhost:{mqtt_tls}"),
+            "--device",
+            device,
+        ])
+        .args(["--ca-file", &path(ca)])
+        .args(["--interval", "200ms", "--batch-max-wait", "200ms"])
+        .args(["--spool-dir", &path(&format!("spool-{device}"))])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
         ChildGuard(c.spawn().expect("start widgetry-agent"))
     };
     let mut trusting_agent = agent("tls-agent", "good-ca.pem");
     let agent_log = collect_stderr(&mut trusting_agent.0);
 
     // Live over wss, subscribed before the samples arrive.
-    let tcp_tls = tls_connect(&good, http).await.expect("TLS to the web service");
-    let (mut ws, _) = tokio_tungstenite::client_async(
-        format!("wss://localhost:{http}/api/v1/live"),
-        tcp_tls,
-    )
-    .await
-    .expect("websocket over TLS");
+    let tcp_tls = tls_connect(&good, http)
+        .await
+        .expect("TLS to the web service");
+    let (mut ws, _) =
+        tokio_tungstenite::client_async(format!("wss://localhost:{http}/api/v1/live"), tcp_tls)
+            .await
+            .expect("websocket over TLS");
     let subscribe = serde_json::json!({"subscribe": {"devices": ["tls-agent"], "series": null}});
     ws.send(Message::Text(subscribe.to_string().into()))
         .await

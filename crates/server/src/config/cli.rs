@@ -932,7 +932,11 @@ pub fn resolve_command(cmd: &Cmd) -> Result<Result<Role, String>, ConfigError> {
                 "configuration ok: mqtt {} mqtt5 {} {} {} database {} statsd {statsd} graphite {graphite}",
                 cfg.broker.mqtt_listen,
                 mqtt5.as_deref().unwrap_or("off"),
-                if cfg.http_tls.is_some() { "https" } else { "http" },
+                if cfg.http_tls.is_some() {
+                    "https"
+                } else {
+                    "http"
+                },
                 cfg.http_listen,
                 cfg.database
             ))
@@ -948,7 +952,11 @@ pub fn resolve_command(cmd: &Cmd) -> Result<Result<Role, String>, ConfigError> {
         Cmd::Web(args) => match resolve_web(args)? {
             c if args.check => Err(format!(
                 "configuration ok: web {} {} database {}",
-                if c.http_tls.is_some() { "https" } else { "http" },
+                if c.http_tls.is_some() {
+                    "https"
+                } else {
+                    "http"
+                },
                 c.http_listen,
                 c.database
             )),

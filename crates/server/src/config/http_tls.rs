@@ -147,7 +147,9 @@ fn key_matches(cert: &CertificateDer<'_>, key: &PrivateKeyDer<'_>) -> Result<(),
         .choose_scheme(&offered)
         .ok_or("is a key type that cannot sign for TLS")?;
     let message = b"widgetry: does this key belong to this certificate?";
-    let signature = signer.sign(message).map_err(|e| format!("cannot sign: {e}"))?;
+    let signature = signer
+        .sign(message)
+        .map_err(|e| format!("cannot sign: {e}"))?;
     let end_entity =
         webpki::EndEntityCert::try_from(cert).map_err(|e| format!("certificate: {e:?}"))?;
     let verifies = algorithms
@@ -164,5 +166,81 @@ fn key_matches(cert: &CertificateDer<'_>, key: &PrivateKeyDer<'_>) -> Result<(),
         Ok(())
     } else {
         Err("is not the private key of the certificate".into())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A self-signed certificate and its key (`{name}-cert.pem`,
+    /// `{name}-key.pem`) made by openssl in `dir`.
+    fn self_signed(dir: &std::path::Path, name: &str) -> (PathBuf, PathBuf) {
+        let (cert, key) = (
+            dir.join(format!("{name}-cert.pem")),
+            dir.join(format!("{name}-key.pem")),
+        );
+        let out = std::process::Command::new("openssl")
+            .args([
+                "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+            ])
+            .args(["-subj", "/CN=localhost", "-keyout"])
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert)
+            .output()
+            .expect("openssl is installed (scripts/test.sh installs it)");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (cert, key)
+    }
+
+    fn flag(p: &std::path::Path) -> Option<(PathBuf, String)> {
+        Some((p.to_path_buf(), "command line/environment".into()))
+    }
+
+    #[test]
+    fn both_files_are_needed_readable_and_the_key_must_be_the_certificates() {
+        let dir = tempfile::tempdir().expect("dir");
+        let (cert_a, key_a) = self_signed(dir.path(), "a");
+        let (_, key_b) = self_signed(dir.path(), "b");
+        let mut problems = Vec::new();
+        assert!(resolve(None, None, &mut problems).is_none() && problems.is_empty());
+        let tls = resolve(flag(&cert_a), flag(&key_a), &mut problems).expect("a matching pair");
+        assert!(problems.is_empty(), "{problems:?}");
+        assert_eq!(tls.config.alpn_protocols, vec![b"http/1.1".to_vec()]);
+
+        assert!(resolve(flag(&cert_a), None, &mut problems).is_none());
+        assert!(problems[0].message.contains("give both"), "{problems:?}");
+
+        let mut problems = Vec::new();
+        assert!(resolve(flag(&cert_a), flag(&key_b), &mut problems).is_none());
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert_eq!(problems[0].key, "http-tls-key");
+        assert!(
+            problems[0]
+                .message
+                .contains("is not the private key of the certificate"),
+            "{problems:?}"
+        );
+
+        // A key where the certificate should be, and a missing key file:
+        // both reported at once.
+        let mut problems = Vec::new();
+        let missing = dir.path().join("missing-key.pem");
+        assert!(resolve(flag(&key_a), flag(&missing), &mut problems).is_none());
+        assert_eq!(problems.len(), 2, "{problems:?}");
+        assert!(
+            problems[0].message.contains("holds no PEM certificate"),
+            "{problems:?}"
+        );
+        assert!(
+            problems[1].message.contains("missing-key.pem")
+                && problems[1].message.contains("cannot read"),
+            "{problems:?}"
+        );
     }
 }

@@ -78,10 +78,8 @@ pub async fn serve(
             match tls {
                 None => serve_connection(stream, app, stop).await,
                 Some(tls) => {
-                    let handshake = tokio::time::timeout(
-                        TLS_HANDSHAKE_TIMEOUT,
-                        tls.acceptor.accept(stream),
-                    );
+                    let handshake =
+                        tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, tls.acceptor.accept(stream));
                     let outcome = tokio::select! {
                         r = handshake => r,
                         _ = stop.cancelled() => return,
