@@ -907,7 +907,7 @@ pub fn resolve_import(a: &ImportArgs) -> Result<crate::import::ImportConfig, Con
 /// What the command line asks for, once validated.
 pub enum Role {
     Serve(Box<ServeConfig>),
-    Ingest(IngestConfig, Database),
+    Ingest(Box<IngestConfig>, Database),
     Web(Box<WebConfig>),
     Loadgen(Box<widgetry_loadgen::LoadConfig>),
     Device(DeviceAction, Database),
@@ -947,7 +947,7 @@ pub fn resolve_command(cmd: &Cmd) -> Result<Result<Role, String>, ConfigError> {
                 "configuration ok: ingest broker {}:{} database {db}",
                 c.broker_host, c.broker_port
             )),
-            (c, db) => Ok(Role::Ingest(c, db)),
+            (c, db) => Ok(Role::Ingest(Box::new(c), db)),
         },
         Cmd::Web(args) => match resolve_web(args)? {
             c if args.check => Err(format!(
