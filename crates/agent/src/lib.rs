@@ -3,7 +3,8 @@
 //! the server acknowledges it on `widgetry/v1/{device}/ack`.
 //!
 //! Footprint matters more than anything here: one current-thread runtime,
-//! no TLS, no allocation per sample beyond the batch vectors. The agent must
+//! TLS only with `--ca-file` (and only in builds with the `tls` feature,
+//! `tls.rs`), no allocation per sample beyond the batch vectors. The agent must
 //! never drop a batch silently: a batch leaves the outbox only when it is
 //! acknowledged or when the outbox is full, and then it is counted.
 
@@ -13,6 +14,7 @@ pub mod outbox;
 pub mod sampler;
 pub mod settings;
 pub mod spool;
+pub mod tls;
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -35,6 +37,8 @@ pub struct AgentConfig {
     pub broker_port: u16,
     pub device: String,
     pub credentials: Option<(String, String)>,
+    /// MQTT over TLS, verifying the broker against a CA file; None: plain.
+    pub tls: Option<tls::ClientTls>,
     /// Sampling interval.
     pub interval: Duration,
     /// A batch is published when it holds this many samples...
@@ -75,6 +79,7 @@ impl AgentConfig {
             broker_port: port,
             device: device.into(),
             credentials: None,
+            tls: None,
             interval: Duration::from_secs(1),
             batch_max_samples: 300,
             batch_max_bytes: 256 * 1024,
@@ -198,6 +203,10 @@ pub async fn run(
     if let Some((u, p)) = &cfg.credentials {
         opts.set_credentials(u.clone(), p.clone());
     }
+    #[cfg(feature = "tls")]
+    if let Some(tls) = &cfg.tls {
+        opts.set_transport(tls.transport());
+    }
     let (client, events) = AsyncClient::new(opts, cfg.window * 2 + 16);
     // The event loop runs in its own task: `poll()` must never be cancelled
     // mid-handshake by another select! branch, or the connection is torn
@@ -208,7 +217,12 @@ pub async fn run(
         ack: ack_topic,
         errors: errors_topic,
     };
-    let conn = tokio::spawn(drive(events, topics.clone(), link_tx));
+    let target = Target {
+        host: cfg.broker_host.clone(),
+        port: cfg.broker_port,
+        tls: cfg.tls.clone(),
+    };
+    let conn = tokio::spawn(drive(events, topics.clone(), target, link_tx));
 
     let segment_bytes = (cfg.spool_max_bytes / 8).clamp(4096, 1 << 20);
     let (spool, recovery) = Spool::open(&cfg.spool_dir, cfg.spool_max_bytes, segment_bytes)?;
@@ -468,10 +482,34 @@ struct Topics {
     errors: String,
 }
 
+/// The broker, as named in messages about the connection.
+#[derive(Debug, Clone)]
+#[cfg_attr(not(feature = "tls"), allow(dead_code))]
+struct Target {
+    host: String,
+    port: u16,
+    tls: Option<tls::ClientTls>,
+}
+
+impl Target {
+    /// A failed connection attempt in words, when the user can act on it:
+    /// the broker refused the login, or the TLS handshake failed.
+    fn explain(&self, e: &rumqttc::ConnectionError) -> Option<String> {
+        if let rumqttc::ConnectionError::ConnectionRefused(code) = e {
+            return Some(refusal(*code));
+        }
+        #[cfg(feature = "tls")]
+        if let Some(tls) = &self.tls {
+            return tls::explain(e, &self.host, self.port, tls);
+        }
+        None
+    }
+}
+
 /// Drives the MQTT event loop, reconnecting with jittered backoff.
-async fn drive(mut events: EventLoop, topics: Topics, tx: mpsc::Sender<Link>) {
+async fn drive(mut events: EventLoop, topics: Topics, target: Target, tx: mpsc::Sender<Link>) {
     let mut failures = 0u32;
-    let mut last_refusal = None;
+    let mut last_problem: Option<String> = None;
     loop {
         let report = match events.poll().await {
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
@@ -491,12 +529,12 @@ async fn drive(mut events: EventLoop, topics: Topics, tx: mpsc::Sender<Link>) {
             }
             Ok(_) => None,
             Err(e) => {
-                if let rumqttc::ConnectionError::ConnectionRefused(code) = e {
+                if let Some(problem) = target.explain(&e) {
                     // Said when the reason is new, then every 20th time.
-                    if last_refusal != Some(code) || failures.is_multiple_of(20) {
-                        eprintln!("widgetry-agent: {}; retrying with backoff", refusal(code));
+                    if last_problem.as_ref() != Some(&problem) || failures.is_multiple_of(20) {
+                        eprintln!("widgetry-agent: {problem}; retrying with backoff");
                     }
-                    last_refusal = Some(code);
+                    last_problem = Some(problem);
                 }
                 if tx.is_closed() {
                     // The main loop has finished: nobody to reconnect for.

@@ -38,6 +38,10 @@ OPTIONS:
     --statsd-flush DURATION   statsd aggregation interval [default 10s]
     --username USER           MQTT username [env WIDGETRY_MQTT_USERNAME]
     --password PASS           MQTT password [env WIDGETRY_MQTT_PASSWORD; prefer the env var]
+    --ca-file PATH            connect over TLS and verify the broker's certificate against the
+                              CA certificate(s) in this PEM file (only those, not the system's);
+                              --broker must then name a TLS listener, by a name or IP address
+                              the certificate lists [env WIDGETRY_CA_FILE; default plain MQTT]
     --events-queue N          app events kept while they cannot be published [default 10000]
     --config FILE             agent.toml: the same settings as keys with _ for -, e.g.
                               batch_max_wait = \"5s\", watch = [\"nginx\"] [env WIDGETRY_AGENT_CONFIG]
@@ -114,8 +118,11 @@ fn parse_args(args: Vec<String>) -> Result<(AgentConfig, bool), Vec<String>> {
 fn main() -> ExitCode {
     let cfg = match parse_args(std::env::args().skip(1).collect()) {
         Ok((c, true)) => {
+            let tls = c.tls.as_ref().map_or("plain MQTT".to_string(), |t| {
+                format!("TLS (CA file {})", t.ca_file.display())
+            });
             println!(
-                "arguments ok: device {} broker {}:{} interval {:?}",
+                "arguments ok: device {} broker {}:{} {tls} interval {:?}",
                 c.device, c.broker_host, c.broker_port, c.interval
             );
             return ExitCode::SUCCESS;
@@ -139,11 +146,12 @@ fn main() -> ExitCode {
         }
     };
     eprintln!(
-        "widgetry-agent {}: device {} -> {}:{} every {:?}",
+        "widgetry-agent {}: device {} -> {}:{}{} every {:?}",
         widgetry_agent::VERSION,
         cfg.device,
         cfg.broker_host,
         cfg.broker_port,
+        if cfg.tls.is_some() { " (TLS)" } else { "" },
         cfg.interval
     );
     match rt.block_on(run(
@@ -235,5 +243,40 @@ mod config_tests {
             "{errs:#?}"
         );
         assert!(errs.iter().any(|e| e.contains("key interval")), "{errs:#?}");
+    }
+
+    #[test]
+    fn a_ca_file_is_read_when_the_arguments_are_validated() {
+        let dir = tempfile::tempdir().expect("dir");
+        let missing = dir.path().join("missing-ca.pem").display().to_string();
+        let errs =
+            parse_args(args(&["--device", "d", "--ca-file", &missing])).expect_err("missing");
+        assert_eq!(errs.len(), 1, "{errs:#?}");
+        assert!(
+            errs[0].contains("--ca-file") && errs[0].contains("missing-ca.pem"),
+            "names the flag and the file: {errs:#?}"
+        );
+        let empty = dir.path().join("agent.toml");
+        let not_pem = dir.path().join("not-a-cert.pem");
+        std::fs::write(&not_pem, "hello\n").expect("write");
+        std::fs::write(
+            &empty,
+            format!(
+                "device = \"d\"\nca_file = {:?}\n",
+                not_pem.display().to_string()
+            ),
+        )
+        .expect("write");
+        let errs = parse_args(args(&["--config", &empty.display().to_string()]))
+            .expect_err("no certificate");
+        assert_eq!(errs.len(), 1, "{errs:#?}");
+        assert!(
+            errs[0].contains("key ca_file") && errs[0].contains("not-a-cert.pem"),
+            "{errs:#?}"
+        );
+        #[cfg(feature = "tls")]
+        assert!(errs[0].contains("holds no PEM certificate"), "{errs:#?}");
+        #[cfg(not(feature = "tls"))]
+        assert!(errs[0].contains("built without TLS"), "{errs:#?}");
     }
 }

@@ -21,11 +21,12 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
 
 /// Every setting, as a flag name without `--`; the same names (with `_`
 /// for `-`) are the keys of `agent.toml`.
-pub const KEYS: [&str; 19] = [
+pub const KEYS: [&str; 20] = [
     "broker",
     "device",
     "username",
     "password",
+    "ca-file",
     "interval",
     "batch-max-samples",
     "batch-max-bytes",
@@ -44,11 +45,12 @@ pub const KEYS: [&str; 19] = [
 ];
 
 /// Environment variables, by setting.
-pub const ENV: [(&str, &str); 7] = [
+pub const ENV: [(&str, &str); 8] = [
     ("broker", "WIDGETRY_BROKER"),
     ("device", "WIDGETRY_DEVICE"),
     ("username", "WIDGETRY_MQTT_USERNAME"),
     ("password", "WIDGETRY_MQTT_PASSWORD"),
+    ("ca-file", "WIDGETRY_CA_FILE"),
     ("spool-dir", "WIDGETRY_SPOOL_DIR"),
     ("statsd", "WIDGETRY_STATSD"),
     ("config", "WIDGETRY_AGENT_CONFIG"),
@@ -218,6 +220,13 @@ pub fn build(raw: Raw, problems: &mut Vec<String>) -> Option<AgentConfig> {
         (None, None) => {}
         // Never echo a password.
         _ => problems.push("give both username and password, or neither".into()),
+    }
+    // The CA file is read and parsed now, before anything connects.
+    if let Some(v) = get("ca-file") {
+        match crate::tls::ClientTls::load(&v.0) {
+            Ok(tls) => cfg.tls = Some(tls),
+            Err(why) => problems.push(format!("{}: {:?}: {why}", v.1, v.0)),
+        }
     }
     Some(cfg)
 }

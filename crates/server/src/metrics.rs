@@ -131,6 +131,45 @@ pub struct Metrics {
     pub statsd: StatsdMetrics,
     /// The Graphite export's counters (on `/metrics` while it runs).
     pub graphite: GraphiteMetrics,
+    /// HTTPS handshakes that failed (on `/metrics` when HTTPS is on).
+    pub http_tls: HttpTlsMetrics,
+}
+
+/// Why an HTTPS connection ended before its TLS handshake completed: the
+/// handshake failed (plain HTTP, an untrusted certificate, garbage), or
+/// the client did not finish it within the handshake timeout.
+pub const TLS_HANDSHAKE_FAILURES: [&str; 2] = ["failed", "timeout"];
+
+/// Counters of the web service's HTTPS listener.
+#[derive(Debug, Default)]
+pub struct HttpTlsMetrics {
+    /// Set when the web service serves HTTPS; its counters are shown then.
+    pub enabled: AtomicBool,
+    failures: [AtomicU64; TLS_HANDSHAKE_FAILURES.len()],
+}
+
+impl HttpTlsMetrics {
+    /// Counts a failed handshake under its reason ([`TLS_HANDSHAKE_FAILURES`]).
+    pub fn handshake_failed(&self, reason: &str) {
+        bump(&TLS_HANDSHAKE_FAILURES, &self.failures, reason);
+    }
+
+    /// Handshakes failed for `reason` so far.
+    pub fn handshake_failures(&self, reason: &str) -> u64 {
+        count_of(&TLS_HANDSHAKE_FAILURES, &self.failures, reason)
+    }
+
+    fn render(&self, out: &mut String) {
+        let failed = labelled("reason", &TLS_HANDSHAKE_FAILURES, &self.failures, |_, _| {
+            true
+        });
+        write_counter(
+            out,
+            "widgetry_web_tls_handshake_failures_total",
+            "HTTPS connections closed before their TLS handshake completed, by reason.",
+            &as_samples(&failed),
+        );
+    }
 }
 
 /// Counters of the `[graphite]` export.
@@ -373,6 +412,9 @@ impl Metrics {
         }
         if self.graphite.enabled.load(Ordering::Relaxed) {
             self.graphite.render(&mut out);
+        }
+        if self.http_tls.enabled.load(Ordering::Relaxed) {
+            self.http_tls.render(&mut out);
         }
         out
     }

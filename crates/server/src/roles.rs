@@ -58,7 +58,8 @@ pub enum ServeError {
     Join(#[from] tokio::task::JoinError),
 }
 
-pub use crate::config::roles::ServeConfig;
+use crate::config::http_tls::HttpTls;
+pub use crate::config::roles::{ServeConfig, WebConfig};
 
 /// A running `serve`: the bound addresses and the handle to wait on.
 pub struct Running {
@@ -201,10 +202,12 @@ pub async fn start_serve(
         credentials,
         poll: Duration::from_secs(1),
     };
+    let https = cfg.http_tls.is_some();
     tasks.spawn(
         "web",
         serve_http(
             listener,
+            cfg.http_tls.clone(),
             store.clone(),
             metrics.clone(),
             bridge,
@@ -221,7 +224,7 @@ pub async fn start_serve(
     {
         warn!("the ingestor has not subscribed to the broker after 10 s; continuing");
     }
-    info!(http = %http_addr, mqtt = %mqtt_addr, mqtt5 = ?mqtt5_addr, statsd = ?statsd_addr, "widgetry serving");
+    info!(http = %http_addr, https, mqtt = %mqtt_addr, mqtt5 = ?mqtt5_addr, mqtt_tls = ?mqtt_tls_addrs, statsd = ?statsd_addr, "widgetry serving");
     Ok(Running {
         http_addr,
         mqtt_addr,
@@ -313,31 +316,27 @@ pub async fn run_ingest(
     res
 }
 
-/// Runs the web role alone; its live bridge follows `bridge`.
-pub async fn run_web(
-    http_listen: SocketAddr,
-    database: Database,
-    bridge: sinks::live::BridgeConfig,
-    api_token: Option<String>,
-    shutdown: CancellationToken,
-) -> Result<(), ServeError> {
-    let store = Store::open(&database).await?;
-    let listener = TcpListener::bind(http_listen)
-        .await
-        .map_err(|source| ServeError::HttpBind {
-            addr: http_listen,
-            source,
-        })?;
-    info!(http = %listener.local_addr().map_err(ServeError::Http)?, "web service listening");
+/// Runs the web role alone; its live bridge follows `cfg.bridge`.
+pub async fn run_web(cfg: WebConfig, shutdown: CancellationToken) -> Result<(), ServeError> {
+    let store = Store::open(&cfg.database).await?;
+    let listener =
+        TcpListener::bind(cfg.http_listen)
+            .await
+            .map_err(|source| ServeError::HttpBind {
+                addr: cfg.http_listen,
+                source,
+            })?;
+    info!(http = %listener.local_addr().map_err(ServeError::Http)?, https = cfg.http_tls.is_some(), "web service listening");
     let mut tasks = Supervisor::new(shutdown.clone(), DRAIN_DEADLINE);
     tasks.spawn(
         "web",
         serve_http(
             listener,
+            cfg.http_tls,
             store.clone(),
             Arc::new(Metrics::for_roles(Roles::WEB)),
-            bridge,
-            api_token,
+            cfg.bridge,
+            cfg.api_token,
             shutdown,
         ),
     );
@@ -348,6 +347,7 @@ pub async fn run_web(
 
 async fn serve_http(
     listener: TcpListener,
+    tls: Option<HttpTls>,
     store: Store,
     metrics: Arc<Metrics>,
     bridge: sinks::live::BridgeConfig,
@@ -361,15 +361,23 @@ async fn serve_http(
         hub.clone(),
         shutdown.clone(),
     ));
+    metrics
+        .http_tls
+        .enabled
+        .store(tls.is_some(), std::sync::atomic::Ordering::Relaxed);
     let app = web::app(web::AppState {
         store,
-        metrics,
+        metrics: metrics.clone(),
         hub,
         shutdown: shutdown.clone(),
         overview: Default::default(),
         api_token: api_token.map(Arc::from),
     });
-    web::server::serve(listener, app, shutdown).await;
+    let tls = tls.map(|t| web::server::Tls {
+        acceptor: tokio_rustls::TlsAcceptor::from(t.config),
+        metrics,
+    });
+    web::server::serve(listener, app, tls, shutdown).await;
     bridge_task.await??;
     info!("web service stopped");
     Ok(())

@@ -10,7 +10,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use super::ingest::IngestConfig;
-use super::roles::{BridgeConfig, GraphiteConfig, ServeConfig, StatsdConfig};
+use super::roles::{BridgeConfig, GraphiteConfig, ServeConfig, StatsdConfig, WebConfig};
 use super::{ConfigError, DEFAULT_DATABASE, DEFAULT_HTTP_LISTEN, Database, FileConfig, Problem};
 
 /// Exit status for bad configuration (EX_CONFIG is 78; DESIGN.md §6.7 fixes 64, EX_USAGE).
@@ -183,7 +183,7 @@ pub struct LoadgenArgs {
 
 #[derive(Args)]
 pub struct ServeArgs {
-    /// Optional widgetry.toml with keys mqtt_listen, mqtt5_listen, http_listen, database, broker_config.
+    /// Optional widgetry.toml with keys mqtt_listen, mqtt5_listen, http_listen, http_tls_cert, http_tls_key, database, broker_config.
     #[arg(long, env = "WIDGETRY_CONFIG")]
     pub config: Option<PathBuf>,
     /// Embedded broker configuration [default: ./broker.toml if present, else the built-in copy].
@@ -198,6 +198,13 @@ pub struct ServeArgs {
     /// HTTP listen address of the API and dashboard (port 0 picks a free port) [default: 0.0.0.0:8080].
     #[arg(long, env = "WIDGETRY_HTTP_LISTEN")]
     pub http_listen: Option<String>,
+    /// Serve HTTPS instead of HTTP: PEM certificate chain (server certificate first, then
+    /// intermediates); needs --http-tls-key. The websocket is then wss:// [default: plain HTTP].
+    #[arg(long, env = "WIDGETRY_HTTP_TLS_CERT")]
+    pub http_tls_cert: Option<PathBuf>,
+    /// PEM private key (PKCS#8, RSA or EC) of --http-tls-cert; checked against it at start.
+    #[arg(long, env = "WIDGETRY_HTTP_TLS_KEY")]
+    pub http_tls_key: Option<PathBuf>,
     /// SQLite database file (created if missing) or postgres://user:password@host:port/db [default: widgetry.db].
     #[arg(long, env = "WIDGETRY_DATABASE", hide_env_values = true)]
     pub database: Option<String>,
@@ -291,12 +298,19 @@ pub struct IngestArgs {
 
 #[derive(Args)]
 pub struct WebArgs {
-    /// Optional widgetry.toml (keys http_listen, database).
+    /// Optional widgetry.toml (keys http_listen, http_tls_cert, http_tls_key, database).
     #[arg(long, env = "WIDGETRY_CONFIG")]
     pub config: Option<PathBuf>,
     /// HTTP listen address [default: 0.0.0.0:8080].
     #[arg(long, env = "WIDGETRY_HTTP_LISTEN")]
     pub http_listen: Option<String>,
+    /// Serve HTTPS instead of HTTP: PEM certificate chain (server certificate first, then
+    /// intermediates); needs --http-tls-key. The websocket is then wss:// [default: plain HTTP].
+    #[arg(long, env = "WIDGETRY_HTTP_TLS_CERT")]
+    pub http_tls_cert: Option<PathBuf>,
+    /// PEM private key (PKCS#8, RSA or EC) of --http-tls-cert; checked against it at start.
+    #[arg(long, env = "WIDGETRY_HTTP_TLS_KEY")]
+    pub http_tls_key: Option<PathBuf>,
     /// SQLite database file or postgres://user:password@host:port/db [default: widgetry.db].
     #[arg(long, env = "WIDGETRY_DATABASE", hide_env_values = true)]
     pub database: Option<String>,
@@ -406,6 +420,21 @@ fn resolve_http(
     )
 }
 
+/// `--http-tls-cert`/`--http-tls-key` (or the file's keys), validated.
+fn resolve_http_tls(
+    cert: &Option<PathBuf>,
+    key: &Option<PathBuf>,
+    file: &FileConfig,
+    label: &str,
+    problems: &mut Vec<Problem>,
+) -> Option<super::http_tls::HttpTls> {
+    super::http_tls::resolve(
+        pick(cert, &file.http_tls_cert, label),
+        pick(key, &file.http_tls_key, label),
+        problems,
+    )
+}
+
 pub fn resolve_serve(args: &ServeArgs) -> Result<ServeConfig, ConfigError> {
     let file = load_file(&args.config)?;
     let label = file_label(&args.config);
@@ -422,6 +451,13 @@ pub fn resolve_serve(args: &ServeArgs) -> Result<ServeConfig, ConfigError> {
                 .ok()
         });
     let http_listen = resolve_http(&args.http_listen, &file, &label, &mut problems);
+    let http_tls = resolve_http_tls(
+        &args.http_tls_cert,
+        &args.http_tls_key,
+        &file,
+        &label,
+        &mut problems,
+    );
     let database = resolve_database(&args.database, &file, &label, &mut problems);
     let broker_path = pick(&args.broker_config, &file.broker_config, &label).map(|(p, _)| p);
     let listen = super::ListenOverride {
@@ -460,6 +496,7 @@ pub fn resolve_serve(args: &ServeArgs) -> Result<ServeConfig, ConfigError> {
             Ok(ServeConfig {
                 broker,
                 http_listen,
+                http_tls,
                 database,
                 retention,
                 limits: Default::default(),
@@ -632,13 +669,18 @@ fn resolve_api_token(token: &Option<String>, problems: &mut Vec<Problem>) -> Opt
     }
 }
 
-pub type WebRole = (SocketAddr, Database, BridgeConfig, Option<String>);
-
-pub fn resolve_web(args: &WebArgs) -> Result<WebRole, ConfigError> {
+pub fn resolve_web(args: &WebArgs) -> Result<WebConfig, ConfigError> {
     let file = load_file(&args.config)?;
     let label = file_label(&args.config);
     let mut problems = Vec::new();
     let http = resolve_http(&args.http_listen, &file, &label, &mut problems);
+    let http_tls = resolve_http_tls(
+        &args.http_tls_cert,
+        &args.http_tls_key,
+        &file,
+        &label,
+        &mut problems,
+    );
     let database = resolve_database(&args.database, &file, &label, &mut problems);
     let mut bridge = BridgeConfig {
         broker: None,
@@ -653,7 +695,13 @@ pub fn resolve_web(args: &WebArgs) -> Result<WebRole, ConfigError> {
     }
     let token = resolve_api_token(&args.api_token, &mut problems);
     match (http, database) {
-        (Some(h), Some(database)) if problems.is_empty() => Ok((h, database, bridge, token)),
+        (Some(http_listen), Some(database)) if problems.is_empty() => Ok(WebConfig {
+            http_listen,
+            http_tls,
+            database,
+            bridge,
+            api_token: token,
+        }),
         _ => Err(ConfigError(problems)),
     }
 }
@@ -859,8 +907,8 @@ pub fn resolve_import(a: &ImportArgs) -> Result<crate::import::ImportConfig, Con
 /// What the command line asks for, once validated.
 pub enum Role {
     Serve(Box<ServeConfig>),
-    Ingest(IngestConfig, Database),
-    Web(SocketAddr, Database, BridgeConfig, Option<String>),
+    Ingest(Box<IngestConfig>, Database),
+    Web(Box<WebConfig>),
     Loadgen(Box<widgetry_loadgen::LoadConfig>),
     Device(DeviceAction, Database),
     Import(Box<crate::import::ImportConfig>),
@@ -881,9 +929,14 @@ pub fn resolve_command(cmd: &Cmd) -> Result<Result<Role, String>, ConfigError> {
                 .as_ref()
                 .map_or("off".to_string(), |g| format!("{}:{}", g.host, g.port));
             Err(format!(
-                "configuration ok: mqtt {} mqtt5 {} http {} database {} statsd {statsd} graphite {graphite}",
+                "configuration ok: mqtt {} mqtt5 {} {} {} database {} statsd {statsd} graphite {graphite}",
                 cfg.broker.mqtt_listen,
                 mqtt5.as_deref().unwrap_or("off"),
+                if cfg.http_tls.is_some() {
+                    "https"
+                } else {
+                    "http"
+                },
                 cfg.http_listen,
                 cfg.database
             ))
@@ -894,13 +947,20 @@ pub fn resolve_command(cmd: &Cmd) -> Result<Result<Role, String>, ConfigError> {
                 "configuration ok: ingest broker {}:{} database {db}",
                 c.broker_host, c.broker_port
             )),
-            (c, db) => Ok(Role::Ingest(c, db)),
+            (c, db) => Ok(Role::Ingest(Box::new(c), db)),
         },
         Cmd::Web(args) => match resolve_web(args)? {
-            (http, db, _, _) if args.check => {
-                Err(format!("configuration ok: web http {http} database {db}"))
-            }
-            (h, d, b, t) => Ok(Role::Web(h, d, b, t)),
+            c if args.check => Err(format!(
+                "configuration ok: web {} {} database {}",
+                if c.http_tls.is_some() {
+                    "https"
+                } else {
+                    "http"
+                },
+                c.http_listen,
+                c.database
+            )),
+            c => Ok(Role::Web(Box::new(c))),
         },
         Cmd::Loadgen(args) => match resolve_loadgen(args)? {
             cfg if args.check => Err(format!(
@@ -1117,9 +1177,10 @@ mod tests {
             _ => panic!("--check prints the configuration"),
         }
         match run(&["web", "--http-listen", "127.0.0.1:0", "--database", db]) {
-            Ok(Ok(Role::Web(http, _, bridge, _))) => {
-                assert_eq!(http.port(), 0);
-                assert!(bridge.broker.is_none(), "no --broker: the bridge polls");
+            Ok(Ok(Role::Web(c))) => {
+                assert_eq!(c.http_listen.port(), 0);
+                assert!(c.http_tls.is_none(), "plain HTTP by default");
+                assert!(c.bridge.broker.is_none(), "no --broker: the bridge polls");
             }
             _ => panic!("valid web configuration"),
         }

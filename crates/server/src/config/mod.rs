@@ -6,6 +6,7 @@
 //! module must never bind, connect or open a database.
 
 pub mod cli;
+pub mod http_tls;
 pub mod ingest;
 pub mod roles;
 
@@ -81,6 +82,10 @@ pub struct FileConfig {
     pub mqtt5_listen: Option<String>,
     /// HTTP listen address of the web service.
     pub http_listen: Option<String>,
+    /// PEM certificate chain for HTTPS (with `http_tls_key`; both or neither).
+    pub http_tls_cert: Option<PathBuf>,
+    /// PEM private key of `http_tls_cert`.
+    pub http_tls_key: Option<PathBuf>,
     /// SQLite database file, or a `postgres://` URL.
     pub database: Option<String>,
     /// Path of the embedded broker's configuration.

@@ -4,6 +4,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use super::http_tls::HttpTls;
 use super::ingest::Retention;
 use super::{BrokerConfig, Database};
 
@@ -12,6 +13,8 @@ use super::{BrokerConfig, Database};
 pub struct ServeConfig {
     pub broker: BrokerConfig,
     pub http_listen: SocketAddr,
+    /// HTTPS (`--http-tls-cert`/`--http-tls-key`); None: plain HTTP.
+    pub http_tls: Option<HttpTls>,
     pub database: Database,
     pub retention: Retention,
     /// Bounds on what one message may hold.
@@ -26,6 +29,19 @@ pub struct ServeConfig {
     pub statsd: Option<StatsdConfig>,
     /// The Graphite export (`[graphite]`); None: off.
     pub graphite: Option<GraphiteConfig>,
+}
+
+/// Configuration of `widgetry web`, already validated.
+#[derive(Debug, Clone)]
+pub struct WebConfig {
+    pub http_listen: SocketAddr,
+    /// HTTPS (`--http-tls-cert`/`--http-tls-key`); None: plain HTTP.
+    pub http_tls: Option<HttpTls>,
+    pub database: Database,
+    /// Where the live bridge gets its messages.
+    pub bridge: BridgeConfig,
+    /// When set, the HTTP API and /metrics require it.
+    pub api_token: Option<String>,
 }
 
 /// `[graphite]`: committed samples forwarded to Carbon's plaintext

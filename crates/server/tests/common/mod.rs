@@ -147,6 +147,7 @@ impl Stack {
         let cfg = ServeConfig {
             broker,
             http_listen: "127.0.0.1:0".parse().expect("addr"),
+            http_tls: None,
             database: db.clone(),
             retention: Default::default(),
             limits,
