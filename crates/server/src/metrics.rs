@@ -131,6 +131,110 @@ pub struct Metrics {
     pub statsd: StatsdMetrics,
     /// The Graphite export's counters (on `/metrics` while it runs).
     pub graphite: GraphiteMetrics,
+    /// The websocket source bridges' counters (on `/metrics` while one runs).
+    pub bridge: BridgeMetrics,
+}
+
+/// Why a websocket source bridge did not store a message (see
+/// `sources::ws::Reason`, whose discriminants index this list).
+pub const BRIDGE_REJECTS: [&str; 15] = [
+    "binary_frame",
+    "too_large",
+    "truncated",
+    "not_json",
+    "not_an_object",
+    "missing_timestamp",
+    "missing_value",
+    "timestamp_not_integer",
+    "timestamp_in_seconds",
+    "timestamp_in_milliseconds",
+    "timestamp_out_of_range",
+    "value_is_string",
+    "value_not_a_number",
+    "value_out_of_range",
+    "store_rejected",
+];
+
+/// Counters of the websocket source bridges (`[[bridge.ws]]`,
+/// `widgetry bridge ws`), summed over every bridge of the process.
+#[derive(Debug, Default)]
+pub struct BridgeMetrics {
+    /// Set when a bridge starts; its counters are shown from then on.
+    pub enabled: AtomicBool,
+    /// Data frames (text and binary) received.
+    pub messages: AtomicU64,
+    /// Valid messages committed to the database as new samples: only
+    /// then are they accepted.
+    pub accepted: AtomicU64,
+    /// Valid messages committed that were already stored (same device,
+    /// series, timestamp and value): stored once.
+    pub duplicates: AtomicU64,
+    rejects: [AtomicU64; BRIDGE_REJECTS.len()],
+    /// Connections made again after a refusal, a close, an error or a
+    /// half-open socket.
+    pub reconnects: AtomicU64,
+    /// Connections that went quiet past the idle timeout (no frame, no pong).
+    pub idle_timeouts: AtomicU64,
+    /// Bridges connected to their upstream right now.
+    pub connected: AtomicI64,
+}
+
+impl BridgeMetrics {
+    /// Counts a message not stored, under its reason ([`BRIDGE_REJECTS`]).
+    pub fn reject(&self, reason: &str) {
+        bump(&BRIDGE_REJECTS, &self.rejects, reason);
+    }
+
+    /// Messages not stored for `reason` so far.
+    pub fn rejects(&self, reason: &str) -> u64 {
+        count_of(&BRIDGE_REJECTS, &self.rejects, reason)
+    }
+
+    fn render(&self, out: &mut String) {
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        write_counter(
+            out,
+            "widgetry_bridge_messages_total",
+            "Data frames (text and binary) the websocket bridges received.",
+            &[("", get(&self.messages))],
+        );
+        write_counter(
+            out,
+            "widgetry_bridge_accepted_total",
+            "Valid messages committed to the database as new samples.",
+            &[("", get(&self.accepted))],
+        );
+        write_counter(
+            out,
+            "widgetry_bridge_duplicates_total",
+            "Valid messages committed that were already stored (stored once).",
+            &[("", get(&self.duplicates))],
+        );
+        let rejects = labelled("reason", &BRIDGE_REJECTS, &self.rejects, |_, _| true);
+        write_counter(
+            out,
+            "widgetry_bridge_rejects_total",
+            "Messages the websocket bridges did not store, by reason.",
+            &as_samples(&rejects),
+        );
+        write_counter(
+            out,
+            "widgetry_bridge_reconnects_total",
+            "Connections to an upstream made again (after a refusal, close, error or idle timeout).",
+            &[("", get(&self.reconnects))],
+        );
+        write_counter(
+            out,
+            "widgetry_bridge_idle_timeouts_total",
+            "Upstream connections dropped because no frame or pong came within the idle timeout.",
+            &[("", get(&self.idle_timeouts))],
+        );
+        let _ = writeln!(
+            out,
+            "# HELP widgetry_bridge_connected Websocket bridges connected to their upstream.\n# TYPE widgetry_bridge_connected gauge\nwidgetry_bridge_connected {}",
+            self.connected.load(Ordering::Relaxed)
+        );
+    }
 }
 
 /// Counters of the `[graphite]` export.
@@ -373,6 +477,9 @@ impl Metrics {
         }
         if self.graphite.enabled.load(Ordering::Relaxed) {
             self.graphite.render(&mut out);
+        }
+        if self.bridge.enabled.load(Ordering::Relaxed) {
+            self.bridge.render(&mut out);
         }
         out
     }
