@@ -26,6 +26,8 @@ pub struct ServeConfig {
     pub statsd: Option<StatsdConfig>,
     /// The Graphite export (`[graphite]`); None: off.
     pub graphite: Option<GraphiteConfig>,
+    /// Websocket source bridges (`[[bridge.ws]]`).
+    pub ws_bridges: Vec<WsBridgeConfig>,
 }
 
 /// `[graphite]`: committed samples forwarded to Carbon's plaintext

@@ -155,6 +155,7 @@ impl Stack {
             api_token: None,
             statsd,
             graphite,
+            ws_bridges: Vec::new(),
         };
         let running = start_serve(cfg, CancellationToken::new())
             .await
