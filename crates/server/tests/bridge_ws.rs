@@ -231,6 +231,15 @@ async fn every_valid_message_is_stored_once_through_faults_and_a_kill() {
     // attempts add more).
     assert!(metric(&m, "widgetry_bridge_reconnects_total") >= 10.0, "{m}");
     assert!(sent.connections >= 9, "connections: {}", sent.connections);
+    eprintln!(
+        "fault cycles: {} valid, {} exact resends, {} invalid {:?}, {} connections, {} reconnects",
+        sent.valid.len(),
+        sent.duplicates,
+        sent.invalid_total(),
+        sent.invalid,
+        sent.connections,
+        metric(&m, "widgetry_bridge_reconnects_total")
+    );
 
     // Streaming: the live subscriber sees the bridge's samples.
     upstream.set_sending(true);
@@ -303,6 +312,12 @@ async fn every_valid_message_is_stored_once_through_faults_and_a_kill() {
         "after the kill and restart: every valid message stored exactly once"
     );
     let m = serve.metrics().await;
+    eprintln!(
+        "after the kill: {} stored ({accepted} accepted before it), {} accepted and {} duplicates after the restart",
+        expected.len(),
+        metric(&m, "widgetry_bridge_accepted_total"),
+        metric(&m, "widgetry_bridge_duplicates_total")
+    );
     assert_eq!(metric(&m, "widgetry_bridge_connected"), 1.0, "connected at the end");
     assert!(upstream.log().connected, "the upstream is serving the bridge");
     assert_eq!(
