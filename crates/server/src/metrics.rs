@@ -690,6 +690,30 @@ mod tests {
     }
 
     #[test]
+    fn bridge_counters_show_only_when_a_bridge_runs() {
+        let m = Metrics::for_roles(Roles::ALL);
+        assert!(!m.render().contains("widgetry_bridge_"), "off by default");
+        m.bridge.enabled.store(true, Ordering::Relaxed);
+        m.bridge.reject("truncated");
+        m.bridge.reject("truncated");
+        m.bridge.reject("not_a_reason");
+        m.bridge.reconnects.fetch_add(3, Ordering::Relaxed);
+        m.bridge.connected.fetch_add(1, Ordering::Relaxed);
+        assert_eq!(m.bridge.rejects("truncated"), 2);
+        let text = m.render();
+        for line in [
+            "widgetry_bridge_rejects_total{reason=\"truncated\"} 2",
+            "widgetry_bridge_rejects_total{reason=\"too_large\"} 0",
+            "widgetry_bridge_reconnects_total 3",
+            "widgetry_bridge_connected 1",
+            "widgetry_bridge_accepted_total 0",
+        ] {
+            assert!(text.contains(line), "{line} missing from:\n{text}");
+        }
+        assert!(!text.contains("not_a_reason"));
+    }
+
+    #[test]
     fn statsd_reasons_follow_the_parser_and_show_only_when_on() {
         let parser: Vec<&str> = widgetry_statsd::BadLine::ALL.map(|b| b.code()).to_vec();
         assert_eq!(&STATSD_BAD_LINES[..parser.len()], &parser[..]);

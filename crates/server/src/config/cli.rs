@@ -1269,6 +1269,66 @@ mod tests {
     }
 
     #[test]
+    fn bridge_ws_sections_and_flags_are_validated_together() {
+        let dir = tempfile::tempdir().expect("dir");
+        let db = dir.path().join("w.db");
+        let file = dir.path().join("widgetry.toml");
+        let path = file.to_str().expect("utf-8 path");
+        let good = "[[bridge.ws]]\nurl = \"ws://127.0.0.1:9000/feed\"\ndevice = \"hrm-1\"\n";
+        std::fs::write(&file, format!("database = {db:?}\n{good}")).expect("write config");
+        let Ok(Ok(Role::Serve(cfg))) = run(&["serve", "--config", path]) else {
+            panic!("a valid [[bridge.ws]] accepted");
+        };
+        let [b] = cfg.ws_bridges.as_slice() else {
+            panic!("one bridge: {:?}", cfg.ws_bridges);
+        };
+        assert_eq!(b.url, "ws://127.0.0.1:9000/feed");
+        assert_eq!(b.device, "hrm-1");
+        assert_eq!(b.series.to_string(), WsBridgeConfig::DEFAULT_SERIES);
+        assert_eq!(b.idle_timeout, Duration::from_secs(30));
+        assert_eq!(b.timestamp_unit, TimestampUnit::Ms);
+        assert_eq!(b.max_message_bytes, 65_536);
+        let bad = "[[bridge.ws]]\nurl = \"wss://feed.example/x\"\ndevice = \"a/b\"\nidle_timeout = \"10ms\"\ntimestamp_unit = \"us\"\nmax_message_bytes = 1\nseries = \"\"\n";
+        std::fs::write(&file, format!("database = {db:?}\n{good}{bad}")).expect("write config");
+        let err = match run(&["serve", "--config", path]) {
+            Err(e) => e,
+            Ok(_) => panic!("a bad [[bridge.ws]] accepted"),
+        };
+        for needle in [
+            "6 configuration problem(s)",
+            "bridge.ws[1].url",
+            "wss:// is not built in",
+            "bridge.ws[1].device",
+            "bridge.ws[1].idle_timeout",
+            "bridge.ws[1].timestamp_unit",
+            "bridge.ws[1].max_message_bytes",
+            "bridge.ws[1].series",
+        ] {
+            assert!(err.contains(needle), "{needle:?} missing from: {err}");
+        }
+        assert!(!err.contains("bridge.ws[0]"), "the good section is fine: {err}");
+        std::fs::write(&file, format!("database = {db:?}\n[[bridge.ws]]\nurl = \"ws://h/x\"\ndevice = \"d\"\nport = 1\n")).expect("write config");
+        assert!(run(&["serve", "--config", path]).is_err_and(|e| e.contains("port")), "unknown keys are refused");
+
+        let dbs = db.to_str().expect("utf-8 path");
+        let flags = ["bridge", "ws", "--url", "ws://127.0.0.1:9/x", "--device", "d1", "--database", dbs];
+        let Ok(Ok(Role::Bridge(b))) = run(&[&flags[..], &["--timestamp-unit", "s", "--series", "hr{sensor=chest}"]].concat()) else {
+            panic!("valid bridge ws flags accepted");
+        };
+        assert_eq!(b.bridge.timestamp_unit, TimestampUnit::S);
+        assert_eq!(b.bridge.series.to_string(), "hr{sensor=chest}");
+        assert!(b.metrics_listen.is_none());
+        let err = match run(&["bridge", "ws", "--url", "http://x/", "--device", "", "--idle-timeout", "x", "--database", dbs]) {
+            Err(e) => e,
+            Ok(_) => panic!("bad bridge ws flags accepted"),
+        };
+        for needle in ["3 configuration problem(s)", "url", "device", "idle_timeout"] {
+            assert!(err.contains(needle), "{needle:?} missing from: {err}");
+        }
+        assert!(matches!(run(&[&flags[..], &["--check"]].concat()), Ok(Err(line)) if line.starts_with("configuration ok: bridge ws")));
+    }
+
+    #[test]
     fn the_graphite_section_is_validated() {
         let dir = tempfile::tempdir().expect("dir");
         let db = dir.path().join("w.db");
