@@ -360,8 +360,14 @@ pub async fn run_bridge(
     // batching and retention (off) apply.
     let ingest_cfg = IngestConfig::new("127.0.0.1", 1);
     let (queue, queued) = ingest::queue(&ingest_cfg);
-    let writer = ingest::WriterTasks::start(&ingest_cfg, store.clone(), metrics.clone(), queued, false);
-    spawn_ws_bridges(&mut tasks, std::slice::from_ref(&role.bridge), &queue, &metrics);
+    let writer =
+        ingest::WriterTasks::start(&ingest_cfg, store.clone(), metrics.clone(), queued, false);
+    spawn_ws_bridges(
+        &mut tasks,
+        std::slice::from_ref(&role.bridge),
+        &queue,
+        &metrics,
+    );
     // The writer stops once every bridge has dropped its sender.
     drop(queue);
     tasks.spawn("ingest", async move { Ok(writer.finish().await?) });

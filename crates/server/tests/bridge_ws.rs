@@ -32,9 +32,7 @@ struct Serve {
 }
 
 async fn start_serve(dir: &Path, config: &Path, run: u32) -> Serve {
-    let http: SocketAddr = format!("127.0.0.1:{}", free_port())
-        .parse()
-        .expect("addr");
+    let http: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
     let log = std::fs::File::create(dir.join(format!("serve-{run}.log"))).expect("log file");
     let child = Command::new(workspace_bin("widgetry"))
         .current_dir(dir)
@@ -113,9 +111,8 @@ fn kill(child: &std::process::Child, sig: &str) {
     assert!(status.success(), "kill {sig} failed");
 }
 
-type Ws = tokio_tungstenite::WebSocketStream<
-    tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
->;
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 /// The next JSON message of a live stream, within [`WAIT`].
 async fn ws_next(ws: &mut Ws) -> serde_json::Value {
@@ -144,12 +141,22 @@ async fn every_valid_message_is_stored_once_through_faults_and_a_kill() {
 
     let dir = tempfile::tempdir().expect("temp dir");
     let db = dir.path().join("widgetry.db");
-    let mut cfg = Config::new(15, 2, Tail::Stream { every: Duration::from_millis(5) }, IDLE, widgetry_common::now_ms());
+    let mut cfg = Config::new(
+        15,
+        2,
+        Tail::Stream {
+            every: Duration::from_millis(5),
+        },
+        IDLE,
+        widgetry_common::now_ms(),
+    );
     // Every later connection first resends the last 300 valid messages:
     // duplicates within a run and across the restart, and what was in
     // flight at the kill comes again.
     cfg.replay = 300;
-    let upstream = Upstream::start(cfg.clone()).await.expect("upstream listens");
+    let upstream = Upstream::start(cfg.clone())
+        .await
+        .expect("upstream listens");
     // The tail waits until the fault cycles are checked.
     upstream.set_sending(false);
     let config = dir.path().join("widgetry.toml");
@@ -165,9 +172,10 @@ async fn every_valid_message_is_stored_once_through_faults_and_a_kill() {
     let serve = start_serve(dir.path(), &config, 1).await;
 
     // A live subscriber from the start.
-    let (mut live, _) = tokio_tungstenite::connect_async(format!("ws://{}/api/v1/live", serve.http))
-        .await
-        .expect("live websocket connects");
+    let (mut live, _) =
+        tokio_tungstenite::connect_async(format!("ws://{}/api/v1/live", serve.http))
+            .await
+            .expect("live websocket connects");
     let subscribe = serde_json::json!({"subscribe": {"devices": [DEVICE]}});
     live.send(tokio_tungstenite::tungstenite::Message::Text(
         subscribe.to_string().into(),
@@ -188,7 +196,11 @@ async fn every_valid_message_is_stored_once_through_faults_and_a_kill() {
     let from = cfg.first_ts - 1_000;
     let to = cfg.first_ts + 86_400_000;
     let expected: Vec<(i64, i64)> = sent.valid_set().into_iter().collect();
-    assert_eq!(expected.len(), sent.valid.len(), "the upstream sent each valid message once as new");
+    assert_eq!(
+        expected.len(),
+        sent.valid.len(),
+        "the upstream sent each valid message once as new"
+    );
     wait_for("every valid message of the cycles stored", WAIT, || async {
         (serve.points(from, to).await.len() >= expected.len()).then_some(())
     })
@@ -202,7 +214,12 @@ async fn every_valid_message_is_stored_once_through_faults_and_a_kill() {
         let m = serve.metrics().await;
         let counted: u64 = BRIDGE_REJECTS
             .iter()
-            .map(|r| metric(&m, &format!("widgetry_bridge_rejects_total{{reason=\"{r}\"}}")) as u64)
+            .map(|r| {
+                metric(
+                    &m,
+                    &format!("widgetry_bridge_rejects_total{{reason=\"{r}\"}}"),
+                ) as u64
+            })
             .sum();
         (counted >= sent.invalid_total()).then_some(m)
     })
@@ -210,13 +227,23 @@ async fn every_valid_message_is_stored_once_through_faults_and_a_kill() {
     for reason in BRIDGE_REJECTS {
         let want = sent.invalid.get(reason).copied().unwrap_or(0);
         assert_eq!(
-            metric(&m, &format!("widgetry_bridge_rejects_total{{reason=\"{reason}\"}}")) as u64,
+            metric(
+                &m,
+                &format!("widgetry_bridge_rejects_total{{reason=\"{reason}\"}}")
+            ) as u64,
             want,
             "rejects of reason {reason}"
         );
     }
-    assert!(sent.invalid.len() >= 11, "the cycles sent every kind of invalid message: {:?}", sent.invalid);
-    assert_eq!(metric(&m, "widgetry_bridge_accepted_total") as usize, expected.len());
+    assert!(
+        sent.invalid.len() >= 11,
+        "the cycles sent every kind of invalid message: {:?}",
+        sent.invalid
+    );
+    assert_eq!(
+        metric(&m, "widgetry_bridge_accepted_total") as usize,
+        expected.len()
+    );
     assert_eq!(
         metric(&m, "widgetry_bridge_duplicates_total") as u64,
         sent.duplicates,
@@ -229,7 +256,10 @@ async fn every_valid_message_is_stored_once_through_faults_and_a_kill() {
     );
     // Each connection-ending fault made the bridge connect again (refused
     // attempts add more).
-    assert!(metric(&m, "widgetry_bridge_reconnects_total") >= 10.0, "{m}");
+    assert!(
+        metric(&m, "widgetry_bridge_reconnects_total") >= 10.0,
+        "{m}"
+    );
     assert!(sent.connections >= 9, "connections: {}", sent.connections);
     eprintln!(
         "fault cycles: {} valid, {} exact resends, {} invalid {:?}, {} connections, {} reconnects",
@@ -250,7 +280,9 @@ async fn every_valid_message_is_stored_once_through_faults_and_a_kill() {
         }
     };
     assert!(
-        samples["series"][SERIES].as_array().is_some_and(|p| !p.is_empty()),
+        samples["series"][SERIES]
+            .as_array()
+            .is_some_and(|p| !p.is_empty()),
         "live samples of {DEVICE}/{SERIES}: {samples}"
     );
     let before = expected.len() as f64;
@@ -265,9 +297,11 @@ async fn every_valid_message_is_stored_once_through_faults_and_a_kill() {
     kill(&serve.child.0, "-KILL");
     let _ = serve.child.0.wait();
     {
-        let store = widgetry_server::store::Store::open(&widgetry_server::config::Database::Sqlite(db.clone()))
-            .await
-            .expect("open the database after the kill");
+        let store = widgetry_server::store::Store::open(
+            &widgetry_server::config::Database::Sqlite(db.clone()),
+        )
+        .await
+        .expect("open the database after the kill");
         let key = widgetry_proto::SeriesKey::plain(SERIES);
         let id = store
             .series_id(DEVICE, &key)
@@ -289,7 +323,10 @@ async fn every_valid_message_is_stored_once_through_faults_and_a_kill() {
             stored.len()
         );
         let sent_now = upstream.log().valid_set();
-        assert!(distinct.is_subset(&sent_now), "only messages the upstream sent are stored");
+        assert!(
+            distinct.is_subset(&sent_now),
+            "only messages the upstream sent are stored"
+        );
         store.close().await;
     }
 
@@ -318,10 +355,20 @@ async fn every_valid_message_is_stored_once_through_faults_and_a_kill() {
         metric(&m, "widgetry_bridge_accepted_total"),
         metric(&m, "widgetry_bridge_duplicates_total")
     );
-    assert_eq!(metric(&m, "widgetry_bridge_connected"), 1.0, "connected at the end");
-    assert!(upstream.log().connected, "the upstream is serving the bridge");
     assert_eq!(
-        metric(&m, "widgetry_bridge_rejects_total{reason=\"store_rejected\"}"),
+        metric(&m, "widgetry_bridge_connected"),
+        1.0,
+        "connected at the end"
+    );
+    assert!(
+        upstream.log().connected,
+        "the upstream is serving the bridge"
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "widgetry_bridge_rejects_total{reason=\"store_rejected\"}"
+        ),
         0.0
     );
 

@@ -479,14 +479,16 @@ impl Feed {
                 self.invalid(ws, Message::text(t), reason).await?;
             }
             Fault::NotAnObject => {
-                self.invalid(ws, Message::text(format!("[{ts}, 1]")), reason).await?;
+                self.invalid(ws, Message::text(format!("[{ts}, 1]")), reason)
+                    .await?;
             }
             Fault::Binary => {
                 let b = format!("{{\"timestamp\": {ts}, \"value\": 1}}").into_bytes();
                 self.invalid(ws, Message::binary(b), reason).await?;
             }
             Fault::MissingTimestamp => {
-                self.invalid(ws, Message::text("{\"value\": 7}"), reason).await?;
+                self.invalid(ws, Message::text("{\"value\": 7}"), reason)
+                    .await?;
             }
             Fault::MissingValue => {
                 let t = format!("{{\"timestamp\": {ts}}}");
@@ -574,12 +576,10 @@ impl Feed {
                 continue;
             }
             match self.cfg.tail {
-                Tail::Quiet => {
-                    match ws.next().await {
-                        Some(Ok(_)) => {}
-                        _ => return Ended::Next,
-                    }
-                }
+                Tail::Quiet => match ws.next().await {
+                    Some(Ok(_)) => {}
+                    _ => return Ended::Next,
+                },
                 Tail::Stream { every } => {
                     if self.valid(ws, 1).await.is_err() {
                         return Ended::Next;
@@ -630,7 +630,13 @@ mod tests {
         let order = |seed| {
             let (_, sending) = watch::channel(true);
             let (cycles, _) = watch::channel(0);
-            let cfg = Config::new(seed, 1, Tail::Quiet, Duration::from_secs(1), 1_800_000_000_000);
+            let cfg = Config::new(
+                seed,
+                1,
+                Tail::Quiet,
+                Duration::from_secs(1),
+                1_800_000_000_000,
+            );
             let mut feed = Feed::new(cfg, Arc::default(), sending, cycles);
             feed.plan_cycle();
             feed.steps

@@ -72,7 +72,8 @@ pub enum BridgeCmd {
 
 /// `widgetry bridge ws`: see `crate::sources::ws`.
 #[derive(Args)]
-#[command(after_help = "Each valid message is committed to the database before it counts as \
+#[command(
+    after_help = "Each valid message is committed to the database before it counts as \
 accepted (widgetry_bridge_accepted_total), so a crash (kill -9) loses no accepted message, \
 and SIGTERM stores every message read before it. An exact duplicate (same timestamp and \
 value), also one resent after a restart, is stored once. Invalid messages are counted by \
@@ -80,7 +81,8 @@ reason (widgetry_bridge_rejects_total) and logged once per reason per 10 s. The 
 is made again, with jittered backoff, after a refusal, a close, an error or --idle-timeout \
 without any frame (pings go out every third of it). The same bridge runs inside `serve` \
 from a [[bridge.ws]] section of widgetry.toml (keys url, device, series, idle_timeout, \
-timestamp_unit, max_message_bytes, reconnect_max).")]
+timestamp_unit, max_message_bytes, reconnect_max)."
+)]
 pub struct BridgeWsArgs {
     /// Upstream URL, ws://host[:port]/path.
     #[arg(long)]
@@ -514,7 +516,9 @@ pub fn resolve_serve(args: &ServeArgs) -> Result<ServeConfig, ConfigError> {
     let ws_bridges: Vec<WsBridgeConfig> = ws_sections
         .iter()
         .enumerate()
-        .filter_map(|(i, w)| resolve_ws_bridge(w, &label, &format!("bridge.ws[{i}]."), &mut problems))
+        .filter_map(|(i, w)| {
+            resolve_ws_bridge(w, &label, &format!("bridge.ws[{i}]."), &mut problems)
+        })
         .collect();
     match (broker, http_listen, database) {
         (Some(broker), Some(http_listen), Some(database)) if problems.is_empty() => {
@@ -579,11 +583,17 @@ pub fn resolve_ws_bridge(
             ),
         );
     }
-    let series_text = w.series.as_deref().unwrap_or(WsBridgeConfig::DEFAULT_SERIES);
+    let series_text = w
+        .series
+        .as_deref()
+        .unwrap_or(WsBridgeConfig::DEFAULT_SERIES);
     let series = match widgetry_proto::SeriesKey::parse(series_text) {
         Ok(k) => Some(k),
         Err(e) => {
-            problem("series", format!("{:?}: {e}", widgetry_common::excerpt(series_text)));
+            problem(
+                "series",
+                format!("{:?}: {e}", widgetry_common::excerpt(series_text)),
+            );
             None
         }
     };
@@ -1306,26 +1316,69 @@ mod tests {
         ] {
             assert!(err.contains(needle), "{needle:?} missing from: {err}");
         }
-        assert!(!err.contains("bridge.ws[0]"), "the good section is fine: {err}");
-        std::fs::write(&file, format!("database = {db:?}\n[[bridge.ws]]\nurl = \"ws://h/x\"\ndevice = \"d\"\nport = 1\n")).expect("write config");
-        assert!(run(&["serve", "--config", path]).is_err_and(|e| e.contains("port")), "unknown keys are refused");
+        assert!(
+            !err.contains("bridge.ws[0]"),
+            "the good section is fine: {err}"
+        );
+        std::fs::write(
+            &file,
+            format!(
+                "database = {db:?}\n[[bridge.ws]]\nurl = \"ws://h/x\"\ndevice = \"d\"\nport = 1\n"
+            ),
+        )
+        .expect("write config");
+        assert!(
+            run(&["serve", "--config", path]).is_err_and(|e| e.contains("port")),
+            "unknown keys are refused"
+        );
 
         let dbs = db.to_str().expect("utf-8 path");
-        let flags = ["bridge", "ws", "--url", "ws://127.0.0.1:9/x", "--device", "d1", "--database", dbs];
-        let Ok(Ok(Role::Bridge(b))) = run(&[&flags[..], &["--timestamp-unit", "s", "--series", "hr{sensor=chest}"]].concat()) else {
+        let flags = [
+            "bridge",
+            "ws",
+            "--url",
+            "ws://127.0.0.1:9/x",
+            "--device",
+            "d1",
+            "--database",
+            dbs,
+        ];
+        let Ok(Ok(Role::Bridge(b))) = run(&[
+            &flags[..],
+            &["--timestamp-unit", "s", "--series", "hr{sensor=chest}"],
+        ]
+        .concat()) else {
             panic!("valid bridge ws flags accepted");
         };
         assert_eq!(b.bridge.timestamp_unit, TimestampUnit::S);
         assert_eq!(b.bridge.series.to_string(), "hr{sensor=chest}");
         assert!(b.metrics_listen.is_none());
-        let err = match run(&["bridge", "ws", "--url", "http://x/", "--device", "", "--idle-timeout", "x", "--database", dbs]) {
+        let err = match run(&[
+            "bridge",
+            "ws",
+            "--url",
+            "http://x/",
+            "--device",
+            "",
+            "--idle-timeout",
+            "x",
+            "--database",
+            dbs,
+        ]) {
             Err(e) => e,
             Ok(_) => panic!("bad bridge ws flags accepted"),
         };
-        for needle in ["3 configuration problem(s)", "url", "device", "idle_timeout"] {
+        for needle in [
+            "3 configuration problem(s)",
+            "url",
+            "device",
+            "idle_timeout",
+        ] {
             assert!(err.contains(needle), "{needle:?} missing from: {err}");
         }
-        assert!(matches!(run(&[&flags[..], &["--check"]].concat()), Ok(Err(line)) if line.starts_with("configuration ok: bridge ws")));
+        assert!(
+            matches!(run(&[&flags[..], &["--check"]].concat()), Ok(Err(line)) if line.starts_with("configuration ok: bridge ws"))
+        );
     }
 
     #[test]

@@ -66,8 +66,7 @@ impl Publisher {
                 self.metrics.live_skipped.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
-            match client.try_publish(topic, QoS::AtMostOnce, false, payload)
-            {
+            match client.try_publish(topic, QoS::AtMostOnce, false, payload) {
                 Ok(()) => {
                     self.metrics.live_published.fetch_add(1, Ordering::Relaxed);
                 }
@@ -81,10 +80,7 @@ impl Publisher {
             let Some(payload) = to_json(&report, &topic) else {
                 continue;
             };
-            if let Err(e) = client
-                .publish(topic, QoS::AtMostOnce, false, payload)
-                .await
-            {
+            if let Err(e) = client.publish(topic, QoS::AtMostOnce, false, payload).await {
                 warn!(device = %device, error = %e, "cannot publish error report");
             }
         }

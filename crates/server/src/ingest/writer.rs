@@ -235,7 +235,14 @@ impl Writer {
                     for sample in samples {
                         let before = out.batches;
                         match self
-                            .store_json(&mut tx, &device, vec![sample], received_ms, pending, &mut out)
+                            .store_json(
+                                &mut tx,
+                                &device,
+                                vec![sample],
+                                received_ms,
+                                pending,
+                                &mut out,
+                            )
                             .await?
                         {
                             Ok(()) if out.batches > before => stored.new += 1,

@@ -115,13 +115,11 @@ pub fn parse_message(text: &str, unit: TimestampUnit, now_ms: i64) -> Result<(i6
         TimestampUnit::Ms if (0..SECONDS_BELOW).contains(&ts) => {
             // Seconds since 2000 (within the accepted range) would be a
             // valid timestamp of the other unit: say so.
-            return Err(
-                if validate_ts(ts.saturating_mul(1000), now_ms).is_ok() {
-                    Reason::TimestampInSeconds
-                } else {
-                    Reason::TimestampOutOfRange
-                },
-            );
+            return Err(if validate_ts(ts.saturating_mul(1000), now_ms).is_ok() {
+                Reason::TimestampInSeconds
+            } else {
+                Reason::TimestampOutOfRange
+            });
         }
         TimestampUnit::Ms => ts,
         TimestampUnit::S if ts >= SECONDS_BELOW => {
@@ -213,9 +211,17 @@ pub async fn run(
             Ok(Ok((ws, _))) => {
                 info!(url = %excerpt(&bridge.cfg.url), device = %bridge.cfg.device, "websocket bridge connected");
                 bridge.connect_logged = (None, 0);
-                bridge.metrics.bridge.connected.fetch_add(1, Ordering::Relaxed);
+                bridge
+                    .metrics
+                    .bridge
+                    .connected
+                    .fetch_add(1, Ordering::Relaxed);
                 let ended = bridge.stream(ws, &shutdown).await;
-                bridge.metrics.bridge.connected.fetch_sub(1, Ordering::Relaxed);
+                bridge
+                    .metrics
+                    .bridge
+                    .connected
+                    .fetch_sub(1, Ordering::Relaxed);
                 match ended {
                     Ended::Stopped => break,
                     Ended::WriterGone => {
@@ -243,7 +249,11 @@ pub async fn run(
             _ = shutdown.cancelled() => break,
             _ = bridge.wait_commits(delay) => {}
         }
-        bridge.metrics.bridge.reconnects.fetch_add(1, Ordering::Relaxed);
+        bridge
+            .metrics
+            .bridge
+            .reconnects
+            .fetch_add(1, Ordering::Relaxed);
     }
     bridge.drain().await;
 }
@@ -257,7 +267,8 @@ impl Bridge {
     ) -> Ended {
         let idle_timeout = self.cfg.idle_timeout;
         let mut idle = Instant::now() + idle_timeout;
-        let mut ping = tokio::time::interval_at(Instant::now() + idle_timeout / 3, idle_timeout / 3);
+        let mut ping =
+            tokio::time::interval_at(Instant::now() + idle_timeout / 3, idle_timeout / 3);
         ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut got_frames = false;
         let lost = |why: String, got_frames: bool| Ended::Lost { why, got_frames };
@@ -404,7 +415,8 @@ impl Bridge {
             return Err(());
         }
         self.in_flight_samples += n;
-        self.in_flight.push_back(Box::pin(async move { (committed.await.ok(), copy) }));
+        self.in_flight
+            .push_back(Box::pin(async move { (committed.await.ok(), copy) }));
         Ok(())
     }
 
@@ -496,7 +508,11 @@ mod tests {
             Ok((1_700_000_000_000, 21.5))
         );
         assert_eq!(
-            parse_message(r#"{"timestamp": 1700000000, "value": 1}"#, TimestampUnit::S, NOW),
+            parse_message(
+                r#"{"timestamp": 1700000000, "value": 1}"#,
+                TimestampUnit::S,
+                NOW
+            ),
             Ok((1_700_000_000_000, 1.0))
         );
     }
@@ -507,35 +523,81 @@ mod tests {
             (r#"{"timestamp": 1700000000000, "val"#, Reason::Truncated),
             ("", Reason::Truncated),
             ("hello", Reason::NotJson),
-            ("{\"timestamp\": 1700000000000, \"value\": 1}}", Reason::NotJson),
+            (
+                "{\"timestamp\": 1700000000000, \"value\": 1}}",
+                Reason::NotJson,
+            ),
             ("[1, 2]", Reason::NotAnObject),
             ("42", Reason::NotAnObject),
             (r#"{"value": 1}"#, Reason::MissingTimestamp),
             (r#"{"timestamp": 1700000000000}"#, Reason::MissingValue),
-            (r#"{"timestamp": "1700000000000", "value": 1}"#, Reason::TimestampNotInteger),
-            (r#"{"timestamp": 1700000000000.5, "value": 1}"#, Reason::TimestampNotInteger),
-            (r#"{"timestamp": 1700000000, "value": 1}"#, Reason::TimestampInSeconds),
-            (r#"{"timestamp": 5, "value": 1}"#, Reason::TimestampOutOfRange),
-            (r#"{"timestamp": -1, "value": 1}"#, Reason::TimestampOutOfRange),
-            (r#"{"timestamp": 9999999999999, "value": 1}"#, Reason::TimestampOutOfRange),
-            (r#"{"timestamp": 1700000000000, "value": "21.5"}"#, Reason::ValueIsString),
-            (r#"{"timestamp": 1700000000000, "value": true}"#, Reason::ValueNotANumber),
-            (r#"{"timestamp": 1700000000000, "value": null}"#, Reason::ValueNotANumber),
-            (r#"{"timestamp": 1700000000000, "value": 1e300}"#, Reason::ValueOutOfRange),
-            (r#"{"timestamp": 1700000000000, "value": 18014398509481984}"#, Reason::ValueOutOfRange),
+            (
+                r#"{"timestamp": "1700000000000", "value": 1}"#,
+                Reason::TimestampNotInteger,
+            ),
+            (
+                r#"{"timestamp": 1700000000000.5, "value": 1}"#,
+                Reason::TimestampNotInteger,
+            ),
+            (
+                r#"{"timestamp": 1700000000, "value": 1}"#,
+                Reason::TimestampInSeconds,
+            ),
+            (
+                r#"{"timestamp": 5, "value": 1}"#,
+                Reason::TimestampOutOfRange,
+            ),
+            (
+                r#"{"timestamp": -1, "value": 1}"#,
+                Reason::TimestampOutOfRange,
+            ),
+            (
+                r#"{"timestamp": 9999999999999, "value": 1}"#,
+                Reason::TimestampOutOfRange,
+            ),
+            (
+                r#"{"timestamp": 1700000000000, "value": "21.5"}"#,
+                Reason::ValueIsString,
+            ),
+            (
+                r#"{"timestamp": 1700000000000, "value": true}"#,
+                Reason::ValueNotANumber,
+            ),
+            (
+                r#"{"timestamp": 1700000000000, "value": null}"#,
+                Reason::ValueNotANumber,
+            ),
+            (
+                r#"{"timestamp": 1700000000000, "value": 1e300}"#,
+                Reason::ValueOutOfRange,
+            ),
+            (
+                r#"{"timestamp": 1700000000000, "value": 18014398509481984}"#,
+                Reason::ValueOutOfRange,
+            ),
         ];
         for (text, reason) in cases {
             assert_eq!(ms(text), Err(reason), "{text}");
         }
         assert_eq!(
-            parse_message(r#"{"timestamp": 1700000000000, "value": 1}"#, TimestampUnit::S, NOW),
+            parse_message(
+                r#"{"timestamp": 1700000000000, "value": 1}"#,
+                TimestampUnit::S,
+                NOW
+            ),
             Err(Reason::TimestampInMilliseconds)
         );
     }
 
     #[test]
     fn no_input_panics() {
-        for text in ["{", "{\"timestamp\":", "\u{0}", "{\"timestamp\": 1e999, \"value\": 1}", "{\"timestamp\": 99999999999999999999999, \"value\": 1}"] {
+        for text in [
+            "{",
+            "{\"timestamp\":",
+            "\u{0}",
+            "{\"timestamp\": 1e999, \"value\": 1}",
+            "{\"timestamp\": 99999999999999999999999, \"value\": 1}",
+        ] {
             assert!(ms(text).is_err(), "{text:?}");
         }
     }

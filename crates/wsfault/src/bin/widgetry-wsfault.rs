@@ -82,7 +82,13 @@ async fn main() -> ExitCode {
             return ExitCode::from(64);
         }
     };
-    let mut cfg = Config::new(args.seed, args.cycles, tail, idle, widgetry_common::now_ms());
+    let mut cfg = Config::new(
+        args.seed,
+        args.cycles,
+        tail,
+        idle,
+        widgetry_common::now_ms(),
+    );
     cfg.replay = args.replay;
     let upstream = match Upstream::start_on(listen, cfg).await {
         Ok(u) => u,
