@@ -133,6 +133,8 @@ pub struct Metrics {
     pub graphite: GraphiteMetrics,
     /// HTTPS handshakes that failed (on `/metrics` when HTTPS is on).
     pub http_tls: HttpTlsMetrics,
+    /// The websocket source bridges' counters (on `/metrics` while one runs).
+    pub bridge: BridgeMetrics,
 }
 
 /// Why an HTTPS connection ended before its TLS handshake completed: the
@@ -168,6 +170,108 @@ impl HttpTlsMetrics {
             "widgetry_web_tls_handshake_failures_total",
             "HTTPS connections closed before their TLS handshake completed, by reason.",
             &as_samples(&failed),
+        );
+    }
+}
+
+/// Why a websocket source bridge did not store a message (see
+/// `sources::ws::Reason`, whose discriminants index this list).
+pub const BRIDGE_REJECTS: [&str; 15] = [
+    "binary_frame",
+    "too_large",
+    "truncated",
+    "not_json",
+    "not_an_object",
+    "missing_timestamp",
+    "missing_value",
+    "timestamp_not_integer",
+    "timestamp_in_seconds",
+    "timestamp_in_milliseconds",
+    "timestamp_out_of_range",
+    "value_is_string",
+    "value_not_a_number",
+    "value_out_of_range",
+    "store_rejected",
+];
+
+/// Counters of the websocket source bridges (`[[bridge.ws]]`,
+/// `widgetry bridge ws`), summed over every bridge of the process.
+#[derive(Debug, Default)]
+pub struct BridgeMetrics {
+    /// Set when a bridge starts; its counters are shown from then on.
+    pub enabled: AtomicBool,
+    /// Data frames (text and binary) received.
+    pub messages: AtomicU64,
+    /// Valid messages committed to the database as new samples: only
+    /// then are they accepted.
+    pub accepted: AtomicU64,
+    /// Valid messages committed that were already stored (same device,
+    /// series, timestamp and value): stored once.
+    pub duplicates: AtomicU64,
+    rejects: [AtomicU64; BRIDGE_REJECTS.len()],
+    /// Connections made again after a refusal, a close, an error or a
+    /// half-open socket.
+    pub reconnects: AtomicU64,
+    /// Connections that went quiet past the idle timeout (no frame, no pong).
+    pub idle_timeouts: AtomicU64,
+    /// Bridges connected to their upstream right now.
+    pub connected: AtomicI64,
+}
+
+impl BridgeMetrics {
+    /// Counts a message not stored, under its reason ([`BRIDGE_REJECTS`]).
+    pub fn reject(&self, reason: &str) {
+        bump(&BRIDGE_REJECTS, &self.rejects, reason);
+    }
+
+    /// Messages not stored for `reason` so far.
+    pub fn rejects(&self, reason: &str) -> u64 {
+        count_of(&BRIDGE_REJECTS, &self.rejects, reason)
+    }
+
+    fn render(&self, out: &mut String) {
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        write_counter(
+            out,
+            "widgetry_bridge_messages_total",
+            "Data frames (text and binary) the websocket bridges received.",
+            &[("", get(&self.messages))],
+        );
+        write_counter(
+            out,
+            "widgetry_bridge_accepted_total",
+            "Valid messages committed to the database as new samples.",
+            &[("", get(&self.accepted))],
+        );
+        write_counter(
+            out,
+            "widgetry_bridge_duplicates_total",
+            "Valid messages committed that were already stored (stored once).",
+            &[("", get(&self.duplicates))],
+        );
+        let rejects = labelled("reason", &BRIDGE_REJECTS, &self.rejects, |_, _| true);
+        write_counter(
+            out,
+            "widgetry_bridge_rejects_total",
+            "Messages the websocket bridges did not store, by reason.",
+            &as_samples(&rejects),
+        );
+        write_counter(
+            out,
+            "widgetry_bridge_reconnects_total",
+            "Connections to an upstream made again (after a refusal, close, error or idle timeout).",
+            &[("", get(&self.reconnects))],
+        );
+        write_counter(
+            out,
+            "widgetry_bridge_idle_timeouts_total",
+            "Upstream connections dropped because no frame or pong came within the idle timeout.",
+            &[("", get(&self.idle_timeouts))],
+        );
+        let _ = writeln!(
+            out,
+            "# HELP widgetry_bridge_connected Websocket bridges connected to their upstream.\n# TYPE widgetry_bridge_connected gauge\nwidgetry_bridge_connected {}",
+            self.connected.load(Ordering::Relaxed)
         );
     }
 }
@@ -416,6 +520,9 @@ impl Metrics {
         if self.http_tls.enabled.load(Ordering::Relaxed) {
             self.http_tls.render(&mut out);
         }
+        if self.bridge.enabled.load(Ordering::Relaxed) {
+            self.bridge.render(&mut out);
+        }
         out
     }
 
@@ -622,6 +729,30 @@ mod tests {
         let ingest = Metrics::for_roles(Roles::INGEST).render();
         assert!(ingest.contains("widgetry_ingest_samples_stored_total"));
         assert!(!ingest.contains("widgetry_web_"), "{ingest}");
+    }
+
+    #[test]
+    fn bridge_counters_show_only_when_a_bridge_runs() {
+        let m = Metrics::for_roles(Roles::ALL);
+        assert!(!m.render().contains("widgetry_bridge_"), "off by default");
+        m.bridge.enabled.store(true, Ordering::Relaxed);
+        m.bridge.reject("truncated");
+        m.bridge.reject("truncated");
+        m.bridge.reject("not_a_reason");
+        m.bridge.reconnects.fetch_add(3, Ordering::Relaxed);
+        m.bridge.connected.fetch_add(1, Ordering::Relaxed);
+        assert_eq!(m.bridge.rejects("truncated"), 2);
+        let text = m.render();
+        for line in [
+            "widgetry_bridge_rejects_total{reason=\"truncated\"} 2",
+            "widgetry_bridge_rejects_total{reason=\"too_large\"} 0",
+            "widgetry_bridge_reconnects_total 3",
+            "widgetry_bridge_connected 1",
+            "widgetry_bridge_accepted_total 0",
+        ] {
+            assert!(text.contains(line), "{line} missing from:\n{text}");
+        }
+        assert!(!text.contains("not_a_reason"));
     }
 
     #[test]

@@ -120,6 +120,10 @@ pub async fn start_serve(
     };
     let statsd_addr = statsd.as_ref().map(|(_, addr, _)| *addr);
     let metrics = Arc::new(Metrics::for_roles(Roles::ALL));
+    metrics.bridge.enabled.store(
+        !cfg.ws_bridges.is_empty(),
+        std::sync::atomic::Ordering::Relaxed,
+    );
     // Its counters are on /metrics from the start, not from its first packet.
     metrics
         .statsd
@@ -169,6 +173,7 @@ pub async fn start_serve(
     let (ready_tx, mut ready) = watch::channel(false);
     // One writer stores what every source sends into its queue.
     let (queue, queued) = ingest::queue(&ingest_cfg);
+    let queue_for_bridges = queue.clone();
     if let Some((socket, _, statsd_cfg)) = statsd {
         let listen = sources::statsd::run(
             socket,
@@ -192,6 +197,8 @@ pub async fn start_serve(
         queued,
     );
     tasks.spawn("ingest", async move { Ok(ingest.await?) });
+    spawn_ws_bridges(&mut tasks, &cfg.ws_bridges, &queue_for_bridges, &metrics);
+    drop(queue_for_bridges);
     if let Some(graphite) = cfg.graphite.clone() {
         let export =
             sinks::graphite::run(graphite, store.clone(), metrics.clone(), shutdown.clone());
@@ -296,6 +303,82 @@ async fn broker_accounts(
 
 pub async fn run_serve(cfg: ServeConfig, shutdown: CancellationToken) -> Result<(), ServeError> {
     start_serve(cfg, shutdown).await?.wait().await
+}
+
+/// Starts one task per websocket bridge, each sending into a clone of the
+/// writer's queue `queue`.
+fn spawn_ws_bridges(
+    tasks: &mut Supervisor<ServeError>,
+    bridges: &[crate::config::roles::WsBridgeConfig],
+    queue: &tokio::sync::mpsc::Sender<sources::Item>,
+    metrics: &Arc<Metrics>,
+) {
+    for bridge in bridges {
+        let run = sources::ws::run(
+            bridge.clone(),
+            queue.clone(),
+            metrics.clone(),
+            tasks.token(),
+        );
+        tasks.spawn("bridge-ws", async move {
+            run.await;
+            Ok(())
+        });
+    }
+}
+
+/// Runs `widgetry bridge ws`: the bridge and its own writer on the
+/// database (no MQTT: web roles find its commits in the database), with
+/// `/metrics` on `metrics_listen` when given.
+pub async fn run_bridge(
+    role: crate::config::cli::BridgeRole,
+    shutdown: CancellationToken,
+) -> Result<(), ServeError> {
+    let store = Store::open(&role.database).await?;
+    info!(database = %role.database, "database open");
+    let metrics = Arc::new(Metrics::for_roles(Roles::INGEST));
+    metrics
+        .bridge
+        .enabled
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut tasks = Supervisor::new(shutdown.clone(), DRAIN_DEADLINE);
+    if let Some(addr) = role.metrics_listen {
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| ServeError::HttpBind { addr, source })?;
+        info!(metrics = %listener.local_addr().map_err(ServeError::Http)?, "bridge metrics listening");
+        let m = metrics.clone();
+        let app = axum::Router::new().route(
+            "/metrics",
+            axum::routing::get(move || {
+                let m = m.clone();
+                async move { m.render() }
+            }),
+        );
+        let stop = shutdown.clone();
+        tasks.spawn("metrics", async move {
+            web::server::serve(listener, app, None, stop).await;
+            Ok(())
+        });
+    }
+    // The ingest writer's settings without a broker: only its limits,
+    // batching and retention (off) apply.
+    let ingest_cfg = IngestConfig::new("127.0.0.1", 1);
+    let (queue, queued) = ingest::queue(&ingest_cfg);
+    let writer =
+        ingest::WriterTasks::start(&ingest_cfg, store.clone(), metrics.clone(), queued, false);
+    spawn_ws_bridges(
+        &mut tasks,
+        std::slice::from_ref(&role.bridge),
+        &queue,
+        &metrics,
+    );
+    // The writer stops once every bridge has dropped its sender.
+    drop(queue);
+    tasks.spawn("ingest", async move { Ok(writer.finish().await?) });
+    let res = tasks.wait().await;
+    store.close().await;
+    res
 }
 
 /// Runs the ingest role alone against an external broker.

@@ -108,6 +108,8 @@ fn help_on_every_command() {
         vec!["web", "--help"],
         vec!["check-config", "--help"],
         vec!["loadgen", "--help"],
+        vec!["bridge", "--help"],
+        vec!["bridge", "ws", "--help"],
     ] {
         let out = Command::new(workspace_bin("widgetry"))
             .args(&args)
@@ -119,6 +121,39 @@ fn help_on_every_command() {
             "widgetry {args:?}"
         );
     }
+    // The bridge's help says what accepted means; bad flags exit 64
+    // before anything connects.
+    let out = Command::new(workspace_bin("widgetry"))
+        .args(["bridge", "ws", "--help"])
+        .output()
+        .expect("run widgetry bridge ws --help");
+    let help = String::from_utf8_lossy(&out.stdout);
+    for needle in [
+        "--url",
+        "--device",
+        "--idle-timeout",
+        "--timestamp-unit",
+        "kill -9",
+        "[[bridge.ws]]",
+    ] {
+        assert!(
+            help.contains(needle),
+            "{needle} missing from bridge ws --help: {help}"
+        );
+    }
+    let out = Command::new(workspace_bin("widgetry"))
+        .args(["bridge", "ws", "--url", "wss://x/", "--device", "ok"])
+        .output()
+        .expect("run widgetry bridge ws");
+    assert_eq!(
+        out.status.code(),
+        Some(64),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("url: \"wss://x/\": wss:// is not built in")
+    );
     // A PostgreSQL URL is accepted and its password never printed.
     let out = Command::new(workspace_bin("widgetry"))
         .args([

@@ -10,7 +10,10 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use super::ingest::IngestConfig;
-use super::roles::{BridgeConfig, GraphiteConfig, ServeConfig, StatsdConfig, WebConfig};
+use super::roles::{
+    BridgeConfig, GraphiteConfig, ServeConfig, StatsdConfig, TimestampUnit, WebConfig,
+    WsBridgeConfig,
+};
 use super::{ConfigError, DEFAULT_DATABASE, DEFAULT_HTTP_LISTEN, Database, FileConfig, Problem};
 
 /// Exit status for bad configuration (EX_CONFIG is 78; DESIGN.md §6.7 fixes 64, EX_USAGE).
@@ -57,6 +60,61 @@ pub enum Cmd {
     Device(DeviceArgs),
     /// Load a CSV file of `timestamp,value` rows as one series of a device.
     Import(ImportArgs),
+    /// Take in an upstream feed as samples of a device (a source role of its own).
+    #[command(subcommand)]
+    Bridge(BridgeCmd),
+}
+
+#[derive(Subcommand)]
+pub enum BridgeCmd {
+    /// Store the `{"timestamp": <ms>, "value": <number>}` text frames of a websocket upstream as one series of a device.
+    Ws(BridgeWsArgs),
+}
+
+/// `widgetry bridge ws`: see `crate::sources::ws`.
+#[derive(Args)]
+#[command(
+    after_help = "Each valid message is committed to the database before it counts as \
+accepted (widgetry_bridge_accepted_total), so a crash (kill -9) loses no accepted message, \
+and SIGTERM stores every message read before it. An exact duplicate (same timestamp and \
+value), also one resent after a restart, is stored once. Invalid messages are counted by \
+reason (widgetry_bridge_rejects_total) and logged once per reason per 10 s. The connection \
+is made again, with jittered backoff, after a refusal, a close, an error or --idle-timeout \
+without any frame (pings go out every third of it). The same bridge runs inside `serve` \
+from a [[bridge.ws]] section of widgetry.toml (keys url, device, series, idle_timeout, \
+timestamp_unit, max_message_bytes, reconnect_max)."
+)]
+pub struct BridgeWsArgs {
+    /// Upstream URL, ws://host[:port]/path.
+    #[arg(long)]
+    pub url: String,
+    /// Device id to store the samples under ([A-Za-z0-9_.-], 1-64 characters).
+    #[arg(long)]
+    pub device: String,
+    /// Series, `name` or `name{key=value,...}`.
+    #[arg(long, default_value = "value")]
+    pub series: String,
+    /// Reconnect when no frame (data or pong) arrives for this long, e.g. 30s, 500ms.
+    #[arg(long, default_value = "30s")]
+    pub idle_timeout: String,
+    /// What the upstream's `timestamp` counts; a value that reads as the other unit is rejected.
+    #[arg(long, value_enum, default_value = "ms")]
+    pub timestamp_unit: super::roles::TimestampUnit,
+    /// Largest websocket message accepted, in bytes; a bigger one is counted as too_large.
+    #[arg(long, default_value_t = super::roles::WsBridgeConfig::DEFAULT_MAX_MESSAGE_BYTES)]
+    pub max_message_bytes: usize,
+    /// Longest wait between reconnect attempts, e.g. 10s.
+    #[arg(long, default_value = "10s")]
+    pub reconnect_max: String,
+    /// SQLite database file (created if missing) or postgres://user:password@host:port/db [default: widgetry.db].
+    #[arg(long, env = "WIDGETRY_DATABASE", hide_env_values = true)]
+    pub database: Option<String>,
+    /// Serve the bridge's counters as Prometheus text on GET /metrics at this address (port 0 picks one) [default: off].
+    #[arg(long)]
+    pub metrics_listen: Option<String>,
+    /// Validate the flags, print them and exit without connecting.
+    #[arg(long)]
+    pub check: bool,
 }
 
 #[derive(Args)]
@@ -491,6 +549,14 @@ pub fn resolve_serve(args: &ServeArgs) -> Result<ServeConfig, ConfigError> {
         .graphite
         .as_ref()
         .and_then(|g| resolve_graphite(g, &label, &mut problems));
+    let ws_sections = file.bridge.as_ref().map_or(&[][..], |b| &b.ws[..]);
+    let ws_bridges: Vec<WsBridgeConfig> = ws_sections
+        .iter()
+        .enumerate()
+        .filter_map(|(i, w)| {
+            resolve_ws_bridge(w, &label, &format!("bridge.ws[{i}]."), &mut problems)
+        })
+        .collect();
     match (broker, http_listen, database) {
         (Some(broker), Some(http_listen), Some(database)) if problems.is_empty() => {
             Ok(ServeConfig {
@@ -505,10 +571,168 @@ pub fn resolve_serve(args: &ServeArgs) -> Result<ServeConfig, ConfigError> {
                 api_token,
                 statsd,
                 graphite,
+                ws_bridges,
             })
         }
         _ => Err(ConfigError(problems)),
     }
+}
+
+/// One websocket bridge's settings (a `[[bridge.ws]]` section of `file`,
+/// or `widgetry bridge ws`'s flags with `file` = [`FLAG`]); problems name
+/// `prefix` + key.
+pub fn resolve_ws_bridge(
+    w: &super::WsBridgeFile,
+    file: &str,
+    prefix: &str,
+    problems: &mut Vec<Problem>,
+) -> Option<WsBridgeConfig> {
+    let before = problems.len();
+    let mut problem = |key: &str, message: String| {
+        problems.push(Problem {
+            file: file.to_string(),
+            key: format!("{prefix}{key}"),
+            message,
+        })
+    };
+    match w.url.parse::<tokio_tungstenite::tungstenite::http::Uri>() {
+        Ok(u) if u.scheme_str() == Some("ws") && u.host().is_some_and(|h| !h.is_empty()) => {}
+        Ok(u) if u.scheme_str() == Some("wss") => problem(
+            "url",
+            format!(
+                "{:?}: wss:// is not built in; use ws:// (e.g. behind a TLS-terminating proxy on the same host)",
+                widgetry_common::excerpt(&w.url)
+            ),
+        ),
+        _ => problem(
+            "url",
+            format!(
+                "{:?}: expected ws://host[:port]/path",
+                widgetry_common::excerpt(&w.url)
+            ),
+        ),
+    }
+    if widgetry_proto::validate::validate_device(&w.device).is_err() {
+        problem(
+            "device",
+            format!(
+                "{:?}: a device id is 1-64 characters of A-Z a-z 0-9 _ . -",
+                widgetry_common::excerpt(&w.device)
+            ),
+        );
+    }
+    let series_text = w
+        .series
+        .as_deref()
+        .unwrap_or(WsBridgeConfig::DEFAULT_SERIES);
+    let series = match widgetry_proto::SeriesKey::parse(series_text) {
+        Ok(k) => Some(k),
+        Err(e) => {
+            problem(
+                "series",
+                format!("{:?}: {e}", widgetry_common::excerpt(series_text)),
+            );
+            None
+        }
+    };
+    let mut duration = |key: &str, text: Option<&str>, default: Duration| match text
+        .map(widgetry_common::parse_duration)
+    {
+        None => Some(default),
+        Some(Ok(d)) if d >= Duration::from_millis(100) => Some(d),
+        Some(Ok(_)) => {
+            problem(key, "use at least 100ms".into());
+            None
+        }
+        Some(Err(e)) => {
+            problem(key, e);
+            None
+        }
+    };
+    let idle_timeout = duration(
+        "idle_timeout",
+        w.idle_timeout.as_deref(),
+        WsBridgeConfig::DEFAULT_IDLE_TIMEOUT,
+    );
+    let reconnect_cap = duration(
+        "reconnect_max",
+        w.reconnect_max.as_deref(),
+        WsBridgeConfig::DEFAULT_RECONNECT_CAP,
+    );
+    let timestamp_unit = match w.timestamp_unit.as_deref() {
+        None | Some("ms") => Some(TimestampUnit::Ms),
+        Some("s") => Some(TimestampUnit::S),
+        Some(other) => {
+            problem(
+                "timestamp_unit",
+                format!("{:?}: use ms or s", widgetry_common::excerpt(other)),
+            );
+            None
+        }
+    };
+    let max_message_bytes = w
+        .max_message_bytes
+        .unwrap_or(WsBridgeConfig::DEFAULT_MAX_MESSAGE_BYTES);
+    if !(64..=16 * 1024 * 1024).contains(&max_message_bytes) {
+        problem(
+            "max_message_bytes",
+            format!("{max_message_bytes}: use 64 to 16777216"),
+        );
+    }
+    if problems.len() > before {
+        return None;
+    }
+    Some(WsBridgeConfig {
+        url: w.url.clone(),
+        device: w.device.clone(),
+        series: series?,
+        idle_timeout: idle_timeout?,
+        timestamp_unit: timestamp_unit?,
+        max_message_bytes,
+        reconnect_cap: reconnect_cap?,
+    })
+}
+
+/// `widgetry bridge ws`: the bridge, its database and the optional
+/// metrics address.
+pub fn resolve_bridge_ws(args: &BridgeWsArgs) -> Result<BridgeRole, ConfigError> {
+    let mut problems = Vec::new();
+    let unit = match args.timestamp_unit {
+        TimestampUnit::Ms => "ms",
+        TimestampUnit::S => "s",
+    };
+    let raw = super::WsBridgeFile {
+        url: args.url.clone(),
+        device: args.device.clone(),
+        series: Some(args.series.clone()),
+        idle_timeout: Some(args.idle_timeout.clone()),
+        timestamp_unit: Some(unit.into()),
+        max_message_bytes: Some(args.max_message_bytes),
+        reconnect_max: Some(args.reconnect_max.clone()),
+    };
+    let bridge = resolve_ws_bridge(&raw, FLAG, "", &mut problems);
+    let database = resolve_database(&args.database, &FileConfig::default(), "", &mut problems);
+    let metrics_listen = args.metrics_listen.as_ref().and_then(|t| {
+        super::parse_addr(t, FLAG, "metrics-listen", true)
+            .map_err(|p| problems.push(p))
+            .ok()
+    });
+    match (bridge, database) {
+        (Some(bridge), Some(database)) if problems.is_empty() => Ok(BridgeRole {
+            bridge,
+            database,
+            metrics_listen,
+        }),
+        _ => Err(ConfigError(problems)),
+    }
+}
+
+/// The validated settings of `widgetry bridge ws`.
+#[derive(Debug, Clone)]
+pub struct BridgeRole {
+    pub bridge: WsBridgeConfig,
+    pub database: Database,
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// The statsd listener's settings, or None when `--statsd` is not given;
@@ -912,6 +1136,7 @@ pub enum Role {
     Loadgen(Box<widgetry_loadgen::LoadConfig>),
     Device(DeviceAction, Database),
     Import(Box<crate::import::ImportConfig>),
+    Bridge(Box<BridgeRole>),
 }
 
 /// Validates the command line into a role, or the line `--check` and
@@ -928,8 +1153,9 @@ pub fn resolve_command(cmd: &Cmd) -> Result<Result<Role, String>, ConfigError> {
                 .graphite
                 .as_ref()
                 .map_or("off".to_string(), |g| format!("{}:{}", g.host, g.port));
+            let bridges = cfg.ws_bridges.len();
             Err(format!(
-                "configuration ok: mqtt {} mqtt5 {} {} {} database {} statsd {statsd} graphite {graphite}",
+                "configuration ok: mqtt {} mqtt5 {} {} {} database {} statsd {statsd} graphite {graphite} websocket bridges {bridges}",
                 cfg.broker.mqtt_listen,
                 mqtt5.as_deref().unwrap_or("off"),
                 if cfg.http_tls.is_some() {
@@ -971,6 +1197,13 @@ pub fn resolve_command(cmd: &Cmd) -> Result<Result<Role, String>, ConfigError> {
         },
         Cmd::Device(args) => Ok(resolve_device(args)?),
         Cmd::Import(args) => Ok(Role::Import(Box::new(resolve_import(args)?))),
+        Cmd::Bridge(BridgeCmd::Ws(args)) => match resolve_bridge_ws(args)? {
+            b if args.check => Err(format!(
+                "configuration ok: bridge ws {} device {} series {} database {}",
+                b.bridge.url, b.bridge.device, b.bridge.series, b.database
+            )),
+            b => Ok(Role::Bridge(Box::new(b))),
+        },
     })
 }
 
@@ -1104,6 +1337,109 @@ mod tests {
         ] {
             assert!(err.contains(needle), "{needle:?} missing from: {err}");
         }
+    }
+
+    #[test]
+    fn bridge_ws_sections_and_flags_are_validated_together() {
+        let dir = tempfile::tempdir().expect("dir");
+        let db = dir.path().join("w.db");
+        let file = dir.path().join("widgetry.toml");
+        let path = file.to_str().expect("utf-8 path");
+        let good = "[[bridge.ws]]\nurl = \"ws://127.0.0.1:9000/feed\"\ndevice = \"hrm-1\"\n";
+        std::fs::write(&file, format!("database = {db:?}\n{good}")).expect("write config");
+        let Ok(Ok(Role::Serve(cfg))) = run(&["serve", "--config", path]) else {
+            panic!("a valid [[bridge.ws]] accepted");
+        };
+        let [b] = cfg.ws_bridges.as_slice() else {
+            panic!("one bridge: {:?}", cfg.ws_bridges);
+        };
+        assert_eq!(b.url, "ws://127.0.0.1:9000/feed");
+        assert_eq!(b.device, "hrm-1");
+        assert_eq!(b.series.to_string(), WsBridgeConfig::DEFAULT_SERIES);
+        assert_eq!(b.idle_timeout, Duration::from_secs(30));
+        assert_eq!(b.timestamp_unit, TimestampUnit::Ms);
+        assert_eq!(b.max_message_bytes, 65_536);
+        let bad = "[[bridge.ws]]\nurl = \"wss://feed.example/x\"\ndevice = \"a/b\"\nidle_timeout = \"10ms\"\ntimestamp_unit = \"us\"\nmax_message_bytes = 1\nseries = \"\"\n";
+        std::fs::write(&file, format!("database = {db:?}\n{good}{bad}")).expect("write config");
+        let err = match run(&["serve", "--config", path]) {
+            Err(e) => e,
+            Ok(_) => panic!("a bad [[bridge.ws]] accepted"),
+        };
+        for needle in [
+            "6 configuration problem(s)",
+            "bridge.ws[1].url",
+            "wss:// is not built in",
+            "bridge.ws[1].device",
+            "bridge.ws[1].idle_timeout",
+            "bridge.ws[1].timestamp_unit",
+            "bridge.ws[1].max_message_bytes",
+            "bridge.ws[1].series",
+        ] {
+            assert!(err.contains(needle), "{needle:?} missing from: {err}");
+        }
+        assert!(
+            !err.contains("bridge.ws[0]"),
+            "the good section is fine: {err}"
+        );
+        std::fs::write(
+            &file,
+            format!(
+                "database = {db:?}\n[[bridge.ws]]\nurl = \"ws://h/x\"\ndevice = \"d\"\nport = 1\n"
+            ),
+        )
+        .expect("write config");
+        assert!(
+            run(&["serve", "--config", path]).is_err_and(|e| e.contains("port")),
+            "unknown keys are refused"
+        );
+
+        let dbs = db.to_str().expect("utf-8 path");
+        let flags = [
+            "bridge",
+            "ws",
+            "--url",
+            "ws://127.0.0.1:9/x",
+            "--device",
+            "d1",
+            "--database",
+            dbs,
+        ];
+        let Ok(Ok(Role::Bridge(b))) = run(&[
+            &flags[..],
+            &["--timestamp-unit", "s", "--series", "hr{sensor=chest}"],
+        ]
+        .concat()) else {
+            panic!("valid bridge ws flags accepted");
+        };
+        assert_eq!(b.bridge.timestamp_unit, TimestampUnit::S);
+        assert_eq!(b.bridge.series.to_string(), "hr{sensor=chest}");
+        assert!(b.metrics_listen.is_none());
+        let err = match run(&[
+            "bridge",
+            "ws",
+            "--url",
+            "http://x/",
+            "--device",
+            "",
+            "--idle-timeout",
+            "x",
+            "--database",
+            dbs,
+        ]) {
+            Err(e) => e,
+            Ok(_) => panic!("bad bridge ws flags accepted"),
+        };
+        for needle in [
+            "3 configuration problem(s)",
+            "url",
+            "device",
+            "idle_timeout",
+        ] {
+            assert!(err.contains(needle), "{needle:?} missing from: {err}");
+        }
+        assert!(
+            matches!(run(&[&flags[..], &["--check"]].concat()), Ok(Err(line)) if line.starts_with("configuration ok: bridge ws"))
+        );
     }
 
     #[test]

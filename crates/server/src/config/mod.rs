@@ -94,6 +94,39 @@ pub struct FileConfig {
     pub broker: Option<String>,
     /// `[graphite]`: forward committed samples to Carbon (`serve` only).
     pub graphite: Option<GraphiteFile>,
+    /// `[[bridge.ws]]`: websocket source bridges run inside `serve`.
+    pub bridge: Option<BridgeFile>,
+}
+
+/// The `[bridge]` table of `widgetry.toml`.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BridgeFile {
+    /// `[[bridge.ws]]`: one section per websocket upstream.
+    #[serde(default)]
+    pub ws: Vec<WsBridgeFile>,
+}
+
+/// One `[[bridge.ws]]` section (also what `widgetry bridge ws`'s flags
+/// fill in): an upstream sending `{"timestamp": <ms>, "value": <number>}`
+/// text frames.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WsBridgeFile {
+    /// `ws://host[:port]/path` of the upstream (wss:// is not built in).
+    pub url: String,
+    /// Device id the samples are stored under.
+    pub device: String,
+    /// Series name, `name` or `name{key=value}` (default `value`).
+    pub series: Option<String>,
+    /// No frame or pong for this long means reconnect, e.g. `30s` (the default).
+    pub idle_timeout: Option<String>,
+    /// `ms` (the default) or `s`: what `timestamp` counts.
+    pub timestamp_unit: Option<String>,
+    /// Largest message accepted, in bytes (default 65536).
+    pub max_message_bytes: Option<usize>,
+    /// Longest wait between reconnect attempts, e.g. `10s` (the default).
+    pub reconnect_max: Option<String>,
 }
 
 /// The `[graphite]` section of `widgetry.toml`.

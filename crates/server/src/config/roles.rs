@@ -29,6 +29,8 @@ pub struct ServeConfig {
     pub statsd: Option<StatsdConfig>,
     /// The Graphite export (`[graphite]`); None: off.
     pub graphite: Option<GraphiteConfig>,
+    /// Websocket source bridges (`[[bridge.ws]]`).
+    pub ws_bridges: Vec<WsBridgeConfig>,
 }
 
 /// Configuration of `widgetry web`, already validated.
@@ -101,4 +103,47 @@ pub struct BridgeConfig {
     /// How often the database is checked for batches the broker did not
     /// bring (lost live messages, or no broker).
     pub poll: Duration,
+}
+
+/// How an upstream's `timestamp` field counts time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum TimestampUnit {
+    /// Milliseconds since the Unix epoch (the protocol's unit); a value
+    /// that reads as seconds is rejected, not guessed.
+    #[default]
+    Ms,
+    /// Seconds since the Unix epoch; a value that reads as milliseconds is
+    /// rejected.
+    S,
+}
+
+/// One websocket source bridge (`widgetry bridge ws`, or a `[[bridge.ws]]`
+/// section run inside `serve`): an upstream sending
+/// `{"timestamp": <ms>, "value": <number>}` text frames, stored as one
+/// series of one device.
+#[derive(Debug, Clone)]
+pub struct WsBridgeConfig {
+    /// `ws://host[:port]/path` of the upstream.
+    pub url: String,
+    /// Device the samples are stored under.
+    pub device: String,
+    /// Series the samples are stored as (default `value`).
+    pub series: widgetry_proto::SeriesKey,
+    /// No frame (data, pong or other) for this long means the connection
+    /// is half-open: it is dropped and made again. Pings go out every
+    /// third of it.
+    pub idle_timeout: Duration,
+    pub timestamp_unit: TimestampUnit,
+    /// Largest websocket message (and frame) accepted; a bigger one is
+    /// counted as `too_large` and the connection is made again.
+    pub max_message_bytes: usize,
+    /// Longest wait between reconnect attempts.
+    pub reconnect_cap: Duration,
+}
+
+impl WsBridgeConfig {
+    pub const DEFAULT_SERIES: &str = "value";
+    pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+    pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 64 * 1024;
+    pub const DEFAULT_RECONNECT_CAP: Duration = Duration::from_secs(10);
 }

@@ -70,79 +70,114 @@ pub async fn run_with_queue(
     tx: mpsc::Sender<Item>,
     rx: mpsc::Receiver<Item>,
 ) -> Result<(), IngestError> {
-    let (pub_client, pub_loop) = AsyncClient::new(
-        mqtt::mqtt_options(&cfg, format!("{}-pub", cfg.client_id), true),
-        1024,
-    );
+    let tasks = WriterTasks::start(&cfg, store, metrics.clone(), rx, true);
     let (sub_client, sub_loop) =
         AsyncClient::new(mqtt::mqtt_options(&cfg, cfg.client_id.clone(), false), 64);
+    mqtt::subscribe_loop(&cfg, sub_client, sub_loop, tx, &metrics, &shutdown, &ready).await;
+    // The subscriber dropped its sender: the writer drains and exits.
+    let res = tasks.finish().await;
+    info!("ingestor stopped");
+    res
+}
 
-    // The publisher's event loop must outlive the writer so the last acks go
-    // out; it has its own token, cancelled after the writer finishes.
-    let pub_stop = CancellationToken::new();
-    let mut publisher = tokio::spawn(drive_publisher(pub_loop, metrics.clone(), pub_stop.clone()));
-    let writer = tokio::spawn(
-        Writer {
-            store: store.clone(),
-            metrics: metrics.clone(),
-            publisher: Publisher {
-                client: pub_client.clone(),
+/// The writer and what runs beside it (the publisher's connection, WAL
+/// checkpoints, retention), fed by a queue made by [`queue`]. It stops
+/// once every sender of that queue is gone.
+pub struct WriterTasks {
+    writer: tokio::task::JoinHandle<()>,
+    publisher: Option<(AsyncClient, tokio::task::JoinHandle<()>)>,
+    stop: CancellationToken,
+    checkpointer: tokio::task::JoinHandle<()>,
+    pruner: tokio::task::JoinHandle<()>,
+}
+
+impl WriterTasks {
+    /// Starts the writer on `rx`; with `mqtt`, it publishes acks, error
+    /// reports and live messages to `cfg`'s broker.
+    pub fn start(
+        cfg: &IngestConfig,
+        store: Store,
+        metrics: Arc<Metrics>,
+        rx: mpsc::Receiver<Item>,
+        mqtt: bool,
+    ) -> WriterTasks {
+        // The publisher's event loop must outlive the writer so the last
+        // acks go out; it has its own token, cancelled after the writer
+        // finishes.
+        let stop = CancellationToken::new();
+        let publisher = mqtt.then(|| {
+            let (pub_client, pub_loop) = AsyncClient::new(
+                mqtt::mqtt_options(cfg, format!("{}-pub", cfg.client_id), true),
+                1024,
+            );
+            let driver = tokio::spawn(drive_publisher(pub_loop, metrics.clone(), stop.clone()));
+            (pub_client, driver)
+        });
+        let writer = tokio::spawn(
+            Writer {
+                store: store.clone(),
                 metrics: metrics.clone(),
-                max_packet: cfg.limits.max_payload_bytes + 64 * 1024,
-            },
-            resolver: SeriesResolver::new(cfg.limits.max_series_per_device),
-            sessions: HashMap::new(),
-            max_items: cfg.max_batch_items,
-            max_wait: cfg.max_wait,
-        }
-        .run(rx),
-    );
-    // WAL checkpoints run beside the writer, once a second.
-    let checkpointer = tokio::spawn({
-        let store = store.clone();
-        let stop = pub_stop.clone();
-        async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(1));
-            loop {
-                tokio::select! {
-                    _ = stop.cancelled() => return,
-                    _ = tick.tick() => {
-                        // 16k pages: 64 MiB of WAL with 4 KiB pages.
-                        if let Err(e) = store.checkpoint(16_384).await {
-                            warn!(error = %e, "WAL checkpoint failed");
+                publisher: Publisher {
+                    client: publisher.as_ref().map(|(c, _)| c.clone()),
+                    metrics: metrics.clone(),
+                    max_packet: cfg.limits.max_payload_bytes + 64 * 1024,
+                },
+                resolver: SeriesResolver::new(cfg.limits.max_series_per_device),
+                sessions: HashMap::new(),
+                max_items: cfg.max_batch_items,
+                max_wait: cfg.max_wait,
+            }
+            .run(rx),
+        );
+        // WAL checkpoints run beside the writer, once a second.
+        let checkpointer = tokio::spawn({
+            let store = store.clone();
+            let stop = stop.clone();
+            async move {
+                let mut tick = tokio::time::interval(Duration::from_secs(1));
+                loop {
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = tick.tick() => {
+                            // 16k pages: 64 MiB of WAL with 4 KiB pages.
+                            if let Err(e) = store.checkpoint(16_384).await {
+                                warn!(error = %e, "WAL checkpoint failed");
+                            }
                         }
                     }
                 }
             }
+        });
+        let pruner = tokio::spawn(prune_loop(cfg.retention, store, stop.clone()));
+        WriterTasks {
+            writer,
+            publisher,
+            stop,
+            checkpointer,
+            pruner,
         }
-    });
-    let pruner = tokio::spawn(prune_loop(cfg.retention, store.clone(), pub_stop.clone()));
-    mqtt::subscribe_loop(
-        &cfg,
-        sub_client.clone(),
-        sub_loop,
-        tx,
-        &metrics,
-        &shutdown,
-        &ready,
-    )
-    .await;
-    // The subscriber dropped its sender: the writer drains and exits.
-    let res = writer.await;
-    let _ = pub_client.disconnect().await;
-    // Give the publisher a moment to flush the disconnect, then stop it.
-    if tokio::time::timeout(Duration::from_secs(2), &mut publisher)
-        .await
-        .is_err()
-    {
-        pub_stop.cancel();
-        let _ = publisher.await;
     }
-    pub_stop.cancel();
-    let _ = checkpointer.await;
-    let _ = pruner.await;
-    info!("ingestor stopped");
-    res.map_err(IngestError::from)
+
+    /// Waits for the writer to drain (every sender gone), lets the
+    /// publisher flush, and stops the helpers.
+    pub async fn finish(self) -> Result<(), IngestError> {
+        let res = self.writer.await;
+        if let Some((client, mut driver)) = self.publisher {
+            let _ = client.disconnect().await;
+            // Give the publisher a moment to flush the disconnect, then stop it.
+            if tokio::time::timeout(Duration::from_secs(2), &mut driver)
+                .await
+                .is_err()
+            {
+                self.stop.cancel();
+                let _ = driver.await;
+            }
+        }
+        self.stop.cancel();
+        let _ = self.checkpointer.await;
+        let _ = self.pruner.await;
+        res.map_err(IngestError::from)
+    }
 }
 
 /// Applies the retention settings now and then, from the maintenance

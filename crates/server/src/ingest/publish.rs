@@ -18,7 +18,9 @@ use crate::mqtt::{Connection, Polled};
 
 /// Publishes what committed transactions lead to.
 pub struct Publisher {
-    pub client: AsyncClient,
+    /// None: no MQTT (`widgetry bridge ws` alone); live readers find the
+    /// commits in the database, and the bridge's sources take no acks.
+    pub client: Option<AsyncClient>,
     pub metrics: Arc<Metrics>,
     /// Largest MQTT packet the publisher may send (live messages above it
     /// are skipped; readers fetch those batches from the database).
@@ -33,13 +35,15 @@ impl Publisher {
         live: Vec<Live>,
         errors: Vec<(String, ErrorReport)>,
     ) {
+        let Some(client) = &self.client else {
+            return;
+        };
         for (device, ack) in acks {
             let topic = Topic::name(&device, TopicKind::Ack);
             let Some(payload) = to_json(&ack, &topic) else {
                 continue;
             };
-            match self
-                .client
+            match client
                 .publish(topic, QoS::AtLeastOnce, false, payload)
                 .await
             {
@@ -62,10 +66,7 @@ impl Publisher {
                 self.metrics.live_skipped.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
-            match self
-                .client
-                .try_publish(topic, QoS::AtMostOnce, false, payload)
-            {
+            match client.try_publish(topic, QoS::AtMostOnce, false, payload) {
                 Ok(()) => {
                     self.metrics.live_published.fetch_add(1, Ordering::Relaxed);
                 }
@@ -79,11 +80,7 @@ impl Publisher {
             let Some(payload) = to_json(&report, &topic) else {
                 continue;
             };
-            if let Err(e) = self
-                .client
-                .publish(topic, QoS::AtMostOnce, false, payload)
-                .await
-            {
+            if let Err(e) = client.publish(topic, QoS::AtMostOnce, false, payload).await {
                 warn!(device = %device, error = %e, "cannot publish error report");
             }
         }

@@ -23,7 +23,7 @@ use super::acks::{MAX_ACK_SEQS, SessionAcks, SessionKey, load_session};
 use super::publish::Publisher;
 use super::series::{CACHE_LIMIT, Pending, SeriesResolver};
 use crate::metrics::Metrics;
-use crate::sources::Item;
+use crate::sources::{Bridged, Item};
 use crate::store::rollup::Rollups;
 use crate::store::write;
 use crate::store::{Store, StoreError, WriteTx};
@@ -57,6 +57,8 @@ struct Outcome {
     rollups: Rollups,
     /// Next commit id to assign (read once per transaction).
     next_commit: Option<u64>,
+    /// What to tell the websocket bridges once this transaction is durable.
+    bridged: Vec<(tokio::sync::oneshot::Sender<Bridged>, Bridged)>,
 }
 
 impl Writer {
@@ -93,7 +95,11 @@ impl Writer {
         let result = self.transaction(items, &mut pending, &mut sessions).await;
         self.metrics.ingest_commit.observe(started.elapsed());
         match result {
-            Ok(outcome) => {
+            Ok(mut outcome) => {
+                // Durable now: a bridge may count these as accepted.
+                for (done, stored) in outcome.bridged.drain(..) {
+                    let _ = done.send(stored);
+                }
                 self.resolver.commit(pending);
                 if self.sessions.len() > CACHE_LIMIT {
                     self.sessions.clear();
@@ -217,6 +223,44 @@ impl Writer {
                         );
                         seen.entry(device).or_insert((received_ms, 0)).1 += 1;
                     }
+                }
+                Item::Bridged {
+                    device,
+                    samples,
+                    received_ms,
+                    done,
+                } => {
+                    seen.entry(device.clone()).or_insert((received_ms, 0)).0 = received_ms;
+                    let mut stored = Bridged::default();
+                    for sample in samples {
+                        let before = out.batches;
+                        match self
+                            .store_json(
+                                &mut tx,
+                                &device,
+                                vec![sample],
+                                received_ms,
+                                pending,
+                                &mut out,
+                            )
+                            .await?
+                        {
+                            Ok(()) if out.batches > before => stored.new += 1,
+                            Ok(()) => stored.duplicates += 1,
+                            Err(reject) => {
+                                stored.rejected += 1;
+                                self.reject(
+                                    &device,
+                                    Topic::name(&device, TopicKind::SamplesJson),
+                                    reject,
+                                    received_ms,
+                                    &mut out,
+                                );
+                                seen.entry(device.clone()).or_insert((received_ms, 0)).1 += 1;
+                            }
+                        }
+                    }
+                    out.bridged.push((done, stored));
                 }
                 Item::Status {
                     device,

@@ -156,6 +156,7 @@ impl Stack {
             api_token: None,
             statsd,
             graphite,
+            ws_bridges: Vec::new(),
         };
         let running = start_serve(cfg, CancellationToken::new())
             .await
