@@ -15,21 +15,6 @@ use widgetry_agent::AgentConfig;
 use widgetry_agent::spool::Spool;
 use widgetry_server::store::Store;
 
-const SERIES: [&str; 3] = ["cpu.usage_pct", "mem.total_bytes", "mem.used_bytes"];
-
-async fn series_points(http: SocketAddr, device: &str, series: &str) -> Vec<(i64, f64)> {
-    let (status, body) = http_get_json(
-        http,
-        &format!("/api/v1/series?device={device}&series={series}&from=0&max_points=100000"),
-    )
-    .await;
-    if status == 404 {
-        return Vec::new();
-    }
-    assert_eq!(status, 200, "{body}");
-    serde_json::from_value(body["points"].clone()).expect("points")
-}
-
 /// Asserts every series has strictly increasing timestamps (no duplicate
 /// sample) and returns the total number of samples stored.
 async fn stored_samples_without_duplicates(http: SocketAddr, device: &str) -> usize {

@@ -29,7 +29,6 @@ use widgetry_loadgen::{LoadConfig, LoadReport};
 use widgetry_server::config::Database;
 use widgetry_server::store::Store;
 
-const SERIES: [&str; 3] = ["cpu.usage_pct", "mem.total_bytes", "mem.used_bytes"];
 const AGENTS: usize = 2;
 
 /// One line of the per-fault table.
@@ -105,19 +104,6 @@ impl Moments {
         let span = (hi - lo).as_millis() as u64;
         lo + Duration::from_millis(self.0 % span.max(1))
     }
-}
-
-async fn series_points(http: SocketAddr, device: &str, series: &str) -> Vec<(i64, f64)> {
-    let (status, body) = http_get_json(
-        http,
-        &format!("/api/v1/series?device={device}&series={series}&from=0&max_points=100000"),
-    )
-    .await;
-    if status == 404 {
-        return Vec::new();
-    }
-    assert_eq!(status, 200, "{body}");
-    serde_json::from_value(body["points"].clone()).expect("points")
 }
 
 /// (samples stored, samples stored more than once) of an agent's series.

@@ -225,6 +225,24 @@ pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     (status, body.to_string())
 }
 
+/// The series an in-process agent with only system metrics sends.
+pub const SERIES: [&str; 3] = ["cpu.usage_pct", "mem.total_bytes", "mem.used_bytes"];
+
+/// Every point of `device`'s `series` (none while the device or series
+/// does not exist yet).
+pub async fn series_points(http: SocketAddr, device: &str, series: &str) -> Vec<(i64, f64)> {
+    let (status, body) = http_get_json(
+        http,
+        &format!("/api/v1/series?device={device}&series={series}&from=0&max_points=100000"),
+    )
+    .await;
+    if status == 404 {
+        return Vec::new();
+    }
+    assert_eq!(status, 200, "{body}");
+    serde_json::from_value(body["points"].clone()).expect("points")
+}
+
 pub async fn http_get_json(addr: SocketAddr, path: &str) -> (u16, serde_json::Value) {
     let p = path.to_string();
     let (status, body) = tokio::task::spawn_blocking(move || http_get(addr, &p))
