@@ -7,6 +7,7 @@
 //! [`shutdown_signal`] (tokio, which both binaries already use).
 
 pub mod csv;
+pub mod glob;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;

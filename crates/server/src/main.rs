@@ -34,6 +34,7 @@ async fn run(role: Role) -> Result<bool, ServeError> {
             Role::Ingest(cfg, db) => widgetry_server::run_ingest(*cfg, db, token.clone()).await,
             Role::Web(cfg) => widgetry_server::run_web(*cfg, token.clone()).await,
             Role::Bridge(b) => widgetry_server::roles::run_bridge(*b, token.clone()).await,
+            Role::Statsd(r) => widgetry_server::roles::run_statsd(*r, token.clone()).await,
             Role::Device(action, db) => {
                 let mut stdin = std::io::stdin().lock();
                 let (mut out, mut err) = (std::io::stdout(), std::io::stderr());

@@ -284,9 +284,11 @@ pub struct GraphiteMetrics {
     pub lines_sent: AtomicU64,
     /// Lines dropped, oldest first, while Carbon was away too long.
     pub dropped: AtomicU64,
-    /// Failed connects and writes.
+    /// Failed flushes (connects, writes, confirmations).
     pub errors: AtomicU64,
-    /// Unix time (s) of the last write that reached Carbon; 0 before one.
+    /// Lines of flushes Carbon did not confirm (held and sent again).
+    pub unconfirmed: AtomicU64,
+    /// Unix time (s) of the last flush Carbon confirmed; 0 before one.
     pub last_flush_s: AtomicI64,
 }
 
@@ -296,7 +298,7 @@ impl GraphiteMetrics {
         write_counter(
             out,
             "widgetry_graphite_lines_sent_total",
-            "Lines written to Carbon.",
+            "Lines Carbon confirmed it read (each flush ends with a half-close that Carbon answers once it has read everything).",
             &[("", get(&self.lines_sent))],
         );
         write_counter(
@@ -308,12 +310,18 @@ impl GraphiteMetrics {
         write_counter(
             out,
             "widgetry_graphite_errors_total",
-            "Failed connects and writes to Carbon.",
+            "Failed flushes to Carbon: connects, writes and flushes it did not confirm.",
             &[("", get(&self.errors))],
+        );
+        write_counter(
+            out,
+            "widgetry_graphite_lines_unconfirmed_total",
+            "Lines of flushes Carbon did not confirm; they stay held and are sent again (a whisper file keeps one value per timestamp).",
+            &[("", get(&self.unconfirmed))],
         );
         let _ = writeln!(
             out,
-            "# HELP widgetry_graphite_last_flush_timestamp_seconds Unix time of the last write that reached Carbon.\n# TYPE widgetry_graphite_last_flush_timestamp_seconds gauge\nwidgetry_graphite_last_flush_timestamp_seconds {}",
+            "# HELP widgetry_graphite_last_flush_timestamp_seconds Unix time of the last flush Carbon confirmed.\n# TYPE widgetry_graphite_last_flush_timestamp_seconds gauge\nwidgetry_graphite_last_flush_timestamp_seconds {}",
             self.last_flush_s.load(Ordering::Relaxed)
         );
     }

@@ -342,31 +342,8 @@ pub async fn run_bridge(
         .enabled
         .store(true, std::sync::atomic::Ordering::Relaxed);
     let mut tasks = Supervisor::new(shutdown.clone(), DRAIN_DEADLINE);
-    if let Some(addr) = role.metrics_listen {
-        let listener = TcpListener::bind(addr)
-            .await
-            .map_err(|source| ServeError::HttpBind { addr, source })?;
-        info!(metrics = %listener.local_addr().map_err(ServeError::Http)?, "bridge metrics listening");
-        let m = metrics.clone();
-        let app = axum::Router::new().route(
-            "/metrics",
-            axum::routing::get(move || {
-                let m = m.clone();
-                async move { m.render() }
-            }),
-        );
-        let stop = shutdown.clone();
-        tasks.spawn("metrics", async move {
-            web::server::serve(listener, app, None, stop).await;
-            Ok(())
-        });
-    }
-    // The ingest writer's settings without a broker: only its limits,
-    // batching and retention (off) apply.
-    let ingest_cfg = IngestConfig::new("127.0.0.1", 1);
-    let (queue, queued) = ingest::queue(&ingest_cfg);
-    let writer =
-        ingest::WriterTasks::start(&ingest_cfg, store.clone(), metrics.clone(), queued, false);
+    spawn_metrics_endpoint(&mut tasks, role.metrics_listen, &metrics, &shutdown).await?;
+    let (queue, writer) = start_writer(&store, &metrics);
     spawn_ws_bridges(
         &mut tasks,
         std::slice::from_ref(&role.bridge),
@@ -379,6 +356,95 @@ pub async fn run_bridge(
     let res = tasks.wait().await;
     store.close().await;
     res
+}
+
+/// Runs `widgetry statsd`: the statsd listener and its own writer on the
+/// database (no MQTT, like `bridge ws`), with `/metrics` on
+/// `metrics_listen` when given.
+pub async fn run_statsd(
+    role: crate::config::cli::StatsdRole,
+    shutdown: CancellationToken,
+) -> Result<(), ServeError> {
+    let bind_err = |source| ServeError::StatsdBind {
+        addr: role.statsd.listen,
+        source,
+    };
+    let socket = sources::statsd::bind(&role.statsd)
+        .await
+        .map_err(bind_err)?;
+    let store = Store::open(&role.database).await?;
+    info!(database = %role.database, "database open");
+    let metrics = Arc::new(Metrics::for_roles(Roles::INGEST));
+    metrics
+        .statsd
+        .enabled
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut tasks = Supervisor::new(shutdown.clone(), DRAIN_DEADLINE);
+    spawn_metrics_endpoint(&mut tasks, role.metrics_listen, &metrics, &shutdown).await?;
+    let (queue, writer) = start_writer(&store, &metrics);
+    let listen = sources::statsd::run(
+        socket,
+        role.statsd,
+        queue,
+        metrics.clone(),
+        shutdown.clone(),
+    );
+    tasks.spawn("statsd", async move {
+        listen.await;
+        Ok(())
+    });
+    // The writer stops once the listener has dropped its sender.
+    tasks.spawn("ingest", async move { Ok(writer.finish().await?) });
+    let res = tasks.wait().await;
+    store.close().await;
+    res
+}
+
+/// The ingest writer of a source role without a broker (`bridge ws`,
+/// `statsd`): only its limits, batching and retention (off) apply.
+fn start_writer(
+    store: &Store,
+    metrics: &Arc<Metrics>,
+) -> (
+    tokio::sync::mpsc::Sender<sources::Item>,
+    ingest::WriterTasks,
+) {
+    let ingest_cfg = IngestConfig::new("127.0.0.1", 1);
+    let (queue, queued) = ingest::queue(&ingest_cfg);
+    let writer =
+        ingest::WriterTasks::start(&ingest_cfg, store.clone(), metrics.clone(), queued, false);
+    (queue, writer)
+}
+
+/// Serves `metrics` as Prometheus text on `GET /metrics` at `addr`, if
+/// given (the source roles' only HTTP).
+async fn spawn_metrics_endpoint(
+    tasks: &mut Supervisor<ServeError>,
+    addr: Option<SocketAddr>,
+    metrics: &Arc<Metrics>,
+    shutdown: &CancellationToken,
+) -> Result<(), ServeError> {
+    let Some(addr) = addr else {
+        return Ok(());
+    };
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServeError::HttpBind { addr, source })?;
+    info!(metrics = %listener.local_addr().map_err(ServeError::Http)?, "metrics listening");
+    let m = metrics.clone();
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let m = m.clone();
+            async move { m.render() }
+        }),
+    );
+    let stop = shutdown.clone();
+    tasks.spawn("metrics", async move {
+        web::server::serve(listener, app, None, stop).await;
+        Ok(())
+    });
+    Ok(())
 }
 
 /// Runs the ingest role alone against an external broker.

@@ -84,6 +84,7 @@ async fn statsd_reaches_carbon_once_across_a_carbon_restart() {
             listen: "127.0.0.1:0".parse().expect("addr"),
             flush: Duration::from_millis(200),
             device: "statsd".into(),
+            percentiles: widgetry_statsd::Config::default().percentiles,
         },
         GraphiteConfig {
             host: "127.0.0.1".into(),
@@ -91,6 +92,7 @@ async fn statsd_reaches_carbon_once_across_a_carbon_restart() {
             prefix: GraphiteConfig::DEFAULT_PREFIX.into(),
             flush: Duration::from_millis(100),
             max_buffered_lines: 10_000,
+            filter: Default::default(),
         },
     )
     .await;

@@ -18,6 +18,7 @@ fn statsd(flush: Duration) -> StatsdConfig {
         listen: "127.0.0.1:0".parse().expect("addr"),
         flush,
         device: "statsd".into(),
+        percentiles: widgetry_statsd::Config::default().percentiles,
     }
 }
 
@@ -58,6 +59,28 @@ async fn first_value(stack: &Stack, device: &str, series: &str) -> f64 {
         points(stack, device, series).await.first().map(|p| p.1)
     })
     .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn configured_percentiles_are_the_ones_stored() {
+    let mut cfg = statsd(Duration::from_millis(300));
+    cfg.percentiles = [25.0, 99.9]
+        .into_iter()
+        .map(|p| widgetry_statsd::Percentile::new(p).expect("valid"))
+        .collect();
+    let stack = Stack::with_statsd(cfg).await;
+    // 1..=1000 in one packet (about 10 KB), so all in one interval.
+    let packet: Vec<String> = (1..=1000).map(|v| format!("lat:{v}|ms")).collect();
+    send(&stack, &packet.join("\n"));
+    assert_eq!(first_value(&stack, "statsd", "lat.count").await, 1000.0);
+    // Nearest rank: ceil(p/100 * 1000).
+    assert_eq!(first_value(&stack, "statsd", "lat.p25").await, 250.0);
+    assert_eq!(first_value(&stack, "statsd", "lat.p99_9").await, 999.0);
+    assert!(
+        points(&stack, "statsd", "lat.p50").await.is_empty(),
+        "only the configured percentiles are stored"
+    );
+    stack.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

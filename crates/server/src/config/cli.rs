@@ -11,8 +11,8 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use super::ingest::IngestConfig;
 use super::roles::{
-    BridgeConfig, GraphiteConfig, ServeConfig, StatsdConfig, TimestampUnit, WebConfig,
-    WsBridgeConfig,
+    BridgeConfig, GraphiteConfig, SeriesFilter, ServeConfig, StatsdConfig, TimestampUnit,
+    WebConfig, WsBridgeConfig,
 };
 use super::{ConfigError, DEFAULT_DATABASE, DEFAULT_HTTP_LISTEN, Database, FileConfig, Problem};
 
@@ -63,6 +63,90 @@ pub enum Cmd {
     /// Take in an upstream feed as samples of a device (a source role of its own).
     #[command(subcommand)]
     Bridge(BridgeCmd),
+    /// Run the statsd listener alone, storing its aggregates in the database (to scale out statsd).
+    Statsd(StatsdRoleArgs),
+}
+
+/// `widgetry statsd`: see `crate::sources::statsd`.
+#[derive(Args)]
+#[command(
+    after_help = "The same listener as `serve --statsd`: counters (with @rate), gauges (with +/-), \
+timers, histograms and distributions (count, sum, min, max, mean, percentiles), sets, DogStatsD \
+|#tags as labels and a device:NAME tag for the device, several lines per packet. Packets are \
+received and parsed on a thread of their own; what it holds between flushes stays within a 1 MiB \
+budget, and the interval in progress is stored on SIGTERM. Several `widgetry statsd` processes \
+may write to one PostgreSQL database; web roles show their samples from it."
+)]
+pub struct StatsdRoleArgs {
+    /// Optional widgetry.toml: its [statsd] section (listen, flush_interval, device, percentiles) and database.
+    #[arg(long, env = "WIDGETRY_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// UDP address to receive statsd/DogStatsD lines on (port 0 picks a free port) [default: 0.0.0.0:8125].
+    #[arg(long, env = "WIDGETRY_STATSD")]
+    pub listen: Option<String>,
+    /// Aggregation interval: one sample per aggregate per interval, e.g. 10s, 500ms [default: 10s].
+    #[arg(long, env = "WIDGETRY_STATSD_FLUSH")]
+    pub flush: Option<String>,
+    /// Device id the samples are stored under; a `device:NAME` tag overrides it per metric [default: statsd].
+    #[arg(long, env = "WIDGETRY_STATSD_DEVICE")]
+    pub device: Option<String>,
+    /// Timer percentiles stored as `x.pNN`, comma-separated, e.g. 50,90,99.9 [default: 50,90,99].
+    #[arg(long, env = "WIDGETRY_STATSD_PERCENTILES")]
+    pub percentiles: Option<String>,
+    /// SQLite database file (created if missing) or postgres://user:password@host:port/db [default: widgetry.db].
+    #[arg(long, env = "WIDGETRY_DATABASE", hide_env_values = true)]
+    pub database: Option<String>,
+    /// Serve the listener's counters as Prometheus text on GET /metrics at this address (port 0 picks one) [default: off].
+    #[arg(long)]
+    pub metrics_listen: Option<String>,
+    /// Validate the flags and the file, print the settings and exit without binding.
+    #[arg(long)]
+    pub check: bool,
+}
+
+/// The validated settings of `widgetry statsd`.
+#[derive(Debug, Clone)]
+pub struct StatsdRole {
+    pub statsd: StatsdConfig,
+    pub database: Database,
+    pub metrics_listen: Option<SocketAddr>,
+}
+
+/// Validates `widgetry statsd`'s flags and file.
+pub fn resolve_statsd_role(args: &StatsdRoleArgs) -> Result<StatsdRole, ConfigError> {
+    let file = load_file(&args.config)?;
+    let label = file_label(&args.config);
+    let mut problems = Vec::new();
+    let flags = StatsdArgs {
+        listen: args.listen.clone(),
+        flush: args.flush.clone(),
+        device: args.device.clone(),
+        percentiles: args.percentiles.clone(),
+    };
+    let statsd = resolve_statsd(
+        StatsdInput {
+            flags: &flags,
+            keys: ["listen", "flush", "device", "percentiles"],
+            default_listen: Some("0.0.0.0:8125"),
+        },
+        file.statsd.as_ref(),
+        &label,
+        &mut problems,
+    );
+    let database = resolve_database(&args.database, &file, &label, &mut problems);
+    let metrics_listen = args.metrics_listen.as_ref().and_then(|t| {
+        super::parse_addr(t, FLAG, "metrics-listen", true)
+            .map_err(|p| problems.push(p))
+            .ok()
+    });
+    match (statsd, database) {
+        (Some(statsd), Some(database)) if problems.is_empty() => Ok(StatsdRole {
+            statsd,
+            database,
+            metrics_listen,
+        }),
+        _ => Err(ConfigError(problems)),
+    }
 }
 
 #[derive(Subcommand)]
@@ -286,27 +370,23 @@ pub struct ServeArgs {
     pub statsd: StatsdArgs,
 }
 
-/// The statsd listener of `serve` (off unless `--statsd` is given).
+/// The statsd listener of `serve` (off unless `--statsd` or `[statsd] listen` is given).
 #[derive(Args)]
 pub struct StatsdArgs {
-    /// Receive statsd/DogStatsD lines on this UDP address, e.g. 127.0.0.1:8125 [default: off].
+    /// Receive statsd/DogStatsD lines on this UDP address, e.g. 127.0.0.1:8125 (`[statsd] listen`) [default: off].
     #[arg(long = "statsd", env = "WIDGETRY_STATSD")]
     pub listen: Option<String>,
-    /// statsd aggregation interval: one sample per aggregate per interval, e.g. 10s, 500ms.
-    #[arg(
-        long = "statsd-flush",
-        env = "WIDGETRY_STATSD_FLUSH",
-        default_value = "10s"
-    )]
-    pub flush: String,
+    /// statsd aggregation interval: one sample per aggregate per interval, e.g. 10s, 500ms (`[statsd] flush_interval`) [default: 10s].
+    #[arg(long = "statsd-flush", env = "WIDGETRY_STATSD_FLUSH")]
+    pub flush: Option<String>,
     /// Device id the statsd samples are stored under ([A-Za-z0-9_.-], 1-64 characters);
-    /// a DogStatsD `device:NAME` tag overrides it per metric.
-    #[arg(
-        long = "statsd-device",
-        env = "WIDGETRY_STATSD_DEVICE",
-        default_value = "statsd"
-    )]
-    pub device: String,
+    /// a DogStatsD `device:NAME` tag overrides it per metric (`[statsd] device`) [default: statsd].
+    #[arg(long = "statsd-device", env = "WIDGETRY_STATSD_DEVICE")]
+    pub device: Option<String>,
+    /// Timer/histogram percentiles stored as `x.pNN` (`x.p99_9` for 99.9), comma-separated,
+    /// 1-16 of them, each in (0, 100] (`[statsd] percentiles`) [default: 50,90,99].
+    #[arg(long = "statsd-percentiles", env = "WIDGETRY_STATSD_PERCENTILES")]
+    pub percentiles: Option<String>,
 }
 
 /// Retention flags of the roles that write (`serve`, `ingest`).
@@ -544,7 +624,21 @@ pub fn resolve_serve(args: &ServeArgs) -> Result<ServeConfig, ConfigError> {
         p => p.clone(),
     };
     let api_token = resolve_api_token(&args.api_token, &mut problems);
-    let statsd = resolve_statsd(&args.statsd, &mut problems);
+    let statsd = resolve_statsd(
+        StatsdInput {
+            flags: &args.statsd,
+            keys: [
+                "statsd",
+                "statsd-flush",
+                "statsd-device",
+                "statsd-percentiles",
+            ],
+            default_listen: None,
+        },
+        file.statsd.as_ref(),
+        &label,
+        &mut problems,
+    );
     let graphite = file
         .graphite
         .as_ref()
@@ -735,41 +829,102 @@ pub struct BridgeRole {
     pub metrics_listen: Option<SocketAddr>,
 }
 
-/// The statsd listener's settings, or None when `--statsd` is not given;
-/// the flush interval and device are checked even then, so a typo is
-/// reported rather than ignored.
-fn resolve_statsd(args: &StatsdArgs, problems: &mut Vec<Problem>) -> Option<StatsdConfig> {
-    let flush = match parse_secs(&args.flush, "statsd-flush") {
-        Ok(s) if s >= 0.001 => Some(Duration::from_secs_f64(s)),
-        Ok(_) => {
-            problems.push(Problem {
-                file: FLAG.into(),
-                key: "statsd-flush".into(),
-                message: format!("{:?}: use at least 1ms", args.flush),
-            });
-            None
-        }
-        Err(p) => {
-            problems.push(p);
-            None
+/// Where the statsd listener's settings come from: `serve`'s `--statsd*`
+/// flags or `widgetry statsd`'s own ([`StatsdRoleArgs`]), over a
+/// `[statsd]` section of the config file, over the defaults.
+struct StatsdInput<'a> {
+    flags: &'a StatsdArgs,
+    /// The flags' names, for problems: listen, flush, device, percentiles.
+    keys: [&'static str; 4],
+    /// Listen address when neither flag nor file gives one; None: off.
+    default_listen: Option<&'static str>,
+}
+
+/// The default timer percentiles.
+const DEFAULT_PERCENTILES: &str = "50,90,99";
+
+/// The statsd listener's settings, or None when it is off (no listen
+/// address from flag, file or default); every other setting is checked
+/// even then, so a typo is reported rather than ignored.
+fn resolve_statsd(
+    input: StatsdInput<'_>,
+    section: Option<&super::StatsdFile>,
+    label: &str,
+    problems: &mut Vec<Problem>,
+) -> Option<StatsdConfig> {
+    let [listen_key, flush_key, device_key, percentiles_key] = input.keys;
+    let args = input.flags;
+    let none = super::StatsdFile::default();
+    let file = section.unwrap_or(&none);
+    // A problem names the flag, or `statsd.KEY` of the file.
+    let key = |src: &str, flag: &str, file_key: &str| {
+        if src == FLAG {
+            flag.to_string()
+        } else {
+            format!("statsd.{file_key}")
         }
     };
-    let device = match widgetry_proto::validate::validate_device(&args.device) {
-        Ok(()) => Some(args.device.clone()),
-        Err(_) => {
-            problems.push(Problem {
-                file: FLAG.into(),
-                key: "statsd-device".into(),
+    let flush = resolve(
+        &args.flush,
+        &file.flush_interval,
+        label,
+        "10s",
+        |t, src| {
+            let k = key(src, flush_key, "flush_interval");
+            match parse_secs(t, &k) {
+                Ok(s) if s >= 0.001 => Ok(Duration::from_secs_f64(s)),
+                Ok(_) => Err(Problem {
+                    file: src.into(),
+                    key: k,
+                    message: format!("{t:?}: use at least 1ms"),
+                }),
+                Err(mut p) => {
+                    p.file = src.into();
+                    Err(p)
+                }
+            }
+        },
+        problems,
+    );
+    let device = resolve(
+        &args.device,
+        &file.device,
+        label,
+        "statsd",
+        |t, src| match widgetry_proto::validate::validate_device(t) {
+            Ok(()) => Ok(t.to_string()),
+            Err(_) => Err(Problem {
+                file: src.into(),
+                key: key(src, device_key, "device"),
                 message: format!(
                     "{:?}: a device id is 1-64 characters of A-Z a-z 0-9 _ . -",
-                    widgetry_common::excerpt(&args.device)
+                    widgetry_common::excerpt(t)
                 ),
-            });
-            None
-        }
-    };
-    let listen = args.listen.as_ref().and_then(|t| {
-        super::parse_addr(t, FLAG, "statsd", true)
+            }),
+        },
+        problems,
+    );
+    let file_percentiles = file.percentiles.as_ref().map(|ps| {
+        ps.iter()
+            .map(|p| p.to_string())
+            .collect::<Vec<_>>()
+            .join(",")
+    });
+    let percentiles = resolve(
+        &args.percentiles,
+        &file_percentiles,
+        label,
+        DEFAULT_PERCENTILES,
+        |t, src| parse_percentiles(t, src, &key(src, percentiles_key, "percentiles")),
+        problems,
+    );
+    let listen_text = pick(&args.listen, &file.listen, label).or_else(|| {
+        input
+            .default_listen
+            .map(|d| (d.to_string(), "default".to_string()))
+    });
+    let listen = listen_text.and_then(|(t, src)| {
+        super::parse_addr(&t, &src, &key(&src, listen_key, "listen"), true)
             .map_err(|p| problems.push(p))
             .ok()
     })?;
@@ -777,7 +932,37 @@ fn resolve_statsd(args: &StatsdArgs, problems: &mut Vec<Problem>) -> Option<Stat
         listen,
         flush: flush?,
         device: device?,
+        percentiles: percentiles?,
     })
+}
+
+/// `50,90,99.9` into timer percentiles (1 to 16 of them).
+fn parse_percentiles(
+    text: &str,
+    src: &str,
+    key: &str,
+) -> Result<Vec<widgetry_statsd::Percentile>, Problem> {
+    let problem = |message: String| Problem {
+        file: src.into(),
+        key: key.into(),
+        message,
+    };
+    let parts: Vec<&str> = text.split(',').map(str::trim).collect();
+    if parts.len() > 16 {
+        return Err(problem(format!("{} percentiles: at most 16", parts.len())));
+    }
+    parts
+        .iter()
+        .map(|p| {
+            let n: f64 = p.parse().map_err(|_| {
+                problem(format!(
+                    "{:?} is not a number: give percentiles such as 50,90,99.9",
+                    widgetry_common::excerpt(p)
+                ))
+            })?;
+            widgetry_statsd::Percentile::new(n).map_err(|e| problem(e.to_string()))
+        })
+        .collect()
 }
 
 /// The `[graphite]` section of `file`.
@@ -824,6 +1009,13 @@ fn resolve_graphite(
         problems.push(problem("max_buffered_lines", "must be at least 1".into()));
         return None;
     }
+    let filter = match SeriesFilter::parse(&g.filter) {
+        Ok(f) => f,
+        Err(e) => {
+            problems.push(problem("filter", e));
+            return None;
+        }
+    };
     let (host, port) = target?;
     Some(GraphiteConfig {
         host,
@@ -831,6 +1023,7 @@ fn resolve_graphite(
         prefix,
         flush: flush?,
         max_buffered_lines,
+        filter,
     })
 }
 
@@ -1137,6 +1330,15 @@ pub enum Role {
     Device(DeviceAction, Database),
     Import(Box<crate::import::ImportConfig>),
     Bridge(Box<BridgeRole>),
+    Statsd(Box<StatsdRole>),
+}
+
+/// `50,90,99.9`.
+fn percentile_list(ps: &[widgetry_statsd::Percentile]) -> String {
+    ps.iter()
+        .map(|p| p.value().to_string())
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// Validates the command line into a role, or the line `--check` and
@@ -1147,7 +1349,13 @@ pub fn resolve_command(cmd: &Cmd) -> Result<Result<Role, String>, ConfigError> {
             let cfg = resolve_serve(args)?;
             let mqtt5 = cfg.broker.mqtt5_listen.map(|a| a.to_string());
             let statsd = cfg.statsd.as_ref().map_or("off".to_string(), |s| {
-                format!("{} (flush {:?}, device {})", s.listen, s.flush, s.device)
+                format!(
+                    "{} (flush {:?}, device {}, percentiles {})",
+                    s.listen,
+                    s.flush,
+                    s.device,
+                    percentile_list(&s.percentiles)
+                )
             });
             let graphite = cfg
                 .graphite
@@ -1203,6 +1411,17 @@ pub fn resolve_command(cmd: &Cmd) -> Result<Result<Role, String>, ConfigError> {
                 b.bridge.url, b.bridge.device, b.bridge.series, b.database
             )),
             b => Ok(Role::Bridge(Box::new(b))),
+        },
+        Cmd::Statsd(args) => match resolve_statsd_role(args)? {
+            r if args.check => Err(format!(
+                "configuration ok: statsd {} (flush {:?}, device {}, percentiles {}) database {}",
+                r.statsd.listen,
+                r.statsd.flush,
+                r.statsd.device,
+                percentile_list(&r.statsd.percentiles),
+                r.database
+            )),
+            r => Ok(Role::Statsd(Box::new(r))),
         },
     })
 }

@@ -92,6 +92,8 @@ pub struct FileConfig {
     pub broker_config: Option<PathBuf>,
     /// External broker (`host:port`) for the `ingest` role.
     pub broker: Option<String>,
+    /// `[statsd]`: the statsd listener of `serve` and `widgetry statsd`.
+    pub statsd: Option<StatsdFile>,
     /// `[graphite]`: forward committed samples to Carbon (`serve` only).
     pub graphite: Option<GraphiteFile>,
     /// `[[bridge.ws]]`: websocket source bridges run inside `serve`.
@@ -129,6 +131,20 @@ pub struct WsBridgeFile {
     pub reconnect_max: Option<String>,
 }
 
+/// The `[statsd]` section of `widgetry.toml` (flags override each key).
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StatsdFile {
+    /// UDP address, e.g. `127.0.0.1:8125`; given, `serve` runs the listener.
+    pub listen: Option<String>,
+    /// Aggregation interval, e.g. `10s` (the default).
+    pub flush_interval: Option<String>,
+    /// Device the samples are stored under (default `statsd`).
+    pub device: Option<String>,
+    /// Timer percentiles, e.g. `[50, 90, 99.9]` (the default is 50, 90, 99).
+    pub percentiles: Option<Vec<f64>>,
+}
+
 /// The `[graphite]` section of `widgetry.toml`.
 #[derive(Debug, Default, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -144,6 +160,10 @@ pub struct GraphiteFile {
     /// Most lines held while Carbon is away (default 100000); beyond it the
     /// oldest are dropped and counted.
     pub max_buffered_lines: Option<usize>,
+    /// Series to export: `DEVICE_GLOB` or `DEVICE_GLOB/SERIES_GLOB`
+    /// patterns (`*`, `?`); default every series.
+    #[serde(default)]
+    pub filter: Vec<String>,
 }
 
 impl FileConfig {

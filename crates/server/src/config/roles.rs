@@ -57,6 +57,73 @@ pub struct GraphiteConfig {
     pub prefix: String,
     pub flush: Duration,
     pub max_buffered_lines: usize,
+    /// Which series are exported (all when empty).
+    pub filter: SeriesFilter,
+}
+
+/// A sink's `filter`: series whose device and name match one of its
+/// patterns. A pattern is `DEVICE_GLOB` (every series of matching devices)
+/// or `DEVICE_GLOB/SERIES_GLOB` (series by name, labels ignored), with `*`
+/// and `?` as in a shell. No patterns: every series.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SeriesFilter {
+    patterns: Vec<(String, Option<String>)>,
+}
+
+impl SeriesFilter {
+    /// Most patterns in one filter.
+    pub const MAX_PATTERNS: usize = 1000;
+    /// Longest pattern, in bytes.
+    pub const MAX_PATTERN_BYTES: usize = 256;
+
+    /// Parses `patterns`; an error names the first bad one.
+    pub fn parse(patterns: &[String]) -> Result<SeriesFilter, String> {
+        if patterns.len() > Self::MAX_PATTERNS {
+            return Err(format!(
+                "{} patterns: at most {} are allowed",
+                patterns.len(),
+                Self::MAX_PATTERNS
+            ));
+        }
+        let mut out = Vec::with_capacity(patterns.len());
+        for p in patterns {
+            if p.is_empty() || p.len() > Self::MAX_PATTERN_BYTES {
+                return Err(format!(
+                    "{p:?}: a pattern has 1 to {} bytes",
+                    Self::MAX_PATTERN_BYTES
+                ));
+            }
+            if p.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                return Err(format!("{p:?}: no spaces or control characters"));
+            }
+            out.push(match p.split_once('/') {
+                Some((d, s)) if !d.is_empty() && !s.is_empty() && !s.contains('/') => {
+                    (d.to_string(), Some(s.to_string()))
+                }
+                Some(_) => {
+                    return Err(format!(
+                        "{p:?}: use DEVICE_GLOB or DEVICE_GLOB/SERIES_GLOB, e.g. \"line-1-*\" or \"*/cpu.*\""
+                    ));
+                }
+                None => (p.clone(), None),
+            });
+        }
+        Ok(SeriesFilter { patterns: out })
+    }
+
+    /// Whether the series `key` (its text form, `name{k=v}`) of `device`
+    /// passes.
+    pub fn admits(&self, device: &str, key: &str) -> bool {
+        if self.patterns.is_empty() {
+            return true;
+        }
+        let name = key.split_once('{').map_or(key, |(n, _)| n);
+        self.patterns.iter().any(|(d, s)| {
+            widgetry_common::glob::matches(d, device)
+                && s.as_ref()
+                    .is_none_or(|s| widgetry_common::glob::matches(s, name))
+        })
+    }
 }
 
 impl GraphiteConfig {
@@ -77,6 +144,8 @@ pub struct StatsdConfig {
     /// Device the samples are stored under, unless a `device:NAME` tag
     /// names another.
     pub device: String,
+    /// Timer percentiles stored as `x.pNN`.
+    pub percentiles: Vec<widgetry_statsd::Percentile>,
 }
 
 /// `serve --auth`: whether MQTT clients must log in with an account.

@@ -1,21 +1,23 @@
 //! The Graphite export (`[graphite]`): committed samples, in commit order,
 //! as Carbon plaintext lines (`path value timestamp\n`) over TCP. It
 //! follows the commit ids from its own cursor in the database
-//! (`sink_cursors`, name [`CURSOR`]), advanced only after the lines of
-//! those commits were written, so a restart neither resends nor skips
-//! (a first start begins at the newest commit: history is not exported).
+//! (`sink_cursors`, name [`CURSOR`]), advanced only after Carbon confirmed
+//! it read the lines of those commits (see [`Export::send`]), so a restart
+//! neither resends nor skips (a first start begins at the newest commit:
+//! history is not exported). Only series that pass the `filter` globs are
+//! exported.
 //!
 //! It must never hold more than `max_buffered_lines` lines: while Carbon
 //! is away it keeps reading commits and drops the oldest lines, counted;
-//! it reconnects with a jittered backoff and never slows the ingestor
-//! (it only reads the batch log, from the reader pool).
+//! it retries with a jittered backoff and never slows the ingestor (it
+//! only reads the batch log, from the reader pool).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
@@ -36,8 +38,12 @@ const FETCH: i64 = 500;
 /// Longest wait between connection attempts.
 const RECONNECT_CAP: Duration = Duration::from_secs(30);
 
-/// Longest a connect or a write may take before it counts as failed.
-const IO_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest one flush (connect, write, Carbon's confirmation) may take
+/// before it counts as failed.
+const IO_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Bytes handed to one write of a flush.
+const WRITE_CHUNK: usize = 64 * 1024;
 
 /// Series paths remembered at most (then the cache starts again).
 const PATH_CACHE: usize = 100_000;
@@ -52,15 +58,14 @@ struct Export {
     /// Every commit through this one is in `lines` (or was dropped).
     read: u64,
     lines: VecDeque<String>,
-    /// Series id → Graphite path.
-    paths: HashMap<i64, String>,
-    conn: Option<TcpStream>,
+    /// Series id → Graphite path, or None when the filter leaves it out.
+    paths: HashMap<i64, Option<String>>,
     failures: u32,
     next_attempt: Instant,
 }
 
-/// Runs the export until `shutdown`, then writes what it holds once more
-/// if Carbon is connected.
+/// Runs the export until `shutdown`, then flushes what it holds once more
+/// unless Carbon is in its retry backoff.
 pub async fn run(
     cfg: GraphiteConfig,
     store: Store,
@@ -87,7 +92,6 @@ pub async fn run(
         read: cursor,
         lines: VecDeque::new(),
         paths: HashMap::new(),
-        conn: None,
         failures: 0,
         next_attempt: Instant::now(),
     };
@@ -102,7 +106,8 @@ pub async fn run(
         }
         export.send().await;
     }
-    if export.read_commits().await.is_ok() && export.conn.is_some() {
+    // One last flush unless Carbon is in its backoff.
+    if export.read_commits().await.is_ok() {
         export.send().await;
     }
     info!(
@@ -133,13 +138,17 @@ impl Export {
                     self.paths.clear();
                 }
                 for (id, device, key) in self.store.series_names(&unknown).await? {
-                    let path = path(&self.cfg.prefix, &device, &key);
+                    let path = self
+                        .cfg
+                        .filter
+                        .admits(&device, &key)
+                        .then(|| path(&self.cfg.prefix, &device, &key));
                     self.paths.insert(id, path);
                 }
             }
             for commit in &commits {
                 for (id, points) in &commit.runs {
-                    let Some(path) = self.paths.get(id) else {
+                    let Some(Some(path)) = self.paths.get(id) else {
                         continue;
                     };
                     for (ts_ms, value) in points {
@@ -170,71 +179,99 @@ impl Export {
         }
     }
 
-    /// Writes every held line, then moves the cursor to `read`.
+    /// Writes every held line on a connection of its own, then moves the
+    /// cursor to `read` once Carbon confirmed it read them all.
+    ///
+    /// The plaintext protocol has no acknowledgement, and a write that the
+    /// kernel took is not a line Carbon read: when Carbon shuts down, what
+    /// sits unread in its socket buffer is thrown away. So each flush
+    /// half-closes its connection after the last line and waits for
+    /// Carbon's end of stream: Carbon (like go-carbon and carbon-c-relay)
+    /// closes only after reading everything up to our FIN, so the end of
+    /// stream confirms every line. Anything else (a reset, a timeout) leaves
+    /// the lines held for the next flush; Carbon may have stored some of
+    /// them, and a whisper file keeps one value per timestamp, so sending
+    /// them again rewrites the same points.
     async fn send(&mut self) {
-        if self.read == self.cursor {
+        if self.read == self.cursor && self.lines.is_empty() {
             return;
         }
-        if !self.connected().await {
+        if Instant::now() < self.next_attempt {
             return;
         }
-        let Some(conn) = self.conn.as_mut() else {
-            return;
-        };
-        let text: String = self.lines.iter().map(String::as_str).collect();
-        let sent = self.lines.len() as u64;
-        match tokio::time::timeout(IO_TIMEOUT, conn.write_all(text.as_bytes())).await {
+        let held = self.lines.len() as u64;
+        match tokio::time::timeout(IO_TIMEOUT, self.deliver()).await {
             Ok(Ok(())) => {
                 self.lines.clear();
+                self.failures = 0;
                 let m = &self.metrics.graphite;
-                m.lines_sent.fetch_add(sent, Ordering::Relaxed);
+                m.lines_sent.fetch_add(held, Ordering::Relaxed);
                 m.last_flush_s.store(now_ms() / 1000, Ordering::Relaxed);
                 self.cursor = self.read;
                 if let Err(e) = self.store.set_sink_cursor(CURSOR, self.cursor).await {
                     warn!(error = %e, cursor = self.cursor, "graphite export cannot store its cursor; a restart may resend");
                 }
             }
-            Ok(Err(e)) => self.failed(&format!("write failed: {e}")),
-            Err(_) => self.failed("write timed out"),
+            Ok(Err(Failure::Connect(e))) => self.failed(&format!("connect failed: {e}")),
+            Ok(Err(Failure::Unconfirmed(what))) => {
+                self.metrics
+                    .graphite
+                    .unconfirmed
+                    .fetch_add(held, Ordering::Relaxed);
+                self.failed(&format!(
+                    "{what}; the {held} lines of this flush are sent again at the next"
+                ));
+            }
+            Err(_) => {
+                self.metrics
+                    .graphite
+                    .unconfirmed
+                    .fetch_add(held, Ordering::Relaxed);
+                self.failed(&format!(
+                    "no confirmation within {IO_TIMEOUT:?}; the {held} lines of this flush are sent again at the next"
+                ));
+            }
         }
     }
 
-    /// Whether a live connection is there, making one if it is time to.
-    async fn connected(&mut self) -> bool {
-        if let Some(conn) = &self.conn {
-            // Carbon never sends: a readable socket is a closed one (a
-            // write into it would seem to succeed and be lost).
-            let mut probe = [0u8; 64];
-            match conn.try_read(&mut probe) {
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return true,
-                Ok(n) if n > 0 => return true,
-                _ => self.failed("Carbon closed the connection"),
-            }
-        }
-        if Instant::now() < self.next_attempt {
-            return false;
-        }
+    /// One flush: connect, write every held line, half-close, wait for
+    /// Carbon's end of stream.
+    async fn deliver(&self) -> Result<(), Failure> {
         let addr = (self.cfg.host.as_str(), self.cfg.port);
-        match tokio::time::timeout(IO_TIMEOUT, TcpStream::connect(addr)).await {
-            Ok(Ok(conn)) => {
-                info!(carbon = %format!("{}:{}", self.cfg.host, self.cfg.port), "graphite export connected");
-                self.conn = Some(conn);
-                self.failures = 0;
-                true
+        let mut conn = TcpStream::connect(addr).await.map_err(Failure::Connect)?;
+        let mut text = String::with_capacity(WRITE_CHUNK + 256);
+        for line in &self.lines {
+            text.push_str(line);
+            if text.len() >= WRITE_CHUNK {
+                conn.write_all(text.as_bytes())
+                    .await
+                    .map_err(|e| Failure::Unconfirmed(format!("write failed: {e}")))?;
+                text.clear();
             }
-            Ok(Err(e)) => {
-                self.failed(&format!("connect failed: {e}"));
-                false
-            }
-            Err(_) => {
-                self.failed("connect timed out");
-                false
+        }
+        conn.write_all(text.as_bytes())
+            .await
+            .map_err(|e| Failure::Unconfirmed(format!("write failed: {e}")))?;
+        conn.shutdown()
+            .await
+            .map_err(|e| Failure::Unconfirmed(format!("half-close failed: {e}")))?;
+        // Carbon never sends; whatever it might is read and ignored until
+        // its end of stream.
+        let mut sink = [0u8; 512];
+        loop {
+            match conn.read(&mut sink).await {
+                Ok(0) => return Ok(()),
+                Ok(_) => continue,
+                Err(e) => {
+                    return Err(Failure::Unconfirmed(format!(
+                        "Carbon did not confirm the flush: {e}"
+                    )));
+                }
             }
         }
     }
 
     fn failed(&mut self, what: &str) {
-        self.conn = None;
         self.metrics.graphite.errors.fetch_add(1, Ordering::Relaxed);
         let wait = backoff(self.failures, RECONNECT_CAP);
         self.failures = self.failures.saturating_add(1);
@@ -246,6 +283,14 @@ impl Export {
             "graphite export: {what}"
         );
     }
+}
+
+/// Why a flush did not reach Carbon.
+enum Failure {
+    /// No connection: nothing was sent.
+    Connect(std::io::Error),
+    /// Lines were (maybe partly) sent, but Carbon did not confirm them.
+    Unconfirmed(String),
 }
 
 /// The Graphite path of `device`'s series `key` (its text form):

@@ -8,10 +8,10 @@
 //! device's.
 //!
 //! It must never hold more than the aggregator's budget and one 64 KiB
-//! packet buffer, never block the runtime (the parse is a few microseconds
-//! per packet, and receiving consumes the task's cooperative budget), and
-//! never lose what it holds at shutdown: the last interval is flushed
-//! before the task ends. Bad lines are counted by reason and logged at
+//! packet buffer, never cost the async runtime's threads (receiving,
+//! parsing and aggregating run on a thread of their own; the writer's
+//! queue is its only link to the runtime), and never lose what it holds
+//! at shutdown: the last interval is flushed before the thread ends. Bad lines are counted by reason and logged at
 //! most once per reason per [`LOG_EVERY`].
 
 use std::collections::HashMap;
@@ -19,9 +19,9 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use std::time::Instant;
 use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
-use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 use widgetry_common::{excerpt, now_ms};
@@ -61,13 +61,35 @@ struct Listener {
     logged: [(Option<Instant>, u64); STATSD_BAD_LINES.len()],
 }
 
-/// Binds the listener's socket (before `serve` reports it is serving).
+/// The receive buffer the listener asks the kernel for: a burst of
+/// packets waits there while the thread flushes. Linux grants at most
+/// `net.core.rmem_max` (see the README).
+pub const RECEIVE_BUFFER_BYTES: usize = 8 << 20;
+
+/// How often the receiving thread looks at the shutdown token and the
+/// flush deadline while no packet comes.
+const POLL: Duration = Duration::from_millis(100);
+
+/// Binds the listener's socket (before `serve` reports it is serving),
+/// with a receive buffer of up to [`RECEIVE_BUFFER_BYTES`].
 pub async fn bind(cfg: &StatsdConfig) -> std::io::Result<UdpSocket> {
-    UdpSocket::bind(cfg.listen).await
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(cfg.listen),
+        socket2::Type::DGRAM,
+        Some(socket2::Protocol::UDP),
+    )?;
+    // Best effort: the kernel caps it at net.core.rmem_max.
+    let _ = socket.set_recv_buffer_size(RECEIVE_BUFFER_BYTES);
+    socket.bind(&cfg.listen.into())?;
+    socket.set_nonblocking(true)?;
+    UdpSocket::from_std(socket.into())
 }
 
 /// Receives and aggregates until `shutdown`, flushing every `cfg.flush`
 /// and once more at the end; then drops its sender of the writer's queue.
+///
+/// All of it runs on a thread of its own, not on the async runtime: a
+/// flood of packets costs that thread's time, never the other sources'.
 pub async fn run(
     socket: UdpSocket,
     cfg: StatsdConfig,
@@ -76,43 +98,93 @@ pub async fn run(
     shutdown: CancellationToken,
 ) {
     metrics.statsd.enabled.store(true, Ordering::Relaxed);
+    let (done_tx, done) = tokio::sync::oneshot::channel();
+    let spawned = std::thread::Builder::new()
+        .name("statsd".into())
+        .spawn(move || {
+            receive(socket, cfg, tx, metrics, shutdown);
+            let _ = done_tx.send(());
+        });
+    match spawned {
+        // An error here means the thread ended without its send: it
+        // panicked, and the panic was printed.
+        Ok(_) => {
+            if done.await.is_err() {
+                warn!("the statsd listener's thread ended abnormally");
+            }
+        }
+        Err(e) => warn!(error = %e, "cannot start the statsd listener's thread"),
+    }
+}
+
+/// The receiving thread's loop.
+fn receive(
+    socket: UdpSocket,
+    cfg: StatsdConfig,
+    tx: mpsc::Sender<Item>,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) {
+    let socket = match socket.into_std().and_then(|s| {
+        s.set_nonblocking(false)?;
+        s.set_read_timeout(Some(POLL))?;
+        Ok(s)
+    }) {
+        Ok(s) => s,
+        Err(e) => {
+            warn!(error = %e, "statsd socket cannot be made blocking; the listener stops");
+            return;
+        }
+    };
     let listen = socket.local_addr().unwrap_or(cfg.listen);
-    info!(listen = %listen, flush = ?cfg.flush, device = %cfg.device, "statsd listener started");
+    let granted = socket2::SockRef::from(&socket)
+        .recv_buffer_size()
+        .unwrap_or(0);
+    info!(listen = %listen, flush = ?cfg.flush, device = %cfg.device, receive_buffer = granted, "statsd listener started");
     let mut listener = Listener {
-        aggregator: Aggregator::default(),
+        aggregator: Aggregator::new(widgetry_statsd::Config {
+            percentiles: cfg.percentiles.clone(),
+            ..Default::default()
+        }),
         metrics,
         logged: [(None, 0); STATSD_BAD_LINES.len()],
         cfg,
     };
     let mut buf = vec![0u8; PACKET_BYTES];
-    let mut tick =
-        tokio::time::interval_at(Instant::now() + listener.cfg.flush, listener.cfg.flush);
-    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut last_flush = Instant::now();
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => break,
-            r = socket.recv(&mut buf) => match r {
-                Ok(n) => listener.packet(&buf[..n]),
-                // ICMP errors and the like: the next packet may be fine.
-                Err(e) => warn!(error = %e, "statsd receive failed"),
-            },
-            _ = tick.tick() => {
-                let items = listener.flush(listener.cfg.flush.as_secs_f64());
-                last_flush = Instant::now();
-                // Backpressure: while the writer is behind, packets wait in
-                // the socket's buffer (the kernel drops beyond it). The
-                // writer drains its queue even at shutdown, so these sends
-                // complete.
-                if !send(&tx, items).await {
-                    return;
-                }
+    let mut next_flush = last_flush + listener.cfg.flush;
+    while !shutdown.is_cancelled() {
+        match socket.recv(&mut buf) {
+            Ok(n) => listener.packet(&buf[..n]),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            // ICMP errors and the like: the next packet may be fine.
+            Err(e) => warn!(error = %e, "statsd receive failed"),
+        }
+        let now = Instant::now();
+        if now >= next_flush {
+            let items = listener.flush(listener.cfg.flush.as_secs_f64());
+            last_flush = now;
+            // Missed intervals are skipped, not caught up on.
+            while next_flush <= now {
+                next_flush += listener.cfg.flush;
+            }
+            // Backpressure: while the writer is behind, this thread waits
+            // and packets wait in the socket's buffer (the kernel drops
+            // beyond it). The writer drains its queue even at shutdown, so
+            // these sends complete.
+            if !send(&tx, items) {
+                return;
             }
         }
     }
     let items = listener.flush(last_flush.elapsed().as_secs_f64());
     let samples: usize = items.iter().map(item_samples).sum();
-    if send(&tx, items).await {
+    if send(&tx, items) {
         info!(
             samples,
             "statsd listener stopped after flushing what it held"
@@ -120,10 +192,11 @@ pub async fn run(
     }
 }
 
-/// Sends `items` to the writer; false if it has stopped.
-async fn send(tx: &mpsc::Sender<Item>, items: Vec<Item>) -> bool {
+/// Sends `items` to the writer, waiting while its queue is full; false if
+/// it has stopped.
+fn send(tx: &mpsc::Sender<Item>, items: Vec<Item>) -> bool {
     for item in items {
-        if tx.send(item).await.is_err() {
+        if tx.blocking_send(item).is_err() {
             warn!(
                 "the ingest writer stopped before the statsd listener's flush; its samples are lost"
             );
