@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs every Widgetry test on a fresh Debian machine with Rust installed.
-# Installs what the tests need (mosquitto clients and broker, paho, chromium,
+# Installs what the tests need (mosquitto clients and broker, paho, graphite-carbon, chromium,
 # PostgreSQL, systemd's systemd-analyze, docker.io, docker-compose and
 # debootstrap; npm packages are installed by build.rs with `npm ci` from the
 # lockfile) first, then checks formatting and lints, builds the workspace
@@ -28,6 +28,9 @@ command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
 command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need_apt+=(mosquitto)
 # The plain-clients test publishes with Debian's paho (python3-paho-mqtt).
 /usr/bin/python3 -c 'import paho.mqtt.client' >/dev/null 2>&1 || need_apt+=(python3 python3-paho-mqtt)
+# The Graphite export test runs Debian's carbon-cache and reads its whisper
+# files with whisper-fetch (python3-whisper, a dependency).
+[ -x /usr/bin/carbon-cache ] && command -v whisper-fetch >/dev/null 2>&1 || need_apt+=(graphite-carbon)
 # The dashboard's end-to-end test drives Debian's chromium with playwright-core.
 command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)
 # The PostgreSQL storage tests start their own server from Debian's package.

@@ -168,3 +168,73 @@ async fn statsd_reaches_carbon_once_across_a_carbon_restart() {
     stack.stop().await;
     carbon.stop().await;
 }
+
+/// A Carbon that shuts down with a flush unread in its socket buffer
+/// (the kernel answers with a reset): the export must not count that
+/// flush as sent, and sends it again to the next Carbon.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flush_carbon_never_read_is_sent_again() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let (tx, mut lines) = mpsc::unbounded_channel::<String>();
+    let carbon = tokio::spawn(async move {
+        // The first connection: wait until the flush is in the buffer,
+        // then close without reading it (SO_LINGER 0: a reset).
+        let (first, _) = listener.accept().await.expect("accept");
+        let mut peek = [0u8; 1];
+        first.peek(&mut peek).await.expect("peek");
+        socket2::SockRef::from(&first)
+            .set_linger(Some(Duration::ZERO))
+            .expect("linger");
+        drop(first);
+        loop {
+            let (stream, _) = listener.accept().await.expect("accept");
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let mut reader = tokio::io::BufReader::new(stream).lines();
+                while let Ok(Some(line)) = reader.next_line().await {
+                    let _ = tx.send(line);
+                }
+            });
+        }
+    });
+    let stack = Stack::with_statsd_and_graphite(
+        StatsdConfig {
+            listen: "127.0.0.1:0".parse().expect("addr"),
+            flush: Duration::from_millis(200),
+            device: "statsd".into(),
+            percentiles: widgetry_statsd::Config::default().percentiles,
+        },
+        GraphiteConfig {
+            host: "127.0.0.1".into(),
+            port,
+            prefix: GraphiteConfig::DEFAULT_PREFIX.into(),
+            flush: Duration::from_millis(100),
+            max_buffered_lines: 10_000,
+            filter: Default::default(),
+        },
+    )
+    .await;
+    send(&stack, "orders:7|c");
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let mut seen = Vec::new();
+    while !seen
+        .iter()
+        .any(|l: &String| l.starts_with("widgetry.statsd.orders.count 7 "))
+    {
+        match tokio::time::timeout_at(deadline, lines.recv()).await {
+            Ok(Some(l)) => seen.push(l),
+            _ => panic!("the reset flush never reached the next connection: {seen:?}"),
+        }
+    }
+    let (_, m) = stack.get_text("/metrics").await;
+    assert!(
+        metric(&m, "widgetry_graphite_lines_unconfirmed_total") >= 1.0,
+        "the reset flush is counted as unconfirmed: {m}"
+    );
+    assert!(metric(&m, "widgetry_graphite_errors_total") >= 1.0, "{m}");
+    stack.stop().await;
+    carbon.abort();
+}
