@@ -1559,6 +1559,90 @@ mod tests {
     }
 
     #[test]
+    fn the_statsd_section_and_the_statsd_role_are_validated() {
+        let dir = tempfile::tempdir().expect("dir");
+        let db = dir.path().join("w.db");
+        let file = dir.path().join("widgetry.toml");
+        let file_s = file.to_str().expect("utf-8 path");
+        std::fs::write(
+            &file,
+            format!(
+                "database = {db:?}\n[statsd]\nlisten = \"127.0.0.1:9125\"\nflush_interval = \"2s\"\n\
+                 device = \"apps\"\npercentiles = [75, 99.9]\n"
+            ),
+        )
+        .expect("write");
+        // The section alone turns the listener on in `serve`.
+        let Ok(Ok(Role::Serve(cfg))) = run(&["serve", "--config", file_s]) else {
+            panic!("a valid [statsd] accepted");
+        };
+        let s = cfg.statsd.expect("statsd on from the file");
+        assert_eq!(s.listen.to_string(), "127.0.0.1:9125");
+        assert_eq!(s.flush, Duration::from_secs(2));
+        assert_eq!(s.device, "apps");
+        assert_eq!(percentile_list(&s.percentiles), "75,99.9");
+        // Flags beat the section; the role has its own defaults.
+        let Ok(Ok(Role::Statsd(r))) = run(&[
+            "statsd",
+            "--config",
+            file_s,
+            "--percentiles",
+            "50",
+            "--device",
+            "edge-1",
+        ]) else {
+            panic!("statsd role accepted");
+        };
+        assert_eq!(r.statsd.listen.to_string(), "127.0.0.1:9125");
+        assert_eq!(r.statsd.device, "edge-1");
+        assert_eq!(percentile_list(&r.statsd.percentiles), "50");
+        let dbs = db.to_str().expect("utf-8");
+        let Ok(Ok(Role::Statsd(r))) = run(&["statsd", "--database", dbs]) else {
+            panic!("statsd role defaults accepted");
+        };
+        assert_eq!(r.statsd.listen.to_string(), "0.0.0.0:8125");
+        assert_eq!(percentile_list(&r.statsd.percentiles), "50,90,99");
+        // Bad values name the flag or the file key.
+        let err = match run(&["statsd", "--database", dbs, "--percentiles", "50,101,x"]) {
+            Err(e) => e,
+            Ok(_) => panic!("bad percentiles accepted"),
+        };
+        assert!(err.contains("percentiles"), "{err}");
+        std::fs::write(
+            &file,
+            format!("database = {db:?}\n[statsd]\nlisten = \"127.0.0.1:9125\"\npercentiles = [0]\nflush_interval = \"never\"\n"),
+        )
+        .expect("write");
+        let err = match run(&["serve", "--config", file_s]) {
+            Err(e) => e,
+            Ok(_) => panic!("a bad [statsd] accepted"),
+        };
+        for needle in [
+            "statsd.percentiles",
+            "statsd.flush_interval",
+            "2 configuration problem(s)",
+        ] {
+            assert!(err.contains(needle), "{needle:?} missing from: {err}");
+        }
+    }
+
+    #[test]
+    fn graphite_filters_are_globs_of_device_and_series() {
+        let f = SeriesFilter::parse(&["line-1-*".into(), "*/cpu.*_pct".into()]).expect("valid");
+        assert!(f.admits("line-1-press", "anything{k=v}"));
+        assert!(f.admits("kiosk", "cpu.usage_pct"));
+        assert!(f.admits("kiosk", "cpu.usage_pct{core=1}"));
+        assert!(!f.admits("kiosk", "mem.used_bytes"));
+        assert!(SeriesFilter::default().admits("any", "thing"));
+        for bad in ["", "a/b/c", "/x", "a b"] {
+            assert!(
+                SeriesFilter::parse(&[bad.into()]).is_err(),
+                "{bad:?} accepted"
+            );
+        }
+    }
+
+    #[test]
     fn bridge_ws_sections_and_flags_are_validated_together() {
         let dir = tempfile::tempdir().expect("dir");
         let db = dir.path().join("w.db");
