@@ -69,17 +69,10 @@ impl Carbon {
     }
 }
 
-fn send(stack: &Stack, packet: &str) {
-    let to = stack.statsd.expect("statsd on");
-    let sock = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind a UDP client");
-    sock.send_to(packet.as_bytes(), to).expect("send a packet");
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn statsd_reaches_carbon_once_across_a_carbon_restart() {
-    let mut carbon = Carbon::start(0).await;
-    let port = carbon.port;
-    let stack = Stack::with_statsd_and_graphite(
+/// A stack whose statsd listener flushes every 200 ms and whose export
+/// flushes every 100 ms to Carbon on `port`.
+async fn stack(port: u16) -> Stack {
+    Stack::with_statsd_and_graphite(
         StatsdConfig {
             listen: "127.0.0.1:0".parse().expect("addr"),
             flush: Duration::from_millis(200),
@@ -95,7 +88,20 @@ async fn statsd_reaches_carbon_once_across_a_carbon_restart() {
             filter: Default::default(),
         },
     )
-    .await;
+    .await
+}
+
+fn send(stack: &Stack, packet: &str) {
+    let to = stack.statsd.expect("statsd on");
+    let sock = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind a UDP client");
+    sock.send_to(packet.as_bytes(), to).expect("send a packet");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn statsd_reaches_carbon_once_across_a_carbon_restart() {
+    let mut carbon = Carbon::start(0).await;
+    let port = carbon.port;
+    let stack = stack(port).await;
     let started_s = widgetry_common::now_ms() / 1000;
     send(&stack, "orders:3|c\nrequests:2|c|#env:prod");
     let mut first = Vec::new();
@@ -200,23 +206,7 @@ async fn a_flush_carbon_never_read_is_sent_again() {
             });
         }
     });
-    let stack = Stack::with_statsd_and_graphite(
-        StatsdConfig {
-            listen: "127.0.0.1:0".parse().expect("addr"),
-            flush: Duration::from_millis(200),
-            device: "statsd".into(),
-            percentiles: widgetry_statsd::Config::default().percentiles,
-        },
-        GraphiteConfig {
-            host: "127.0.0.1".into(),
-            port,
-            prefix: GraphiteConfig::DEFAULT_PREFIX.into(),
-            flush: Duration::from_millis(100),
-            max_buffered_lines: 10_000,
-            filter: Default::default(),
-        },
-    )
-    .await;
+    let stack = stack(port).await;
     send(&stack, "orders:7|c");
     let deadline = tokio::time::Instant::now() + WAIT;
     let mut seen = Vec::new();
