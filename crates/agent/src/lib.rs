@@ -9,6 +9,7 @@
 //! acknowledged or when the outbox is full, and then it is counted.
 
 pub mod conf;
+pub mod disk;
 pub mod local;
 pub mod outbox;
 pub mod sampler;
@@ -69,6 +70,9 @@ pub struct AgentConfig {
     pub statsd: Option<std::net::SocketAddr>,
     /// statsd aggregation interval.
     pub statsd_flush: Duration,
+    /// Test hook: added to every spool fsync, standing for a slow disk.
+    #[doc(hidden)]
+    pub test_fsync_delay: Duration,
 }
 
 impl AgentConfig {
@@ -94,6 +98,7 @@ impl AgentConfig {
             events_queue: 10_000,
             statsd: None,
             statsd_flush: Duration::from_secs(10),
+            test_fsync_delay: Duration::ZERO,
         }
     }
 }
@@ -126,6 +131,12 @@ pub struct Report {
     /// aggregator dropped (memory budget full, or not finite).
     pub statsd_bad_lines: u64,
     pub statsd_dropped: u64,
+    /// Spool fsyncs done by the disk thread, and the time they took.
+    pub spool_syncs: u64,
+    pub spool_sync_time: Duration,
+    /// The longest time the event loop spent on one wake-up (what a
+    /// keep-alive, an ack or a datagram could have waited for it).
+    pub longest_stall: Duration,
 }
 
 /// Errors that stop the agent.
@@ -225,7 +236,13 @@ pub async fn run(
     let conn = tokio::spawn(drive(events, topics.clone(), target, link_tx));
 
     let segment_bytes = (cfg.spool_max_bytes / 8).clamp(4096, 1 << 20);
-    let (spool, recovery) = Spool::open(&cfg.spool_dir, cfg.spool_max_bytes, segment_bytes)?;
+    let (mut spool, recovery) = Spool::open_with(
+        &cfg.spool_dir,
+        cfg.spool_max_bytes,
+        segment_bytes,
+        cfg.test_fsync_delay,
+    )?;
+    let mut disk_events = spool.take_events();
     if recovery.batches > 0 || recovery.torn_bytes > 0 {
         eprintln!(
             "widgetry-agent: spool {}: {} unacknowledged batches from earlier runs will be sent first; {} bytes of torn records discarded",
@@ -292,10 +309,22 @@ pub async fn run(
     housekeeping.set_missed_tick_behavior(MissedTickBehavior::Delay);
     tokio::pin!(shutdown);
 
+    let mut longest_stall = Duration::ZERO;
     loop {
-        tokio::select! {
+        let wake = tokio::select! {
             _ = &mut shutdown => break,
-            _ = tick.tick() => {
+            _ = tick.tick() => Wake::Sample,
+            _ = housekeeping.tick() => Wake::Housekeeping,
+            Some(ev) = link.recv() => Wake::Link(ev),
+            Some(ev) = recv_disk(&mut disk_events) => Wake::Disk(ev),
+            r = recv_opt(statsd_sock.as_ref(), &mut statsd_buf), if statsd_sock.is_some() => Wake::Statsd(r),
+            r = recv_unix(local_unix.as_ref(), &mut local_buf), if local_unix.is_some() => Wake::Local(r, false),
+            r = recv_opt(local_udp.as_ref(), &mut udp_buf), if local_udp.is_some() => Wake::Local(r, true),
+            _ = statsd_tick.tick(), if statsd_sock.is_some() => Wake::StatsdFlush,
+        };
+        let woke = Instant::now();
+        match wake {
+            Wake::Sample => {
                 let ts = now_ms();
                 sampler.sample(|key, value| {
                     let id = outbox.series_id(key);
@@ -304,18 +333,20 @@ pub async fn run(
                 });
                 batch_started.get_or_insert_with(Instant::now);
             }
-            _ = housekeeping.tick() => {}
-            Some(ev) = link.recv() => {
+            Wake::Housekeeping => {}
+            Wake::Link(ev) => {
                 connected = on_link(ev, &client, &topics, session, &mut outbox, connected);
             }
-            r = recv_opt(statsd_sock.as_ref(), &mut statsd_buf), if statsd_sock.is_some() => {
+            Wake::Disk(ev) => spool_result(outbox.on_disk(ev)),
+            Wake::Statsd(r) => {
                 if let Ok(n) = r {
                     statsd.ingest(&statsd_buf[..n]);
                 }
             }
-            r = recv_unix(local_unix.as_ref(), &mut local_buf), if local_unix.is_some() => {
+            Wake::Local(r, udp) => {
                 if let Ok(n) = r {
-                    on_local(&local_buf[..n], &mut events, |key, ts, value| {
+                    let buf = if udp { &udp_buf[..n] } else { &local_buf[..n] };
+                    on_local(buf, &mut events, |key, ts, value| {
                         let id = outbox.series_id(key);
                         builder.push(id, ts, value);
                         samples_taken += 1;
@@ -323,17 +354,7 @@ pub async fn run(
                     batch_started.get_or_insert_with(Instant::now);
                 }
             }
-            r = recv_opt(local_udp.as_ref(), &mut udp_buf), if local_udp.is_some() => {
-                if let Ok(n) = r {
-                    on_local(&udp_buf[..n], &mut events, |key, ts, value| {
-                        let id = outbox.series_id(key);
-                        builder.push(id, ts, value);
-                        samples_taken += 1;
-                    });
-                    batch_started.get_or_insert_with(Instant::now);
-                }
-            }
-            _ = statsd_tick.tick(), if statsd_sock.is_some() => {
+            Wake::StatsdFlush => {
                 let ts = now_ms();
                 statsd.flush(cfg.statsd_flush.as_secs_f64(), |key, value| {
                     let id = outbox.series_id(&key);
@@ -360,6 +381,7 @@ pub async fn run(
                 });
             }
         }
+        longest_stall = longest_stall.max(woke.elapsed());
     }
 
     // Drain: publish the partial batch, and gap reports that no batch has
@@ -379,6 +401,7 @@ pub async fn run(
         tokio::select! {
             _ = tokio::time::sleep_until(deadline) => break,
             _ = housekeeping.tick() => {}
+            Some(ev) = recv_disk(&mut disk_events) => spool_result(outbox.on_disk(ev)),
             Some(ev) = link.recv() => {
                 connected = on_link(ev, &client, &topics, session, &mut outbox, connected);
             }
@@ -414,7 +437,11 @@ pub async fn run(
     {
         abort.abort();
     }
+    let (spool_syncs, spool_sync_time) = outbox.spool_syncs();
     Ok(Report {
+        longest_stall,
+        spool_syncs,
+        spool_sync_time,
         samples_taken,
         batches_recovered: recovery.batches as u64,
         batches_acked: outbox.acked,
@@ -428,6 +455,28 @@ pub async fn run(
         statsd_bad_lines: statsd.stats().bad_lines_total(),
         statsd_dropped: statsd.stats().dropped_total(),
     })
+}
+
+/// What woke the event loop.
+enum Wake {
+    Sample,
+    Housekeeping,
+    Link(Link),
+    Disk(disk::DiskEvent),
+    Statsd(std::io::Result<usize>),
+    /// A local-protocol datagram: on the Unix socket, or (true) on UDP.
+    Local(std::io::Result<usize>, bool),
+    StatsdFlush,
+}
+
+/// The next report of the spool's disk thread.
+async fn recv_disk(
+    rx: &mut Option<mpsc::UnboundedReceiver<disk::DiskEvent>>,
+) -> Option<disk::DiskEvent> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Receives a datagram, or waits forever when there is no socket.

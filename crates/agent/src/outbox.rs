@@ -15,6 +15,10 @@
 //! `…/errors` makes the outbox resend that session's batches with their
 //! series definitions attached; an ack for seqs this run never published
 //! is ignored. It must never forget a batch that no valid ack covers.
+//!
+//! Payloads to send come from a small in-memory cache (every batch sealed
+//! by this run while it fits [`CACHE_BYTES`]) or are read from the spool
+//! by its disk thread; the event loop never waits for the disk.
 
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
@@ -24,8 +28,13 @@ use tokio::time::Instant;
 use widgetry_proto::json::{Ack, ErrorReport};
 use widgetry_proto::{BatchBuilder, DecodedBatch, Limits, SeriesKey, SessionId};
 
+use crate::disk::DiskEvent;
 use crate::now_ms;
 use crate::spool::{Entry, Gap, Spool, SpoolError};
+
+/// Most payload bytes kept in memory for sending (beyond it, payloads are
+/// read back from the spool when they are due).
+pub const CACHE_BYTES: usize = 1 << 20;
 
 type Key = (SessionId, u64);
 
@@ -65,6 +74,11 @@ pub struct Outbox {
     /// Batches and samples lost because the spool was full or failed.
     pub dropped_batches: u64,
     pub dropped_samples: u64,
+    /// Payloads in memory, until acknowledged (bounded by CACHE_BYTES).
+    cache: HashMap<Key, Vec<u8>>,
+    cache_bytes: usize,
+    /// Payloads asked of the disk thread, not yet delivered.
+    reading: HashSet<Key>,
 }
 
 impl Outbox {
@@ -91,7 +105,105 @@ impl Outbox {
             acked_samples: 0,
             dropped_batches: 0,
             dropped_samples: 0,
+            cache: HashMap::new(),
+            cache_bytes: 0,
+            reading: HashSet::new(),
         }
+    }
+
+    /// The spool's disk-thread reports (taken once, by the event loop).
+    pub fn take_disk_events(&mut self) -> Option<tokio::sync::mpsc::UnboundedReceiver<DiskEvent>> {
+        self.spool.take_events()
+    }
+
+    /// Fsyncs done by the spool's disk thread, and their total time.
+    pub fn spool_syncs(&self) -> (u64, Duration) {
+        self.spool.syncs()
+    }
+
+    fn cache_insert(&mut self, key: Key, payload: Vec<u8>) {
+        if self.cache_bytes + payload.len() <= CACHE_BYTES {
+            self.cache_bytes += payload.len();
+            if let Some(old) = self.cache.insert(key, payload) {
+                self.cache_bytes -= old.len();
+            }
+        }
+    }
+
+    fn cache_remove(&mut self, key: &Key) -> Option<Vec<u8>> {
+        let p = self.cache.remove(key)?;
+        self.cache_bytes -= p.len();
+        Some(p)
+    }
+
+    /// Applies a report of the spool's disk thread: a payload read back,
+    /// or a failed write (those batches are not durable: they become
+    /// gaps, reported to the server).
+    pub fn on_disk(&mut self, ev: DiskEvent) -> Result<(), SpoolError> {
+        match ev {
+            DiskEvent::Read { key, result } => {
+                self.reading.remove(&key);
+                match result {
+                    Ok(payload) if self.spool.get(key.0, key.1).is_some() => {
+                        self.cache_insert(key, payload);
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        eprintln!(
+                            "widgetry-agent: cannot read batch {} of session {} back from the spool ({e}); dropping it (reported as a gap)",
+                            key.1, key.0
+                        );
+                        self.forget_as_gap(key)?;
+                    }
+                }
+                Ok(())
+            }
+            DiskEvent::Failed {
+                segment,
+                batches,
+                error,
+            } => {
+                eprintln!(
+                    "widgetry-agent: spool write failed ({error}); {} batches not on disk are reported as a gap",
+                    batches.len()
+                );
+                let lost = self.spool.on_failed(segment, &batches)?;
+                self.lost(lost);
+                Ok(())
+            }
+            DiskEvent::Problem(msg) => {
+                eprintln!("widgetry-agent: {msg}");
+                Ok(())
+            }
+        }
+    }
+
+    /// Records spool entries that are gone as gaps.
+    fn lost(&mut self, entries: Vec<Entry>) {
+        let gaps = entries
+            .into_iter()
+            .map(|e| {
+                self.cache_remove(&(e.session, e.seq));
+                Gap {
+                    session: e.session,
+                    from_seq: e.seq,
+                    to_seq: e.seq,
+                    samples: u64::from(e.samples),
+                    from_ts_ms: e.min_ts,
+                    to_ts_ms: e.max_ts,
+                }
+            })
+            .collect();
+        self.record_gaps(gaps);
+    }
+
+    /// Forgets a spooled batch that cannot be sent, reporting it as a gap.
+    fn forget_as_gap(&mut self, key: Key) -> Result<(), SpoolError> {
+        if let Some(entry) = self.spool.get(key.0, key.1).cloned() {
+            self.spool.ack(key.0, key.1)?;
+            self.lost(vec![entry]);
+        }
+        Ok(())
     }
 
     /// The session-local id of `key`, registered on first use.
@@ -135,6 +247,7 @@ impl Outbox {
                 }
                 self.defs.remove(&(g.session, seq));
                 self.sent_at.remove(&(g.session, seq));
+                self.cache_remove(&(g.session, seq));
             }
             self.gaps_pending.push(g);
         }
@@ -158,11 +271,13 @@ impl Outbox {
         let key = (batch.session, batch.seq);
         let samples = batch.sample_count() as u32;
         let range = batch.ts_range().unwrap_or((0, 0));
+        let payload = batch.encode();
         match self
             .spool
-            .append(batch.session, batch.seq, samples, range, &batch.encode())
+            .append(batch.session, batch.seq, samples, range, &payload)
         {
             Ok(gaps) => {
+                self.cache_insert(key, payload);
                 if !batch.gaps.is_empty() {
                     self.gaps_carried
                         .insert(key, std::mem::take(&mut self.gaps_pending));
@@ -223,6 +338,7 @@ impl Outbox {
                 self.acked_samples += u64::from(samples);
             }
             self.sent_at.remove(&key);
+            self.cache_remove(&key);
             self.gaps_carried.remove(&key);
             if let Some(ids) = self.defs.remove(&key) {
                 if ack.session == self.session {
@@ -367,6 +483,9 @@ impl Outbox {
             .filter(|k| self.sent_at.get(k).is_none_or(|t| now - *t >= timeout))
             .take(window.saturating_sub(in_flight))
             .collect();
+        // Payloads not in memory are asked of the disk thread; sending
+        // stops at the first of them, so batches go out in spool order.
+        let mut waiting = false;
         for key in due {
             if in_flight >= window {
                 break;
@@ -374,7 +493,21 @@ impl Outbox {
             let Some(entry) = self.spool.get(key.0, key.1).cloned() else {
                 continue;
             };
-            let mut payload = self.spool.read(&entry)?;
+            let cached = if waiting {
+                None
+            } else {
+                self.cache.get(&key).cloned()
+            };
+            let Some(mut payload) = cached else {
+                waiting = true;
+                let budget = self.cache_bytes + self.reading.len() * entry.len as usize;
+                if !self.reading.contains(&key) && (self.reading.is_empty() || budget < CACHE_BYTES)
+                {
+                    self.spool.request_read(&entry)?;
+                    self.reading.insert(key);
+                }
+                continue;
+            };
             if self.heal.contains(&key.0) {
                 match self.with_defs(key, &payload) {
                     Some(p) => payload = p,
@@ -383,15 +516,7 @@ impl Outbox {
                             "widgetry-agent: batch {} of session {} refers to series the server has lost and this agent no longer knows; dropping it (reported as a gap)",
                             key.1, key.0
                         );
-                        self.spool.ack(key.0, key.1)?;
-                        self.record_gaps(vec![Gap {
-                            session: key.0,
-                            from_seq: key.1,
-                            to_seq: key.1,
-                            samples: u64::from(entry.samples),
-                            from_ts_ms: entry.min_ts,
-                            to_ts_ms: entry.max_ts,
-                        }]);
+                        self.forget_as_gap(key)?;
                         continue;
                     }
                 }
@@ -620,6 +745,7 @@ mod tests {
         // Each gap is carried by exactly one spooled batch, or is pending
         // for the next one.
         let mut carried = Vec::new();
+        o.spool.flush();
         for e in o.spool.pending() {
             let bytes = o.spool.read(e).expect("read");
             let decoded = DecodedBatch::decode(&bytes, &Default::default(), 1_800_000_000_000)

@@ -12,14 +12,23 @@
 //! When the spool would exceed its size, the oldest segment is deleted and
 //! its unacknowledged batches become [`Gap`]s: never dropped silently.
 //! Only batch metadata stays in memory; payloads are read back from disk.
+//!
+//! The bookkeeping happens here, on the event loop, and is immediate; the
+//! file work (writes, fsyncs, reads for sending, deletes) is queued to the
+//! disk thread of [`crate::disk`], which also defines what is durable when.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
+use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
+use std::time::Duration;
+
+use tokio::sync::mpsc::UnboundedReceiver;
 use widgetry_proto::SessionId;
+
+use crate::disk::{Cmd, Disk, DiskEvent, Kind, MAX_QUEUED_BYTES};
 
 const KIND_BATCH: u8 = 1;
 const KIND_ACK: u8 = 2;
@@ -36,6 +45,12 @@ pub enum SpoolError {
         #[source]
         source: io::Error,
     },
+    #[error(
+        "spool {path}: the disk has not kept up: {queued} bytes still wait to be written; the batch is dropped (reported as a gap)"
+    )]
+    Backlog { path: String, queued: u64 },
+    #[error("spool {path}: the disk thread has stopped")]
+    DiskGone { path: String },
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> SpoolError + '_ {
@@ -56,9 +71,10 @@ pub struct Entry {
     pub samples: u32,
     pub min_ts: i64,
     pub max_ts: i64,
-    segment: u64,
-    offset: u64,
-    len: u32,
+    pub(crate) segment: u64,
+    pub(crate) offset: u64,
+    /// Payload bytes.
+    pub len: u32,
 }
 
 struct Segment {
@@ -83,12 +99,12 @@ pub struct Spool {
     max_bytes: u64,
     segment_bytes: u64,
     segments: BTreeMap<u64, Segment>,
-    active: File,
     active_id: u64,
     /// Unacknowledged batches in spool order.
     order: VecDeque<(SessionId, u64)>,
     entries: HashMap<(SessionId, u64), Entry>,
     total: u64,
+    disk: Disk,
 }
 
 /// CRC-32 (IEEE), bitwise: records are small and written once a second.
@@ -188,6 +204,17 @@ impl Spool {
         max_bytes: u64,
         segment_bytes: u64,
     ) -> Result<(Spool, Recovery), SpoolError> {
+        Spool::open_with(dir, max_bytes, segment_bytes, Duration::ZERO)
+    }
+
+    /// [`Spool::open`], with `test_sync_delay` added to every fsync (a
+    /// test hook standing for a slow disk).
+    pub fn open_with(
+        dir: &Path,
+        max_bytes: u64,
+        segment_bytes: u64,
+        test_sync_delay: Duration,
+    ) -> Result<(Spool, Recovery), SpoolError> {
         fs::create_dir_all(dir).map_err(io_err(dir))?;
         let mut ids: Vec<u64> = fs::read_dir(dir)
             .map_err(io_err(dir))?
@@ -269,14 +296,11 @@ impl Spool {
             }
         }
         recovery.batches = order.len();
-        // Always append to a fresh segment: old ones are never written again.
+        // Always append to a fresh segment (created by its first write):
+        // old ones are never written again.
         let active_id = ids.last().map_or(0, |i| i + 1);
         let active_path = segment_path(dir, active_id);
-        let active = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&active_path)
-            .map_err(io_err(&active_path))?;
+        let disk = Disk::start(dir, test_sync_delay).map_err(io_err(dir))?;
         segments.insert(
             active_id,
             Segment {
@@ -291,11 +315,11 @@ impl Spool {
             max_bytes,
             segment_bytes,
             segments,
-            active,
             active_id,
             order,
             entries,
             total,
+            disk,
         };
         spool.remove_dead_segments()?;
         Ok((spool, recovery))
@@ -320,12 +344,19 @@ impl Spool {
         body.extend_from_slice(&ts_range.1.to_le_bytes());
         body.extend_from_slice(payload);
         let rec = encode_record(&body);
+        let queued = self.disk.queued_bytes();
+        if queued > MAX_QUEUED_BYTES {
+            return Err(SpoolError::Backlog {
+                path: self.dir.display().to_string(),
+                queued,
+            });
+        }
         if self.active_size() > 0 && self.active_size() + rec.len() as u64 > self.segment_bytes {
             self.roll()?;
         }
         let gaps = self.make_room(rec.len() as u64)?;
         let offset = self.active_size() + HEADER as u64 + 1 + 44;
-        self.write_active(&rec, true)?;
+        self.write_active(rec, Kind::Batch((session, seq)))?;
         self.order.push_back((session, seq));
         self.entries.insert(
             (session, seq),
@@ -361,7 +392,7 @@ impl Spool {
         body.extend_from_slice(&seq.to_le_bytes());
         // An ack record lost in a crash only causes a resend, which the
         // server deduplicates: no fsync needed.
-        self.write_active(&encode_record(&body), false)?;
+        self.write_active(encode_record(&body), Kind::Ack((session, seq)))?;
         if let Some(s) = self.segments.get_mut(&entry.segment) {
             s.live = s.live.saturating_sub(1);
         }
@@ -369,7 +400,69 @@ impl Spool {
         Ok(true)
     }
 
-    /// Reads back a spooled batch's payload.
+    /// Asks the disk thread for a batch's payload; it arrives as a
+    /// [`DiskEvent::Read`].
+    pub fn request_read(&self, entry: &Entry) -> Result<(), SpoolError> {
+        let sent = self.disk.send(Cmd::Read {
+            segment: entry.segment,
+            offset: entry.offset,
+            len: entry.len,
+            key: (entry.session, entry.seq),
+        });
+        sent.then_some(()).ok_or_else(|| self.gone())
+    }
+
+    fn gone(&self) -> SpoolError {
+        SpoolError::DiskGone {
+            path: self.dir.display().to_string(),
+        }
+    }
+
+    /// The disk thread's reports (taken once, by the event loop).
+    pub fn take_events(&mut self) -> Option<UnboundedReceiver<DiskEvent>> {
+        self.disk.take_events()
+    }
+
+    /// Blocks until every write so far is on disk and fsynced.
+    pub fn flush(&self) {
+        self.disk.flush();
+    }
+
+    /// Fsyncs done by the disk thread, and the time they took.
+    pub fn syncs(&self) -> (u64, Duration) {
+        self.disk.syncs()
+    }
+
+    /// A write or fsync of `segment` failed: forgets `batches` (they are
+    /// not durable: the caller reports them as gaps) and moves to a new
+    /// segment. Returns the entries forgotten.
+    pub fn on_failed(
+        &mut self,
+        segment: u64,
+        batches: &[(SessionId, u64)],
+    ) -> Result<Vec<Entry>, SpoolError> {
+        let mut lost = Vec::new();
+        for key in batches {
+            if let Some(e) = self.entries.remove(key) {
+                if let Some(s) = self.segments.get_mut(&e.segment) {
+                    s.live = s.live.saturating_sub(1);
+                }
+                lost.push(e);
+            }
+        }
+        if !lost.is_empty() {
+            self.order.retain(|k| self.entries.contains_key(k));
+        }
+        if segment == self.active_id {
+            self.roll()?;
+        } else {
+            self.remove_dead_segments()?;
+        }
+        Ok(lost)
+    }
+
+    /// Reads back a spooled batch's payload, blocking: for tests and for
+    /// the rare read of an earlier run's series table.
     pub fn read(&self, entry: &Entry) -> Result<Vec<u8>, SpoolError> {
         let seg = self
             .segments
@@ -412,27 +505,26 @@ impl Spool {
         self.segments.get(&self.active_id).map_or(0, |s| s.size)
     }
 
-    fn write_active(&mut self, rec: &[u8], sync: bool) -> Result<(), SpoolError> {
-        let path = segment_path(&self.dir, self.active_id);
-        self.active.write_all(rec).map_err(io_err(&path))?;
-        if sync {
-            self.active.sync_data().map_err(io_err(&path))?;
+    fn write_active(&mut self, rec: Vec<u8>, kind: Kind) -> Result<(), SpoolError> {
+        let len = rec.len() as u64;
+        let sent = self.disk.send(Cmd::Write {
+            segment: self.active_id,
+            rec,
+            kind,
+        });
+        if !sent {
+            return Err(self.gone());
         }
         if let Some(s) = self.segments.get_mut(&self.active_id) {
-            s.size += rec.len() as u64;
+            s.size += len;
         }
-        self.total += rec.len() as u64;
+        self.total += len;
         Ok(())
     }
 
     fn roll(&mut self) -> Result<(), SpoolError> {
         self.active_id += 1;
         let path = segment_path(&self.dir, self.active_id);
-        self.active = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)
-            .map_err(io_err(&path))?;
         self.segments.insert(
             self.active_id,
             Segment {
@@ -487,7 +579,7 @@ impl Spool {
             self.order.retain(|k| self.entries.contains_key(k));
             if let Some(seg) = self.segments.remove(&oldest) {
                 self.total -= seg.size;
-                fs::remove_file(&seg.path).map_err(io_err(&seg.path))?;
+                self.remove_file(oldest)?;
             }
         }
         Ok(gaps)
@@ -503,10 +595,18 @@ impl Spool {
         for id in dead {
             if let Some(seg) = self.segments.remove(&id) {
                 self.total -= seg.size;
-                fs::remove_file(&seg.path).map_err(io_err(&seg.path))?;
+                self.remove_file(id)?;
             }
         }
         Ok(())
+    }
+
+    fn remove_file(&self, segment: u64) -> Result<(), SpoolError> {
+        if self.disk.send(Cmd::Remove(segment)) {
+            Ok(())
+        } else {
+            Err(self.gone())
+        }
     }
 }
 
@@ -590,6 +690,46 @@ mod tests {
                 "kept records are intact"
             );
         }
+    }
+
+    #[test]
+    fn a_slow_fsync_does_not_hold_up_appends_or_acks() {
+        let dir = tempfile::tempdir().expect("dir");
+        let (mut s, _) =
+            Spool::open_with(dir.path(), 1 << 20, 1 << 20, Duration::from_secs(2)).expect("open");
+        let started = std::time::Instant::now();
+        for seq in 1..=5 {
+            s.append(S, seq, 1, (0, 0), &payload(seq)).expect("append");
+            std::thread::sleep(crate::disk::SYNC_AFTER);
+        }
+        assert!(s.ack(S, 1).expect("ack"));
+        assert!(
+            started.elapsed() < 5 * crate::disk::SYNC_AFTER + Duration::from_secs(1),
+            "appends waited for the disk: {:?}",
+            started.elapsed()
+        );
+        drop(s);
+        let (s, rec) = Spool::open(dir.path(), 1 << 20, 1 << 20).expect("reopen");
+        assert_eq!(rec.batches, 4, "closing the spool wrote and synced all");
+        assert_eq!(
+            s.pending().map(|e| e.seq).collect::<Vec<_>>(),
+            vec![2, 3, 4, 5]
+        );
+    }
+
+    #[test]
+    fn a_batch_acknowledged_before_its_fsync_is_not_fsynced() {
+        let dir = tempfile::tempdir().expect("dir");
+        let (mut s, _) = Spool::open(dir.path(), 1 << 20, 1 << 20).expect("open");
+        s.append(S, 1, 1, (0, 0), &payload(1)).expect("append");
+        s.ack(S, 1).expect("ack");
+        s.flush();
+        assert_eq!(s.syncs().0, 0, "the server holds it: no fsync");
+        s.append(S, 2, 1, (0, 0), &payload(2)).expect("append");
+        s.flush();
+        assert_eq!(s.syncs().0, 1, "an unacknowledged batch is fsynced");
+        let e = s.get(S, 2).cloned().expect("spooled");
+        assert_eq!(s.read(&e).expect("read"), payload(2));
     }
 
     #[test]

@@ -329,3 +329,62 @@ async fn full_spool_reports_the_gap_and_keeps_going() {
     );
     store.close().await;
 }
+
+/// A disk whose fsync takes 2 s (the spool's test hook) stalls neither
+/// the agent's event loop nor statsd: while the server is away the agent
+/// spools (and fsyncs) its batches, statsd packets keep arriving, and once
+/// the server is up every counted hit is stored and every batch acked; no
+/// wake-up of the event loop took 100 ms.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_fsync_stalls_neither_acks_nor_statsd() {
+    let dir = tempfile::tempdir().expect("dir");
+    let (mqtt, http) = (free_port(), free_port());
+    let udp = std::net::UdpSocket::bind("127.0.0.1:0").expect("udp");
+    let statsd_addr = udp.local_addr().expect("addr");
+    drop(udp);
+    let spool = tempfile::tempdir().expect("spool");
+    let mut cfg = AgentConfig::new("127.0.0.1", mqtt, "slowdisk");
+    cfg.interval = Duration::from_millis(100);
+    cfg.batch_max_wait = Duration::from_millis(100);
+    cfg.ack_timeout = Duration::from_secs(2);
+    cfg.spool_dir = spool.path().to_path_buf();
+    cfg.statsd = Some(statsd_addr);
+    cfg.statsd_flush = Duration::from_millis(100);
+    cfg.test_fsync_delay = Duration::from_secs(2);
+    let agent = Agent::with_config(cfg, spool);
+    let sender = std::net::UdpSocket::bind("127.0.0.1:0").expect("udp");
+    let hits = |n: usize| {
+        let sender = &sender;
+        async move {
+            for _ in 0..n {
+                sender.send_to(b"hits:1|c", statsd_addr).expect("send");
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            }
+        }
+    };
+    // The server is away: batches wait in the spool for their fsync.
+    hits(40).await;
+    let serve = ServeProc::start(mqtt, http, dir.path()).await;
+    hits(40).await;
+    let stored = wait_for("all 80 hits stored", Duration::from_secs(60), || async {
+        let sum: f64 = series_points(serve.http, "slowdisk", "hits.count")
+            .await
+            .iter()
+            .map(|p| p.1)
+            .sum();
+        (sum >= 80.0).then_some(sum)
+    })
+    .await;
+    assert_eq!(stored, 80.0, "every hit once");
+    let report = agent.stop().await;
+    assert!(
+        report.spool_syncs >= 1 && report.spool_sync_time >= Duration::from_secs(2),
+        "the slow fsync was exercised: {report:?}"
+    );
+    assert!(
+        report.longest_stall < Duration::from_millis(100),
+        "the event loop waited for the disk: {report:?}"
+    );
+    assert_eq!(report.samples_acked, report.samples_taken, "{report:?}");
+    assert_eq!(report.batches_dropped, 0, "{report:?}");
+}
