@@ -15,6 +15,7 @@ pub mod outbox;
 pub mod sampler;
 pub mod settings;
 pub mod spool;
+pub mod system;
 pub mod tls;
 
 use std::future::Future;
@@ -60,6 +61,8 @@ pub struct AgentConfig {
     pub window: usize,
     /// Processes to watch (by name or pid).
     pub watch: Vec<sampler::Target>,
+    /// System inputs to collect (`--inputs`).
+    pub inputs: Vec<system::Input>,
     /// Unix datagram socket for the local app protocol, if enabled.
     pub events_socket: Option<PathBuf>,
     /// Loopback UDP address for the local app protocol, if enabled.
@@ -93,6 +96,7 @@ impl AgentConfig {
             spool_max_bytes: 64 * 1024 * 1024,
             window: 64,
             watch: Vec::new(),
+            inputs: system::Input::ALL.to_vec(),
             events_socket: None,
             events_udp: None,
             events_queue: 10_000,
@@ -286,7 +290,6 @@ pub async fn run(
         })?),
         None => None,
     };
-    let events_topic = Topic::name(&cfg.device, TopicKind::Events);
     let mut events = local::EventQueue::new(cfg.events_queue);
     let mut local_buf = vec![0u8; if local_unix.is_some() { 65_536 } else { 0 }];
     let mut udp_buf = vec![0u8; if local_udp.is_some() { 65_536 } else { 0 }];
@@ -296,7 +299,7 @@ pub async fn run(
     let mut statsd_tick =
         tokio::time::interval_at(Instant::now() + cfg.statsd_flush, cfg.statsd_flush);
     statsd_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    let mut sampler = Sampler::new(&cfg.watch).map_err(AgentError::Sampler)?;
+    let mut sampler = Sampler::new(&cfg.watch, &cfg.inputs).map_err(AgentError::Sampler)?;
     let mut outbox = Outbox::new(spool, session);
     let mut samples_taken = 0u64;
     let mut builder = BatchBuilder::default();
@@ -365,21 +368,15 @@ pub async fn run(
             }
         }
         let full = builder.len() >= cfg.batch_max_samples
-            || builder.max_encoded_len() >= cfg.batch_max_bytes;
+            || builder.max_encoded_len() + events.bytes() >= cfg.batch_max_bytes;
         let due = batch_started.is_some_and(|t| t.elapsed() >= cfg.batch_max_wait);
-        if !builder.is_empty() && (full || due) {
-            spool_result(outbox.seal(&mut builder));
-            batch_started = None;
+        if (!builder.is_empty() || !events.is_empty()) && (full || due) {
+            seal(&mut outbox, &mut builder, &mut events, cfg.batch_max_bytes);
+            // Events beyond one batch's bytes go in the next one, at once.
+            batch_started = (!events.is_empty()).then(Instant::now);
         }
         if connected {
             spool_result(outbox.send(&client, &samples_topic, cfg.window, cfg.ack_timeout));
-            if !events.is_empty() {
-                events.publish(session, 1000, |payload| {
-                    client
-                        .try_publish(&events_topic, QoS::AtLeastOnce, false, payload)
-                        .is_ok()
-                });
-            }
         }
         longest_stall = longest_stall.max(woke.elapsed());
     }
@@ -387,11 +384,11 @@ pub async fn run(
     // Drain: publish the partial batch, and gap reports that no batch has
     // carried yet (spooling a batch can itself drop older ones, hence the
     // loop), then wait for acknowledgements.
-    for _ in 0..3 {
-        if builder.is_empty() && !outbox.has_pending_gaps() {
+    for _ in 0..(3 + cfg.events_queue) {
+        if builder.is_empty() && events.is_empty() && !outbox.has_pending_gaps() {
             break;
         }
-        spool_result(outbox.seal(&mut builder));
+        seal(&mut outbox, &mut builder, &mut events, cfg.batch_max_bytes);
     }
     let deadline = Instant::now() + drain;
     while !outbox.is_empty() && Instant::now() < deadline {
@@ -408,18 +405,6 @@ pub async fn run(
         }
     }
     if connected {
-        while !events.is_empty() {
-            let mut sent = false;
-            events.publish(session, 1000, |payload| {
-                sent = client
-                    .try_publish(&events_topic, QoS::AtLeastOnce, false, payload)
-                    .is_ok();
-                sent
-            });
-            if !sent {
-                break;
-            }
-        }
         match status(session, State::Offline) {
             Ok(payload) => {
                 let _ = client.try_publish(&status_topic, QoS::AtLeastOnce, true, payload);
@@ -455,6 +440,19 @@ pub async fn run(
         statsd_bad_lines: statsd.stats().bad_lines_total(),
         statsd_dropped: statsd.stats().dropped_total(),
     })
+}
+
+/// Spools the samples in `builder` and the queued events that fit the
+/// batch's byte budget as the next batch.
+fn seal(
+    outbox: &mut Outbox,
+    builder: &mut BatchBuilder,
+    events: &mut local::EventQueue,
+    max_bytes: usize,
+) {
+    let room = max_bytes.saturating_sub(builder.max_encoded_len());
+    let evs = events.take(room, now_ms());
+    spool_result(outbox.seal(builder, evs));
 }
 
 /// What woke the event loop.

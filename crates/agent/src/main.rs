@@ -30,6 +30,9 @@ OPTIONS:
     --watch NAME              watch processes with this exact name (repeatable): CPU %,
                               RSS, threads, count, up, restarts as proc.* series
     --watch-pid PID           watch one process by pid (repeatable)
+    --inputs LIST             system inputs to collect, comma-separated, from
+                              cpu,cpus,load,mem,swap,fs,disk,net,uptime,temp (README's table),
+                              or all / none [default all]
     --events-socket PATH      local protocol: Unix datagram socket for newline-delimited JSON
                               events {\"event\":\"name\",...} and samples {\"series\":..,\"value\":..}
     --events-udp ADDR         local protocol on a loopback UDP address, e.g. 127.0.0.1:8126
@@ -121,9 +124,19 @@ fn main() -> ExitCode {
             let tls = c.tls.as_ref().map_or("plain MQTT".to_string(), |t| {
                 format!("TLS (CA file {})", t.ca_file.display())
             });
+            let inputs: Vec<&str> = c.inputs.iter().map(|i| i.name()).collect();
             println!(
-                "arguments ok: device {} broker {}:{} {tls} interval {:?}",
-                c.device, c.broker_host, c.broker_port, c.interval
+                "arguments ok: device {} broker {}:{} {tls} interval {:?} batch-max-wait {:?} inputs {}",
+                c.device,
+                c.broker_host,
+                c.broker_port,
+                c.interval,
+                c.batch_max_wait,
+                if inputs.is_empty() {
+                    "none".to_string()
+                } else {
+                    inputs.join(",")
+                }
             );
             return ExitCode::SUCCESS;
         }

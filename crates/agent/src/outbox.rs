@@ -228,11 +228,17 @@ impl Outbox {
             .collect()
     }
 
-    /// Spools the samples accumulated in `builder` as this session's next
-    /// batch, with the definitions the server has not acknowledged yet.
-    pub fn seal(&mut self, builder: &mut BatchBuilder) -> Result<(), SpoolError> {
+    /// Spools the samples accumulated in `builder`, and `events`, as this
+    /// session's next batch, with the definitions the server has not
+    /// acknowledged yet.
+    pub fn seal(
+        &mut self,
+        builder: &mut BatchBuilder,
+        events: Vec<widgetry_proto::json::Event>,
+    ) -> Result<(), SpoolError> {
         let defs = self.unacked_defs();
-        let batch = builder.finish(self.session, self.last_seq + 1, defs);
+        let mut batch = builder.finish(self.session, self.last_seq + 1, defs);
+        batch.events = events;
         self.push(batch)
     }
 
@@ -617,7 +623,7 @@ mod tests {
         let mut b = BatchBuilder::default();
         for _ in 0..3 {
             b.push(o.series_id(&SeriesKey::plain("a")), 1_700_000_000_000, 1.0);
-            o.seal(&mut b).expect("seal");
+            o.seal(&mut b, vec![]).expect("seal");
         }
         let settled: Vec<u64> = published(&mut o)
             .iter()
@@ -631,7 +637,7 @@ mod tests {
         })
         .expect("ack");
         b.push(0, 1_700_000_000_001, 2.0);
-        o.seal(&mut b).expect("seal");
+        o.seal(&mut b, vec![]).expect("seal");
         let sent = published(&mut o);
         assert_eq!(
             sent.iter()
@@ -681,7 +687,7 @@ mod tests {
         let mut b = BatchBuilder::default();
         let a = o.series_id(&SeriesKey::plain("a"));
         b.push(a, 1_700_000_000_000, 1.0);
-        o.seal(&mut b).expect("seal");
+        o.seal(&mut b, vec![]).expect("seal");
         o.ack(&Ack {
             session: S,
             through: 1,
@@ -691,7 +697,7 @@ mod tests {
         // Batch 2 refers to `a` by id only; `b` is new and defined in it.
         b.push(a, 1_700_000_000_001, 2.0);
         b.push(o.series_id(&SeriesKey::plain("b")), 1_700_000_000_001, 3.0);
-        o.seal(&mut b).expect("seal");
+        o.seal(&mut b, vec![]).expect("seal");
         let first = published(&mut o);
         assert_eq!(
             first[0].series.iter().map(|d| d.0).collect::<Vec<_>>(),
@@ -725,7 +731,7 @@ mod tests {
         .expect("ack");
         assert!(o.unacked_defs().is_empty());
         b.push(a, 1_700_000_000_002, 4.0);
-        o.seal(&mut b).expect("seal");
+        o.seal(&mut b, vec![]).expect("seal");
         assert!(
             published(&mut o)[0].series.is_empty(),
             "healed: ids alone again"

@@ -1,6 +1,7 @@
-//! System sampling with sysinfo: global CPU % and memory, and the process
-//! watchdog. Series keys are built once; a sample call allocates nothing of
-//! its own beyond sysinfo's refresh.
+//! Sampling: the system inputs of [`crate::system`] and the process
+//! watchdog (sysinfo, created only when processes are watched). Series keys
+//! are built once; a sample call allocates nothing of its own beyond
+//! sysinfo's refresh.
 //!
 //! Watched processes (by exact name, or by pid) yield, labelled
 //! `process=<name>` (and `pid=<pid>` for pid watches):
@@ -62,17 +63,16 @@ struct Watch {
     restarts: u64,
 }
 
-/// Reads CPU, memory and watched-process statistics.
+/// Reads the system inputs and watched-process statistics.
 pub struct Sampler {
-    sys: System,
-    cpu: SeriesKey,
-    used: SeriesKey,
-    total: SeriesKey,
+    system: crate::system::System,
+    /// sysinfo, for the process watchdog only.
+    sys: Option<System>,
     watches: Vec<Watch>,
     tick: u32,
 }
 
-fn label_value(s: &str) -> String {
+pub(crate) fn label_value(s: &str) -> String {
     let v: String = s
         .chars()
         .filter(|c| !c.is_control())
@@ -90,9 +90,14 @@ fn label_value(s: &str) -> String {
 
 impl Sampler {
     /// Creates a sampler; the first CPU reading is a baseline.
-    pub fn new(targets: &[Target]) -> Result<Self, String> {
-        let mut sys = System::new().map_err(|e| e.to_string())?;
-        sys.refresh_cpu_usage();
+    pub fn new(targets: &[Target], inputs: &[crate::system::Input]) -> Result<Self, String> {
+        let sys = if targets.is_empty() {
+            None
+        } else {
+            let mut sys = System::new().map_err(|e| e.to_string())?;
+            sys.refresh_cpu_usage();
+            Some(sys)
+        };
         let watches = targets
             .iter()
             .map(|t| {
@@ -119,10 +124,8 @@ impl Sampler {
             })
             .collect();
         Ok(Sampler {
+            system: crate::system::System::new(inputs),
             sys,
-            cpu: SeriesKey::plain("cpu.usage_pct"),
-            used: SeriesKey::plain("mem.used_bytes"),
-            total: SeriesKey::plain("mem.total_bytes"),
             watches,
             tick: 0,
         })
@@ -130,17 +133,17 @@ impl Sampler {
 
     /// Takes one reading of every series and hands each to `emit`.
     pub fn sample(&mut self, mut emit: impl FnMut(&SeriesKey, f64)) {
-        self.sys.refresh_cpu_usage();
-        self.sys.refresh_memory();
-        emit(&self.cpu, f64::from(self.sys.global_cpu_usage()));
-        emit(&self.used, self.sys.used_memory() as f64);
-        emit(&self.total, self.sys.total_memory() as f64);
+        self.system.sample(&mut emit);
         if !self.watches.is_empty() {
             self.sample_processes(&mut emit);
         }
     }
 
     fn sample_processes(&mut self, emit: &mut impl FnMut(&SeriesKey, f64)) {
+        let Some(sys) = self.sys.as_mut() else {
+            return;
+        };
+        sys.refresh_cpu_usage();
         let kind = ProcessRefreshKind::nothing().with_cpu().with_memory();
         let scan = self.tick.is_multiple_of(SCAN_EVERY)
             || self
@@ -149,12 +152,10 @@ impl Sampler {
                 .any(|w| matches!(w.target, Target::Name(_)) && w.pids.is_empty());
         self.tick = self.tick.wrapping_add(1);
         if scan {
-            self.sys
-                .refresh_processes_specifics(ProcessesToUpdate::All, true, kind.with_tasks());
+            sys.refresh_processes_specifics(ProcessesToUpdate::All, true, kind.with_tasks());
             for w in &mut self.watches {
                 if let Target::Name(name) = &w.target {
-                    w.pids = self
-                        .sys
+                    w.pids = sys
                         .processes_by_exact_name(name.as_ref())
                         .map(|p| p.pid())
                         .collect();
@@ -162,7 +163,7 @@ impl Sampler {
             }
         } else {
             let pids: Vec<Pid> = self.watches.iter().flat_map(|w| w.pids.clone()).collect();
-            self.sys.refresh_processes_specifics(
+            sys.refresh_processes_specifics(
                 ProcessesToUpdate::Some(&pids),
                 true,
                 kind.with_tasks(),
@@ -171,9 +172,9 @@ impl Sampler {
         for w in &mut self.watches {
             let (mut cpu, mut rss, mut threads, mut count) = (0.0f64, 0u64, 0usize, 0u32);
             let mut oldest: Option<u64> = None;
-            w.pids.retain(|pid| self.sys.process(*pid).is_some());
+            w.pids.retain(|pid| sys.process(*pid).is_some());
             for pid in &w.pids {
-                if let Some(p) = self.sys.process(*pid) {
+                if let Some(p) = sys.process(*pid) {
                     cpu += f64::from(p.cpu_usage());
                     rss += p.memory();
                     threads += p.tasks().map_or(1, |t| t.len().max(1));
@@ -232,8 +233,11 @@ mod tests {
         let start = || Command::new(&bin).arg("30").spawn().expect("spawn");
         let key = |series: &str| format!("{series}{{process={name}}}");
         let mut child = start();
-        let mut s = Sampler::new(&[Target::Name(name.clone()), Target::Pid(std::process::id())])
-            .expect("sampler");
+        let mut s = Sampler::new(
+            &[Target::Name(name.clone()), Target::Pid(std::process::id())],
+            &[],
+        )
+        .expect("sampler");
         let r = readings(&mut s);
         assert_eq!(r[&key("proc.up")], 1.0, "{r:?}");
         assert_eq!(r[&key("proc.count")], 1.0);

@@ -21,7 +21,7 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
 
 /// Every setting, as a flag name without `--`; the same names (with `_`
 /// for `-`) are the keys of `agent.toml`.
-pub const KEYS: [&str; 20] = [
+pub const KEYS: [&str; 21] = [
     "broker",
     "device",
     "username",
@@ -41,6 +41,7 @@ pub const KEYS: [&str; 20] = [
     "statsd",
     "statsd-flush",
     "events-queue",
+    "inputs",
     "config",
 ];
 
@@ -103,6 +104,7 @@ pub fn load_text(path: &str, text: &str, raw: &mut Raw, problems: &mut Vec<Strin
                     raw.set(key, item, source.clone());
                 }
             }
+            (conf::Value::List(items), "inputs") => raw.set(key, items.join(","), source),
             (conf::Value::Scalar(s), _) => raw.set(key, s, source),
             (conf::Value::List(_), _) => {
                 problems.push(format!("{source}: expected a single value, not a list"))
@@ -178,6 +180,12 @@ pub fn build(raw: Raw, problems: &mut Vec<String>) -> Option<AgentConfig> {
     }
     if let Some(n) = number("events-queue", 1, 1_000_000) {
         cfg.events_queue = n as usize;
+    }
+    if let Some(v) = get("inputs") {
+        match crate::system::Input::parse_list(&v.0) {
+            Ok(list) => cfg.inputs = list,
+            Err(e) => problems.push(format!("{}: {e}", v.1)),
+        }
     }
     if let Some(v) = get("spool-dir") {
         cfg.spool_dir = v.0.into();
@@ -262,6 +270,19 @@ mod tests {
             from_file_text("a.toml", "device = \"kiosk-1\"\nwatch_pid = [12]\n").expect("valid");
         assert_eq!(cfg.device, "kiosk-1");
         assert_eq!(cfg.watch.len(), 1);
+        assert_eq!(cfg.inputs.len(), 10, "every input by default");
+        let cfg = from_file_text("a.toml", "device = \"k\"\ninputs = [\"cpu\", \"net\"]\n")
+            .expect("valid");
+        assert_eq!(
+            cfg.inputs,
+            vec![crate::system::Input::Cpu, crate::system::Input::Net]
+        );
+        let errs =
+            from_file_text("a.toml", "device = \"k\"\ninputs = \"cpu,gpu\"\n").expect_err("gpu");
+        assert!(
+            errs[0].contains("key inputs") && errs[0].contains("gpu"),
+            "{errs:?}"
+        );
         let errs = from_file_text("a.toml", "interval = \"0s\"\nbogus = 1\n").expect_err("invalid");
         // interval, bogus, and the missing device.
         assert_eq!(errs.len(), 3, "{errs:#?}");

@@ -125,6 +125,8 @@ pub struct DecodedBatch {
     /// Seqs of this session at or below this are settled on the device
     /// (acknowledged earlier or reported lost); 0 says nothing.
     pub settled_through: u64,
+    /// App events (validated JSON objects) carried by this batch.
+    pub events: Vec<crate::json::Event>,
 }
 
 impl DecodedBatch {
@@ -259,6 +261,25 @@ impl DecodedBatch {
                 raw.settled_through, raw.seq
             )));
         }
+        if raw.events.len() > crate::json::MAX_EVENTS {
+            return Err(Reject::TooMany(format!(
+                "{} events in one batch; at most {}",
+                raw.events.len(),
+                crate::json::MAX_EVENTS
+            )));
+        }
+        let mut events = Vec::with_capacity(raw.events.len());
+        for (i, text) in raw.events.iter().enumerate() {
+            let body = match serde_json::from_str::<serde_json::Value>(text) {
+                Ok(serde_json::Value::Object(body)) => body,
+                _ => {
+                    return Err(Reject::Json(format!(
+                        "event {i} of the batch is not a JSON object"
+                    )));
+                }
+            };
+            events.push(crate::json::validate_event(body, now_ms)?);
+        }
         let batch = DecodedBatch {
             session,
             seq: raw.seq,
@@ -266,12 +287,17 @@ impl DecodedBatch {
             runs,
             gaps,
             settled_through: raw.settled_through,
+            events,
         };
-        // A batch that carries neither samples nor news of lost or settled
-        // seqs would only use up a commit id.
-        if batch.sample_count() == 0 && batch.gaps.is_empty() && batch.settled_through == 0 {
+        // A batch that carries neither samples, events nor news of lost or
+        // settled seqs would only use up a commit id.
+        if batch.sample_count() == 0
+            && batch.events.is_empty()
+            && batch.gaps.is_empty()
+            && batch.settled_through == 0
+        {
             return Err(Reject::TooMany(
-                "an empty batch (no samples, no gap reports): nothing to store".into(),
+                "an empty batch (no samples, events or gap reports): nothing to store".into(),
             ));
         }
         Ok(batch)
@@ -325,6 +351,11 @@ impl DecodedBatch {
                 })
                 .collect(),
             settled_through: self.settled_through,
+            events: self
+                .events
+                .iter()
+                .map(|e| serde_json::Value::Object(e.body.clone()).to_string())
+                .collect(),
         }
     }
 
@@ -460,6 +491,7 @@ impl BatchBuilder {
             runs,
             gaps: Vec::new(),
             settled_through: 0,
+            events: Vec::new(),
         }
     }
 }
@@ -537,6 +569,7 @@ mod tests {
                     })
                     .collect(),
                 settled_through: seq / 2,
+                events: Vec::new(),
             })
     }
 
@@ -673,6 +706,33 @@ mod tests {
             1,
             vec![(1, SeriesKey::plain("a")), (2, SeriesKey::plain("b"))],
         )
+    }
+
+    #[test]
+    fn events_travel_in_batches_and_are_validated() {
+        let mut b = valid();
+        let mut body = serde_json::Map::new();
+        body.insert("event".into(), "upload_started".into());
+        body.insert("size".into(), 3.into());
+        b.events = vec![crate::json::validate_event(body, NOW - 5).expect("valid")];
+        let got = DecodedBatch::decode(&b.encode(), &Limits::default(), NOW).expect("decode");
+        assert_eq!(got.events, b.events);
+        assert_eq!(got.events[0].ts_ms, NOW - 5);
+        let mut raw = b.to_pb();
+        raw.events = vec!["[1]".into()];
+        let err = DecodedBatch::from_pb(raw.clone(), &Limits::default(), NOW).expect_err("array");
+        assert!(err.to_string().contains("event 0"), "{err}");
+        raw.events = vec![r#"{"size":1}"#.into()];
+        assert!(
+            DecodedBatch::from_pb(raw, &Limits::default(), NOW).is_err(),
+            "no name"
+        );
+        // Events alone make a batch worth storing.
+        let mut only = valid();
+        only.runs.clear();
+        only.series.clear();
+        only.events = b.events.clone();
+        assert!(DecodedBatch::decode(&only.encode(), &Limits::default(), NOW).is_ok());
     }
 
     #[test]

@@ -48,6 +48,7 @@ async fn server_killed_for_30s_loses_and_duplicates_nothing() {
     let mut serve = ServeProc::start(mqtt, http, dir.path()).await;
     let spool = tempfile::tempdir().expect("spool");
     let mut cfg = AgentConfig::new("127.0.0.1", mqtt, "tenhz");
+    cfg.inputs = test_inputs();
     cfg.interval = Duration::from_millis(100);
     cfg.batch_max_wait = Duration::from_millis(300);
     cfg.ack_timeout = Duration::from_secs(3);
@@ -137,6 +138,8 @@ async fn agent_killed_and_restarted_resends_its_spool_without_duplicates() {
                 &format!("127.0.0.1:{mqtt}"),
                 "--device",
                 "phoenix",
+                "--inputs",
+                INPUTS,
             ])
             .args([
                 "--interval",
@@ -245,6 +248,7 @@ async fn full_spool_reports_the_gap_and_keeps_going() {
     let (mqtt, http) = (free_port(), free_port());
     let spool = tempfile::tempdir().expect("spool");
     let mut cfg = AgentConfig::new("127.0.0.1", mqtt, "tiny");
+    cfg.inputs = test_inputs();
     cfg.interval = Duration::from_millis(20);
     cfg.batch_max_samples = 3;
     cfg.spool_max_bytes = 16 * 1024;
@@ -344,6 +348,7 @@ async fn a_slow_fsync_stalls_neither_acks_nor_statsd() {
     drop(udp);
     let spool = tempfile::tempdir().expect("spool");
     let mut cfg = AgentConfig::new("127.0.0.1", mqtt, "slowdisk");
+    cfg.inputs = test_inputs();
     cfg.interval = Duration::from_millis(100);
     cfg.batch_max_wait = Duration::from_millis(100);
     cfg.ack_timeout = Duration::from_secs(2);
@@ -362,6 +367,12 @@ async fn a_slow_fsync_stalls_neither_acks_nor_statsd() {
             }
         }
     };
+    // The agent has bound its statsd socket once the address is taken.
+    wait_for("the agent's statsd socket", Duration::from_secs(20), || {
+        let bound = std::net::UdpSocket::bind(statsd_addr).is_err();
+        async move { bound.then_some(()) }
+    })
+    .await;
     // The server is away: batches wait in the spool for their fsync.
     hits(40).await;
     let serve = ServeProc::start(mqtt, http, dir.path()).await;
@@ -387,4 +398,75 @@ async fn a_slow_fsync_stalls_neither_acks_nor_statsd() {
     );
     assert_eq!(report.samples_acked, report.samples_taken, "{report:?}");
     assert_eq!(report.batches_dropped, 0, "{report:?}");
+}
+
+/// App events take the samples' road: sent while the broker is down, they
+/// are sealed into spooled batches, survive a `kill -9` of the agent, and
+/// the next run delivers each exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_sent_while_the_broker_is_down_survive_an_agent_kill9() {
+    let dir = tempfile::tempdir().expect("dir");
+    let (mqtt, http) = (free_port(), free_port());
+    let spool_dir = dir.path().join("agent-spool");
+    let sock = dir.path().join("events.sock");
+    let start_agent = || {
+        ChildGuard(
+            Command::new(workspace_bin("widgetry-agent"))
+                .args(["--broker", &format!("127.0.0.1:{mqtt}")])
+                .args(["--device", "eventful", "--interval", "1h"])
+                .args(["--batch-max-wait", "100ms"])
+                .arg("--spool-dir")
+                .arg(&spool_dir)
+                .arg("--events-socket")
+                .arg(&sock)
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("start agent"),
+        )
+    };
+    let mut first = start_agent();
+    wait_for(
+        "the events socket is bound",
+        Duration::from_secs(20),
+        || {
+            let ready = sock.exists();
+            async move { ready.then_some(()) }
+        },
+    )
+    .await;
+    let app = std::os::unix::net::UnixDatagram::unbound().expect("unix socket");
+    const N: usize = 50;
+    for n in 0..N {
+        let line = format!("{{\"event\":\"job_done\",\"n\":{n}}}\n");
+        app.send_to(line.as_bytes(), &sock).expect("send an event");
+    }
+    // The last event is in a spool segment (the kernel keeps what was
+    // written when a process is killed).
+    let last = format!("\"n\":{}", N - 1);
+    wait_for("the last event is spooled", Duration::from_secs(20), || {
+        let found = std::fs::read_dir(&spool_dir).ok().is_some_and(|d| {
+            d.filter_map(|e| std::fs::read(e.ok()?.path()).ok())
+                .any(|bytes| bytes.windows(last.len()).any(|w| w == last.as_bytes()))
+        });
+        async move { found.then_some(()) }
+    })
+    .await;
+    first.0.kill().expect("kill -9");
+    first.0.wait().expect("reap");
+    let serve = ServeProc::start(mqtt, http, dir.path()).await;
+    let _second = start_agent();
+    let events = wait_for("all events stored", Duration::from_secs(30), || async {
+        let (status, body) =
+            http_get_json(serve.http, "/api/v1/events?device=eventful&from=0").await;
+        assert_eq!(status, 200, "{body}");
+        let ev = body["events"].as_array().cloned().unwrap_or_default();
+        (ev.len() >= N).then_some(ev)
+    })
+    .await;
+    let mut ns: Vec<i64> = events
+        .iter()
+        .map(|e| e["body"]["n"].as_i64().expect("n"))
+        .collect();
+    ns.sort_unstable();
+    assert_eq!(ns, (0..N as i64).collect::<Vec<_>>(), "each event once");
 }

@@ -14,11 +14,10 @@ use widgetry_proto::SeriesKey;
 use widgetry_server::config::DEFAULT_BROKER_TOML;
 use widgetry_server::store::Store;
 
-const SERIES: [&str; 3] = ["cpu.usage_pct", "mem.used_bytes", "mem.total_bytes"];
-
 /// An agent sampling every 100 ms that resends after 1 s without an ack.
 fn fast_agent(mqtt: u16, device: &str, login: Option<(&str, &str)>) -> Agent {
     let mut cfg = widgetry_agent::AgentConfig::new("127.0.0.1", mqtt, device);
+    cfg.inputs = test_inputs();
     cfg.credentials = login.map(|(u, p)| (u.to_string(), p.to_string()));
     cfg.interval = Duration::from_millis(100);
     cfg.batch_max_wait = Duration::from_millis(200);

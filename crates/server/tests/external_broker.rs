@@ -34,6 +34,7 @@ async fn two_shared_ingestors_on_mosquitto_survive_losing_one() {
     let store = Store::open(&db).await.expect("open db");
     let spool = tempfile::tempdir().expect("spool");
     let mut cfg = AgentConfig::new("127.0.0.1", port, "mosq-dev");
+    cfg.inputs = test_inputs();
     cfg.interval = Duration::from_millis(50);
     cfg.batch_max_wait = Duration::from_millis(100);
     cfg.ack_timeout = Duration::from_secs(1);

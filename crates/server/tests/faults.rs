@@ -141,6 +141,7 @@ impl Workload {
                 let device = format!("{tag}-agent{n}");
                 let spool = tempfile::tempdir().expect("spool");
                 let mut cfg = AgentConfig::new("127.0.0.1", mqtt, &device);
+                cfg.inputs = test_inputs();
                 cfg.interval = Duration::from_millis(100);
                 cfg.batch_max_wait = Duration::from_millis(300);
                 cfg.ack_timeout = Duration::from_secs(2);
@@ -569,6 +570,7 @@ async fn fault_f_agent_killed_while_spooling_and_power_cut() {
     let start_agent = || {
         Command::new(workspace_bin("widgetry-agent"))
             .args(["--broker", &format!("127.0.0.1:{mqtt}"), "--device", device])
+            .args(["--inputs", INPUTS])
             .args(["--interval", "50ms", "--batch-max-wait", "100ms"])
             .args(["--ack-timeout", "2s"])
             .arg("--spool-dir")

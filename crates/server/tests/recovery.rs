@@ -15,11 +15,10 @@ use widgetry_proto::SeriesKey;
 use widgetry_server::config::Database;
 use widgetry_server::store::Store;
 
-const SERIES: [&str; 3] = ["cpu.usage_pct", "mem.used_bytes", "mem.total_bytes"];
-
 fn agent(mqtt: u16, device: &str) -> Agent {
     let spool = tempfile::tempdir().expect("spool dir");
     let mut cfg = AgentConfig::new("127.0.0.1", mqtt, device);
+    cfg.inputs = test_inputs();
     cfg.interval = Duration::from_millis(100);
     cfg.batch_max_wait = Duration::from_millis(200);
     cfg.ack_timeout = Duration::from_secs(1);

@@ -80,14 +80,14 @@ async fn two_agents_are_stored_and_served() {
     for dev in ["agent-a", "agent-b"] {
         let d = wait_for(&format!("{dev} online with its series"), T, || async {
             device_listed(&stack, dev).await.filter(|d| {
-                d["state"] == "online" && d["series"].as_array().is_some_and(|s| s.len() == 3)
+                d["state"] == "online"
+                    && d["series"]
+                        .as_array()
+                        .is_some_and(|s| s.len() == SERIES.len())
             })
         })
         .await;
-        assert_eq!(
-            d["series"],
-            serde_json::json!(["cpu.usage_pct", "mem.total_bytes", "mem.used_bytes"])
-        );
+        assert_eq!(d["series"], serde_json::json!(SERIES));
         let pts = wait_for(&format!("{dev} cpu points via the API"), T, || async {
             let p = points(&stack, dev, "cpu.usage_pct").await;
             (p.len() >= 2).then_some(p)
@@ -622,6 +622,7 @@ async fn gap_claims_cannot_break_fleet_answers() {
             seq,
             series: Vec::new(),
             runs: Vec::new(),
+            events: Vec::new(),
             gaps: vec![widgetry_proto::Gap {
                 session,
                 from_seq: 1,

@@ -436,6 +436,13 @@ impl Writer {
                 .map_err(|_| StoreError::Corrupt(format!("series id {global} exceeds u32")))?;
         }
         batch.series.clear();
+        // Events ride in batches (from the agent's local protocol): stored
+        // with the batch, once, named by (session, seq, index).
+        for (idx, event) in std::mem::take(&mut batch.events).iter().enumerate() {
+            if write::insert_event(tx, device, &session, seq, idx, event).await? {
+                out.events += 1;
+            }
+        }
         self.append(tx, device, batch, received_ms, pending, out)
             .await?;
         Ok(Ok((session, seq)))

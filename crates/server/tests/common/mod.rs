@@ -225,8 +225,24 @@ pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     (status, body.to_string())
 }
 
-/// The series an in-process agent with only system metrics sends.
-pub const SERIES: [&str; 3] = ["cpu.usage_pct", "mem.total_bytes", "mem.used_bytes"];
+/// The agent inputs the tests run with (`--inputs`): whole-machine CPU and
+/// memory give the same series on every machine, unlike per-core CPU,
+/// disks, mounts or interfaces.
+pub const INPUTS: &str = "cpu,mem";
+
+/// [`INPUTS`] for an in-process agent's config.
+pub fn test_inputs() -> Vec<widgetry_agent::system::Input> {
+    widgetry_agent::system::Input::parse_list(INPUTS).expect("test inputs")
+}
+
+/// The series an agent with [`INPUTS`] sends, sorted.
+pub const SERIES: [&str; 5] = [
+    "cpu.iowait_pct",
+    "cpu.usage_pct",
+    "mem.available_bytes",
+    "mem.total_bytes",
+    "mem.used_bytes",
+];
 
 /// Every point of `device`'s `series` (none while the device or series
 /// does not exist yet).
@@ -286,6 +302,7 @@ impl Agent {
         cfg.interval = Duration::from_millis(200);
         cfg.batch_max_wait = Duration::from_millis(200);
         cfg.spool_dir = spool.path().to_path_buf();
+        cfg.inputs = test_inputs();
         Agent::with_config(cfg, spool)
     }
 
