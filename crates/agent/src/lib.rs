@@ -90,7 +90,7 @@ impl AgentConfig {
             interval: Duration::from_secs(1),
             batch_max_samples: 300,
             batch_max_bytes: 256 * 1024,
-            batch_max_wait: Duration::from_secs(1),
+            batch_max_wait: Duration::from_secs(4),
             ack_timeout: Duration::from_secs(10),
             spool_dir: PathBuf::from("widgetry-spool"),
             spool_max_bytes: 64 * 1024 * 1024,
@@ -308,7 +308,9 @@ pub async fn run(
 
     let mut tick = tokio::time::interval(cfg.interval);
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    let mut housekeeping = tokio::time::interval(Duration::from_millis(250));
+    // Resend timeouts and the drain need a wake-up now and then, not often:
+    // every wake-up costs CPU on an idle device.
+    let mut housekeeping = tokio::time::interval(Duration::from_secs(1));
     housekeeping.set_missed_tick_behavior(MissedTickBehavior::Delay);
     tokio::pin!(shutdown);
 

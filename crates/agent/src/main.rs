@@ -21,7 +21,8 @@ OPTIONS:
     --batch-max-samples N     publish a batch once it holds N samples [default 300]
     --batch-max-bytes N       publish a batch before its encoded size can exceed N bytes
                               (1024-1048576) [default 262144]
-    --batch-max-wait DURATION publish a batch once its oldest sample is this old [default 1s]
+    --batch-max-wait DURATION publish a batch once its oldest sample is this old; also how
+                              often the dashboard's live view of the device moves [default 4s]
     --ack-timeout DURATION    resend a batch not acknowledged within this time [default 10s]
     --spool-dir DIR           disk spool of unacknowledged batches [env WIDGETRY_SPOOL_DIR,
                               default ./widgetry-spool]

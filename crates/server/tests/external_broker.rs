@@ -12,9 +12,9 @@ use widgetry_agent::AgentConfig;
 use widgetry_proto::SeriesKey;
 use widgetry_server::store::Store;
 
-async fn stored(store: &Store, device: &str) -> Vec<(i64, f64)> {
+async fn stored(store: &Store, device: &str, series: &str) -> Vec<(i64, f64)> {
     store
-        .series_points(device, &SeriesKey::plain("cpu.usage_pct"), 0, i64::MAX)
+        .series_points(device, &SeriesKey::plain(series), 0, i64::MAX)
         .await
         .expect("query")
         .unwrap_or_default()
@@ -43,32 +43,37 @@ async fn two_shared_ingestors_on_mosquitto_survive_losing_one() {
     wait_for(
         "samples stored through mosquitto",
         Duration::from_secs(30),
-        || async { (stored(&store, "mosq-dev").await.len() >= 20).then_some(()) },
+        || async { (stored(&store, "mosq-dev", "mem.used_bytes").await.len() >= 20).then_some(()) },
     )
     .await;
     first.0.kill().expect("kill -9 one ingestor");
     first.0.wait().expect("reap");
-    let before = stored(&store, "mosq-dev").await.len();
+    let before = stored(&store, "mosq-dev", "mem.used_bytes").await.len();
     wait_for(
         "the other ingestor keeps storing",
         Duration::from_secs(30),
-        || async { (stored(&store, "mosq-dev").await.len() >= before + 40).then_some(()) },
+        || async {
+            (stored(&store, "mosq-dev", "mem.used_bytes").await.len() >= before + 40).then_some(())
+        },
     )
     .await;
     let report = agent.stop().await;
     assert_eq!(report.batches_unacked, 0, "{report:?}");
-    let pts = stored(&store, "mosq-dev").await;
-    for w in pts.windows(2) {
-        assert!(
-            w[0].0 < w[1].0,
-            "duplicate or unordered sample at {}",
-            w[1].0
-        );
+    let mut total = 0u64;
+    for series in SERIES {
+        let pts = stored(&store, "mosq-dev", series).await;
+        for w in pts.windows(2) {
+            assert!(
+                w[0].0 < w[1].0,
+                "{series}: duplicate or unordered sample at {}",
+                w[1].0
+            );
+        }
+        total += pts.len() as u64;
     }
     assert_eq!(
-        pts.len() as u64 * 3,
-        report.samples_taken,
-        "every sample of the 3 series stored once: {report:?}"
+        total, report.samples_taken,
+        "every sample of the agent's series stored once: {report:?}"
     );
     store.close().await;
 }
