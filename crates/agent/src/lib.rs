@@ -296,8 +296,10 @@ pub async fn run(
     // Bounded by its byte budget (widgetry_statsd::DEFAULT_MAX_BYTES).
     let mut statsd = widgetry_statsd::Aggregator::default();
     let mut statsd_buf = vec![0u8; if statsd_sock.is_some() { 65_536 } else { 0 }];
-    let mut statsd_tick =
-        tokio::time::interval_at(Instant::now() + cfg.statsd_flush, cfg.statsd_flush);
+    // All timers share one start, so on an idle device they fall due
+    // together: one wake-up instead of one per timer.
+    let start = Instant::now();
+    let mut statsd_tick = tokio::time::interval_at(start + cfg.statsd_flush, cfg.statsd_flush);
     statsd_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut sampler = Sampler::new(&cfg.watch, &cfg.inputs).map_err(AgentError::Sampler)?;
     let mut outbox = Outbox::new(spool, session);
@@ -306,11 +308,11 @@ pub async fn run(
     let mut batch_started: Option<Instant> = None;
     let mut connected = false;
 
-    let mut tick = tokio::time::interval(cfg.interval);
+    let mut tick = tokio::time::interval_at(start, cfg.interval);
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     // Resend timeouts and the drain need a wake-up now and then, not often:
     // every wake-up costs CPU on an idle device.
-    let mut housekeeping = tokio::time::interval(Duration::from_secs(1));
+    let mut housekeeping = tokio::time::interval_at(start, Duration::from_secs(1));
     housekeeping.set_missed_tick_behavior(MissedTickBehavior::Delay);
     tokio::pin!(shutdown);
 
