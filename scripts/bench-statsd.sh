@@ -15,7 +15,7 @@ cd "$(dirname "$0")/.."
 duration=${1:-30}; devices=${2:-2000}; rate=${3:-100000}
 
 cargo build --release --locked --bin widgetry 2>&1 | tail -1
-w=target/release/widgetry
+w=${CARGO_TARGET_DIR:-target}/release/widgetry
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 work=$(mktemp -d)
 spid=""; cpid=""

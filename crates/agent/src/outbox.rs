@@ -184,14 +184,7 @@ impl Outbox {
             .into_iter()
             .map(|e| {
                 self.cache_remove(&(e.session, e.seq));
-                Gap {
-                    session: e.session,
-                    from_seq: e.seq,
-                    to_seq: e.seq,
-                    samples: u64::from(e.samples),
-                    from_ts_ms: e.min_ts,
-                    to_ts_ms: e.max_ts,
-                }
+                e.as_gap()
             })
             .collect();
         self.record_gaps(gaps);

@@ -17,6 +17,8 @@ use std::collections::BTreeMap;
 use sysinfo::{Pid, ProcessRefreshKind, ProcessesToUpdate, System};
 use widgetry_proto::SeriesKey;
 
+use crate::system::label_value;
+
 /// Full process-table scans happen every this many ticks.
 const SCAN_EVERY: u32 = 10;
 
@@ -70,22 +72,6 @@ pub struct Sampler {
     sys: Option<System>,
     watches: Vec<Watch>,
     tick: u32,
-}
-
-pub(crate) fn label_value(s: &str) -> String {
-    let v: String = s
-        .chars()
-        .filter(|c| !c.is_control())
-        .map(|c| {
-            if matches!(c, ',' | '{' | '}' | '=' | '"') {
-                '_'
-            } else {
-                c
-            }
-        })
-        .take(64)
-        .collect();
-    if v.is_empty() { "unknown".into() } else { v }
 }
 
 impl Sampler {

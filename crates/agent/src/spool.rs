@@ -77,6 +77,20 @@ pub struct Entry {
     pub len: u32,
 }
 
+impl Entry {
+    /// This batch reported as lost.
+    pub fn as_gap(&self) -> Gap {
+        Gap {
+            session: self.session,
+            from_seq: self.seq,
+            to_seq: self.seq,
+            samples: u64::from(self.samples),
+            from_ts_ms: self.min_ts,
+            to_ts_ms: self.max_ts,
+        }
+    }
+}
+
 struct Segment {
     path: PathBuf,
     size: u64,
@@ -566,14 +580,7 @@ impl Spool {
                         g.from_ts_ms = g.from_ts_ms.min(e.min_ts);
                         g.to_ts_ms = g.to_ts_ms.max(e.max_ts);
                     }
-                    _ => gaps.push(Gap {
-                        session: e.session,
-                        from_seq: e.seq,
-                        to_seq: e.seq,
-                        samples: u64::from(e.samples),
-                        from_ts_ms: e.min_ts,
-                        to_ts_ms: e.max_ts,
-                    }),
+                    _ => gaps.push(e.as_gap()),
                 }
             }
             self.order.retain(|k| self.entries.contains_key(k));

@@ -170,6 +170,24 @@ pub struct System {
     tick: u32,
 }
 
+/// A label value: control characters dropped, `, { } = "` made `_`,
+/// at most 64 characters, `unknown` if nothing is left.
+pub(crate) fn label_value(s: &str) -> String {
+    let v: String = s
+        .chars()
+        .filter(|c| !c.is_control())
+        .map(|c| {
+            if matches!(c, ',' | '{' | '}' | '=' | '"') {
+                '_'
+            } else {
+                c
+            }
+        })
+        .take(64)
+        .collect();
+    if v.is_empty() { "unknown".into() } else { v }
+}
+
 fn round_to(v: f64, steps: f64) -> f64 {
     (v * steps).round() / steps
 }
@@ -534,7 +552,7 @@ impl System {
             } else {
                 format!("{kind}.{name}")
             };
-            let label = crate::sampler::label_value(&label);
+            let label = label_value(&label);
             self.temps.push((
                 zone.join("temp"),
                 key("temp.celsius", Some(("zone", &label))),
@@ -564,7 +582,7 @@ impl System {
                 if self.fs_keys.len() >= 64 {
                     continue;
                 }
-                let m = crate::sampler::label_value(&mount.to_string_lossy());
+                let m = label_value(&mount.to_string_lossy());
                 self.fs_keys.insert(
                     mount.clone(),
                     [
@@ -602,7 +620,10 @@ mod tests {
             vec![Input::Cpu, Input::Mem]
         );
         let err = Input::parse_list("cpu,gpu").expect_err("gpu");
-        assert!(err.contains("\"gpu\"") && err.contains("cpu,cpus,load"), "{err}");
+        assert!(
+            err.contains("\"gpu\"") && err.contains("cpu,cpus,load"),
+            "{err}"
+        );
     }
 
     #[test]
