@@ -114,7 +114,8 @@ pub struct Spool {
     segment_bytes: u64,
     segments: BTreeMap<u64, Segment>,
     active_id: u64,
-    /// Unacknowledged batches in spool order.
+    /// Unacknowledged batches in spool order (and acknowledged ones not
+    /// yet dropped from it: `entries` is the truth).
     order: VecDeque<(SessionId, u64)>,
     entries: HashMap<(SessionId, u64), Entry>,
     total: u64,
@@ -397,9 +398,7 @@ impl Spool {
         let Some(entry) = self.entries.remove(&(session, seq)) else {
             return Ok(false);
         };
-        if let Some(pos) = self.order.iter().position(|k| *k == (session, seq)) {
-            self.order.remove(pos);
-        }
+        self.compact_order();
         let mut body = Vec::with_capacity(25);
         body.push(KIND_ACK);
         body.extend_from_slice(&session.0);
@@ -502,17 +501,33 @@ impl Spool {
 
     /// Number of unacknowledged batches.
     pub fn len(&self) -> usize {
-        self.order.len()
+        self.entries.len()
     }
 
     /// True when nothing is waiting for acknowledgement.
     pub fn is_empty(&self) -> bool {
-        self.order.is_empty()
+        self.entries.is_empty()
     }
 
     /// Bytes on disk.
     pub fn bytes(&self) -> u64 {
         self.total
+    }
+
+    /// `order` keeps acknowledged keys until they reach its front (an ack
+    /// is O(1), not a scan of everything spooled; a reconnect after a long
+    /// outage acknowledges thousands of batches); it is rebuilt when more
+    /// than half of it is stale.
+    fn compact_order(&mut self) {
+        while let Some(k) = self.order.front() {
+            if self.entries.contains_key(k) {
+                break;
+            }
+            self.order.pop_front();
+        }
+        if self.order.len() > 2 * self.entries.len() + 64 {
+            self.order.retain(|k| self.entries.contains_key(k));
+        }
     }
 
     fn active_size(&self) -> u64 {
@@ -722,6 +737,30 @@ mod tests {
             s.pending().map(|e| e.seq).collect::<Vec<_>>(),
             vec![2, 3, 4, 5]
         );
+    }
+
+    #[test]
+    fn acks_in_any_order_keep_the_rest_in_spool_order() {
+        let dir = tempfile::tempdir().expect("dir");
+        let (mut s, _) = Spool::open(dir.path(), 64 << 20, 1 << 20).expect("open");
+        let n = 5_000u64;
+        for seq in 1..=n {
+            s.append(S, seq, 1, (0, 0), b"x").expect("append");
+        }
+        // Every odd seq, newest first, then a stretch from the front.
+        for seq in (1..=n).rev().filter(|q| q % 2 == 1) {
+            assert!(s.ack(S, seq).expect("ack"));
+        }
+        for seq in (2..=1000).step_by(2) {
+            assert!(s.ack(S, seq).expect("ack"));
+        }
+        let left: Vec<u64> = s.pending().map(|e| e.seq).collect();
+        assert_eq!(left, (1002..=n).step_by(2).collect::<Vec<_>>());
+        assert_eq!(s.len(), left.len());
+        drop(s);
+        let (s, rec) = Spool::open(dir.path(), 64 << 20, 1 << 20).expect("reopen");
+        assert_eq!(rec.batches, left.len());
+        assert_eq!(s.pending().map(|e| e.seq).collect::<Vec<_>>(), left);
     }
 
     #[test]
