@@ -551,6 +551,9 @@ async fn local_protocol_events_and_samples_reach_the_server() {
             .filter(|d| d["state"] == "online")
     })
     .await;
+    // Any MQTT client sees the agent's events on `…/events` once stored.
+    let (sub, mut sub_ev) = client(&stack, "events-watcher");
+    subscribed(&sub, &mut sub_ev, "widgetry/v1/app-dev/events").await;
     let unix = std::os::unix::net::UnixDatagram::unbound().expect("unix socket");
     unix.send_to(
         b"{\"event\":\"upload_started\",\"size\":123}\n{\"series\":\"queue.depth\",\"value\":3,\"labels\":{\"queue\":\"uploads\"}}\nnot json\n",
@@ -564,6 +567,19 @@ async fn local_protocol_events_and_samples_reach_the_server() {
             udp_addr,
         )
         .expect("send udp");
+    let mut seen = Vec::new();
+    while seen.len() < 2 {
+        let p = next_publish(&mut sub_ev, "the agent's events on …/events").await;
+        let (_, evs) = widgetry_proto::json::parse_events(
+            &p.payload,
+            &Default::default(),
+            widgetry_common::now_ms(),
+        )
+        .expect("an events message");
+        seen.extend(evs.into_iter().map(|e| e.name));
+    }
+    seen.sort();
+    assert_eq!(seen, ["upload_done", "upload_started"]);
     let events = wait_for("both events stored", T, || async {
         let (status, body) = stack.get("/api/v1/events?device=app-dev&from=0").await;
         assert_eq!(status, 200, "{body}");

@@ -10,7 +10,7 @@ use std::sync::atomic::Ordering;
 use rumqttc::{AsyncClient, Event, EventLoop, QoS};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, warn};
-use widgetry_proto::json::{Ack, ErrorReport, Live};
+use widgetry_proto::json::{Ack, ErrorReport, EventBatch, Live};
 use widgetry_proto::{Topic, TopicKind};
 
 use crate::metrics::Metrics;
@@ -28,11 +28,13 @@ pub struct Publisher {
 }
 
 impl Publisher {
-    /// Publishes acks, live messages and error reports, in that order.
+    /// Publishes acks, live messages, app events that came in batches and
+    /// error reports, in that order.
     pub async fn publish(
         &self,
         acks: Vec<(String, Ack)>,
         live: Vec<Live>,
+        events: Vec<(String, EventBatch)>,
         errors: Vec<(String, ErrorReport)>,
     ) {
         let Some(client) = &self.client else {
@@ -73,6 +75,16 @@ impl Publisher {
                 Err(_) => {
                     self.metrics.live_skipped.fetch_add(1, Ordering::Relaxed);
                 }
+            }
+        }
+        // Like the live feed, best effort (QoS 0, never waiting): the
+        // events are stored; this is only their live view.
+        for (device, batch) in events {
+            let topic = Topic::name(&device, TopicKind::Events);
+            if let Some(payload) = to_json(&batch, &topic)
+                && payload.len() <= self.max_packet
+            {
+                let _ = client.try_publish(topic, QoS::AtMostOnce, false, payload);
             }
         }
         for (device, report) in errors {

@@ -53,6 +53,9 @@ struct Outcome {
     events_dropped: u64,
     /// Committed batches for the live feed.
     live: Vec<Live>,
+    /// App events newly stored from agents' batches, republished on
+    /// `…/events` once durable (for the live bridge and any MQTT client).
+    events_live: Vec<(String, widgetry_proto::json::EventBatch)>,
     /// Rollup deltas of the batches stored in this transaction.
     rollups: Rollups,
     /// Next commit id to assign (read once per transaction).
@@ -120,7 +123,12 @@ impl Writer {
                 m.ingest_lag_ms.store(now_ms() - oldest, Ordering::Relaxed);
                 let published = tokio::time::Instant::now();
                 self.publisher
-                    .publish(outcome.acks, outcome.live, outcome.errors)
+                    .publish(
+                        outcome.acks,
+                        outcome.live,
+                        outcome.events_live,
+                        outcome.errors,
+                    )
                     .await;
                 self.metrics.ingest_publish.observe(published.elapsed());
             }
@@ -438,10 +446,26 @@ impl Writer {
         batch.series.clear();
         // Events ride in batches (from the agent's local protocol): stored
         // with the batch, once, named by (session, seq, index).
-        for (idx, event) in std::mem::take(&mut batch.events).iter().enumerate() {
+        let events = std::mem::take(&mut batch.events);
+        let mut new_events = false;
+        for (idx, event) in events.iter().enumerate() {
             if write::insert_event(tx, device, &session, seq, idx, event).await? {
                 out.events += 1;
+                new_events = true;
             }
+        }
+        if new_events {
+            // All of them, in their places: the ingestor that reads this
+            // back stores nothing twice, since (session, seq, idx) match.
+            out.events_live.push((
+                device.to_string(),
+                widgetry_proto::json::EventBatch {
+                    session,
+                    seq,
+                    events: events.into_iter().map(|e| e.body).collect(),
+                    dropped: 0,
+                },
+            ));
         }
         self.append(tx, device, batch, received_ms, pending, out)
             .await?;
