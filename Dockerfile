@@ -16,7 +16,7 @@ COPY . .
 COPY --from=ui /ui/dist /ui-dist
 ENV WIDGETRY_UI_DIST=/ui-dist
 RUN cargo build --release --locked -p widgetry-server \
- && cargo build --profile agent --locked -p widgetry-agent \
+ && cargo build --profile agent --locked -p widgetry-agent --features tls \
  && mkdir /out \
  && cp target/release/widgetry target/agent/widgetry-agent /out/
 

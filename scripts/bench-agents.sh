@@ -29,8 +29,12 @@ collectd=$(command -v collectd || echo /usr/sbin/collectd)
 
 echo "==> building release binaries"
 cargo build --release --bin widgetry --locked 2>&1 | tail -1
-cargo build --profile agent --bin widgetry-agent --locked 2>&1 | tail -1
 tdir=${CARGO_TARGET_DIR:-target}
+# The TLS build (opt-in, --features tls) only for its size, in its own
+# target dir so the measured plain build is not overwritten.
+cargo build --profile agent --bin widgetry-agent --locked --features tls --target-dir "$tdir/agent-tls" 2>&1 | tail -1
+tls_size=$(stat -c %s "$tdir/agent-tls/agent/widgetry-agent")
+cargo build --profile agent --bin widgetry-agent --locked 2>&1 | tail -1
 server=$tdir/release/widgetry
 agent=$tdir/agent/widgetry-agent
 
@@ -127,10 +131,10 @@ done
 t1=$(date +%s.%N); a1=$(cpu_ns $apid); k1=$(cpu_ns $cpid); s1=$(stored); b1=$(sent $apid); read -r u1 v1 _ < <(udp_count)
 
 python3 - "$t0" "$t1" "$a0" "$a1" "$k0" "$k1" "$s0" "$s1" "$b0" "$b1" "$u0" "$u1" "$v0" "$v1" \
-  "$(rss_kb $apid)" "$(rss_kb $cpid)" "$(threads $apid)" "$(threads $cpid)" "$(stat -c %s $agent)" <<'PY'
+  "$(rss_kb $apid)" "$(rss_kb $cpid)" "$(threads $apid)" "$(threads $cpid)" "$(stat -c %s $agent)" "$tls_size" <<'PY'
 import sys
 (t0, t1, a0, a1, k0, k1, s0, s1, b0, b1, u0, u1, v0, v1,
- arss, crss, athr, cthr, size) = map(float, sys.argv[1:])
+ arss, crss, athr, cthr, size, tls_size) = map(float, sys.argv[1:])
 secs = t1 - t0
 acpu = (a1 - a0) / 1e9 / secs * 100
 ccpu = (k1 - k0) / 1e9 / secs * 100
@@ -148,7 +152,7 @@ print(f"CPU per value/s (% core)          {aper:10.5f}      {cper:10.5f}")
 print(f"RSS (KiB)                         {arss:10.0f}      {crss:10.0f}")
 print(f"threads                           {athr:10.0f}      {cthr:10.0f}")
 print(f"bytes on the wire per value       {abpv:10.2f}      {cbpv:10.2f}")
-print(f"agent binary (stripped)           {size:10.0f} bytes")
+print(f"agent binary (stripped)           {size:10.0f} bytes (with --features tls: {tls_size:.0f})")
 print()
 print(f"ratios agent/collectd: CPU {acpu/ccpu:.2f} (target <= 0.5), CPU per value {aper/cper:.2f} (target <= 0.25), "
       f"RSS {arss/crss:.2f}, bytes per value {abpv/cbpv:.2f}; agent bytes per value {abpv:.2f} (target <= 8), "

@@ -58,11 +58,12 @@ start=$(date +%s)
 step "cargo fmt --check"
 cargo fmt --all -- --check
 
-step "cargo clippy --all-targets -- -D warnings"
+step "cargo clippy --all-targets -- -D warnings (default features, then the agent with tls)"
 cargo clippy --workspace --all-targets --locked -- -D warnings
+cargo clippy -p widgetry-agent --all-targets --locked --features tls -- -D warnings
 
 step "cargo build --workspace (binaries used by the process-level tests; the first build also runs npm ci and the dashboard's vite build in web-ui/, a minute or two)"
-cargo build --workspace --locked
+cargo build --workspace --locked --features widgetry-agent/tls
 
 step "systemd-analyze verify deploy/widgetry-agent.service (with the agent binary at its ExecStart path)"
 unit_root=$(mktemp -d)
@@ -82,7 +83,7 @@ fi
 step "cargo test --workspace (includes the fault suite, crates/server/tests/faults.rs)"
 # The fault suite appends one row per fault and workload here.
 rm -f target/tmp/fault-suite.txt
-cargo test --workspace --locked
+cargo test --workspace --locked --features widgetry-agent/tls
 
 step "fault suite summary (taken / acknowledged / stored / duplicated / reported gaps per fault)"
 printf '| %-34s | %-8s | %7s | %12s | %7s | %10s | %13s | %5s |\n' fault source taken acknowledged stored duplicated reported_gaps lost

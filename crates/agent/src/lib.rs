@@ -12,6 +12,7 @@ pub mod conf;
 pub mod disk;
 pub mod local;
 pub mod outbox;
+pub mod procs;
 pub mod sampler;
 pub mod settings;
 pub mod spool;
@@ -175,8 +176,8 @@ fn status(cfg_session: SessionId, state: State) -> Result<Vec<u8>, AgentError> {
         state,
         session: Some(cfg_session),
         agent: Some(format!("widgetry-agent/{VERSION}")),
-        host: sysinfo::System::host_name().ok(),
-        boot_time: sysinfo::System::boot_time().ok().map(|s| s as i64 * 1000),
+        host: procs::host_name(),
+        boot_time: procs::boot_time().map(|s| s as i64 * 1000),
         ts: Some(now),
     };
     serde_json::to_vec(&st).map_err(|e| AgentError::Encode(e.to_string()))

@@ -21,6 +21,7 @@
 //! by its disk thread; the event loop never waits for the disk.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 use std::time::Duration;
 
 use rumqttc::{AsyncClient, QoS};
@@ -44,9 +45,10 @@ pub struct Outbox {
     /// This run's session, and the highest seq it has spooled.
     session: SessionId,
     last_seq: u64,
-    /// This run's series table: session-local id → key, and back.
-    series: Vec<SeriesKey>,
-    index: HashMap<SeriesKey, u32>,
+    /// This run's series table: session-local id → key, and back (one
+    /// allocation per key, shared by both).
+    series: Vec<Arc<SeriesKey>>,
+    index: HashMap<Arc<SeriesKey>, u32>,
     sent_at: HashMap<Key, Instant>,
     /// Series ids whose definitions a batch of this run carries.
     defs: HashMap<Key, Vec<u32>>,
@@ -205,8 +207,9 @@ impl Outbox {
             return *id;
         }
         let id = self.series.len() as u32;
+        let key = Arc::new(key.clone());
         self.series.push(key.clone());
-        self.index.insert(key.clone(), id);
+        self.index.insert(key, id);
         self.def_acked.push(false);
         id
     }
@@ -217,7 +220,7 @@ impl Outbox {
             .iter()
             .enumerate()
             .filter(|(i, _)| !self.def_acked.get(*i).copied().unwrap_or(false))
-            .map(|(i, k)| (i as u32, k.clone()))
+            .map(|(i, k)| (i as u32, SeriesKey::clone(k)))
             .collect()
     }
 
@@ -432,7 +435,7 @@ impl Outbox {
         need.dedup();
         for id in need {
             let def = if key.0 == self.session {
-                self.series.get(id as usize).cloned()
+                self.series.get(id as usize).map(|k| SeriesKey::clone(k))
             } else {
                 self.old_tables
                     .get(&key.0)

@@ -1,7 +1,6 @@
 //! Sampling: the system inputs of [`crate::system`] and the process
-//! watchdog (sysinfo, created only when processes are watched). Series keys
-//! are built once; a sample call allocates nothing of its own beyond
-//! sysinfo's refresh.
+//! watchdog (`/proc/PID/stat` through [`crate::procs`]). Series keys are
+//! built once.
 //!
 //! Watched processes (by exact name, or by pid) yield, labelled
 //! `process=<name>` (and `pid=<pid>` for pid watches):
@@ -14,8 +13,12 @@
 
 use std::collections::BTreeMap;
 
-use sysinfo::{Pid, ProcessRefreshKind, ProcessesToUpdate, System};
+use std::collections::HashMap;
+use std::time::Instant;
+
 use widgetry_proto::SeriesKey;
+
+use crate::procs::{self, ProcStat};
 
 use crate::system::label_value;
 
@@ -58,7 +61,7 @@ pub enum Target {
 struct Watch {
     target: Target,
     keys: Keys,
-    pids: Vec<Pid>,
+    pids: Vec<u32>,
     /// Start time of the oldest matching process when last seen.
     oldest_start: Option<u64>,
     was_up: bool,
@@ -68,8 +71,12 @@ struct Watch {
 /// Reads the system inputs and watched-process statistics.
 pub struct Sampler {
     system: crate::system::System,
-    /// sysinfo, for the process watchdog only.
-    sys: Option<System>,
+    /// Each watched pid's CPU ticks and start when last read (a pid reused
+    /// by another process has another start), for its CPU share.
+    last: HashMap<u32, (u64, u64)>,
+    last_at: Option<Instant>,
+    /// Clock ticks per second and page size.
+    units: (u64, u64),
     watches: Vec<Watch>,
     tick: u32,
 }
@@ -77,13 +84,6 @@ pub struct Sampler {
 impl Sampler {
     /// Creates a sampler; the first CPU reading is a baseline.
     pub fn new(targets: &[Target], inputs: &[crate::system::Input]) -> Result<Self, String> {
-        let sys = if targets.is_empty() {
-            None
-        } else {
-            let mut sys = System::new().map_err(|e| e.to_string())?;
-            sys.refresh_cpu_usage();
-            Some(sys)
-        };
         let watches = targets
             .iter()
             .map(|t| {
@@ -100,7 +100,7 @@ impl Sampler {
                     target: t.clone(),
                     keys: Keys::new(labels),
                     pids: match t {
-                        Target::Pid(p) => vec![Pid::from_u32(*p)],
+                        Target::Pid(p) => vec![*p],
                         Target::Name(_) => Vec::new(),
                     },
                     oldest_start: None,
@@ -111,7 +111,9 @@ impl Sampler {
             .collect();
         Ok(Sampler {
             system: crate::system::System::new(inputs),
-            sys,
+            last: HashMap::new(),
+            last_at: None,
+            units: procs::units(),
             watches,
             tick: 0,
         })
@@ -126,46 +128,68 @@ impl Sampler {
     }
 
     fn sample_processes(&mut self, emit: &mut impl FnMut(&SeriesKey, f64)) {
-        let Some(sys) = self.sys.as_mut() else {
-            return;
-        };
-        sys.refresh_cpu_usage();
-        let kind = ProcessRefreshKind::nothing().with_cpu().with_memory();
         let scan = self.tick.is_multiple_of(SCAN_EVERY)
             || self
                 .watches
                 .iter()
                 .any(|w| matches!(w.target, Target::Name(_)) && w.pids.is_empty());
         self.tick = self.tick.wrapping_add(1);
+        let mut seen: HashMap<u32, ProcStat> = HashMap::new();
         if scan {
-            sys.refresh_processes_specifics(ProcessesToUpdate::All, true, kind.with_tasks());
+            let table = procs::all();
             for w in &mut self.watches {
                 if let Target::Name(name) = &w.target {
-                    w.pids = sys
-                        .processes_by_exact_name(name.as_ref())
-                        .map(|p| p.pid())
+                    w.pids = table
+                        .iter()
+                        .filter(|(pid, p)| procs::is_named(*pid, &p.comm, name))
+                        .map(|(pid, _)| *pid)
                         .collect();
                 }
             }
+            let wanted: Vec<u32> = self.watches.iter().flat_map(|w| w.pids.clone()).collect();
+            seen.extend(table.into_iter().filter(|(pid, _)| wanted.contains(pid)));
         } else {
-            let pids: Vec<Pid> = self.watches.iter().flat_map(|w| w.pids.clone()).collect();
-            sys.refresh_processes_specifics(
-                ProcessesToUpdate::Some(&pids),
-                true,
-                kind.with_tasks(),
-            );
+            for w in &self.watches {
+                for pid in &w.pids {
+                    if let Some(p) = procs::stat(*pid) {
+                        seen.insert(*pid, p);
+                    }
+                }
+            }
         }
+        let now = Instant::now();
+        let elapsed = self
+            .last_at
+            .map(|t| now.duration_since(t).as_secs_f64())
+            .filter(|e| *e > 0.0);
+        self.last_at = Some(now);
+        let (hz, page) = self.units;
+        // CPU share of each pid since its last reading (0 on the first).
+        let mut share: HashMap<u32, f64> = HashMap::new();
+        for (pid, p) in &seen {
+            let pct = match (self.last.get(pid), elapsed) {
+                (Some((ticks, start)), Some(e)) if *start == p.start_ticks => {
+                    p.cpu_ticks.saturating_sub(*ticks) as f64 / hz as f64 / e * 100.0
+                }
+                _ => 0.0,
+            };
+            share.insert(*pid, pct);
+        }
+        self.last = seen
+            .iter()
+            .map(|(pid, p)| (*pid, (p.cpu_ticks, p.start_ticks)))
+            .collect();
         for w in &mut self.watches {
-            let (mut cpu, mut rss, mut threads, mut count) = (0.0f64, 0u64, 0usize, 0u32);
+            let (mut cpu, mut rss, mut threads, mut count) = (0.0f64, 0u64, 0u64, 0u32);
             let mut oldest: Option<u64> = None;
-            w.pids.retain(|pid| sys.process(*pid).is_some());
+            w.pids.retain(|pid| seen.contains_key(pid));
             for pid in &w.pids {
-                if let Some(p) = sys.process(*pid) {
-                    cpu += f64::from(p.cpu_usage());
-                    rss += p.memory();
-                    threads += p.tasks().map_or(1, |t| t.len().max(1));
+                if let Some(p) = seen.get(pid) {
+                    cpu += share.get(pid).copied().unwrap_or(0.0);
+                    rss += p.rss_pages.saturating_mul(page);
+                    threads += p.threads.max(1);
                     count += 1;
-                    oldest = Some(oldest.map_or(p.start_time(), |o: u64| o.min(p.start_time())));
+                    oldest = Some(oldest.map_or(p.start_ticks, |o: u64| o.min(p.start_ticks)));
                 }
             }
             let up = count > 0;

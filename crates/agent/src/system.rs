@@ -1,6 +1,7 @@
 //! System inputs read straight from `/proc` and `/sys` into one reused
 //! buffer: CPU (total and per core), load, memory, swap, disk I/O, network,
-//! uptime and temperatures; filesystem usage through sysinfo's disk list.
+//! uptime and temperatures; filesystem usage from the mount list and statvfs
+//! ([`crate::procs`]).
 //! Series keys are built once per CPU, disk, interface or mount and kept.
 //!
 //! Naming (also the README's table): `<input>.<quantity>_<unit>`, labels
@@ -164,7 +165,6 @@ pub struct System {
     disks: HashMap<String, Counters<3>>,
     nets: HashMap<String, Counters<6>>,
     temps: Vec<(std::path::PathBuf, SeriesKey)>,
-    fs: Option<sysinfo::Disks>,
     fs_keys: HashMap<std::path::PathBuf, [SeriesKey; 2]>,
     last_at: Option<Instant>,
     tick: u32,
@@ -221,7 +221,6 @@ impl System {
             disks: HashMap::new(),
             nets: HashMap::new(),
             temps: Vec::new(),
-            fs: None,
             fs_keys: HashMap::new(),
             last_at: None,
             tick: 0,
@@ -561,39 +560,33 @@ impl System {
     }
 
     fn fs_sample(&mut self, emit: &mut impl FnMut(&SeriesKey, f64)) {
-        let storage = sysinfo::DiskRefreshKind::nothing().with_storage();
-        let disks = match &mut self.fs {
-            Some(d) => {
-                // Re-reads the mount list too, so new mounts appear.
-                d.refresh_specifics(true, storage);
-                d
-            }
-            None => match sysinfo::Disks::new_with_refreshed_list_specifics(storage) {
-                Ok(d) => self.fs.insert(d),
-                Err(_) => return,
-            },
-        };
-        for d in disks.iter() {
-            let mount = d.mount_point().to_path_buf();
-            if d.total_space() == 0 {
+        // The mount list is read each time, so new mounts appear.
+        if !self.read("/proc/self/mounts") {
+            return;
+        }
+        for m in crate::procs::parse_mounts(&self.buf, 64) {
+            let Some((size, available)) = crate::procs::usage(&m.point) else {
+                continue;
+            };
+            if size == 0 {
                 continue;
             }
-            if !self.fs_keys.contains_key(&mount) {
+            if !self.fs_keys.contains_key(&m.point) {
                 if self.fs_keys.len() >= 64 {
                     continue;
                 }
-                let m = label_value(&mount.to_string_lossy());
+                let label = label_value(&m.point.to_string_lossy());
                 self.fs_keys.insert(
-                    mount.clone(),
+                    m.point.clone(),
                     [
-                        key("fs.size_bytes", Some(("mount", &m))),
-                        key("fs.available_bytes", Some(("mount", &m))),
+                        key("fs.size_bytes", Some(("mount", &label))),
+                        key("fs.available_bytes", Some(("mount", &label))),
                     ],
                 );
             }
-            if let Some(k) = self.fs_keys.get(&mount) {
-                emit(&k[0], d.total_space() as f64);
-                emit(&k[1], d.available_space() as f64);
+            if let Some(k) = self.fs_keys.get(&m.point) {
+                emit(&k[0], size as f64);
+                emit(&k[1], available as f64);
             }
         }
     }
