@@ -129,10 +129,10 @@ async function main() {
     ws.on("close", () => frame(`${at()} s closed`));
   });
 
-  await step("fleet lists both devices online", async () => {
+  await step("fleet lists both devices active", async () => {
     await page.goto(`${base}/`);
     for (const id of ["e2e-1", "e2e-2"]) {
-      await page.locator(`.row[data-device="${id}"] .badge[data-state="online"]`).waitFor({ timeout: 20_000 });
+      await page.locator(`.row[data-device="${id}"] .badge[data-state="active"]`).waitFor({ timeout: 20_000 });
     }
     await shot("fleet.png");
   });
@@ -181,10 +181,10 @@ async function main() {
     await page.locator('#dev-state[data-state="offline"]').waitFor({ timeout: 15_000 });
   });
 
-  await step("fleet shows e2e-1 offline and e2e-2 online", async () => {
+  await step("fleet shows e2e-1 offline and e2e-2 active", async () => {
     await page.goto(`${base}/#/`);
     await page.locator('.row[data-device="e2e-1"] .badge[data-state="offline"]').waitFor({ timeout: 15_000 });
-    await page.locator('.row[data-device="e2e-2"] .badge[data-state="online"]').waitFor({ timeout: 15_000 });
+    await page.locator('.row[data-device="e2e-2"] .badge[data-state="active"]').waitFor({ timeout: 15_000 });
     await shot("fleet-after.png");
   });
   fs.rmSync(dir, { recursive: true, force: true });

@@ -4,7 +4,11 @@ import type { Bucket, FleetDevice, Point } from "./data";
 
 export interface DeviceInfo {
   device: string;
+  /** The retained status; the device view replaces it with `presence`. */
   state: string;
+  /** active | stale | silent | offline (the server's presence). */
+  presence?: string;
+  interval_ms?: number | null;
   session: string | null;
   agent: string | null;
   host: string | null;

@@ -141,7 +141,7 @@ const dev = (device: string, state: string, cpu: number | null, host = ""): Flee
 });
 
 describe("fleet sorting and filtering", () => {
-  const list = [dev("b-10", "online", 50), dev("b-2", "offline", null, "rack-7"), dev("a", "online", 10)];
+  const list = [dev("b-10", "active", 50), dev("b-2", "offline", null, "rack-7"), dev("a", "active", 10)];
   it("sorts names naturally and numbers by value, missing last", () => {
     expect(sortFleet(list, "device", true).map((d) => d.device)).toEqual(["a", "b-2", "b-10"]);
     expect(sortFleet(list, "cpu", false).map((d) => d.device)).toEqual(["b-10", "a", "b-2"]);
@@ -149,7 +149,8 @@ describe("fleet sorting and filtering", () => {
   });
   it("filters by text across device and host, and by state", () => {
     expect(filterFleet(list, "RACK", "all").map((d) => d.device)).toEqual(["b-2"]);
-    expect(filterFleet(list, "", "online").map((d) => d.device)).toEqual(["b-10", "a"]);
+    expect(filterFleet(list, "", "active").map((d) => d.device)).toEqual(["b-10", "a"]);
+    expect(filterFleet([...list, dev("c", "stale", 5)], "", "stale").map((d) => d.device)).toEqual(["c"]);
     expect(filterFleet(list, "b-", "offline").map((d) => d.device)).toEqual(["b-2"]);
   });
 });

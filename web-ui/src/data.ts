@@ -96,7 +96,7 @@ export class Cursor {
 }
 
 /**
- * Online/offline states received live, kept so that a snapshot fetched from
+ * Presences (and offline statuses) received live, kept so that a snapshot fetched from
  * the API (which can be up to a second old: the server shares fleet-wide
  * answers) never overwrites a newer live status. Take a `mark()` before
  * sending the request; `resolve` keeps the live state of every device whose
@@ -156,7 +156,12 @@ export function relTime(ts: number, now: number): string {
 
 export interface FleetDevice {
   device: string;
+  /** The retained status (online/offline/unknown); views replace it with
+   * `presence` when they load. */
   state: string;
+  /** active | stale | silent | offline (the server's presence). */
+  presence?: string;
+  interval_ms?: number | null;
   last_seen: number;
   agent: string | null;
   host: string | null;
@@ -186,15 +191,15 @@ export function sortFleet(list: FleetDevice[], key: SortKey, asc: boolean): Flee
   });
 }
 
+/** The presences, in the order the fleet counts them. */
+export const PRESENCES = ["active", "stale", "silent", "offline"] as const;
+export type PresenceFilter = "all" | (typeof PRESENCES)[number];
+
 /** Filters by a case-insensitive text (device, host, agent) and a state. */
-export function filterFleet(
-  list: FleetDevice[],
-  text: string,
-  state: "all" | "online" | "offline",
-): FleetDevice[] {
+export function filterFleet(list: FleetDevice[], text: string, state: PresenceFilter): FleetDevice[] {
   const t = text.trim().toLowerCase();
   return list.filter((d) => {
-    if (state !== "all" && (state === "online") !== (d.state === "online")) return false;
+    if (state !== "all" && d.state !== state) return false;
     if (!t) return true;
     return [d.device, d.host ?? "", d.agent ?? ""].some((s) => s.toLowerCase().includes(t));
   });

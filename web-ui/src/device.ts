@@ -186,7 +186,7 @@ export function mountDevice(root: HTMLElement, live: Live, id: string): () => vo
       return;
     }
     // A status that arrived live while this request was in flight is newer.
-    info.state = live.states.resolve(id, info.state, mark);
+    info.state = live.states.resolve(id, info.presence ?? info.state, mark);
     setState(info.state);
     showMeta();
     const [from, to] = window_();
@@ -229,8 +229,13 @@ export function mountDevice(root: HTMLElement, live: Live, id: string): () => vo
         schedule();
       },
       status: (m) => {
-        setState(m.state);
-        if (info) info.state = m.state;
+        if (m.state !== "offline") return; // activity decides the rest
+        setState("offline");
+        if (info) info.state = "offline";
+      },
+      presence: (m) => {
+        setState(m.presence);
+        if (info) info.state = m.presence;
       },
       event: (m) => {
         events.push({ ts: m.ts, event: m.event, body: m.body });

@@ -4,6 +4,8 @@
 import * as api from "./api";
 import {
   type FleetDevice,
+  PRESENCES,
+  type PresenceFilter,
   type SortKey,
   filterFleet,
   relTime,
@@ -32,7 +34,8 @@ export function mountFleet(root: HTMLElement, live: Live): () => void {
         <div class="summary" id="summary"></div>
         <input id="filter" type="search" placeholder="Filter devices, hosts…" aria-label="Filter devices" />
         <select id="state" aria-label="State filter">
-          <option value="all">All</option><option value="online">Online</option><option value="offline">Offline</option>
+          <option value="all">All</option><option value="active">Active</option><option value="stale">Stale</option>
+          <option value="silent">Silent</option><option value="offline">Offline</option>
         </select>
       </div>
       <div class="thead">${COLUMNS.map(
@@ -57,10 +60,13 @@ export function mountFleet(root: HTMLElement, live: Live): () => void {
   const rows = new Map<number, HTMLElement>();
 
   const recompute = () => {
-    view = sortFleet(filterFleet(all, filter.value, stateSel.value as never), sortKey, asc);
+    view = sortFleet(filterFleet(all, filter.value, stateSel.value as PresenceFilter), sortKey, asc);
     spacer.style.height = `${view.length * ROW}px`;
-    const online = all.filter((d) => d.state === "online").length;
-    summary.innerHTML = `<b class="ok">${online}</b> online · <b class="bad">${all.length - online}</b> offline · ${all.length} devices`;
+    const count = (p: string) => all.filter((d) => d.state === p).length;
+    const cls: Record<string, string> = { active: "ok", stale: "warn", silent: "bad", offline: "bad" };
+    summary.innerHTML =
+      PRESENCES.map((p) => `<b class="${cls[p]}" data-count="${p}">${count(p)}</b> ${p}`).join(" · ") +
+      ` · <span data-count="all">${all.length}</span> devices`;
     empty.hidden = all.length > 0;
     for (const el of root.querySelectorAll<HTMLElement>("[data-sort]")) {
       el.classList.toggle("sorted", el.dataset.sort === sortKey);
@@ -100,8 +106,8 @@ export function mountFleet(root: HTMLElement, live: Live): () => void {
       const mark = live.states.mark();
       const r = await api.fleet();
       serverSkew = r.now - Date.now();
-      // Statuses that arrived live while the request was in flight are newer.
-      for (const d of r.devices) d.state = live.states.resolve(d.device, d.state, mark);
+      // Presences that arrived live while the request was in flight are newer.
+      for (const d of r.devices) d.state = live.states.resolve(d.device, d.presence ?? d.state, mark);
       all = r.devices;
       recompute();
     } catch (e) {
@@ -130,8 +136,15 @@ export function mountFleet(root: HTMLElement, live: Live): () => void {
       status: (m) => {
         const d = all.find((x) => x.device === m.device);
         if (d) {
-          d.state = m.state;
+          if (m.state === "offline") d.state = "offline";
           d.last_seen = Math.max(d.last_seen, m.ts);
+          recompute();
+        } else void load();
+      },
+      presence: (m) => {
+        const d = all.find((x) => x.device === m.device);
+        if (d) {
+          d.state = m.presence;
           recompute();
         } else void load();
       },

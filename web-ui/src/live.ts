@@ -21,6 +21,8 @@ export interface SamplesMsg {
 export interface Handlers {
   samples?(m: SamplesMsg): void;
   status?(m: { device: string; state: string; ts: number }): void;
+  /** A device's presence changed (active, stale, silent, offline). */
+  presence?(m: { device: string; presence: string; ts: number }): void;
   event?(m: { device: string; ts: number; event: string; body: Record<string, unknown> }): void;
   /** The server dropped data for us: reload visible history. */
   lost?(): void;
@@ -37,7 +39,7 @@ export class Live {
   private timer: ReturnType<typeof setTimeout> | null = null;
   private stopped = false;
   onState: (s: ConnState) => void = () => {};
-  /** Every online/offline status received, so views can tell whether an
+  /** Every presence (and offline status) received, so views can tell whether an
    * API snapshot is older than what arrived live. */
   readonly states = new LiveStates();
 
@@ -110,8 +112,14 @@ export class Live {
         if (this.cursor.accept(m.commit as number)) this.handlers.samples?.(m as unknown as SamplesMsg);
         break;
       case "status":
-        this.states.note(m.device as string, m.state as string);
+        // An offline status is the presence at once; online waits for the
+        // server's presence (activity decides).
+        if (m.state === "offline") this.states.note(m.device as string, "offline");
         this.handlers.status?.(m as never);
+        break;
+      case "presence":
+        this.states.note(m.device as string, m.presence as string);
+        this.handlers.presence?.(m as never);
         break;
       case "event":
         this.handlers.event?.(m as never);

@@ -12,6 +12,7 @@ pub mod import;
 pub mod ingest;
 pub mod metrics;
 pub mod mqtt;
+pub mod presence;
 pub mod roles;
 pub mod sinks;
 pub mod sources;

@@ -510,6 +510,14 @@ async fn serve_http(
         hub.clone(),
         shutdown.clone(),
     ));
+    let presence = crate::presence::PresenceConfig::default();
+    let presence_task = tokio::spawn(crate::presence::run(
+        store.clone(),
+        hub.clone(),
+        presence,
+        Duration::from_secs(1),
+        shutdown.clone(),
+    ));
     metrics
         .http_tls
         .enabled
@@ -521,6 +529,7 @@ async fn serve_http(
         shutdown: shutdown.clone(),
         overview: Default::default(),
         api_token: api_token.map(Arc::from),
+        presence,
     });
     let tls = tls.map(|t| web::server::Tls {
         acceptor: tokio_rustls::TlsAcceptor::from(t.config),
@@ -528,6 +537,7 @@ async fn serve_http(
     });
     web::server::serve(listener, app, tls, shutdown).await;
     bridge_task.await??;
+    presence_task.await?;
     info!("web service stopped");
     Ok(())
 }

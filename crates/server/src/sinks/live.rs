@@ -50,13 +50,21 @@ pub enum HubMsg {
         event: String,
         body: serde_json::Value,
     },
+    /// A device's presence changed (`crate::presence`).
+    Presence {
+        device: String,
+        presence: &'static str,
+        ts: i64,
+    },
 }
 
 impl HubMsg {
     pub fn device(&self) -> &str {
         match self {
             HubMsg::Samples(l) => &l.device,
-            HubMsg::Status { device, .. } | HubMsg::Event { device, .. } => device,
+            HubMsg::Status { device, .. }
+            | HubMsg::Event { device, .. }
+            | HubMsg::Presence { device, .. } => device,
         }
     }
 }
@@ -89,7 +97,7 @@ impl Hub {
         self.last.load(Ordering::Acquire)
     }
 
-    fn emit(&self, msg: HubMsg) {
+    pub(crate) fn emit(&self, msg: HubMsg) {
         // No receivers is fine: nobody is watching.
         let _ = self.tx.send(Arc::new(msg));
     }
@@ -349,6 +357,14 @@ impl Subscription {
             HubMsg::Samples(live) => self.render_samples(live),
             HubMsg::Status { device, state, ts } if self.status => Some(
                 serde_json::json!({"type": "status", "device": device, "state": state, "ts": ts})
+                    .to_string(),
+            ),
+            HubMsg::Presence {
+                device,
+                presence,
+                ts,
+            } if self.status => Some(
+                serde_json::json!({"type": "presence", "device": device, "presence": presence, "ts": ts})
                     .to_string(),
             ),
             HubMsg::Event {

@@ -16,7 +16,12 @@ use super::{Backend, Store, StoreError};
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct DeviceInfo {
     pub device: String,
+    /// The retained status (`online`, `offline`, `unknown` without one).
     pub state: String,
+    /// `crate::presence`: filled in by the API from the fields below.
+    pub presence: Option<crate::presence::Presence>,
+    /// The learned cadence in ms (None until learned).
+    pub interval_ms: Option<i64>,
     pub session: Option<String>,
     pub agent: Option<String>,
     pub host: Option<String>,
@@ -30,7 +35,31 @@ pub struct DeviceInfo {
     pub series: Vec<String>,
 }
 
+/// What presence needs of a device (`crate::presence::run`).
+pub struct PresenceRow {
+    pub device: String,
+    pub state: String,
+    pub last_seen_ms: i64,
+    pub interval_ms: Option<i64>,
+}
+
 impl Store {
+    /// Every device's status, last arrival and cadence, in one query.
+    pub async fn presence_rows(&self) -> Result<Vec<PresenceRow>, StoreError> {
+        let rows = sqlx::query("SELECT device, state, last_seen_ms, interval_ms FROM devices")
+            .fetch_all(&self.reader)
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| PresenceRow {
+                device: r.get(0),
+                state: r.get(1),
+                last_seen_ms: r.get(2),
+                interval_ms: r.get(3),
+            })
+            .collect())
+    }
+
     /// Answers when the database does (`GET /healthz`).
     pub async fn ping(&self) -> Result<(), StoreError> {
         sqlx::query("SELECT 1").execute(&self.reader).await?;
@@ -41,7 +70,7 @@ impl Store {
     pub async fn devices(&self) -> Result<Vec<DeviceInfo>, StoreError> {
         let sql = format!(
             "SELECT d.device, d.state, d.session, d.agent, d.host, d.first_seen_ms, d.last_seen_ms,
-                    d.rejects, COUNT(g.device), {}
+                    d.rejects, COUNT(g.device), {}, d.interval_ms
              FROM devices d LEFT JOIN gaps g ON g.device = d.device
              GROUP BY d.device ORDER BY d.device",
             saturating_sum(self.backend, "g.samples")
@@ -63,6 +92,8 @@ impl Store {
                 rejects: r.get(7),
                 gaps: r.get(8),
                 lost_samples: r.get(9),
+                interval_ms: r.get(10),
+                presence: None,
                 series: Vec::new(),
             })
             .collect();
@@ -308,7 +339,12 @@ fn run_points(run: &pb::Points) -> Result<Vec<(i64, f64)>, StoreError> {
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct FleetDevice {
     pub device: String,
+    /// The retained status (`online`, `offline`, `unknown` without one).
     pub state: String,
+    /// `crate::presence`: filled in by the API.
+    pub presence: Option<crate::presence::Presence>,
+    /// The learned cadence in ms (None until learned).
+    pub interval_ms: Option<i64>,
     pub last_seen: i64,
     pub agent: Option<String>,
     pub host: Option<String>,
@@ -333,7 +369,8 @@ impl Store {
             "SELECT d.device, d.state, d.last_seen_ms, d.agent, d.host, d.rejects,
                     (SELECT COUNT(*) FROM gaps g WHERE g.device = d.device),
                     (SELECT {} FROM gaps g WHERE g.device = d.device),
-                    (SELECT COUNT(*) FROM series s WHERE s.device = d.device)
+                    (SELECT COUNT(*) FROM series s WHERE s.device = d.device),
+                    d.interval_ms
              FROM devices d ORDER BY d.device",
             saturating_sum(self.backend, "g.samples")
         );
@@ -353,6 +390,8 @@ impl Store {
                 gaps: r.get(6),
                 lost_samples: r.get(7),
                 series_count: r.get(8),
+                interval_ms: r.get(9),
+                presence: None,
                 cpu: None,
                 mem_pct: None,
                 cpu_spark: Vec::new(),

@@ -325,7 +325,14 @@ pub async fn insert_event(
     Ok(res.rows_affected() == 1)
 }
 
-/// Marks a device as seen at `now_ms`, adding `rejects` to its count.
+/// Marks a device as seen at `now_ms`, adding `rejects` to its count, and
+/// learns its cadence (`interval_ms`, see [`crate::presence`]) from the time
+/// since it was last seen: arrivals closer than
+/// [`crate::presence::MIN_LEARNED_GAP_MS`] (a replayed backlog, several
+/// batches in one commit) teach nothing; a longer gap counts at most as 4
+/// intervals (one outage does not make a fast device look slow); the
+/// estimate follows a faster cadence quickly (1/4 per arrival) and a slower
+/// one slowly (1/8).
 pub async fn touch_device(
     conn: &mut AnyConnection,
     device: &str,
@@ -335,6 +342,14 @@ pub async fn touch_device(
     sqlx::query(
         "INSERT INTO devices (device, first_seen_ms, last_seen_ms, rejects) VALUES ($1, $2, $3, $4)
          ON CONFLICT (device) DO UPDATE SET
+           interval_ms = CASE
+             WHEN excluded.last_seen_ms - devices.last_seen_ms < $5 THEN devices.interval_ms
+             WHEN devices.interval_ms IS NULL THEN excluded.last_seen_ms - devices.last_seen_ms
+             WHEN excluded.last_seen_ms - devices.last_seen_ms < devices.interval_ms
+               THEN (devices.interval_ms * 3 + (excluded.last_seen_ms - devices.last_seen_ms)) / 4
+             WHEN excluded.last_seen_ms - devices.last_seen_ms > 4 * devices.interval_ms
+               THEN (devices.interval_ms * 11) / 8
+             ELSE (devices.interval_ms * 7 + (excluded.last_seen_ms - devices.last_seen_ms)) / 8 END,
            last_seen_ms = CASE WHEN excluded.last_seen_ms > devices.last_seen_ms
                           THEN excluded.last_seen_ms ELSE devices.last_seen_ms END,
            rejects = devices.rejects + excluded.rejects",
@@ -343,6 +358,7 @@ pub async fn touch_device(
     .bind(now_ms)
     .bind(now_ms)
     .bind(rejects)
+    .bind(crate::presence::MIN_LEARNED_GAP_MS)
     .execute(&mut *conn)
     .await?;
     Ok(())

@@ -25,7 +25,10 @@ use crate::store::rollup::{Agg, Plan};
 pub async fn fleet(State(state): State<AppState>) -> Result<Response, AppError> {
     cached(&state.overview.fleet, || async {
         let now = now_ms();
-        let devices = state.store.fleet(now - 30 * 60_000).await?;
+        let mut devices = state.store.fleet(now - 30 * 60_000).await?;
+        for d in &mut devices {
+            d.presence = Some(state.presence.of(&d.state, d.last_seen, d.interval_ms, now));
+        }
         Ok(json!({"now": now, "devices": devices}))
     })
     .await
@@ -45,7 +48,12 @@ pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
 
 pub async fn devices(State(state): State<AppState>) -> Result<Response, AppError> {
     cached(&state.overview.devices, || async {
-        Ok::<Vec<DeviceInfo>, AppError>(state.store.devices().await?)
+        let now = now_ms();
+        let mut devices = state.store.devices().await?;
+        for d in &mut devices {
+            d.presence = Some(state.presence.of(&d.state, d.last_seen, d.interval_ms, now));
+        }
+        Ok::<Vec<DeviceInfo>, AppError>(devices)
     })
     .await
 }

@@ -189,6 +189,7 @@ mod tests {
             shutdown: CancellationToken::new(),
             overview: Default::default(),
             api_token: None,
+            presence: Default::default(),
         });
         assert_eq!(
             call(&app, "/healthz").await,
@@ -247,6 +248,7 @@ mod tests {
             shutdown: CancellationToken::new(),
             overview: Default::default(),
             api_token: Some(token.into()),
+            presence: Default::default(),
         });
         let send = |uri: &str, header: Option<(&str, String)>| {
             let mut req = Request::get(uri);

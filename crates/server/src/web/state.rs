@@ -23,4 +23,6 @@ pub struct AppState {
     pub overview: Arc<OverviewCache>,
     /// When set, the API and /metrics require this token.
     pub api_token: Option<Arc<str>>,
+    /// How presence is judged (`crate::presence`).
+    pub presence: crate::presence::PresenceConfig,
 }
