@@ -24,6 +24,8 @@ pub enum TopicKind {
     /// JSON samples of a committed batch, server → any client (the live
     /// feed the web service bridges to websockets).
     Live,
+    /// JSON, retained: the device's firing alerts, server → any client.
+    Alerts,
 }
 
 impl TopicKind {
@@ -37,6 +39,7 @@ impl TopicKind {
             TopicKind::Ack => "ack",
             TopicKind::Errors => "errors",
             TopicKind::Live => "live",
+            TopicKind::Alerts => "alerts",
         }
     }
 
@@ -76,6 +79,7 @@ impl<'a> Topic<'a> {
             "ack" => TopicKind::Ack,
             "errors" => TopicKind::Errors,
             "live" => TopicKind::Live,
+            "alerts" => TopicKind::Alerts,
             other => {
                 return Err(Reject::Topic(format!(
                     "{topic:?}: unknown kind {other:?} (expected samples, samples/json, status, events, ack, errors or live)"

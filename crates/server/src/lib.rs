@@ -14,6 +14,7 @@ pub mod metrics;
 pub mod mqtt;
 pub mod presence;
 pub mod roles;
+pub mod rules;
 pub mod sinks;
 pub mod sources;
 pub mod store;

@@ -131,6 +131,8 @@ pub struct Metrics {
     pub statsd: StatsdMetrics,
     /// The Graphite export's counters (on `/metrics` while it runs).
     pub graphite: GraphiteMetrics,
+    /// Health rules and alerts (on `/metrics` while the evaluator runs).
+    pub alerts: AlertMetrics,
     /// HTTPS handshakes that failed (on `/metrics` when HTTPS is on).
     pub http_tls: HttpTlsMetrics,
     /// The websocket source bridges' counters (on `/metrics` while one runs).
@@ -323,6 +325,68 @@ impl GraphiteMetrics {
             out,
             "# HELP widgetry_graphite_last_flush_timestamp_seconds Unix time of the last flush Carbon confirmed.\n# TYPE widgetry_graphite_last_flush_timestamp_seconds gauge\nwidgetry_graphite_last_flush_timestamp_seconds {}",
             self.last_flush_s.load(Ordering::Relaxed)
+        );
+    }
+}
+
+/// Counters of the health rules (`crate::rules`).
+#[derive(Debug, Default)]
+pub struct AlertMetrics {
+    /// Set when the evaluator starts; its counters are shown from then on.
+    pub enabled: AtomicBool,
+    pub fired: AtomicU64,
+    pub resolved: AtomicU64,
+    /// Alerts firing now.
+    pub firing: AtomicI64,
+    /// Committed batches the evaluator missed because it fell behind the
+    /// live hub.
+    pub lagged: AtomicU64,
+    pub webhook_sent: AtomicU64,
+    pub webhook_errors: AtomicU64,
+    pub webhook_dropped: AtomicU64,
+}
+
+impl AlertMetrics {
+    fn render(&self, out: &mut String) {
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        for (name, help, v) in [
+            (
+                "widgetry_alerts_fired_total",
+                "Alerts that started firing.",
+                &self.fired,
+            ),
+            (
+                "widgetry_alerts_resolved_total",
+                "Firing alerts that resolved.",
+                &self.resolved,
+            ),
+            (
+                "widgetry_alerts_lagged_batches_total",
+                "Committed batches the rule evaluator missed because it fell behind.",
+                &self.lagged,
+            ),
+            (
+                "widgetry_alerts_webhook_sent_total",
+                "Alert transitions the webhook receiver accepted (2xx).",
+                &self.webhook_sent,
+            ),
+            (
+                "widgetry_alerts_webhook_errors_total",
+                "Failed webhook attempts (retried).",
+                &self.webhook_errors,
+            ),
+            (
+                "widgetry_alerts_webhook_dropped_total",
+                "Alert transitions dropped: the queue was full or every attempt failed.",
+                &self.webhook_dropped,
+            ),
+        ] {
+            write_counter(out, name, help, &[("", get(v))]);
+        }
+        let _ = writeln!(
+            out,
+            "# HELP widgetry_alerts_firing Alerts firing now.\n# TYPE widgetry_alerts_firing gauge\nwidgetry_alerts_firing {}",
+            self.firing.load(Ordering::Relaxed)
         );
     }
 }
@@ -521,6 +585,9 @@ impl Metrics {
         }
         if self.statsd.enabled.load(Ordering::Relaxed) {
             self.statsd.render(&mut out);
+        }
+        if self.alerts.enabled.load(Ordering::Relaxed) {
+            self.alerts.render(&mut out);
         }
         if self.graphite.enabled.load(Ordering::Relaxed) {
             self.graphite.render(&mut out);

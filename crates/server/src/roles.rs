@@ -218,7 +218,10 @@ pub async fn start_serve(
             store.clone(),
             metrics.clone(),
             bridge,
-            cfg.api_token.clone(),
+            WebExtras {
+                api_token: cfg.api_token.clone(),
+                alerting: cfg.alerting.clone(),
+            },
             shutdown.clone(),
         ),
     );
@@ -485,7 +488,10 @@ pub async fn run_web(cfg: WebConfig, shutdown: CancellationToken) -> Result<(), 
             store.clone(),
             Arc::new(Metrics::for_roles(Roles::WEB)),
             cfg.bridge,
-            cfg.api_token,
+            WebExtras {
+                api_token: cfg.api_token,
+                alerting: cfg.alerting,
+            },
             shutdown,
         ),
     );
@@ -494,16 +500,34 @@ pub async fn run_web(cfg: WebConfig, shutdown: CancellationToken) -> Result<(), 
     res
 }
 
+/// What the web service takes besides its listener, store and bridge.
+struct WebExtras {
+    /// When set, the API and /metrics require it.
+    api_token: Option<String>,
+    /// `[[rules]]` and `[alerts]`.
+    alerting: crate::config::roles::AlertingConfig,
+}
+
 async fn serve_http(
     listener: TcpListener,
     tls: Option<HttpTls>,
     store: Store,
     metrics: Arc<Metrics>,
     bridge: sinks::live::BridgeConfig,
-    api_token: Option<String>,
+    extras: WebExtras,
     shutdown: CancellationToken,
 ) -> Result<(), ServeError> {
+    let WebExtras {
+        api_token,
+        alerting,
+    } = extras;
     let hub = sinks::live::Hub::new(store.last_commit_id().await?);
+    crate::rules::run::apply_config_rules(&store, &alerting.rules).await?;
+    let rules = crate::rules::run::RuleSet::load(&store).await?;
+    let alert_broker = bridge
+        .broker
+        .clone()
+        .map(|(host, port)| (host, port, bridge.credentials.clone()));
     let bridge_task = tokio::spawn(sinks::live::run_bridge(
         bridge,
         store.clone(),
@@ -518,6 +542,21 @@ async fn serve_http(
         Duration::from_secs(1),
         shutdown.clone(),
     ));
+    let webhook = alerting
+        .webhook
+        .map(|u| crate::rules::webhook::Webhook::start(u, metrics.clone(), shutdown.clone()));
+    let alerts_task = tokio::spawn(crate::rules::run::run(
+        store.clone(),
+        hub.clone(),
+        rules.clone(),
+        presence,
+        crate::rules::run::Outputs {
+            broker: alert_broker,
+            webhook: webhook.as_ref().map(|(w, _)| w.clone()),
+        },
+        metrics.clone(),
+        shutdown.clone(),
+    ));
     metrics
         .http_tls
         .enabled
@@ -530,6 +569,7 @@ async fn serve_http(
         overview: Default::default(),
         api_token: api_token.map(Arc::from),
         presence,
+        rules,
     });
     let tls = tls.map(|t| web::server::Tls {
         acceptor: tokio_rustls::TlsAcceptor::from(t.config),
@@ -538,6 +578,10 @@ async fn serve_http(
     web::server::serve(listener, app, tls, shutdown).await;
     bridge_task.await??;
     presence_task.await?;
+    alerts_task.await??;
+    if let Some((_, task)) = webhook {
+        task.await?;
+    }
     info!("web service stopped");
     Ok(())
 }

@@ -651,6 +651,7 @@ pub fn resolve_serve(args: &ServeArgs) -> Result<ServeConfig, ConfigError> {
             resolve_ws_bridge(w, &label, &format!("bridge.ws[{i}]."), &mut problems)
         })
         .collect();
+    let alerting = resolve_alerting(&file, &label, &mut problems);
     match (broker, http_listen, database) {
         (Some(broker), Some(http_listen), Some(database)) if problems.is_empty() => {
             Ok(ServeConfig {
@@ -666,10 +667,70 @@ pub fn resolve_serve(args: &ServeArgs) -> Result<ServeConfig, ConfigError> {
                 statsd,
                 graphite,
                 ws_bridges,
+                alerting,
             })
         }
         _ => Err(ConfigError(problems)),
     }
+}
+
+/// `[[rules]]` (each validated, names unique, at most
+/// [`crate::rules::MAX_RULES`]) and `[alerts]` of `file`; problems are keyed
+/// `rules[N].field` and `alerts.webhook`.
+fn resolve_alerting(
+    file: &super::FileConfig,
+    label: &str,
+    problems: &mut Vec<Problem>,
+) -> super::roles::AlertingConfig {
+    let mut push = |key: String, message: String| {
+        problems.push(Problem {
+            file: label.to_string(),
+            key,
+            message,
+        })
+    };
+    if file.rules.len() > crate::rules::MAX_RULES {
+        push(
+            "rules".into(),
+            format!(
+                "{} rules: at most {} are allowed",
+                file.rules.len(),
+                crate::rules::MAX_RULES
+            ),
+        );
+    }
+    let mut rules = Vec::new();
+    for (i, r) in file.rules.iter().enumerate() {
+        if file.rules[..i].iter().any(|o| o.name == r.name) {
+            push(
+                format!("rules[{i}].name"),
+                format!(
+                    "{:?} is the name of an earlier rule: names are unique",
+                    r.name
+                ),
+            );
+            continue;
+        }
+        match r.clone().validate() {
+            Ok(_) => rules.push(r.clone()),
+            Err(e) => {
+                let (field, msg) = e.split_once(": ").unwrap_or(("", e.as_str()));
+                push(format!("rules[{i}].{field}"), msg.to_string());
+            }
+        }
+    }
+    let webhook = file
+        .alerts
+        .as_ref()
+        .and_then(|a| a.webhook.as_deref())
+        .and_then(|w| match crate::rules::webhook::WebhookUrl::parse(w) {
+            Ok(u) => Some(u),
+            Err(e) => {
+                push("alerts.webhook".into(), e);
+                None
+            }
+        });
+    super::roles::AlertingConfig { rules, webhook }
 }
 
 /// One websocket bridge's settings (a `[[bridge.ws]]` section of `file`,
@@ -1111,6 +1172,7 @@ pub fn resolve_web(args: &WebArgs) -> Result<WebConfig, ConfigError> {
         }
     }
     let token = resolve_api_token(&args.api_token, &mut problems);
+    let alerting = resolve_alerting(&file, &label, &mut problems);
     match (http, database) {
         (Some(http_listen), Some(database)) if problems.is_empty() => Ok(WebConfig {
             http_listen,
@@ -1118,6 +1180,7 @@ pub fn resolve_web(args: &WebArgs) -> Result<WebConfig, ConfigError> {
             database,
             bridge,
             api_token: token,
+            alerting,
         }),
         _ => Err(ConfigError(problems)),
     }

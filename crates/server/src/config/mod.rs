@@ -98,6 +98,21 @@ pub struct FileConfig {
     pub graphite: Option<GraphiteFile>,
     /// `[[bridge.ws]]`: websocket source bridges run inside `serve`.
     pub bridge: Option<BridgeFile>,
+    /// `[[rules]]`: health rules (crates/server/src/rules), re-applied at
+    /// every start of `serve` and `web`.
+    #[serde(default)]
+    pub rules: Vec<crate::rules::RuleSpec>,
+    /// `[alerts]`: where alert transitions go besides the database and the
+    /// retained `…/alerts` topics.
+    pub alerts: Option<AlertsFile>,
+}
+
+/// The `[alerts]` section of `widgetry.toml`.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AlertsFile {
+    /// `http://host:port/path` that each alert transition is POSTed to.
+    pub webhook: Option<String>,
 }
 
 /// The `[bridge]` table of `widgetry.toml`.

@@ -31,6 +31,8 @@ pub struct ServeConfig {
     pub graphite: Option<GraphiteConfig>,
     /// Websocket source bridges (`[[bridge.ws]]`).
     pub ws_bridges: Vec<WsBridgeConfig>,
+    /// `[[rules]]` and `[alerts]`.
+    pub alerting: AlertingConfig,
 }
 
 /// Configuration of `widgetry web`, already validated.
@@ -44,6 +46,16 @@ pub struct WebConfig {
     pub bridge: BridgeConfig,
     /// When set, the HTTP API and /metrics require it.
     pub api_token: Option<String>,
+    /// `[[rules]]` and `[alerts]`.
+    pub alerting: AlertingConfig,
+}
+
+/// `[[rules]]` and `[alerts]` of `widgetry.toml`, validated.
+#[derive(Debug, Clone, Default)]
+pub struct AlertingConfig {
+    /// The config file's rules (each validates).
+    pub rules: Vec<crate::rules::RuleSpec>,
+    pub webhook: Option<crate::rules::webhook::WebhookUrl>,
 }
 
 /// `[graphite]`: committed samples forwarded to Carbon's plaintext

@@ -191,7 +191,7 @@ pub fn classify(
                 received_ms,
             })
         }
-        TopicKind::Ack | TopicKind::Errors | TopicKind::Live => {
+        TopicKind::Ack | TopicKind::Errors | TopicKind::Live | TopicKind::Alerts => {
             metrics.messages_other.fetch_add(1, Ordering::Relaxed);
             return None;
         }

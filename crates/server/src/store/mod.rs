@@ -26,6 +26,7 @@ use sqlx::{AnyConnection, AnyPool, ConnectOptions, Executor, Row, Transaction};
 use crate::config::Database;
 
 pub mod accounts;
+pub mod alerts;
 pub mod cursors;
 pub mod read;
 pub mod retained;

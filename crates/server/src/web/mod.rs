@@ -8,6 +8,7 @@ pub mod assets;
 pub mod cache;
 pub mod error;
 pub mod live;
+pub mod rules_api;
 pub mod server;
 pub mod state;
 
@@ -32,6 +33,20 @@ pub fn app(state: AppState) -> Router {
         .route("/api/v1/devices", get(api::devices))
         .route("/api/v1/series", get(api::series))
         .route("/api/v1/events", get(api::events))
+        .route("/api/v1/alerts", get(rules_api::alerts))
+        .route(
+            "/api/v1/rules",
+            get(rules_api::list)
+                .post(rules_api::create)
+                .layer(axum::extract::DefaultBodyLimit::max(rules_api::MAX_BODY)),
+        )
+        .route(
+            "/api/v1/rules/{name}",
+            get(rules_api::one)
+                .put(rules_api::replace)
+                .delete(rules_api::remove)
+                .layer(axum::extract::DefaultBodyLimit::max(rules_api::MAX_BODY)),
+        )
         .route("/login", get(login))
         .fallback(not_found)
         .layer(axum::middleware::from_fn_with_state(
@@ -182,7 +197,11 @@ mod tests {
             .await
             .expect("open");
         let metrics = Arc::new(Metrics::for_roles(Roles::WEB));
+        let rules = crate::rules::run::RuleSet::load(&store)
+            .await
+            .expect("rules");
         let app = app(AppState {
+            rules,
             store: store.clone(),
             metrics: metrics.clone(),
             hub: Hub::new(0),
@@ -241,7 +260,11 @@ mod tests {
             .await
             .expect("open");
         let token = "tok-0123456789abcdef";
+        let rules = crate::rules::run::RuleSet::load(&store)
+            .await
+            .expect("rules");
         let app = app(AppState {
+            rules,
             store: store.clone(),
             metrics: Arc::new(Metrics::for_roles(Roles::WEB)),
             hub: Hub::new(0),

@@ -25,4 +25,6 @@ pub struct AppState {
     pub api_token: Option<Arc<str>>,
     /// How presence is judged (`crate::presence`).
     pub presence: crate::presence::PresenceConfig,
+    /// The rules in force (`/api/v1/rules` replaces them).
+    pub rules: crate::rules::run::RuleSet,
 }

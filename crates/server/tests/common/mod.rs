@@ -72,9 +72,41 @@ pub struct Stack {
     pub statsd: Option<SocketAddr>,
     pub db: Database,
     pub dir: tempfile::TempDir,
+    /// What it was started with ([`Stack::restart`] starts it again).
+    pub cfg: ServeConfig,
 }
 
 impl Stack {
+    /// A stack with `[[rules]]` and `[alerts]` set to `alerting`.
+    pub async fn with_alerting(alerting: widgetry_server::config::roles::AlertingConfig) -> Stack {
+        Stack::with_options_and(
+            Default::default(),
+            DEFAULT_BROKER_TOML,
+            Default::default(),
+            None,
+            None,
+            alerting,
+        )
+        .await
+    }
+
+    /// Stops serve cleanly and starts it again on the same database (new
+    /// ports).
+    pub async fn restart(&mut self) {
+        if let Some(r) = self.running.take() {
+            r.shutdown();
+            r.wait().await.expect("serve stops cleanly");
+        }
+        let running = start_serve(self.cfg.clone(), CancellationToken::new())
+            .await
+            .expect("serve starts again");
+        self.http = running.http_addr;
+        self.mqtt = running.mqtt_addr;
+        self.mqtt5 = running.mqtt5_addr.expect("MQTT 5 listener");
+        self.statsd = running.statsd_addr;
+        self.running = Some(running);
+    }
+
     pub async fn start() -> Stack {
         Stack::with_limits(Default::default()).await
     }
@@ -135,6 +167,25 @@ impl Stack {
         statsd: Option<widgetry_server::config::roles::StatsdConfig>,
         graphite: Option<widgetry_server::config::roles::GraphiteConfig>,
     ) -> Stack {
+        Stack::with_options_and(
+            limits,
+            broker_toml,
+            auth,
+            statsd,
+            graphite,
+            Default::default(),
+        )
+        .await
+    }
+
+    async fn with_options_and(
+        limits: widgetry_proto::Limits,
+        broker_toml: &str,
+        auth: widgetry_server::config::roles::AuthMode,
+        statsd: Option<widgetry_server::config::roles::StatsdConfig>,
+        graphite: Option<widgetry_server::config::roles::GraphiteConfig>,
+        alerting: widgetry_server::config::roles::AlertingConfig,
+    ) -> Stack {
         let dir = tempfile::tempdir().expect("temp dir");
         let db = test_database(dir.path()).await;
         let any_port: SocketAddr = "127.0.0.1:0".parse().expect("addr");
@@ -157,8 +208,9 @@ impl Stack {
             statsd,
             graphite,
             ws_bridges: Vec::new(),
+            alerting,
         };
-        let running = start_serve(cfg, CancellationToken::new())
+        let running = start_serve(cfg.clone(), CancellationToken::new())
             .await
             .expect("serve starts");
         let http = running.http_addr;
@@ -175,6 +227,7 @@ impl Stack {
             statsd,
             db,
             dir,
+            cfg,
         }
     }
 
@@ -206,6 +259,30 @@ impl Stack {
             r.wait().await.expect("serve stops cleanly");
         }
     }
+}
+
+/// Plain HTTP/1.0 request with an optional JSON body; returns status and
+/// body.
+pub fn http_send(addr: SocketAddr, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).expect("connect to the web service");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let body = body.unwrap_or("");
+    write!(
+        s,
+        "{method} {path} HTTP/1.0\r\nHost: test\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .expect("write request");
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).expect("read response");
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (status, body.to_string())
 }
 
 /// Plain HTTP/1.0 GET; returns status and body.

@@ -1,0 +1,529 @@
+//! The rule evaluator: every committed batch and presence change from the
+//! live hub goes through the rules that watch its device; transitions are
+//! stored, published retained on `widgetry/v1/{device}/alerts` and posted
+//! to the webhook.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use serde_json::json;
+use tokio::sync::{broadcast, watch};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+use widgetry_proto::topic::{Topic, TopicKind};
+
+use super::eval::{self, Open, Phase, Transition};
+use super::webhook::Webhook;
+use super::{Condition, Rule, RuleSpec};
+use crate::metrics::Metrics;
+use crate::mqtt::{Connection, Polled};
+use crate::presence::{Presence, PresenceConfig};
+use crate::sinks::live::{Hub, HubMsg};
+use crate::store::alerts::StoredRule;
+use crate::store::{Store, StoreError};
+
+/// (rule, device, series) of an alert.
+type Key = (String, String, String);
+
+/// The rules in force, shared by the API (which replaces them) and the
+/// evaluator (which follows them).
+#[derive(Clone)]
+pub struct RuleSet {
+    tx: Arc<watch::Sender<Arc<Vec<Rule>>>>,
+}
+
+impl RuleSet {
+    /// Loads the stored rules (a stored rule that no longer validates is
+    /// logged and skipped).
+    pub async fn load(store: &Store) -> Result<RuleSet, StoreError> {
+        let (tx, _) = watch::channel(Arc::new(load_rules(store).await?));
+        Ok(RuleSet { tx: Arc::new(tx) })
+    }
+
+    /// The rules now.
+    pub fn current(&self) -> Arc<Vec<Rule>> {
+        self.tx.borrow().clone()
+    }
+
+    /// Re-reads the stored rules and hands them to the evaluator.
+    pub async fn reload(&self, store: &Store) -> Result<(), StoreError> {
+        self.tx.send_replace(Arc::new(load_rules(store).await?));
+        Ok(())
+    }
+
+    fn subscribe(&self) -> watch::Receiver<Arc<Vec<Rule>>> {
+        self.tx.subscribe()
+    }
+}
+
+async fn load_rules(store: &Store) -> Result<Vec<Rule>, StoreError> {
+    let mut out = Vec::new();
+    for r in store.rules().await? {
+        match serde_json::from_str::<RuleSpec>(&r.spec)
+            .map_err(|e| e.to_string())
+            .and_then(RuleSpec::validate)
+        {
+            Ok(rule) => out.push(rule),
+            Err(e) => warn!(rule = %r.name, error = %e, "stored rule does not validate; skipped"),
+        }
+    }
+    Ok(out)
+}
+
+/// Stores the config file's rules as the `config` rules.
+pub async fn apply_config_rules(store: &Store, rules: &[RuleSpec]) -> Result<(), StoreError> {
+    let stored: Vec<StoredRule> = rules
+        .iter()
+        .map(|r| StoredRule {
+            name: r.name.clone(),
+            spec: serde_json::to_string(r).unwrap_or_default(),
+            source: "config".into(),
+        })
+        .collect();
+    store
+        .sync_config_rules(&stored, widgetry_common::now_ms())
+        .await
+}
+
+/// A broker: host, port and the credentials to log in with.
+pub type BrokerTarget = (String, u16, Option<(String, String)>);
+
+/// One observation of a rule's condition.
+struct Obs {
+    holds: bool,
+    clears: bool,
+    at: i64,
+    value: Option<f64>,
+}
+
+/// Where the evaluator publishes and posts.
+pub struct Outputs {
+    /// The broker for the retained `…/alerts`.
+    pub broker: Option<BrokerTarget>,
+    pub webhook: Option<Webhook>,
+}
+
+struct Evaluator {
+    store: Store,
+    metrics: Arc<Metrics>,
+    rules: Arc<Vec<Rule>>,
+    /// Device → indexes of the rules that watch it.
+    by_device: HashMap<String, Vec<usize>>,
+    open: HashMap<Key, (Open, String)>,
+    /// Devices whose retained `…/alerts` must be published again.
+    dirty: HashSet<String>,
+    webhook: Option<Webhook>,
+}
+
+impl Evaluator {
+    fn rules_for(&mut self, device: &str) -> Vec<usize> {
+        if let Some(r) = self.by_device.get(device) {
+            return r.clone();
+        }
+        let r: Vec<usize> = (0..self.rules.len())
+            .filter(|i| self.rules[*i].watches(device))
+            .collect();
+        // Bounded by the devices the hub has seen; cleared on rule changes.
+        if self.by_device.len() < 100_000 {
+            self.by_device.insert(device.to_string(), r.clone());
+        }
+        r
+    }
+
+    /// Feeds one observation of rule `ri` on (device, series).
+    async fn observe(&mut self, ri: usize, device: &str, series: &str, o: Obs) {
+        let Obs {
+            holds,
+            clears,
+            at,
+            value,
+        } = o;
+        let rule = &self.rules[ri];
+        let key: Key = (
+            rule.name().to_string(),
+            device.to_string(),
+            series.to_string(),
+        );
+        let hold = rule.hold_ms;
+        let severity = rule.spec.severity.clone();
+        let mut open = self.open.remove(&key).map(|(o, _)| o);
+        let prev_id = open.as_ref().and_then(|o| o.id);
+        let t = eval::step(&mut open, hold, holds, clears, at, value);
+        self.settle(key, open, prev_id, t, severity).await;
+    }
+
+    /// Stores a transition and announces it.
+    async fn settle(
+        &mut self,
+        key: Key,
+        mut open: Option<Open>,
+        prev_id: Option<i64>,
+        t: Option<Transition>,
+        severity: String,
+    ) {
+        if let Some(t) = t {
+            let (rule, device, series) = (&key.0, &key.1, &key.2);
+            let res = match (t, open.as_mut()) {
+                (Transition::Pending { at } | Transition::Firing { at }, Some(o))
+                    if o.id.is_none() =>
+                {
+                    self.store
+                        .insert_alert(
+                            rule,
+                            device,
+                            series,
+                            &severity,
+                            o.phase.as_str(),
+                            o.value,
+                            at,
+                            o.fired_ms,
+                        )
+                        .await
+                        .map(|id| o.id = Some(id))
+                }
+                (Transition::Firing { at }, Some(o)) => match o.id {
+                    Some(id) => {
+                        self.store
+                            .update_alert(id, "firing", o.value, Some(at), None)
+                            .await
+                    }
+                    None => Ok(()),
+                },
+                (Transition::Resolved { at, .. }, _) => match prev_id {
+                    Some(id) => {
+                        self.store
+                            .update_alert(id, "resolved", None, None, Some(at))
+                            .await
+                    }
+                    None => Ok(()),
+                },
+                _ => Ok(()),
+            };
+            if let Err(e) = res {
+                warn!(rule, device, series, error = %e, "cannot store an alert transition");
+            }
+            let (state, at) = match t {
+                Transition::Pending { at } => ("pending", at),
+                Transition::Firing { at } => {
+                    self.metrics.alerts.fired.fetch_add(1, Ordering::Relaxed);
+                    self.metrics.alerts.firing.fetch_add(1, Ordering::Relaxed);
+                    ("firing", at)
+                }
+                Transition::Resolved { at, fired } => {
+                    if fired {
+                        self.metrics.alerts.resolved.fetch_add(1, Ordering::Relaxed);
+                        self.metrics.alerts.firing.fetch_sub(1, Ordering::Relaxed);
+                    }
+                    ("resolved", at)
+                }
+            };
+            info!(rule, device, series, state, at, "alert");
+            let fired = matches!(
+                t,
+                Transition::Firing { .. } | Transition::Resolved { fired: true, .. }
+            );
+            if fired {
+                self.dirty.insert(device.clone());
+                if let Some(w) = &self.webhook {
+                    let value = open.as_ref().and_then(|o| o.value);
+                    w.send(
+                        json!({"rule": rule, "device": device, "series": series, "severity": severity,
+                               "state": state, "at": at, "value": value})
+                        .to_string(),
+                    );
+                }
+            }
+        }
+        if let Some(o) = open {
+            self.open.insert(key, (o, severity));
+        }
+    }
+
+    async fn samples(&mut self, live: &widgetry_proto::json::Live) {
+        for ri in self.rules_for(&live.device) {
+            let Condition::Threshold {
+                op,
+                threshold,
+                clear_op,
+                clear,
+                ..
+            } = self.rules[ri].condition.clone()
+            else {
+                continue;
+            };
+            for (key, points) in &live.series {
+                if !self.rules[ri].watches_series(key) {
+                    continue;
+                }
+                for (ts, v) in points {
+                    let (holds, clears) = (op.holds(*v, threshold), clear_op.holds(*v, clear));
+                    let o = Obs {
+                        holds,
+                        clears,
+                        at: *ts,
+                        value: Some(*v),
+                    };
+                    self.observe(ri, &live.device, key, o).await;
+                }
+            }
+        }
+    }
+
+    async fn presence(&mut self, device: &str, p: Presence, at: i64) {
+        for ri in self.rules_for(device) {
+            let Condition::Presence(states) = &self.rules[ri].condition else {
+                continue;
+            };
+            let holds = states.contains(&p);
+            let o = Obs {
+                holds,
+                clears: !holds,
+                at,
+                value: None,
+            };
+            self.observe(ri, device, "", o).await;
+        }
+    }
+
+    async fn tick(&mut self, now: i64) {
+        let pending: Vec<Key> = self
+            .open
+            .iter()
+            .filter(|(_, (o, _))| o.phase == Phase::Pending)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in pending {
+            let Some(hold) = self
+                .rules
+                .iter()
+                .find(|r| r.name() == key.0)
+                .map(|r| r.hold_ms)
+            else {
+                continue;
+            };
+            if let Some((o, severity)) = self.open.remove(&key) {
+                let prev = o.id;
+                let mut open = Some(o);
+                let t = eval::tick(&mut open, hold, now);
+                self.settle(key, open, prev, t, severity).await;
+            }
+        }
+    }
+
+    /// Rules changed: alerts of rules that are gone are resolved now.
+    async fn replace_rules(&mut self, rules: Arc<Vec<Rule>>, now: i64) {
+        // The alert counters are on /metrics once there is a rule.
+        if !rules.is_empty() {
+            self.metrics.alerts.enabled.store(true, Ordering::Relaxed);
+        }
+        self.rules = rules;
+        self.by_device.clear();
+        let gone: Vec<Key> = self
+            .open
+            .keys()
+            .filter(|k| !self.rules.iter().any(|r| r.name() == k.0))
+            .cloned()
+            .collect();
+        for key in gone {
+            if let Some((o, severity)) = self.open.remove(&key) {
+                let fired = o.phase == Phase::Firing;
+                self.settle(
+                    key,
+                    None,
+                    o.id,
+                    Some(Transition::Resolved { at: now, fired }),
+                    severity,
+                )
+                .await;
+            }
+        }
+    }
+
+    /// The retained `…/alerts` message of `device`: its firing alerts.
+    fn retained(&self, device: &str, now: i64) -> String {
+        let firing: Vec<serde_json::Value> = self
+            .open
+            .iter()
+            .filter(|((_, d, _), (o, _))| d == device && o.phase == Phase::Firing)
+            .map(|((rule, _, series), (o, severity))| {
+                json!({"rule": rule, "series": series, "severity": severity,
+                       "since": o.fired_ms, "value": o.value})
+            })
+            .collect();
+        json!({"device": device, "firing": firing, "ts": now}).to_string()
+    }
+}
+
+/// Runs the evaluator until `shutdown`.
+pub async fn run(
+    store: Store,
+    hub: Arc<Hub>,
+    rules: RuleSet,
+    presence: PresenceConfig,
+    outputs: Outputs,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) -> Result<(), StoreError> {
+    let mut hub_rx = hub.subscribe();
+    let mut rules_rx = rules.subscribe();
+    let mut ev = Evaluator {
+        store: store.clone(),
+        metrics: metrics.clone(),
+        rules: rules.current(),
+        by_device: HashMap::new(),
+        open: HashMap::new(),
+        dirty: HashSet::new(),
+        webhook: outputs.webhook,
+    };
+    // Open alerts survive restarts: they are picked up where they were.
+    for a in store.open_alerts().await? {
+        let phase = if a.state == "firing" {
+            metrics.alerts.firing.fetch_add(1, Ordering::Relaxed);
+            Phase::Firing
+        } else {
+            Phase::Pending
+        };
+        ev.open.insert(
+            (a.rule, a.device, a.series),
+            (
+                Open {
+                    id: Some(a.id),
+                    phase,
+                    since_ms: a.pending_ms,
+                    fired_ms: a.firing_ms,
+                    value: a.value,
+                },
+                a.severity,
+            ),
+        );
+    }
+    let now = widgetry_common::now_ms();
+    ev.replace_rules(rules.current(), now).await;
+    // Presence now, for presence rules (later changes come from the hub).
+    for r in store.presence_rows().await? {
+        let p = presence.of(&r.state, r.last_seen_ms, r.interval_ms, now);
+        ev.presence(&r.device, p, now).await;
+    }
+    // Publisher of the retained `…/alerts` messages.
+    let (pub_tx, pub_rx) = tokio::sync::mpsc::channel::<(String, String)>(1024);
+    let publisher = outputs
+        .broker
+        .map(|b| tokio::spawn(publish_retained(b, pub_rx, shutdown.clone())));
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            changed = rules_rx.changed() => {
+                if changed.is_err() { break; }
+                let r = rules_rx.borrow_and_update().clone();
+                ev.replace_rules(r, widgetry_common::now_ms()).await;
+            }
+            msg = hub_rx.recv() => match msg {
+                Ok(m) => match m.as_ref() {
+                    HubMsg::Samples(live) => ev.samples(live).await,
+                    HubMsg::Presence { device, presence, ts } => {
+                        let p = match *presence {
+                            "active" => Presence::Active,
+                            "stale" => Presence::Stale,
+                            "silent" => Presence::Silent,
+                            _ => Presence::Offline,
+                        };
+                        ev.presence(device, p, *ts).await;
+                    }
+                    _ => {}
+                },
+                Err(broadcast::error::RecvError::Lagged(n)) => {
+                    metrics.alerts.lagged.fetch_add(n, Ordering::Relaxed);
+                    warn!(missed = n, "rule evaluator fell behind the live hub; those batches were not evaluated");
+                }
+                Err(broadcast::error::RecvError::Closed) => break,
+            },
+            _ = tick.tick() => {
+                let now = widgetry_common::now_ms();
+                ev.tick(now).await;
+                let dirty: Vec<String> = ev.dirty.iter().cloned().collect();
+                for d in dirty {
+                    if publisher.is_none() {
+                        ev.dirty.clear();
+                        break;
+                    }
+                    let msg = (Topic::name(&d, TopicKind::Alerts), ev.retained(&d, now));
+                    if pub_tx.try_send(msg).is_ok() {
+                        ev.dirty.remove(&d);
+                    }
+                }
+            }
+        }
+    }
+    drop(pub_tx);
+    if let Some(p) = publisher {
+        let _ = p.await;
+    }
+    debug!("rule evaluator stopped");
+    Ok(())
+}
+
+/// Keeps a connection to the broker and publishes each device's retained
+/// `…/alerts` (the latest per device wins while disconnected).
+async fn publish_retained(
+    (host, port, credentials): BrokerTarget,
+    mut rx: tokio::sync::mpsc::Receiver<(String, String)>,
+    shutdown: CancellationToken,
+) {
+    let id = format!("widgetry-alerts-{:08x}", rand::random::<u32>());
+    let mut opts = MqttOptions::new(id, host, port);
+    opts.set_keep_alive(Duration::from_secs(30));
+    if let Some((u, p)) = credentials {
+        opts.set_credentials(u, p);
+    }
+    let (client, evl) = AsyncClient::new(opts, 256);
+    let mut conn = Connection::new(evl, "alerts publisher", None);
+    // Latest message per topic not yet handed to the client.
+    let mut waiting: BTreeMap<String, String> = BTreeMap::new();
+    let mut connected = false;
+    loop {
+        tokio::select! {
+            m = rx.recv() => match m {
+                Some((topic, body)) => { waiting.insert(topic, body); }
+                None => break,
+            },
+            p = conn.next(&shutdown) => match p {
+                Polled::Stopped => break,
+                Polled::Lost => {
+                    connected = false;
+                    if !conn.wait(&shutdown).await { break; }
+                }
+                Polled::Event(Event::Incoming(Packet::ConnAck(_))) => connected = true,
+                Polled::Event(_) => {}
+            },
+        }
+        if connected {
+            while let Some((topic, body)) = waiting.pop_first() {
+                if client
+                    .try_publish(
+                        topic.clone(),
+                        QoS::AtLeastOnce,
+                        true,
+                        body.clone().into_bytes(),
+                    )
+                    .is_err()
+                {
+                    waiting.insert(topic, body);
+                    break;
+                }
+            }
+        }
+    }
+    // Hand over what is left, then let the event loop send it.
+    for (topic, body) in waiting {
+        let _ = client.try_publish(topic, QoS::AtLeastOnce, true, body.into_bytes());
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        while let Polled::Event(_) = conn.next(&CancellationToken::new()).await {}
+    })
+    .await;
+}

@@ -1,0 +1,276 @@
+//! Health rules end to end: a threshold rule from the config fires when a
+//! plain client's value crosses it, stays firing while the value hovers
+//! between the threshold and its clear level, and resolves below it; each
+//! transition is stored (`/api/v1/alerts`), published retained on
+//! `widgetry/v1/{device}/alerts` (read with `mosquitto_sub`) and POSTed to
+//! a webhook receiver. A restart of serve while the alert fires neither
+//! loses it nor fires it twice. Rules are managed over `/api/v1/rules`
+//! with clear errors.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpListener;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::*;
+use widgetry_server::config::roles::AlertingConfig;
+use widgetry_server::rules::RuleSpec;
+use widgetry_server::rules::webhook::WebhookUrl;
+
+const T: Duration = Duration::from_secs(20);
+
+/// A webhook receiver on a free port: records each POST body, answers 200.
+fn receiver() -> (u16, Arc<Mutex<Vec<serde_json::Value>>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let got: Arc<Mutex<Vec<serde_json::Value>>> = Default::default();
+    let out = got.clone();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut s) = conn else { continue };
+            let mut r = BufReader::new(s.try_clone().expect("clone"));
+            let mut len = 0usize;
+            loop {
+                let mut line = String::new();
+                if r.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                    break;
+                }
+                if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                    len = v.trim().parse().unwrap_or(0);
+                }
+            }
+            let mut body = vec![0u8; len.min(1 << 20)];
+            if r.read_exact(&mut body).is_ok()
+                && let Ok(v) = serde_json::from_slice(&body)
+            {
+                out.lock().expect("lock").push(v);
+            }
+            let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n");
+        }
+    });
+    (port, got)
+}
+
+fn publish(stack: &Stack, device: &str, value: f64) {
+    let out = mosquitto(
+        "mosquitto_pub",
+        &[
+            "-V",
+            "311",
+            "-p",
+            &stack.mqtt.port().to_string(),
+            "-q",
+            "1",
+            "-t",
+            &format!("widgetry/v1/{device}/samples/json"),
+            "-m",
+            &format!(r#"{{"series":"temp","value":{value}}}"#),
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+}
+
+/// The retained `…/alerts` message of `device`, read by `mosquitto_sub -V 5`.
+fn retained_alerts(stack: &Stack, device: &str) -> serde_json::Value {
+    let out = mosquitto(
+        "mosquitto_sub",
+        &[
+            "-V",
+            "5",
+            "-p",
+            &stack.mqtt5.port().to_string(),
+            "-t",
+            &format!("widgetry/v1/{device}/alerts"),
+            "-C",
+            "1",
+            "-W",
+            "5",
+        ],
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
+}
+
+async fn alerts(stack: &Stack, query: &str) -> Vec<serde_json::Value> {
+    let (s, v) = stack.get(&format!("/api/v1/alerts?{query}")).await;
+    assert_eq!(s, 200, "{v}");
+    v["alerts"].as_array().cloned().unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_threshold_rule_fires_is_published_and_resolves_across_a_restart() {
+    let (hook_port, hooks) = receiver();
+    let rule = RuleSpec {
+        name: "hot".into(),
+        devices: "plant-*".into(),
+        series: Some("temp".into()),
+        when: "> 50".into(),
+        hold: None,
+        clear: Some("< 40".into()),
+        severity: "critical".into(),
+    };
+    let mut stack = Stack::with_alerting(AlertingConfig {
+        rules: vec![rule],
+        webhook: Some(
+            WebhookUrl::parse(&format!("http://127.0.0.1:{hook_port}/hook")).expect("url"),
+        ),
+    })
+    .await;
+
+    // Below the threshold, and a device the rule does not watch: nothing.
+    publish(&stack, "plant-1", 30.0);
+    publish(&stack, "office-1", 99.0);
+    wait_for("both samples stored", T, || async {
+        (stack.count("SELECT COUNT(*) FROM devices").await == 2).then_some(())
+    })
+    .await;
+    assert!(alerts(&stack, "").await.is_empty());
+
+    // Over it: firing, stored, retained, posted.
+    publish(&stack, "plant-1", 61.5);
+    let firing = wait_for("the alert fires", T, || async {
+        alerts(&stack, "state=firing").await.into_iter().next()
+    })
+    .await;
+    assert_eq!(firing["rule"], "hot");
+    assert_eq!(firing["device"], "plant-1");
+    assert_eq!(firing["series"], "temp");
+    assert_eq!(firing["severity"], "critical");
+    assert_eq!(firing["value"], 61.5);
+    let id = firing["id"].as_i64().expect("id");
+    let retained = wait_for("the retained …/alerts lists it", T, || async {
+        let m = retained_alerts(&stack, "plant-1");
+        (m["firing"].as_array().is_some_and(|f| f.len() == 1)).then_some(m)
+    })
+    .await;
+    assert_eq!(retained["firing"][0]["rule"], "hot", "{retained}");
+    wait_for("the webhook got the firing", T, || async {
+        let h = hooks.lock().expect("lock");
+        h.iter()
+            .any(|b| b["state"] == "firing" && b["device"] == "plant-1")
+            .then_some(())
+    })
+    .await;
+
+    // Restart while firing: the same alert is still open, and a value over
+    // the threshold again does not fire a second one.
+    stack.restart().await;
+    let open = alerts(&stack, "state=open").await;
+    assert_eq!(open.len(), 1, "{open:?}");
+    assert_eq!(open[0]["id"], id);
+    assert_eq!(open[0]["state"], "firing");
+    publish(&stack, "plant-1", 70.0);
+    // Hovering between the clear level and the threshold keeps it firing.
+    publish(&stack, "plant-1", 45.0);
+    publish(&stack, "plant-1", 51.0);
+    wait_for("the three samples stored", T, || async {
+        (stack.count("SELECT COUNT(*) FROM batches").await >= 6).then_some(())
+    })
+    .await;
+
+    // Below the clear level: resolved everywhere.
+    publish(&stack, "plant-1", 35.0);
+    let resolved = wait_for("the alert resolves", T, || async {
+        alerts(&stack, "state=resolved").await.into_iter().next()
+    })
+    .await;
+    assert_eq!(resolved["id"], id, "the same alert resolves");
+    assert!(resolved["resolved_ms"].as_i64().is_some());
+    let all = alerts(&stack, "rule=hot").await;
+    assert_eq!(all.len(), 1, "fired once across the restart: {all:?}");
+    wait_for("the retained …/alerts is empty again", T, || async {
+        let m = retained_alerts(&stack, "plant-1");
+        (m["firing"].as_array().is_some_and(|f| f.is_empty())).then_some(())
+    })
+    .await;
+    wait_for("the webhook got the resolution", T, || async {
+        let h = hooks.lock().expect("lock");
+        h.iter().any(|b| b["state"] == "resolved").then_some(())
+    })
+    .await;
+    let firings = hooks
+        .lock()
+        .expect("lock")
+        .iter()
+        .filter(|b| b["state"] == "firing")
+        .count();
+    assert_eq!(firings, 1, "one firing posted");
+    let (_, metrics) = stack.get_text("/metrics").await;
+    assert_eq!(metric(&metrics, "widgetry_alerts_resolved_total"), 1.0);
+    assert_eq!(metric(&metrics, "widgetry_alerts_firing"), 0.0);
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rules_are_managed_over_the_api_with_clear_errors() {
+    let stack = Stack::with_alerting(AlertingConfig {
+        rules: vec![RuleSpec {
+            name: "from-config".into(),
+            devices: "*".into(),
+            series: None,
+            when: "stale".into(),
+            hold: Some("1m".into()),
+            clear: None,
+            severity: "warning".into(),
+        }],
+        webhook: None,
+    })
+    .await;
+    let http = stack.http;
+    let send = move |method: &'static str, path: &'static str, body: Option<&'static str>| {
+        tokio::task::spawn_blocking(move || http_send(http, method, path, body))
+    };
+    let ok = r#"{"name":"cpu-high","devices":"line-*","series":"cpu.usage_pct","when":"> 90","for":"5m"}"#;
+    let (s, b) = send("POST", "/api/v1/rules", Some(ok)).await.expect("join");
+    assert_eq!(s, 201, "{b}");
+    let (s, b) = send("POST", "/api/v1/rules", Some(ok)).await.expect("join");
+    assert_eq!(s, 409, "{b}");
+    assert!(b.contains("PUT /api/v1/rules/cpu-high"), "{b}");
+    let bad = r#"{"name":"x","series":"cpu","when":"above 90"}"#;
+    let (s, b) = send("POST", "/api/v1/rules", Some(bad))
+        .await
+        .expect("join");
+    assert_eq!(s, 400, "{b}");
+    assert!(b.contains("when:") && b.contains("> N"), "{b}");
+    let (s, b) = send("POST", "/api/v1/rules", Some(r#"{"name":"x","wen":"> 1"}"#))
+        .await
+        .expect("join");
+    assert_eq!(s, 400, "{b}");
+    assert!(b.contains("unknown field"), "{b}");
+    let (s, b) = send(
+        "PUT",
+        "/api/v1/rules/cpu-high",
+        Some(r#"{"name":"cpu-high","series":"cpu.usage_pct","when":"> 95"}"#),
+    )
+    .await
+    .expect("join");
+    assert_eq!(s, 200, "{b}");
+    let (_, list) = stack.get("/api/v1/rules").await;
+    let rules = list["rules"].as_array().expect("rules");
+    assert_eq!(rules.len(), 2, "{list}");
+    let cpu = rules
+        .iter()
+        .find(|r| r["name"] == "cpu-high")
+        .expect("cpu-high");
+    assert_eq!(cpu["when"], "> 95");
+    assert_eq!(cpu["source"], "api");
+    let (s, b) = send("DELETE", "/api/v1/rules/from-config", None)
+        .await
+        .expect("join");
+    assert_eq!(s, 409, "{b}");
+    assert!(b.contains("config file"), "{b}");
+    let (s, _) = send("DELETE", "/api/v1/rules/cpu-high", None)
+        .await
+        .expect("join");
+    assert_eq!(s, 204);
+    let (s, _) = send("DELETE", "/api/v1/rules/cpu-high", None)
+        .await
+        .expect("join");
+    assert_eq!(s, 404);
+    let (s, b) = stack.get("/api/v1/alerts?state=burning").await;
+    assert_eq!(s, 400, "{b}");
+    let (s, b) = stack.get("/api/v1/alerts?limit=0").await;
+    assert_eq!(s, 400, "{b}");
+    stack.stop().await;
+}
