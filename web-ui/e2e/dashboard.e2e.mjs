@@ -187,6 +187,23 @@ async function main() {
     await page.locator('.row[data-device="e2e-2"] .badge[data-state="active"]').waitFor({ timeout: 15_000 });
     await shot("fleet-after.png");
   });
+
+  await step("a rule created over the API fires: fleet count, row and device page show it", async () => {
+    const r = await fetch(`${base}/api/v1/rules`, {
+      method: "POST",
+      headers: { "content-type": "application/json" },
+      body: JSON.stringify({ name: "e2e-mem", devices: "e2e-2", series: "mem.used_bytes", when: "> 0", severity: "critical" }),
+    });
+    if (r.status !== 201) throw new Error(`POST /api/v1/rules: ${r.status} ${await r.text()}`);
+    // The fleet polls alerts every 5 s; the next e2e-2 batch fires the rule.
+    await page.locator('.row[data-device="e2e-2"] .alert[data-severity="critical"]').waitFor({ timeout: 20_000 });
+    await waitFor("header counts one critical alert", 10_000, async () => (await page.locator('[data-alerts="critical"]').textContent()) === "1");
+    const first = await page.locator(".row").first().getAttribute("data-device");
+    if (first !== "e2e-2") throw new Error(`the device with a firing alert is listed first, not ${first}`);
+    await page.locator('.row[data-device="e2e-2"]').click();
+    await page.locator('#dev-alerts [data-rule="e2e-mem"]').waitFor({ timeout: 10_000 });
+    await shot("alert.png");
+  });
   fs.rmSync(dir, { recursive: true, force: true });
 }
 

@@ -1,6 +1,6 @@
 // The HTTP API (same origin, paths relative to the page so a path prefix
 // works).
-import type { Bucket, FleetDevice, Point } from "./data";
+import type { Alert, Bucket, FleetDevice, Point } from "./data";
 
 export interface DeviceInfo {
   device: string;
@@ -45,6 +45,13 @@ async function getJson<T>(path: string): Promise<T> {
     throw new Error(`${path}: ${msg}`);
   }
   return body as T;
+}
+
+/** Alerts in `state` (firing, open, …), newest first. */
+export async function alerts(state: string, device?: string): Promise<Alert[]> {
+  const q = new URLSearchParams({ state, limit: "10000" });
+  if (device) q.set("device", device);
+  return (await getJson<{ alerts: Alert[] }>(`api/v1/alerts?${q}`)).alerts;
 }
 
 export function fleet(): Promise<{ now: number; devices: FleetDevice[] }> {

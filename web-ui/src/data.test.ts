@@ -14,6 +14,7 @@ import {
   sparkPath,
   toSeriesData,
   trimWindow,
+  worstByDevice,
 } from "./data";
 
 describe("mergePoints", () => {
@@ -152,6 +153,22 @@ describe("fleet sorting and filtering", () => {
     expect(filterFleet(list, "", "active").map((d) => d.device)).toEqual(["b-10", "a"]);
     expect(filterFleet([...list, dev("c", "stale", 5)], "", "stale").map((d) => d.device)).toEqual(["c"]);
     expect(filterFleet(list, "b-", "offline").map((d) => d.device)).toEqual(["b-2"]);
+  });
+});
+
+describe("needs attention first", () => {
+  it("firing alerts by severity, then stopped devices, then rejects, then names", () => {
+    const list = [dev("ok-1", "active", 1), dev("stale-1", "stale", 1), dev("warn-1", "active", 1), dev("crit-1", "active", 1)];
+    const worst = worstByDevice([
+      { id: 1, rule: "r", device: "warn-1", series: "s", severity: "warning", state: "firing", value: 1, pending_ms: 0, firing_ms: 0, resolved_ms: null },
+      { id: 2, rule: "r", device: "crit-1", series: "s", severity: "info", state: "firing", value: 1, pending_ms: 0, firing_ms: 0, resolved_ms: null },
+      { id: 3, rule: "q", device: "crit-1", series: "s", severity: "critical", state: "firing", value: 1, pending_ms: 0, firing_ms: 0, resolved_ms: null },
+      { id: 4, rule: "r", device: "ok-1", series: "s", severity: "critical", state: "resolved", value: 1, pending_ms: 0, firing_ms: 0, resolved_ms: 1 },
+    ]);
+    expect(worst.get("crit-1")).toEqual({ severity: "critical", count: 2 });
+    expect(worst.has("ok-1")).toBe(false);
+    for (const d of list) d.alert = worst.get(d.device)?.severity;
+    expect(sortFleet(list, "attention", true).map((d) => d.device)).toEqual(["crit-1", "warn-1", "stale-1", "ok-1"]);
   });
 });
 

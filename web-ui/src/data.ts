@@ -162,6 +162,9 @@ export interface FleetDevice {
   /** active | stale | silent | offline (the server's presence). */
   presence?: string;
   interval_ms?: number | null;
+  /** The worst severity among its firing alerts, and how many fire. */
+  alert?: string;
+  alerts?: number;
   last_seen: number;
   agent: string | null;
   host: string | null;
@@ -175,11 +178,56 @@ export interface FleetDevice {
   mem_spark: Point[];
 }
 
-export type SortKey = "device" | "state" | "last_seen" | "cpu" | "mem_pct" | "rejects";
+export type SortKey = "device" | "state" | "last_seen" | "cpu" | "mem_pct" | "rejects" | "attention";
 
-/** Sorts a copy; missing numbers sort last in either direction. */
+/** A stored alert (`api/v1/alerts`). */
+export interface Alert {
+  id: number;
+  rule: string;
+  device: string;
+  series: string;
+  severity: string;
+  state: string;
+  value: number | null;
+  pending_ms: number;
+  firing_ms: number | null;
+  resolved_ms: number | null;
+}
+
+const SEVERITY: Record<string, number> = { critical: 3, warning: 2, info: 1 };
+
+/** Per device: the worst severity of its firing alerts and their count. */
+export function worstByDevice(alerts: Alert[]): Map<string, { severity: string; count: number }> {
+  const out = new Map<string, { severity: string; count: number }>();
+  for (const a of alerts) {
+    if (a.state !== "firing") continue;
+    const w = out.get(a.device);
+    if (!w) out.set(a.device, { severity: a.severity, count: 1 });
+    else {
+      w.count += 1;
+      if ((SEVERITY[a.severity] ?? 0) > (SEVERITY[w.severity] ?? 0)) w.severity = a.severity;
+    }
+  }
+  return out;
+}
+
+/** How much a device needs attention: firing alerts by severity, then a
+ * device that stopped sending, then rejects or gaps. Higher first. */
+export function attention(d: FleetDevice): number {
+  const alert = (SEVERITY[d.alert ?? ""] ?? 0) * 100;
+  const state = d.state === "silent" || d.state === "offline" ? 30 : d.state === "stale" ? 20 : 0;
+  return alert + state + (d.rejects > 0 || d.gaps > 0 ? 5 : 0);
+}
+
+/** Sorts a copy; missing numbers sort last in either direction. "attention"
+ * puts the devices that need it first (ascending), then by name. */
 export function sortFleet(list: FleetDevice[], key: SortKey, asc: boolean): FleetDevice[] {
   const dir = asc ? 1 : -1;
+  if (key === "attention") {
+    return [...list].sort(
+      (a, b) => (attention(b) - attention(a)) * dir || a.device.localeCompare(b.device, undefined, { numeric: true }),
+    );
+  }
   return [...list].sort((a, b) => {
     const x = a[key];
     const y = b[key];

@@ -8,6 +8,7 @@ import { CanvasRenderer } from "echarts/renderers";
 
 import * as api from "./api";
 import {
+  type Alert,
   type Point,
   type RangeKey,
   RANGES,
@@ -65,6 +66,7 @@ export function mountDevice(root: HTMLElement, live: Live, id: string): () => vo
   let range: Range = { live: true, key: "1h" };
   let events: api.AppEvent[] = [];
   let info: api.DeviceInfo | undefined;
+  let firing: Alert[] = [];
   let loadGen = 0;
 
   const window_ = (): [number, number] => (range.live ? rangeFor(range.key, Date.now()) : [range.from, range.to]);
@@ -82,7 +84,19 @@ export function mountDevice(root: HTMLElement, live: Live, id: string): () => vo
       <dt>host</dt><dd>${esc(info.host ?? "–")}</dd>
       <dt>last seen</dt><dd>${relTime(info.last_seen, now)}</dd>
       <dt>rejects</dt><dd class="${info.rejects ? "warn" : ""}">${info.rejects}</dd>
-      <dt>gaps / lost</dt><dd class="${info.gaps ? "warn" : ""}">${info.gaps} / ${info.lost_samples}</dd>`;
+      <dt>gaps / lost</dt><dd class="${info.gaps ? "warn" : ""}">${info.gaps} / ${info.lost_samples}</dd>
+      <dt>alerts</dt><dd id="dev-alerts">${
+        firing.length === 0
+          ? "none firing"
+          : firing
+              .map(
+                (a) =>
+                  `<span class="alert" data-severity="${esc(a.severity)}" data-rule="${esc(a.rule)}">${esc(a.rule)}${
+                    a.series ? ` · ${esc(a.series)}` : ""
+                  }${a.value === null ? "" : ` = ${formatValue(a.series, a.value)}`}</span>`,
+              )
+              .join(" ")
+      }</dd>`;
   };
 
   const chartFor = (key: string): ChartState => {
@@ -187,6 +201,8 @@ export function mountDevice(root: HTMLElement, live: Live, id: string): () => vo
     }
     // A status that arrived live while this request was in flight is newer.
     info.state = live.states.resolve(id, info.presence ?? info.state, mark);
+    firing = await api.alerts("firing", id).catch(() => []);
+    if (gen !== loadGen) return;
     setState(info.state);
     showMeta();
     const [from, to] = window_();

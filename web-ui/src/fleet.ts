@@ -8,6 +8,7 @@ import {
   type PresenceFilter,
   type SortKey,
   filterFleet,
+  worstByDevice,
   relTime,
   sortFleet,
   sparkPath,
@@ -18,7 +19,7 @@ const ROW = 44;
 const POLL_MS = 5000;
 
 const COLUMNS: { key: SortKey | null; label: string; cls: string }[] = [
-  { key: "state", label: "State", cls: "c-state" },
+  { key: "attention", label: "State", cls: "c-state" },
   { key: "device", label: "Device", cls: "c-device" },
   { key: "last_seen", label: "Last seen", cls: "c-seen" },
   { key: "cpu", label: "CPU", cls: "c-cpu" },
@@ -54,7 +55,8 @@ export function mountFleet(root: HTMLElement, live: Live): () => void {
 
   let all: FleetDevice[] = [];
   let view: FleetDevice[] = [];
-  let sortKey: SortKey = "device";
+  // Needs attention first: firing alerts, stopped devices, rejects/gaps.
+  let sortKey: SortKey = "attention";
   let asc = true;
   let serverSkew = 0; // server now - local now
   const rows = new Map<number, HTMLElement>();
@@ -64,9 +66,13 @@ export function mountFleet(root: HTMLElement, live: Live): () => void {
     spacer.style.height = `${view.length * ROW}px`;
     const count = (p: string) => all.filter((d) => d.state === p).length;
     const cls: Record<string, string> = { active: "ok", stale: "warn", silent: "bad", offline: "bad" };
+    const firing = (sev: string) => all.filter((d) => d.alert === sev).length;
     summary.innerHTML =
       PRESENCES.map((p) => `<b class="${cls[p]}" data-count="${p}">${count(p)}</b> ${p}`).join(" · ") +
-      ` · <span data-count="all">${all.length}</span> devices`;
+      ` · <span data-count="all">${all.length}</span> devices · alerts: ` +
+      ["critical", "warning", "info"]
+        .map((s) => `<b class="${s === "info" ? "" : cls.silent}" data-alerts="${s}">${firing(s)}</b> ${s}`)
+        .join(" · ");
     empty.hidden = all.length > 0;
     for (const el of root.querySelectorAll<HTMLElement>("[data-sort]")) {
       el.classList.toggle("sorted", el.dataset.sort === sortKey);
@@ -104,7 +110,13 @@ export function mountFleet(root: HTMLElement, live: Live): () => void {
   const load = async () => {
     try {
       const mark = live.states.mark();
-      const r = await api.fleet();
+      const [r, firing] = await Promise.all([api.fleet(), api.alerts("firing").catch(() => [])]);
+      const worst = worstByDevice(firing);
+      for (const d of r.devices) {
+        const w = worst.get(d.device);
+        d.alert = w?.severity;
+        d.alerts = w?.count ?? 0;
+      }
       serverSkew = r.now - Date.now();
       // Presences that arrived live while the request was in flight are newer.
       for (const d of r.devices) d.state = live.states.resolve(d.device, d.presence ?? d.state, mark);
@@ -122,7 +134,7 @@ export function mountFleet(root: HTMLElement, live: Live): () => void {
   for (const el of root.querySelectorAll<HTMLElement>("[data-sort]")) {
     const go = () => {
       const k = el.dataset.sort as SortKey;
-      asc = k === sortKey ? !asc : k === "device" || k === "state";
+      asc = k === sortKey ? !asc : k === "device" || k === "attention";
       sortKey = k;
       recompute();
     };
@@ -161,7 +173,7 @@ export function mountFleet(root: HTMLElement, live: Live): () => void {
 }
 
 function fillRow(el: HTMLElement, d: FleetDevice, now: number) {
-  const key = `${d.device}|${d.state}|${d.last_seen}|${d.cpu}|${d.mem_pct}|${d.rejects}|${d.gaps}|${Math.floor(now / 1000)}`;
+  const key = `${d.device}|${d.state}|${d.alert}|${d.alerts}|${d.last_seen}|${d.cpu}|${d.mem_pct}|${d.rejects}|${d.gaps}|${Math.floor(now / 1000)}`;
   if (el.dataset.key === key) return;
   el.dataset.key = key;
   el.dataset.device = d.device;
@@ -170,7 +182,9 @@ function fillRow(el: HTMLElement, d: FleetDevice, now: number) {
   const spark = (p: [number, number][], cls: string) =>
     `<svg class="spark ${cls}" viewBox="0 0 80 24" preserveAspectRatio="none"><polyline points="${sparkPath(p, 80, 24)}"/></svg>`;
   el.innerHTML = `
-    <div class="c-state"><span class="badge" data-state="${esc(d.state)}">${esc(d.state)}</span></div>
+    <div class="c-state"><span class="badge" data-state="${esc(d.state)}">${esc(d.state)}</span>${
+      d.alert ? `<span class="alert" data-severity="${esc(d.alert)}" title="firing alerts">${d.alerts}</span>` : ""
+    }</div>
     <div class="c-device"><b>${esc(d.device)}</b><small>${esc(d.host ?? "")}</small></div>
     <div class="c-seen">${relTime(d.last_seen, now)}</div>
     <div class="c-cpu"><span class="num">${pct(d.cpu)}</span>${spark(d.cpu_spark, "cpu")}</div>
