@@ -134,6 +134,7 @@ async function main() {
     for (const id of ["e2e-1", "e2e-2"]) {
       await page.locator(`.row[data-device="${id}"] .badge[data-state="active"]`).waitFor({ timeout: 20_000 });
     }
+    await page.locator('#grid[data-cells="2"]').waitFor({ state: "attached", timeout: 10_000 });
     await shot("fleet.png");
   });
 

@@ -7,6 +7,7 @@ import {
   filterFleet,
   formatValue,
   groupSeries,
+  initialRange,
   mergePoints,
   rangeFor,
   relTime,
@@ -97,8 +98,15 @@ describe("ranges and formatting", () => {
   it("formats bytes and plain values", () => {
     expect(formatValue("mem.used_bytes", 1536)).toBe("1.5 KiB");
     expect(formatValue("mem.used_bytes", 3 * 1024 ** 3)).toBe("3.0 GiB");
-    expect(formatValue("cpu.usage_pct", 12.345)).toBe("12.35");
+    expect(formatValue("cpu.usage_pct", 12.345)).toBe("12.35 %");
+    expect(formatValue("ingest_lag_ms", 7)).toBe("7 ms");
+    expect(formatValue("system.uptime_s", 12.5)).toBe("12.50 s");
+    expect(formatValue("temp.celsius{zone=cpu}", 41)).toBe("41 °C");
     expect(formatValue("x", 12000.5)).toBe("12001");
+  });
+  it("a device page opens on the range that holds its data", () => {
+    expect(initialRange(1_000_000 - 60_000, 1_000_000)).toBe("5m");
+    expect(initialRange(1_000_000 - 3_600_000 * 5, 1_000_000)).toBe("1h");
   });
   it("backoff grows to 10 s with bounded jitter", () => {
     expect(backoffDelay(0, () => 0)).toBe(375);

@@ -132,6 +132,13 @@ export const RANGES: Record<RangeKey, number> = {
   "7d": 7 * 86_400_000,
 };
 
+/** The range a device page opens on: the shortest that holds the
+ * device's data since `firstSeen` (up to 1 h, so a new device's few
+ * minutes fill the chart instead of its last pixels). */
+export function initialRange(firstSeen: number, now: number): RangeKey {
+  return now - firstSeen <= RANGES["5m"] ? "5m" : "1h";
+}
+
 /** [from, to] for a "last X" range ending at `now`. */
 export function rangeFor(key: RangeKey, now: number): [number, number] {
   return [now - RANGES[key], now];
@@ -294,6 +301,17 @@ export function formatValue(series: string, v: number): string {
     }
     return `${(Math.sign(v) * x).toFixed(i ? 1 : 0)} ${units[i]}`;
   }
-  if (Math.abs(v) >= 1000 || Number.isInteger(v)) return v.toFixed(0);
-  return v.toFixed(2);
+  // The unit from the name's convention (`cpu.usage_pct`, `…_ms`, `…_s`).
+  const name = series.split("{")[0];
+  const unit = /(_|\.)pct$/.test(name)
+    ? " %"
+    : /_ms$/.test(name)
+      ? " ms"
+      : /(_s|_seconds)$/.test(name)
+        ? " s"
+        : /celsius$/.test(name)
+          ? " °C"
+          : "";
+  if (Math.abs(v) >= 1000 || Number.isInteger(v)) return v.toFixed(0) + unit;
+  return v.toFixed(2) + unit;
 }

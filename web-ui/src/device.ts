@@ -14,6 +14,7 @@ import {
   RANGES,
   formatValue,
   groupSeries,
+  initialRange,
   mergePoints,
   rangeFor,
   relTime,
@@ -64,6 +65,7 @@ export function mountDevice(root: HTMLElement, live: Live, id: string): () => vo
   const eventsEl = root.querySelector<HTMLUListElement>("#events")!;
   const charts = new Map<string, ChartState>();
   let range: Range = { live: true, key: "1h" };
+  let rangeChosen = false;
   let events: api.AppEvent[] = [];
   let info: api.DeviceInfo | undefined;
   let firing: Alert[] = [];
@@ -126,6 +128,12 @@ export function mountDevice(root: HTMLElement, live: Live, id: string): () => vo
     }
     const plot = c.el.querySelector<HTMLElement>(".chart")!;
     plot.dataset.points = String(c.line.length);
+    // A constant series (a total, a limit) gets a compact chart.
+    const flat = c.line.length > 1 && c.line.every((p) => p[1] === c.line[0][1]) && c.band.length === 0;
+    if (c.el.classList.contains("flat") !== flat) {
+      c.el.classList.toggle("flat", flat);
+      c.chart.resize();
+    }
     const last = c.line[c.line.length - 1];
     c.el.querySelector(".last")!.textContent = last ? formatValue(c.key, last[1]) : "";
     c.chart.setOption({
@@ -201,6 +209,17 @@ export function mountDevice(root: HTMLElement, live: Live, id: string): () => vo
     }
     // A status that arrived live while this request was in flight is newer.
     info.state = live.states.resolve(id, info.presence ?? info.state, mark);
+    if (!rangeChosen && range.live) {
+      // Fit the first view to the device's data; the user's choice wins after.
+      rangeChosen = true;
+      const fit = initialRange(info.first_seen, Date.now());
+      if (fit !== range.key) {
+        range = { live: true, key: fit };
+        for (const b of root.querySelectorAll<HTMLButtonElement>("[data-range]")) {
+          b.classList.toggle("active", b.dataset.range === fit);
+        }
+      }
+    }
     firing = await api.alerts("firing", id).catch(() => []);
     if (gen !== loadGen) return;
     setState(info.state);
@@ -220,13 +239,19 @@ export function mountDevice(root: HTMLElement, live: Live, id: string): () => vo
   };
 
   for (const b of root.querySelectorAll<HTMLButtonElement>("[data-range]")) {
-    b.addEventListener("click", () => setRange({ live: true, key: b.dataset.range as RangeKey }));
+    b.addEventListener("click", () => {
+      rangeChosen = true;
+      setRange({ live: true, key: b.dataset.range as RangeKey });
+    });
   }
   root.querySelector<HTMLFormElement>("#custom")!.addEventListener("submit", (e) => {
     e.preventDefault();
     const from = Date.parse(root.querySelector<HTMLInputElement>("#from")!.value);
     const to = Date.parse(root.querySelector<HTMLInputElement>("#to")!.value);
-    if (Number.isFinite(from) && Number.isFinite(to) && from < to) setRange({ live: false, from, to });
+    if (Number.isFinite(from) && Number.isFinite(to) && from < to) {
+      rangeChosen = true;
+      setRange({ live: false, from, to });
+    }
   });
 
   live.subscribe(

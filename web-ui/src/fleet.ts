@@ -13,6 +13,7 @@ import {
   sortFleet,
   sparkPath,
 } from "./data";
+import { type ColourBy, type GroupBy, type Layout, draw as drawGrid, hit } from "./grid";
 import type { Live } from "./live";
 
 const ROW = 44;
@@ -39,6 +40,16 @@ export function mountFleet(root: HTMLElement, live: Live): () => void {
           <option value="silent">Silent</option><option value="offline">Offline</option>
         </select>
       </div>
+      <div class="gridbar">
+        <label>Colour by <select id="colour" aria-label="Colour the grid by">
+          <option value="health">Health</option><option value="cpu">CPU</option><option value="mem_pct">Memory</option>
+        </select></label>
+        <label>Group by <select id="group" aria-label="Group the grid by">
+          <option value="none">—</option><option value="prefix">Id prefix</option><option value="host">Host</option>
+        </select></label>
+      </div>
+      <div class="gridwrap"><canvas id="grid" aria-label="Fleet grid: one cell per device"></canvas>
+        <div class="tip" id="tip" hidden></div></div>
       <div class="thead">${COLUMNS.map(
         (c) => `<div class="${c.cls}" ${c.key ? `data-sort="${c.key}" role="button" tabindex="0"` : ""}>${c.label}</div>`,
       ).join("")}</div>
@@ -52,6 +63,46 @@ export function mountFleet(root: HTMLElement, live: Live): () => void {
   const stateSel = root.querySelector<HTMLSelectElement>("#state")!;
   const summary = root.querySelector<HTMLElement>("#summary")!;
   const empty = root.querySelector<HTMLElement>("#empty")!;
+  const canvas = root.querySelector<HTMLCanvasElement>("#grid")!;
+  const tip = root.querySelector<HTMLElement>("#tip")!;
+  const colourSel = root.querySelector<HTMLSelectElement>("#colour")!;
+  const groupSel = root.querySelector<HTMLSelectElement>("#group")!;
+  let grid: Layout | undefined;
+  let gridFrame = 0;
+  // At most one grid redraw per animation frame, however many updates.
+  const scheduleGrid = () => {
+    if (gridFrame) return;
+    gridFrame = requestAnimationFrame(() => {
+      gridFrame = 0;
+      grid = drawGrid(canvas, view, colourSel.value as ColourBy, groupSel.value as GroupBy);
+    });
+  };
+  const cellAt = (e: MouseEvent) => {
+    if (!grid) return undefined;
+    const r = canvas.getBoundingClientRect();
+    const c = hit(grid, e.clientX - r.left, e.clientY - r.top);
+    return c ? view[c.index] : undefined;
+  };
+  canvas.addEventListener("mousemove", (e) => {
+    const d = cellAt(e);
+    if (!d) {
+      tip.hidden = true;
+      return;
+    }
+    const pct = (v: number | null) => (v === null ? "–" : `${v.toFixed(1)} %`);
+    tip.innerHTML = `<b>${esc(d.device)}</b> ${esc(d.state)}${d.alert ? ` · ${d.alerts} ${esc(d.alert)} alert(s)` : ""}<br>CPU ${pct(d.cpu)} · memory ${pct(d.mem_pct)}${d.host ? `<br>${esc(d.host)}` : ""}`;
+    const r = canvas.getBoundingClientRect();
+    tip.style.left = `${e.clientX - r.left + 14}px`;
+    tip.style.top = `${e.clientY - r.top + 14}px`;
+    tip.hidden = false;
+  });
+  canvas.addEventListener("mouseleave", () => (tip.hidden = true));
+  canvas.addEventListener("click", (e) => {
+    const d = cellAt(e);
+    if (d) location.hash = `#/device/${encodeURIComponent(d.device)}`;
+  });
+  colourSel.addEventListener("change", scheduleGrid);
+  groupSel.addEventListener("change", scheduleGrid);
 
   let all: FleetDevice[] = [];
   let view: FleetDevice[] = [];
@@ -81,6 +132,7 @@ export function mountFleet(root: HTMLElement, live: Live): () => void {
     rows.forEach((el) => el.remove());
     rows.clear();
     render();
+    scheduleGrid();
   };
 
   const render = () => {
@@ -129,6 +181,7 @@ export function mountFleet(root: HTMLElement, live: Live): () => void {
 
   tbody.addEventListener("scroll", () => requestAnimationFrame(render));
   window.addEventListener("resize", render);
+  window.addEventListener("resize", scheduleGrid);
   filter.addEventListener("input", recompute);
   stateSel.addEventListener("change", recompute);
   for (const el of root.querySelectorAll<HTMLElement>("[data-sort]")) {
@@ -169,6 +222,8 @@ export function mountFleet(root: HTMLElement, live: Live): () => void {
     clearInterval(poll);
     clearInterval(tick);
     window.removeEventListener("resize", render);
+    window.removeEventListener("resize", scheduleGrid);
+    if (gridFrame) cancelAnimationFrame(gridFrame);
   };
 }
 
