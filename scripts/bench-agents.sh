@@ -156,5 +156,5 @@ print(f"agent binary (stripped)           {size:10.0f} bytes (with --features tl
 print()
 print(f"ratios agent/collectd: CPU {acpu/ccpu:.2f} (target <= 0.5), CPU per value {aper/cper:.2f} (target <= 0.25), "
       f"RSS {arss/crss:.2f}, bytes per value {abpv/cbpv:.2f}; agent bytes per value {abpv:.2f} (target <= 8), "
-      f"binary {size/1e6:.2f} MB (target <= 1)")
+      f"binary {size:.0f} bytes = {size/1e6:.3f} MB (target <= 1)")
 PY

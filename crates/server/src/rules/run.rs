@@ -113,12 +113,60 @@ struct Evaluator {
     /// Device → indexes of the rules that watch it.
     by_device: HashMap<String, Vec<usize>>,
     open: HashMap<Key, (Open, String)>,
+    /// Open alerts per device: a sample that meets no condition of a
+    /// device without open alerts costs no allocation.
+    open_devices: HashMap<String, u32>,
+    /// (device, series key) → the threshold rules that watch it.
+    series_rules: HashMap<(String, String), Arc<Vec<usize>>>,
     /// Devices whose retained `…/alerts` must be published again.
     dirty: HashSet<String>,
     webhook: Option<Webhook>,
 }
 
 impl Evaluator {
+    fn take_open(&mut self, key: &Key) -> Option<(Open, String)> {
+        let v = self.open.remove(key)?;
+        if let Some(n) = self.open_devices.get_mut(&key.1) {
+            *n -= 1;
+            if *n == 0 {
+                self.open_devices.remove(&key.1);
+            }
+        }
+        Some(v)
+    }
+
+    fn put_open(&mut self, key: Key, v: (Open, String)) {
+        *self.open_devices.entry(key.1.clone()).or_default() += 1;
+        // Replaced, not added: undo the count.
+        if self.open.insert(key.clone(), v).is_some()
+            && let Some(n) = self.open_devices.get_mut(&key.1)
+        {
+            *n -= 1;
+        }
+    }
+
+    /// The threshold rules watching `key` of `device` (cached).
+    fn rules_for_series(&mut self, device: &str, key: &str) -> Arc<Vec<usize>> {
+        if let Some(r) = self
+            .series_rules
+            .get(&(device.to_string(), key.to_string()))
+        {
+            return r.clone();
+        }
+        let r: Arc<Vec<usize>> = Arc::new(
+            self.rules_for(device)
+                .into_iter()
+                .filter(|i| self.rules[*i].watches_series(key))
+                .collect(),
+        );
+        // Bounded by the series the hub has seen; cleared on rule changes.
+        if self.series_rules.len() < 1_000_000 {
+            self.series_rules
+                .insert((device.to_string(), key.to_string()), r.clone());
+        }
+        r
+    }
+
     fn rules_for(&mut self, device: &str) -> Vec<usize> {
         if let Some(r) = self.by_device.get(device) {
             return r.clone();
@@ -149,7 +197,7 @@ impl Evaluator {
         );
         let hold = rule.hold_ms;
         let severity = rule.spec.severity.clone();
-        let mut open = self.open.remove(&key).map(|(o, _)| o);
+        let mut open = self.take_open(&key).map(|(o, _)| o);
         let prev_id = open.as_ref().and_then(|o| o.id);
         let t = eval::step(&mut open, hold, holds, clears, at, value);
         self.settle(key, open, prev_id, t, severity).await;
@@ -238,31 +286,37 @@ impl Evaluator {
             }
         }
         if let Some(o) = open {
-            self.open.insert(key, (o, severity));
+            self.put_open(key, (o, severity));
         }
     }
 
     async fn samples(&mut self, live: &widgetry_proto::json::Live) {
-        for ri in self.rules_for(&live.device) {
-            let Condition::Threshold {
-                op,
-                threshold,
-                clear_op,
-                clear,
-                ..
-            } = self.rules[ri].condition.clone()
-            else {
-                continue;
-            };
-            for (key, points) in &live.series {
-                if !self.rules[ri].watches_series(key) {
+        if self.rules.is_empty() {
+            return;
+        }
+        for (key, points) in &live.series {
+            let rules = self.rules_for_series(&live.device, key);
+            for &ri in rules.iter() {
+                let Condition::Threshold {
+                    op,
+                    threshold,
+                    clear_op,
+                    clear,
+                    ..
+                } = self.rules[ri].condition
+                else {
                     continue;
-                }
+                };
                 for (ts, v) in points {
-                    let (holds, clears) = (op.holds(*v, threshold), clear_op.holds(*v, clear));
+                    let holds = op.holds(*v, threshold);
+                    // Nothing open for this device and nothing new: the
+                    // common case costs a comparison.
+                    if !holds && !self.open_devices.contains_key(&live.device) {
+                        continue;
+                    }
                     let o = Obs {
                         holds,
-                        clears,
+                        clears: clear_op.holds(*v, clear),
                         at: *ts,
                         value: Some(*v),
                     };
@@ -304,7 +358,7 @@ impl Evaluator {
             else {
                 continue;
             };
-            if let Some((o, severity)) = self.open.remove(&key) {
+            if let Some((o, severity)) = self.take_open(&key) {
                 let prev = o.id;
                 let mut open = Some(o);
                 let t = eval::tick(&mut open, hold, now);
@@ -321,6 +375,7 @@ impl Evaluator {
         }
         self.rules = rules;
         self.by_device.clear();
+        self.series_rules.clear();
         let gone: Vec<Key> = self
             .open
             .keys()
@@ -328,7 +383,7 @@ impl Evaluator {
             .cloned()
             .collect();
         for key in gone {
-            if let Some((o, severity)) = self.open.remove(&key) {
+            if let Some((o, severity)) = self.take_open(&key) {
                 let fired = o.phase == Phase::Firing;
                 self.settle(
                     key,
@@ -375,6 +430,8 @@ pub async fn run(
         rules: rules.current(),
         by_device: HashMap::new(),
         open: HashMap::new(),
+        open_devices: HashMap::new(),
+        series_rules: HashMap::new(),
         dirty: HashSet::new(),
         webhook: outputs.webhook,
     };
@@ -386,7 +443,7 @@ pub async fn run(
         } else {
             Phase::Pending
         };
-        ev.open.insert(
+        ev.put_open(
             (a.rule, a.device, a.series),
             (
                 Open {
