@@ -107,6 +107,9 @@ step "dashboard unit tests (vitest)"
 step "dashboard end-to-end test (chromium + playwright-core against serve and two agents)"
 node web-ui/e2e/dashboard.e2e.mjs
 
+step "fleet end-to-end test (chromium: 200 plain clients and 2 agents, presence, a rule firing to the page, MQTT and a webhook)"
+node web-ui/e2e/fleet.e2e.mjs
+
 step "docker-compose.yml for real: default and scale profiles on a private dockerd (scripts/compose-test.sh)"
 bash scripts/compose-test.sh
 

@@ -8,11 +8,12 @@
 
 import { execSync, spawn } from "node:child_process";
 import fs from "node:fs";
-import net from "node:net";
 import os from "node:os";
 import path from "node:path";
 import { fileURLToPath } from "node:url";
 import { chromium } from "playwright-core";
+
+import { freePort, waitFor } from "./harness.mjs";
 
 const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "../..");
 const bin = (env, def) => path.resolve(root, process.env[env] ?? def);
@@ -37,17 +38,6 @@ const frame = (line) => {
 
 const log = (msg) => console.log(`[${((Date.now() - t0) / 1000).toFixed(1).padStart(5)} s] ${msg}`);
 
-function freePort() {
-  return new Promise((resolve, reject) => {
-    const s = net.createServer();
-    s.once("error", reject);
-    s.listen(0, "127.0.0.1", () => {
-      const { port } = s.address();
-      s.close(() => resolve(port));
-    });
-  });
-}
-
 function start(cmd, args, name) {
   const child = spawn(cmd, args, { stdio: ["ignore", "ignore", "pipe"] });
   child.stderr.on("data", (d) => {
@@ -56,22 +46,6 @@ function start(cmd, args, name) {
   });
   children.push(child);
   return child;
-}
-
-/** Polls `check` until it returns a truthy value, or fails after `ms`. */
-async function waitFor(what, ms, check) {
-  const deadline = Date.now() + ms;
-  let last;
-  for (;;) {
-    try {
-      const v = await check();
-      if (v) return v;
-    } catch (e) {
-      last = e;
-    }
-    if (Date.now() > deadline) throw new Error(`timed out after ${ms} ms waiting for ${what}${last ? ` (${last.message})` : ""}`);
-    await new Promise((r) => setTimeout(r, 100));
-  }
 }
 
 async function step(name, fn) {

@@ -13,11 +13,12 @@
 
 import { execSync, spawn } from "node:child_process";
 import fs from "node:fs";
-import net from "node:net";
 import os from "node:os";
 import path from "node:path";
 import { fileURLToPath } from "node:url";
 import { chromium } from "playwright-core";
+
+import { freePort, waitFor } from "./harness.mjs";
 
 const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "../..");
 const WIDGETRY = path.resolve(root, process.env.WIDGETRY_BIN ?? "target/release/widgetry");
@@ -25,27 +26,6 @@ const DEVICES = Number(process.env.DEVICES ?? 10000);
 const children = [];
 const t0 = Date.now();
 const log = (m) => console.log(`[${((Date.now() - t0) / 1000).toFixed(1).padStart(6)} s] ${m}`);
-
-function freePort() {
-  return new Promise((resolve, reject) => {
-    const s = net.createServer();
-    s.once("error", reject);
-    s.listen(0, "127.0.0.1", () => {
-      const { port } = s.address();
-      s.close(() => resolve(port));
-    });
-  });
-}
-
-async function waitFor(what, ms, check) {
-  const deadline = Date.now() + ms;
-  for (;;) {
-    const v = await check().catch(() => undefined);
-    if (v) return v;
-    if (Date.now() > deadline) throw new Error(`timed out after ${ms} ms waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 500));
-  }
-}
 
 async function main() {
   if (!Number.isInteger(DEVICES) || DEVICES < 1 || DEVICES > 20000) throw new Error("DEVICES must be 1 to 20000");
@@ -59,10 +39,15 @@ async function main() {
   log(`serve up; starting loadgen with ${DEVICES} devices`);
   const load = spawn(WIDGETRY, ["loadgen", "--broker", `127.0.0.1:${mqtt}`, "--devices", String(DEVICES), "--rate", "0.1", "--samples-per-batch", "2", "--duration", "300s", "--grace", "5"], { stdio: "ignore" });
   children.push(load);
-  await waitFor(`${DEVICES} devices in /api/v1/fleet`, 240_000, async () => {
-    const r = await (await fetch(`${base}/api/v1/fleet`)).json();
-    return r.devices.length >= DEVICES;
-  });
+  await waitFor(
+    `${DEVICES} devices in /api/v1/fleet`,
+    240_000,
+    async () => {
+      const r = await (await fetch(`${base}/api/v1/fleet`)).json();
+      return r.devices.length >= DEVICES;
+    },
+    1000,
+  );
   log("every device is in the fleet");
 
   const chromiumPath = execSync("command -v chromium", { shell: "/bin/bash" }).toString().trim();
