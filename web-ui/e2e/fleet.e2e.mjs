@@ -110,6 +110,14 @@ async function main() {
       if ((await page.locator("#grid").getAttribute("data-cells")) !== String(PLAIN + 2)) throw new Error("one grid cell per device");
     });
 
+    await step("the plain clients' 1 s cadence is learned", async () => {
+      await waitFor("interval_ms near 1000 for every plain client", 30_000, async () => {
+        const api = await (await fetch(`${base}/api/v1/devices`)).json();
+        const plainOnes = api.filter((d) => d.device.startsWith("plain-"));
+        return plainOnes.length === PLAIN && plainOnes.every((d) => d.interval_ms >= 500 && d.interval_ms <= 1500);
+      }, 500);
+    });
+
     await step("10 plain clients stop: stale within 3 intervals, counts update live", async () => {
       plain.stdin.write(`stop ${STOPPED.join(" ")}\n`);
       const stoppedAt = Date.now();

@@ -17,6 +17,7 @@ import {
   trimWindow,
   worstByDevice,
 } from "./data";
+import { fleetDevice } from "./fixtures";
 
 describe("mergePoints", () => {
   it("appends newer points", () => {
@@ -133,21 +134,8 @@ describe("ranges and formatting", () => {
   });
 });
 
-const dev = (device: string, state: string, cpu: number | null, host = ""): FleetDevice => ({
-  device,
-  state,
-  last_seen: 0,
-  agent: null,
-  host,
-  rejects: 0,
-  gaps: 0,
-  lost_samples: 0,
-  series_count: 0,
-  cpu,
-  mem_pct: null,
-  cpu_spark: [],
-  mem_spark: [],
-});
+const dev = (device: string, state: string, cpu: number | null, host = ""): FleetDevice =>
+  fleetDevice(device, { state, cpu, host });
 
 describe("fleet sorting and filtering", () => {
   const list = [dev("b-10", "active", 50), dev("b-2", "offline", null, "rack-7"), dev("a", "active", 10)];

@@ -1,22 +1,10 @@
 import { describe, expect, it } from "vitest";
 import type { FleetDevice } from "./data";
+import { fleetDevice } from "./fixtures";
 import { cellColour, cellSize, groupKey, hit, layout } from "./grid";
 
-const dev = (device: string, state = "active", host: string | null = null): FleetDevice => ({
-  device,
-  state,
-  last_seen: 0,
-  agent: null,
-  host,
-  rejects: 0,
-  gaps: 0,
-  lost_samples: 0,
-  series_count: 0,
-  cpu: 50,
-  mem_pct: null,
-  cpu_spark: [],
-  mem_spark: [],
-});
+const dev = (device: string, state = "active", host: string | null = null): FleetDevice =>
+  fleetDevice(device, { state, host, cpu: 50 });
 
 describe("fleet grid", () => {
   it("groups by id prefix or host", () => {

@@ -212,23 +212,12 @@ async fn plain_clients_are_active_turn_stale_when_they_stop_and_offline_wins() {
 
     // A retained offline status wins over activity at once.
     let last = names.last().expect("a device");
-    let out = mosquitto(
-        "mosquitto_pub",
-        &[
-            "-V",
-            "311",
-            "-p",
-            &stack.mqtt.port().to_string(),
-            "-q",
-            "1",
-            "-r",
-            "-t",
-            &format!("widgetry/v1/{last}/status"),
-            "-m",
-            r#"{"state":"offline"}"#,
-        ],
+    mosquitto_pub(
+        stack.mqtt.port(),
+        &format!("widgetry/v1/{last}/status"),
+        r#"{"state":"offline"}"#,
+        true,
     );
-    assert!(out.status.success(), "{}", text(&out));
     let offline_at = Instant::now();
     let mut saw_offline = false;
     while !saw_offline && offline_at.elapsed() < Duration::from_secs(10) {

@@ -267,11 +267,17 @@ pub fn http_send(addr: SocketAddr, method: &str, path: &str, body: Option<&str>)
     let mut s = TcpStream::connect(addr).expect("connect to the web service");
     s.set_read_timeout(Some(Duration::from_secs(10)))
         .expect("timeout");
+    let headers = match body {
+        Some(b) => format!(
+            "Content-Type: application/json\r\nContent-Length: {}\r\n",
+            b.len()
+        ),
+        None => String::new(),
+    };
     let body = body.unwrap_or("");
     write!(
         s,
-        "{method} {path} HTTP/1.0\r\nHost: test\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
+        "{method} {path} HTTP/1.0\r\nHost: test\r\n{headers}\r\n{body}"
     )
     .expect("write request");
     let mut raw = String::new();
@@ -287,19 +293,7 @@ pub fn http_send(addr: SocketAddr, method: &str, path: &str, body: Option<&str>)
 
 /// Plain HTTP/1.0 GET; returns status and body.
 pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
-    let mut s = TcpStream::connect(addr).expect("connect to the web service");
-    s.set_read_timeout(Some(Duration::from_secs(10)))
-        .expect("timeout");
-    write!(s, "GET {path} HTTP/1.0\r\nHost: test\r\n\r\n").expect("write request");
-    let mut raw = String::new();
-    s.read_to_string(&mut raw).expect("read response");
-    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    (status, body.to_string())
+    http_send(addr, "GET", path, None)
 }
 
 /// The agent inputs the tests run with (`--inputs`): whole-machine CPU and
@@ -569,6 +563,24 @@ pub fn mosquitto_lines(port: u16, topic: &str, qos: u8, lines: &str) {
         .write_all(lines.as_bytes())
         .expect("write lines");
     assert!(child.wait().expect("mosquitto_pub ends").success());
+}
+
+/// One `mosquitto_pub -V 311 -q 1` of `message` on `topic` (retained with
+/// `retain`); panics naming the output if it fails.
+pub fn mosquitto_pub(port: u16, topic: &str, message: &str, retain: bool) {
+    let port = port.to_string();
+    let mut args = vec![
+        "-V", "311", "-p", &port, "-q", "1", "-t", topic, "-m", message,
+    ];
+    if retain {
+        args.push("-r");
+    }
+    let out = mosquitto("mosquitto_pub", &args);
+    assert!(
+        out.status.success(),
+        "mosquitto_pub on {topic}: {}",
+        text(&out)
+    );
 }
 
 /// A tool's exit status and output, for assertion messages.
