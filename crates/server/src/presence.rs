@@ -50,9 +50,12 @@ impl Presence {
     }
 }
 
-/// How presence is judged.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// How presence is judged (`[presence]` of the server's config file).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PresenceConfig {
+    /// Configured intervals by device glob (`[[presence.interval]]`), the
+    /// first match wins over the learned cadence.
+    pub intervals: Vec<(String, i64)>,
     /// Expected interval of a device whose cadence is not learned yet.
     pub default_interval_ms: i64,
     /// Learned intervals shorter than this count as this (commit timing
@@ -67,6 +70,7 @@ pub struct PresenceConfig {
 impl Default for PresenceConfig {
     fn default() -> Self {
         PresenceConfig {
+            intervals: Vec::new(),
             default_interval_ms: 10_000,
             min_interval_ms: 1_000,
             stale_after: 3,
@@ -76,19 +80,28 @@ impl Default for PresenceConfig {
 }
 
 impl PresenceConfig {
-    /// The interval a device is judged by.
-    pub fn interval(&self, learned_ms: Option<i64>) -> i64 {
+    /// The interval `device` is judged by: configured, else learned, else
+    /// the default; never under the minimum.
+    pub fn interval(&self, device: &str, learned_ms: Option<i64>) -> i64 {
+        if let Some((_, ms)) = self
+            .intervals
+            .iter()
+            .find(|(g, _)| widgetry_common::glob::matches(g, device))
+        {
+            return (*ms).max(self.min_interval_ms);
+        }
         learned_ms
             .filter(|i| *i > 0)
             .unwrap_or(self.default_interval_ms)
             .max(self.min_interval_ms)
     }
 
-    /// The presence of a device whose retained status is `state`, last
+    /// The presence of `device`, whose retained status is `state`, last
     /// seen at `last_seen_ms`, with learned interval `interval_ms`, at
     /// `now_ms`.
     pub fn of(
         &self,
+        device: &str,
         state: &str,
         last_seen_ms: i64,
         interval_ms: Option<i64>,
@@ -97,7 +110,7 @@ impl PresenceConfig {
         if state == "offline" {
             return Presence::Offline;
         }
-        let interval = self.interval(interval_ms);
+        let interval = self.interval(device, interval_ms);
         let age = now_ms.saturating_sub(last_seen_ms);
         if age > interval.saturating_mul(i64::from(self.silent_after)) {
             Presence::Silent
@@ -137,7 +150,7 @@ pub async fn run(
         let now = widgetry_common::now_ms();
         let mut seen: HashMap<String, Presence> = HashMap::with_capacity(rows.len());
         for r in rows {
-            let p = cfg.of(&r.state, r.last_seen_ms, r.interval_ms, now);
+            let p = cfg.of(&r.device, &r.state, r.last_seen_ms, r.interval_ms, now);
             if !first && known.get(&r.device) != Some(&p) {
                 hub.emit(HubMsg::Presence {
                     device: r.device.clone(),
@@ -161,32 +174,57 @@ mod tests {
     fn offline_wins_then_activity_against_the_interval() {
         let c = PresenceConfig::default();
         let now = 1_000_000;
-        assert_eq!(c.of("offline", now, Some(1000), now), Presence::Offline);
         assert_eq!(
-            c.of("online", now - 2_900, Some(1000), now),
+            c.of("d", "offline", now, Some(1000), now),
+            Presence::Offline
+        );
+        assert_eq!(
+            c.of("d", "online", now - 2_900, Some(1000), now),
             Presence::Active
         );
         assert_eq!(
-            c.of("unknown", now - 3_100, Some(1000), now),
+            c.of("d", "unknown", now - 3_100, Some(1000), now),
             Presence::Stale
         );
         assert_eq!(
-            c.of("online", now - 20_100, Some(1000), now),
+            c.of("d", "online", now - 20_100, Some(1000), now),
             Presence::Silent
         );
         // Unlearned: the default interval (10 s).
-        assert_eq!(c.of("unknown", now - 29_000, None, now), Presence::Active);
-        assert_eq!(c.of("unknown", now - 31_000, None, now), Presence::Stale);
+        assert_eq!(
+            c.of("d", "unknown", now - 29_000, None, now),
+            Presence::Active
+        );
+        assert_eq!(
+            c.of("d", "unknown", now - 31_000, None, now),
+            Presence::Stale
+        );
         // A 100 ms cadence is judged as 1 s.
         assert_eq!(
-            c.of("unknown", now - 2_000, Some(100), now),
+            c.of("d", "unknown", now - 2_000, Some(100), now),
             Presence::Active
         );
         // A clock far ahead or behind saturates instead of overflowing.
         assert_eq!(
-            c.of("unknown", i64::MIN, Some(i64::MAX), i64::MAX),
+            c.of("d", "unknown", i64::MIN, Some(i64::MAX), i64::MAX),
             Presence::Active
         );
-        assert_eq!(c.of("unknown", i64::MAX, None, i64::MIN), Presence::Active);
+        assert_eq!(
+            c.of("d", "unknown", i64::MAX, None, i64::MIN),
+            Presence::Active
+        );
+        // A configured interval wins over the learned one.
+        let c = PresenceConfig {
+            intervals: vec![("slow-*".into(), 60_000)],
+            ..PresenceConfig::default()
+        };
+        assert_eq!(
+            c.of("slow-1", "unknown", now - 100_000, Some(1000), now),
+            Presence::Active
+        );
+        assert_eq!(
+            c.of("fast-1", "unknown", now - 100_000, Some(1000), now),
+            Presence::Silent
+        );
     }
 }

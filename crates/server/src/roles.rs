@@ -221,6 +221,7 @@ pub async fn start_serve(
             WebExtras {
                 api_token: cfg.api_token.clone(),
                 alerting: cfg.alerting.clone(),
+                presence: cfg.presence.clone(),
             },
             shutdown.clone(),
         ),
@@ -491,6 +492,7 @@ pub async fn run_web(cfg: WebConfig, shutdown: CancellationToken) -> Result<(), 
             WebExtras {
                 api_token: cfg.api_token,
                 alerting: cfg.alerting,
+                presence: cfg.presence,
             },
             shutdown,
         ),
@@ -506,6 +508,8 @@ struct WebExtras {
     api_token: Option<String>,
     /// `[[rules]]` and `[alerts]`.
     alerting: crate::config::roles::AlertingConfig,
+    /// `[presence]`.
+    presence: crate::presence::PresenceConfig,
 }
 
 async fn serve_http(
@@ -520,6 +524,7 @@ async fn serve_http(
     let WebExtras {
         api_token,
         alerting,
+        presence,
     } = extras;
     let hub = sinks::live::Hub::new(store.last_commit_id().await?);
     crate::rules::run::apply_config_rules(&store, &alerting.rules).await?;
@@ -534,11 +539,10 @@ async fn serve_http(
         hub.clone(),
         shutdown.clone(),
     ));
-    let presence = crate::presence::PresenceConfig::default();
     let presence_task = tokio::spawn(crate::presence::run(
         store.clone(),
         hub.clone(),
-        presence,
+        presence.clone(),
         Duration::from_secs(1),
         shutdown.clone(),
     ));
@@ -549,7 +553,7 @@ async fn serve_http(
         store.clone(),
         hub.clone(),
         rules.clone(),
-        presence,
+        presence.clone(),
         crate::rules::run::Outputs {
             broker: alert_broker,
             webhook: webhook.as_ref().map(|(w, _)| w.clone()),

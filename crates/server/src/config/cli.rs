@@ -652,6 +652,7 @@ pub fn resolve_serve(args: &ServeArgs) -> Result<ServeConfig, ConfigError> {
         })
         .collect();
     let alerting = resolve_alerting(&file, &label, &mut problems);
+    let presence = resolve_presence(&file, &label, &mut problems);
     match (broker, http_listen, database) {
         (Some(broker), Some(http_listen), Some(database)) if problems.is_empty() => {
             Ok(ServeConfig {
@@ -668,6 +669,7 @@ pub fn resolve_serve(args: &ServeArgs) -> Result<ServeConfig, ConfigError> {
                 graphite,
                 ws_bridges,
                 alerting,
+                presence,
             })
         }
         _ => Err(ConfigError(problems)),
@@ -731,6 +733,78 @@ fn resolve_alerting(
             }
         });
     super::roles::AlertingConfig { rules, webhook }
+}
+
+/// `[presence]` of `file`; problems are keyed `presence.key` and
+/// `presence.interval[N].key`.
+fn resolve_presence(
+    file: &super::FileConfig,
+    label: &str,
+    problems: &mut Vec<Problem>,
+) -> crate::presence::PresenceConfig {
+    let mut cfg = crate::presence::PresenceConfig::default();
+    let Some(p) = &file.presence else {
+        return cfg;
+    };
+    let mut push = |key: String, message: String| {
+        problems.push(Problem {
+            file: label.to_string(),
+            key,
+            message,
+        })
+    };
+    let interval = |text: &str| -> Result<i64, String> {
+        let d = widgetry_common::parse_duration(text)?;
+        if d < Duration::from_millis(100) || d > Duration::from_secs(86_400) {
+            return Err(format!("{text:?}: between 100ms and 1d"));
+        }
+        Ok(d.as_millis() as i64)
+    };
+    if let Some(d) = &p.default_interval {
+        match interval(d) {
+            Ok(ms) => cfg.default_interval_ms = ms,
+            Err(e) => push("presence.default_interval".into(), e),
+        }
+    }
+    if let Some(n) = p.stale_after {
+        cfg.stale_after = n;
+    }
+    if let Some(n) = p.silent_after {
+        cfg.silent_after = n;
+    }
+    if cfg.stale_after == 0 || cfg.silent_after <= cfg.stale_after || cfg.silent_after > 10_000 {
+        push(
+            "presence.silent_after".into(),
+            format!(
+                "stale_after {} and silent_after {}: need 1 <= stale_after < silent_after <= 10000 (intervals)",
+                cfg.stale_after, cfg.silent_after
+            ),
+        );
+    }
+    if p.interval.len() > 1000 {
+        push(
+            "presence.interval".into(),
+            format!("{} sections: at most 1000", p.interval.len()),
+        );
+    }
+    for (i, s) in p.interval.iter().enumerate().take(1000) {
+        if s.devices.is_empty() || s.devices.len() > 256 || s.devices.contains(char::is_whitespace)
+        {
+            push(
+                format!("presence.interval[{i}].devices"),
+                format!(
+                    "{:?}: a device glob of 1 to 256 bytes without spaces",
+                    s.devices
+                ),
+            );
+            continue;
+        }
+        match interval(&s.every) {
+            Ok(ms) => cfg.intervals.push((s.devices.clone(), ms)),
+            Err(e) => push(format!("presence.interval[{i}].every"), e),
+        }
+    }
+    cfg
 }
 
 /// One websocket bridge's settings (a `[[bridge.ws]]` section of `file`,
@@ -1173,6 +1247,7 @@ pub fn resolve_web(args: &WebArgs) -> Result<WebConfig, ConfigError> {
     }
     let token = resolve_api_token(&args.api_token, &mut problems);
     let alerting = resolve_alerting(&file, &label, &mut problems);
+    let presence = resolve_presence(&file, &label, &mut problems);
     match (http, database) {
         (Some(http_listen), Some(database)) if problems.is_empty() => Ok(WebConfig {
             http_listen,
@@ -1181,6 +1256,7 @@ pub fn resolve_web(args: &WebArgs) -> Result<WebConfig, ConfigError> {
             bridge,
             api_token: token,
             alerting,
+            presence,
         }),
         _ => Err(ConfigError(problems)),
     }
@@ -1836,6 +1912,48 @@ mod tests {
             "graphite.address",
             "graphite.flush_interval",
             "graphite.prefix",
+        ] {
+            assert!(err.contains(needle), "{needle:?} missing from: {err}");
+        }
+    }
+
+    #[test]
+    fn rules_alerts_and_presence_sections_are_validated() {
+        let dir = tempfile::tempdir().expect("dir");
+        let db = dir.path().join("w.db");
+        let file = dir.path().join("widgetry.toml");
+        let path = file.to_str().expect("utf-8 path");
+        let write = |body: &str| {
+            std::fs::write(&file, format!("database = {db:?}\n{body}")).expect("write config");
+        };
+        write(
+            "[presence]\ndefault_interval = \"30s\"\n[[presence.interval]]\ndevices = \"slow-*\"\nevery = \"5m\"\n\
+             [[rules]]\nname = \"hot\"\nseries = \"temp\"\nwhen = \"> 5\"\n[alerts]\nwebhook = \"http://127.0.0.1:9/h\"\n",
+        );
+        let Ok(Ok(Role::Web(cfg))) = run(&["web", "--config", path]) else {
+            panic!("valid sections accepted");
+        };
+        assert_eq!(cfg.presence.default_interval_ms, 30_000);
+        assert_eq!(
+            cfg.presence.intervals,
+            vec![("slow-*".to_string(), 300_000)]
+        );
+        assert_eq!(cfg.alerting.rules.len(), 1);
+        assert!(cfg.alerting.webhook.is_some());
+        write(
+            "[presence]\nstale_after = 5\nsilent_after = 2\n[[presence.interval]]\ndevices = \"a\"\nevery = \"1ms\"\n\
+             [[rules]]\nname = \"x\"\nwhen = \"> 1\"\n[[rules]]\nname = \"x\"\nwhen = \"stale\"\n[alerts]\nwebhook = \"https://a/\"\n",
+        );
+        let err = match run(&["serve", "--config", path]) {
+            Err(e) => e,
+            Ok(_) => panic!("bad sections accepted"),
+        };
+        for needle in [
+            "presence.silent_after",
+            "presence.interval[0].every",
+            "rules[0].series",
+            "rules[1].name",
+            "alerts.webhook",
         ] {
             assert!(err.contains(needle), "{needle:?} missing from: {err}");
         }

@@ -105,6 +105,32 @@ pub struct FileConfig {
     /// `[alerts]`: where alert transitions go besides the database and the
     /// retained `…/alerts` topics.
     pub alerts: Option<AlertsFile>,
+    /// `[presence]`: how devices are judged active, stale or silent.
+    pub presence: Option<PresenceFile>,
+}
+
+/// The `[presence]` section of `widgetry.toml`.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PresenceFile {
+    /// Expected interval of a device whose cadence is not learned yet (`10s`).
+    pub default_interval: Option<String>,
+    /// Intervals without data before a device is stale (3).
+    pub stale_after: Option<u32>,
+    /// Intervals without data before a device is silent (20).
+    pub silent_after: Option<u32>,
+    /// `[[presence.interval]]`: configured intervals by device glob.
+    #[serde(default)]
+    pub interval: Vec<PresenceIntervalFile>,
+}
+
+/// One `[[presence.interval]]`: devices matching `devices` are expected
+/// every `every`, whatever their learned cadence.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PresenceIntervalFile {
+    pub devices: String,
+    pub every: String,
 }
 
 /// The `[alerts]` section of `widgetry.toml`.

@@ -33,6 +33,8 @@ pub struct ServeConfig {
     pub ws_bridges: Vec<WsBridgeConfig>,
     /// `[[rules]]` and `[alerts]`.
     pub alerting: AlertingConfig,
+    /// `[presence]`.
+    pub presence: crate::presence::PresenceConfig,
 }
 
 /// Configuration of `widgetry web`, already validated.
@@ -48,6 +50,8 @@ pub struct WebConfig {
     pub api_token: Option<String>,
     /// `[[rules]]` and `[alerts]`.
     pub alerting: AlertingConfig,
+    /// `[presence]`.
+    pub presence: crate::presence::PresenceConfig,
 }
 
 /// `[[rules]]` and `[alerts]` of `widgetry.toml`, validated.

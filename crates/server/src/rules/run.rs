@@ -461,7 +461,7 @@ pub async fn run(
     ev.replace_rules(rules.current(), now).await;
     // Presence now, for presence rules (later changes come from the hub).
     for r in store.presence_rows().await? {
-        let p = presence.of(&r.state, r.last_seen_ms, r.interval_ms, now);
+        let p = presence.of(&r.device, &r.state, r.last_seen_ms, r.interval_ms, now);
         ev.presence(&r.device, p, now).await;
     }
     // Publisher of the retained `…/alerts` messages.

@@ -27,7 +27,12 @@ pub async fn fleet(State(state): State<AppState>) -> Result<Response, AppError> 
         let now = now_ms();
         let mut devices = state.store.fleet(now - 30 * 60_000).await?;
         for d in &mut devices {
-            d.presence = Some(state.presence.of(&d.state, d.last_seen, d.interval_ms, now));
+            d.presence =
+                Some(
+                    state
+                        .presence
+                        .of(&d.device, &d.state, d.last_seen, d.interval_ms, now),
+                );
         }
         Ok(json!({"now": now, "devices": devices}))
     })
@@ -51,7 +56,12 @@ pub async fn devices(State(state): State<AppState>) -> Result<Response, AppError
         let now = now_ms();
         let mut devices = state.store.devices().await?;
         for d in &mut devices {
-            d.presence = Some(state.presence.of(&d.state, d.last_seen, d.interval_ms, now));
+            d.presence =
+                Some(
+                    state
+                        .presence
+                        .of(&d.device, &d.state, d.last_seen, d.interval_ms, now),
+                );
         }
         Ok::<Vec<DeviceInfo>, AppError>(devices)
     })

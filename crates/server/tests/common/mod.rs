@@ -209,6 +209,7 @@ impl Stack {
             graphite,
             ws_bridges: Vec::new(),
             alerting,
+            presence: Default::default(),
         };
         let running = start_serve(cfg.clone(), CancellationToken::new())
             .await
