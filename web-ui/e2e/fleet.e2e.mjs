@@ -149,6 +149,9 @@ async function main() {
       await page.screenshot({ path: path.join(ARTIFACTS, "fleet-alert.png") });
       await page.goto(`${base}/#/device/${HOT}`);
       await page.locator('#dev-alerts [data-rule="too-hot"]').waitFor({ timeout: 10_000 });
+      // The temp chart draws the rule's threshold and shades the firing period.
+      await page.locator('.chart[data-series="temp"][data-thresholds="1"][data-alert-periods="1"]').waitFor({ state: "attached", timeout: 10_000 });
+      await page.screenshot({ path: path.join(ARTIFACTS, "device-alert.png") });
       // Back below the clear level: resolved everywhere.
       plain.stdin.write(`set ${HOT} 20\n`);
       await waitFor("the webhook got the resolution", 20_000, async () => hooks.some((h) => h.state === "resolved" && h.device === HOT));

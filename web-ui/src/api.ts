@@ -47,11 +47,25 @@ async function getJson<T>(path: string): Promise<T> {
   return body as T;
 }
 
-/** Alerts in `state` (firing, open, …), newest first. */
+/** Alerts in `state` (firing, open, …; "" for all), newest first. */
 export async function alerts(state: string, device?: string): Promise<Alert[]> {
-  const q = new URLSearchParams({ state, limit: "10000" });
+  const q = new URLSearchParams({ limit: "10000" });
+  if (state) q.set("state", state);
   if (device) q.set("device", device);
   return (await getJson<{ alerts: Alert[] }>(`api/v1/alerts?${q}`)).alerts;
+}
+
+/** A rule as `api/v1/rules` lists it. */
+export interface RuleInfo {
+  name: string;
+  devices: string;
+  series?: string | null;
+  when: string;
+  severity: string;
+}
+
+export async function rules(): Promise<RuleInfo[]> {
+  return (await getJson<{ rules: RuleInfo[] }>("api/v1/rules")).rules;
 }
 
 export function fleet(): Promise<{ now: number; devices: FleetDevice[] }> {

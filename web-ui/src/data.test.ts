@@ -6,8 +6,10 @@ import {
   backoffDelay,
   filterFleet,
   formatValue,
+  alertPeriods,
   groupSeries,
   initialRange,
+  thresholdOf,
   mergePoints,
   rangeFor,
   relTime,
@@ -165,6 +167,23 @@ describe("needs attention first", () => {
     expect(worst.has("ok-1")).toBe(false);
     for (const d of list) d.alert = worst.get(d.device)?.severity;
     expect(sortFleet(list, "attention", true).map((d) => d.device)).toEqual(["crit-1", "warn-1", "stale-1", "ok-1"]);
+  });
+});
+
+describe("alerts on charts", () => {
+  it("reads thresholds and clips alert periods to the range", () => {
+    expect(thresholdOf("> 90")).toBe(90);
+    expect(thresholdOf("<= -2.5")).toBe(-2.5);
+    expect(thresholdOf("stale")).toBeNull();
+    const a = (series: string, state: string, firing: number | null, resolved: number | null) => ({
+      id: 1, rule: "r", device: "d", series, severity: "warning", state, value: 1, pending_ms: 0, firing_ms: firing, resolved_ms: resolved,
+    });
+    expect(
+      alertPeriods([a("t", "resolved", 50, 150), a("t", "firing", 300, null), a("t", "pending", null, null), a("u", "firing", 10, null)], "t", 100, 400),
+    ).toEqual([
+      [100, 150],
+      [300, 400],
+    ]);
   });
 });
 

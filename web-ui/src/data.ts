@@ -203,6 +203,24 @@ export interface Alert {
 
 const SEVERITY: Record<string, number> = { critical: 3, warning: 2, info: 1 };
 
+/** The number of a threshold condition (`> 90` → 90); null for presence
+ * rules. */
+export function thresholdOf(when: string): number | null {
+  const m = /^\s*(>=|<=|>|<)\s*(-?[0-9.eE+-]+)\s*$/.exec(when);
+  const n = m ? Number(m[2]) : NaN;
+  return Number.isFinite(n) ? n : null;
+}
+
+/** Shaded periods of a series' alerts in [from, to]: [start, end] of each,
+ * from when it fired (or went pending) to when it resolved (or `to`). */
+export function alertPeriods(alerts: Alert[], series: string, from: number, to: number): [number, number][] {
+  return alerts
+    .filter((a) => a.series === series && a.state !== "pending")
+    .map((a): [number, number] => [a.firing_ms ?? a.pending_ms, a.resolved_ms ?? to])
+    .filter(([s, e]) => e >= from && s <= to)
+    .map(([s, e]) => [Math.max(s, from), Math.min(e, to)]);
+}
+
 /** Per device: the worst severity of its firing alerts and their count. */
 export function worstByDevice(alerts: Alert[]): Map<string, { severity: string; count: number }> {
   const out = new Map<string, { severity: string; count: number }>();

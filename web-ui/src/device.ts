@@ -2,7 +2,7 @@
 // appended to the same chart, a range picker, zoom/pan, and the device's
 // events on the timeline.
 import { LineChart } from "echarts/charts";
-import { DataZoomComponent, GridComponent, MarkLineComponent, TooltipComponent } from "echarts/components";
+import { DataZoomComponent, GridComponent, MarkAreaComponent, MarkLineComponent, TooltipComponent } from "echarts/components";
 import * as echarts from "echarts/core";
 import { CanvasRenderer } from "echarts/renderers";
 
@@ -10,6 +10,8 @@ import * as api from "./api";
 import {
   type Alert,
   type Point,
+  alertPeriods,
+  thresholdOf,
   type RangeKey,
   RANGES,
   formatValue,
@@ -24,7 +26,7 @@ import {
 import { esc } from "./fleet";
 import type { Live } from "./live";
 
-echarts.use([LineChart, GridComponent, TooltipComponent, DataZoomComponent, MarkLineComponent, CanvasRenderer]);
+echarts.use([LineChart, GridComponent, TooltipComponent, DataZoomComponent, MarkLineComponent, MarkAreaComponent, CanvasRenderer]);
 
 interface ChartState {
   key: string;
@@ -69,6 +71,9 @@ export function mountDevice(root: HTMLElement, live: Live, id: string): () => vo
   let events: api.AppEvent[] = [];
   let info: api.DeviceInfo | undefined;
   let firing: Alert[] = [];
+  // Every alert of the device (for shading) and the thresholds by rule.
+  let history: Alert[] = [];
+  let thresholds = new Map<string, number>();
   let loadGen = 0;
 
   const window_ = (): [number, number] => (range.live ? rangeFor(range.key, Date.now()) : [range.from, range.to]);
@@ -136,6 +141,12 @@ export function mountDevice(root: HTMLElement, live: Live, id: string): () => vo
     }
     const last = c.line[c.line.length - 1];
     c.el.querySelector(".last")!.textContent = last ? formatValue(c.key, last[1]) : "";
+    const ruleLines = [...new Set(history.filter((a) => a.series === c.key).map((a) => a.rule))]
+      .filter((r) => thresholds.has(r))
+      .map((r) => ({ yAxis: thresholds.get(r), name: r, lineStyle: { color: "#ff4d4f", type: "solid" } }));
+    const periods = alertPeriods(history, c.key, from, to);
+    plot.dataset.thresholds = String(ruleLines.length);
+    plot.dataset.alertPeriods = String(periods.length);
     c.chart.setOption({
       xAxis: { min: from, max: range.live ? Math.max(to, last?.[0] ?? to) : to },
       series: [
@@ -149,7 +160,17 @@ export function mountDevice(root: HTMLElement, live: Live, id: string): () => vo
             symbol: "none",
             label: { show: false },
             lineStyle: { color: "#f5a524", type: "dashed" },
-            data: events.filter((e) => e.ts >= from && e.ts <= to).slice(-50).map((e) => ({ xAxis: e.ts, name: e.event })),
+            data: [
+              ...events.filter((e) => e.ts >= from && e.ts <= to).slice(-50).map((e) => ({ xAxis: e.ts, name: e.event })),
+              // The thresholds of the rules that alerted on this series.
+              ...ruleLines,
+            ],
+          },
+          // Shaded while an alert on this series fired.
+          markArea: {
+            silent: true,
+            itemStyle: { color: "rgba(255, 77, 79, 0.15)" },
+            data: periods.map(([s, e]) => [{ xAxis: s }, { xAxis: e }]),
           },
         },
       ],
@@ -220,7 +241,14 @@ export function mountDevice(root: HTMLElement, live: Live, id: string): () => vo
         }
       }
     }
-    firing = await api.alerts("firing", id).catch(() => []);
+    [history, thresholds] = await Promise.all([
+      api.alerts("", id).catch(() => []),
+      api
+        .rules()
+        .then((rs) => new Map(rs.flatMap((r) => (thresholdOf(r.when) === null ? [] : [[r.name, thresholdOf(r.when) as number]]))))
+        .catch(() => new Map<string, number>()),
+    ]);
+    firing = history.filter((a) => a.state === "firing");
     if (gen !== loadGen) return;
     setState(info.state);
     showMeta();

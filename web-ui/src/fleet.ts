@@ -159,6 +159,28 @@ export function mountFleet(root: HTMLElement, live: Live): () => void {
     }
   };
 
+  // Live messages arrive by the thousand when a fleet comes online: each
+  // one is an O(1) update by id, and the view is recomputed at most once
+  // per animation frame; unknown devices trigger at most one reload a
+  // second.
+  let byId = new Map<string, FleetDevice>();
+  let recomputeFrame = 0;
+  const scheduleRecompute = () => {
+    if (recomputeFrame) return;
+    recomputeFrame = requestAnimationFrame(() => {
+      recomputeFrame = 0;
+      recompute();
+    });
+  };
+  let reloadTimer: ReturnType<typeof setTimeout> | null = null;
+  const scheduleLoad = () => {
+    if (reloadTimer) return;
+    reloadTimer = setTimeout(() => {
+      reloadTimer = null;
+      void load();
+    }, 1000);
+  };
+
   const load = async () => {
     try {
       const mark = live.states.mark();
@@ -173,6 +195,7 @@ export function mountFleet(root: HTMLElement, live: Live): () => void {
       // Presences that arrived live while the request was in flight are newer.
       for (const d of r.devices) d.state = live.states.resolve(d.device, d.presence ?? d.state, mark);
       all = r.devices;
+      byId = new Map(all.map((d) => [d.device, d]));
       recompute();
     } catch (e) {
       summary.textContent = `Cannot load the fleet: ${(e as Error).message}`;
@@ -199,19 +222,19 @@ export function mountFleet(root: HTMLElement, live: Live): () => void {
     { devices: null, series: [], status: true, events: false },
     {
       status: (m) => {
-        const d = all.find((x) => x.device === m.device);
+        const d = byId.get(m.device);
         if (d) {
           if (m.state === "offline") d.state = "offline";
           d.last_seen = Math.max(d.last_seen, m.ts);
-          recompute();
-        } else void load();
+          scheduleRecompute();
+        } else scheduleLoad();
       },
       presence: (m) => {
-        const d = all.find((x) => x.device === m.device);
+        const d = byId.get(m.device);
         if (d) {
           d.state = m.presence;
-          recompute();
-        } else void load();
+          scheduleRecompute();
+        } else scheduleLoad();
       },
     },
   );
@@ -224,6 +247,8 @@ export function mountFleet(root: HTMLElement, live: Live): () => void {
     window.removeEventListener("resize", render);
     window.removeEventListener("resize", scheduleGrid);
     if (gridFrame) cancelAnimationFrame(gridFrame);
+    if (recomputeFrame) cancelAnimationFrame(recomputeFrame);
+    if (reloadTimer) clearTimeout(reloadTimer);
   };
 }
 
