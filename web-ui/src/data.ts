@@ -203,6 +203,10 @@ export interface Alert {
 
 const SEVERITY: Record<string, number> = { critical: 3, warning: 2, info: 1 };
 
+/** Natural order (b-2 before b-10), one collator for every comparison:
+ * `localeCompare` with options builds one per call, 10x slower. */
+const NATURAL = new Intl.Collator(undefined, { numeric: true });
+
 /** The number of a threshold condition (`> 90` → 90); null for presence
  * rules. */
 export function thresholdOf(when: string): number | null {
@@ -248,19 +252,20 @@ export function attention(d: FleetDevice): number {
  * puts the devices that need it first (ascending), then by name. */
 export function sortFleet(list: FleetDevice[], key: SortKey, asc: boolean): FleetDevice[] {
   const dir = asc ? 1 : -1;
+  const name = NATURAL.compare;
   if (key === "attention") {
-    return [...list].sort(
-      (a, b) => (attention(b) - attention(a)) * dir || a.device.localeCompare(b.device, undefined, { numeric: true }),
-    );
+    // Scores once per device, not once per comparison (10,000 devices).
+    const score = new Map(list.map((d) => [d, attention(d)]));
+    return [...list].sort((a, b) => ((score.get(b) ?? 0) - (score.get(a) ?? 0)) * dir || name(a.device, b.device));
   }
   return [...list].sort((a, b) => {
     const x = a[key];
     const y = b[key];
-    if (x === y) return a.device.localeCompare(b.device);
+    if (x === y) return name(a.device, b.device);
     if (x === null || x === undefined) return 1;
     if (y === null || y === undefined) return -1;
     if (typeof x === "number" && typeof y === "number") return (x - y) * dir;
-    return String(x).localeCompare(String(y), undefined, { numeric: true }) * dir;
+    return name(String(x), String(y)) * dir;
   });
 }
 
