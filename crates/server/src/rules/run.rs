@@ -464,11 +464,12 @@ pub async fn run(
         let p = presence.of(&r.device, &r.state, r.last_seen_ms, r.interval_ms, now);
         ev.presence(&r.device, p, now).await;
     }
-    // Publisher of the retained `…/alerts` messages.
+    // Publisher of the retained `…/alerts` messages: connected on the first
+    // alert, so a server without alerts holds no extra broker connection.
     let (pub_tx, pub_rx) = tokio::sync::mpsc::channel::<(String, String)>(1024);
-    let publisher = outputs
-        .broker
-        .map(|b| tokio::spawn(publish_retained(b, pub_rx, shutdown.clone())));
+    let mut pub_rx = Some(pub_rx);
+    let mut broker = outputs.broker;
+    let mut publisher: Option<tokio::task::JoinHandle<()>> = None;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -505,8 +506,15 @@ pub async fn run(
                 let dirty: Vec<String> = ev.dirty.iter().cloned().collect();
                 for d in dirty {
                     if publisher.is_none() {
-                        ev.dirty.clear();
-                        break;
+                        match (broker.take(), pub_rx.take()) {
+                            (Some(b), Some(rx)) => {
+                                publisher = Some(tokio::spawn(publish_retained(b, rx, shutdown.clone())));
+                            }
+                            _ => {
+                                ev.dirty.clear();
+                                break;
+                            }
+                        }
                     }
                     let msg = (Topic::name(&d, TopicKind::Alerts), ev.retained(&d, now));
                     if pub_tx.try_send(msg).is_ok() {
@@ -541,6 +549,8 @@ async fn publish_retained(
     let mut conn = Connection::new(evl, "alerts publisher", None);
     // Latest message per topic not yet handed to the client.
     let mut waiting: BTreeMap<String, String> = BTreeMap::new();
+    // Publishes handed to the client and not yet acknowledged.
+    let mut unacked = 0usize;
     let mut connected = false;
     loop {
         tokio::select! {
@@ -555,6 +565,7 @@ async fn publish_retained(
                     if !conn.wait(&shutdown).await { break; }
                 }
                 Polled::Event(Event::Incoming(Packet::ConnAck(_))) => connected = true,
+                Polled::Event(Event::Incoming(Packet::PubAck(_))) => unacked = unacked.saturating_sub(1),
                 Polled::Event(_) => {}
             },
         }
@@ -572,15 +583,32 @@ async fn publish_retained(
                     waiting.insert(topic, body);
                     break;
                 }
+                unacked += 1;
             }
         }
     }
-    // Hand over what is left, then let the event loop send it.
+    // Hand over what is left, then let the event loop send it until it is
+    // acknowledged (at most 2 s; nothing to wait for at a quiet shutdown).
     for (topic, body) in waiting {
-        let _ = client.try_publish(topic, QoS::AtLeastOnce, true, body.into_bytes());
+        if client
+            .try_publish(topic, QoS::AtLeastOnce, true, body.into_bytes())
+            .is_ok()
+        {
+            unacked += 1;
+        }
+    }
+    if unacked == 0 {
+        return;
     }
     let _ = tokio::time::timeout(Duration::from_secs(2), async {
-        while let Polled::Event(_) = conn.next(&CancellationToken::new()).await {}
+        let never = CancellationToken::new();
+        while unacked > 0 {
+            match conn.next(&never).await {
+                Polled::Event(Event::Incoming(Packet::PubAck(_))) => unacked -= 1,
+                Polled::Event(_) => {}
+                _ => break,
+            }
+        }
     })
     .await;
 }
