@@ -75,14 +75,10 @@ async fn load_rules(store: &Store) -> Result<Vec<Rule>, StoreError> {
 
 /// Stores the config file's rules as the `config` rules.
 pub async fn apply_config_rules(store: &Store, rules: &[RuleSpec]) -> Result<(), StoreError> {
-    let stored: Vec<StoredRule> = rules
+    let stored = rules
         .iter()
-        .map(|r| StoredRule {
-            name: r.name.clone(),
-            spec: serde_json::to_string(r).unwrap_or_default(),
-            source: "config".into(),
-        })
-        .collect();
+        .map(|r| StoredRule::new(r, "config"))
+        .collect::<Result<Vec<_>, _>>()?;
     store
         .sync_config_rules(&stored, widgetry_common::now_ms())
         .await

@@ -14,6 +14,18 @@ pub struct StoredRule {
     pub source: String,
 }
 
+impl StoredRule {
+    /// The stored form of `spec`, from `source` (`config` or `api`).
+    pub fn new(spec: &crate::rules::RuleSpec, source: &str) -> Result<StoredRule, StoreError> {
+        Ok(StoredRule {
+            name: spec.name.clone(),
+            spec: serde_json::to_string(spec)
+                .map_err(|e| StoreError::Sql(sqlx::Error::Encode(Box::new(e))))?,
+            source: source.into(),
+        })
+    }
+}
+
 /// An alert row, as `GET /api/v1/alerts` shows it.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct AlertRow {

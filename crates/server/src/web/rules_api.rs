@@ -44,11 +44,7 @@ async fn store_rule(state: &AppState, spec: RuleSpec) -> Result<serde_json::Valu
         .clone()
         .validate()
         .map_err(|e| AppError::bad_request(format!("rule {:?}: {e}", spec.name)))?;
-    let stored = StoredRule {
-        name: rule.spec.name.clone(),
-        spec: serde_json::to_string(&rule.spec).map_err(|e| AppError::internal(e.to_string()))?,
-        source: "api".into(),
-    };
+    let stored = StoredRule::new(&rule.spec, "api")?;
     state
         .store
         .put_rule(&stored, widgetry_common::now_ms())
