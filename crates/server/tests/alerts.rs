@@ -143,6 +143,15 @@ async fn a_threshold_rule_fires_is_published_and_resolves_across_a_restart() {
     })
     .await;
 
+    wait_for("the firing counted and sent", T, || async {
+        let (_, m) = stack.get_text("/metrics").await;
+        (metric(&m, "widgetry_alerts_fired_total") == 1.0
+            && metric(&m, "widgetry_alerts_firing") == 1.0
+            && metric(&m, "widgetry_alerts_webhook_sent_total") == 1.0)
+            .then_some(())
+    })
+    .await;
+
     // Restart while firing: the same alert is still open, and a value over
     // the threshold again does not fire a second one.
     stack.restart().await;
@@ -187,7 +196,18 @@ async fn a_threshold_rule_fires_is_published_and_resolves_across_a_restart() {
         .count();
     assert_eq!(firings, 1, "one firing posted");
     let (_, metrics) = stack.get_text("/metrics").await;
+    // Counters are this process's (since the restart): nothing fired again.
+    assert_eq!(metric(&metrics, "widgetry_alerts_fired_total"), 0.0);
     assert_eq!(metric(&metrics, "widgetry_alerts_resolved_total"), 1.0);
+    assert_eq!(
+        metric(&metrics, "widgetry_alerts_lagged_batches_total"),
+        0.0
+    );
+    wait_for("the resolution counted as sent", T, || async {
+        let (_, m) = stack.get_text("/metrics").await;
+        (metric(&m, "widgetry_alerts_webhook_sent_total") == 1.0).then_some(())
+    })
+    .await;
     assert_eq!(metric(&metrics, "widgetry_alerts_firing"), 0.0);
     stack.stop().await;
 }
