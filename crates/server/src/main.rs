@@ -53,6 +53,18 @@ async fn run(role: Role) -> Result<bool, ServeError> {
                 println!("{}", report.render());
                 return Ok(report.clean());
             }
+            Role::Compact(db, everything) => {
+                return match widgetry_server::store::compact::run_command(&db, everything).await {
+                    Ok(summary) => {
+                        println!("{summary}");
+                        Ok(true)
+                    }
+                    Err(e) => {
+                        eprintln!("widgetry compact: {e}");
+                        Ok(false)
+                    }
+                };
+            }
             Role::Import(cfg) => {
                 return match widgetry_server::import::run(&cfg, &mut |l| eprintln!("{l}")).await {
                     Ok(report) => {
@@ -103,7 +115,10 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    if !matches!(role, Role::Loadgen(_) | Role::Device(..) | Role::Import(_)) {
+    if !matches!(
+        role,
+        Role::Loadgen(_) | Role::Device(..) | Role::Import(_) | Role::Compact(..)
+    ) {
         init_tracing(cli.log_format);
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread()

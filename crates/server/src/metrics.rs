@@ -99,6 +99,11 @@ pub struct Metrics {
     pub mqtt_reconnects: AtomicU64,
     pub acks_published: AtomicU64,
     pub gaps_reported: AtomicU64,
+    /// The compactor's work (`store::compact`).
+    pub compacted_batches: AtomicU64,
+    pub compacted_samples: AtomicU64,
+    pub compacted_chunks: AtomicU64,
+    pub compaction_failures: AtomicU64,
     /// Milliseconds between receiving the oldest message of the last
     /// committed transaction and its commit.
     pub ingest_lag_ms: AtomicI64,
@@ -545,6 +550,19 @@ impl Metrics {
         }
     }
 
+    /// Adds a compaction pass's work.
+    pub fn compacted(&self, c: &crate::store::compact::Compacted) {
+        self.compacted_batches
+            .fetch_add(c.batches, Ordering::Relaxed);
+        self.compacted_samples
+            .fetch_add(c.samples, Ordering::Relaxed);
+        self.compacted_chunks.fetch_add(c.chunks, Ordering::Relaxed);
+    }
+
+    pub fn compaction_failed(&self) {
+        self.compaction_failures.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// Counts a rejected payload under its reason code.
     pub fn reject(&self, reject: &Reject) {
         bump(&Reject::CODES, &self.rejects, reject.code());
@@ -672,7 +690,7 @@ impl Metrics {
             ],
         );
         // Plain counters without labels: name, help, value.
-        let plain: [(&str, &str, &AtomicU64); 10] = [
+        let plain: [(&str, &str, &AtomicU64); 14] = [
             (
                 "widgetry_ingest_batches_stored_total",
                 "Batches committed to the database.",
@@ -712,6 +730,26 @@ impl Metrics {
                 "widgetry_ingest_gaps_reported_total",
                 "Gap reports from devices (batches lost to a full device spool).",
                 &self.gaps_reported,
+            ),
+            (
+                "widgetry_compacted_batches_total",
+                "Batches the compactor moved from the batch log into chunks.",
+                &self.compacted_batches,
+            ),
+            (
+                "widgetry_compacted_samples_total",
+                "Samples the compactor moved from the batch log into chunks.",
+                &self.compacted_samples,
+            ),
+            (
+                "widgetry_compacted_chunks_total",
+                "Compressed per-series chunks the compactor wrote.",
+                &self.compacted_chunks,
+            ),
+            (
+                "widgetry_compaction_failures_total",
+                "Compaction passes that failed (retried at the next pass; nothing is lost).",
+                &self.compaction_failures,
             ),
             (
                 "widgetry_ingest_events_stored_total",

@@ -430,6 +430,52 @@ async fn seven_days_of_1hz_data_match_sql_within_max_points() {
 
     let from = start + 12_345; // not aligned to a minute or an hour
     let to = end - 6_789;
+    // The same queries from the batch log, then from chunks after the
+    // compactor moved every batch into them (store/compact.rs).
+    let log = check_week(&stack, &reference, from, to, "batch log").await;
+    let store = &stack.running.as_ref().expect("running").store;
+    let t = Instant::now();
+    let c = store
+        .compact(i64::MAX, &|| false, &mut |_| {})
+        .await
+        .expect("compaction");
+    eprintln!("compacted {c:?} in {:?}", t.elapsed());
+    assert_eq!(c.samples as i64, n, "every sample moved into chunks");
+    assert_eq!(stack.count("SELECT COUNT(*) FROM batches").await, 0);
+    assert_eq!(
+        stack
+            .count("SELECT CAST(COALESCE(SUM(count), 0) AS BIGINT) FROM chunks")
+            .await,
+        n
+    );
+    let chunks = check_week(&stack, &reference, from, to, "chunks").await;
+    for ((label, old), (_, new)) in log.iter().zip(&chunks) {
+        eprintln!("{label}: batch log {old:?}, chunks {new:?}");
+    }
+    // Redelivered batches are recognised after compaction: nothing stored twice.
+    let dups_before = stack.duplicates().await;
+    let again: Vec<(i64, f64)> = all[..3600].to_vec();
+    p.publish(1, &[("temp", again)]).await;
+    wait_for("the redelivery counted as a duplicate", T, || async {
+        (stack.duplicates().await > dups_before).then_some(())
+    })
+    .await;
+    assert_eq!(stack.count("SELECT COUNT(*) FROM batches").await, 0);
+    let whole = check_week(&stack, &reference, from, to, "after the redelivery").await;
+    assert_eq!(whole.len(), chunks.len());
+    stack.stop().await;
+}
+
+/// Every bucket of the week's queries equals SQL over the raw samples, and
+/// an hour of raw points equals them exactly; returns each query's time.
+async fn check_week(
+    stack: &Stack,
+    reference: &sqlx::SqlitePool,
+    from: i64,
+    to: i64,
+    what: &str,
+) -> Vec<(String, Duration)> {
+    let mut times = Vec::new();
     for (max_points, source) in [(1000usize, "1m"), (500, "1m"), (40, "1h")] {
         let t = Instant::now();
         let (status, body) = stack
@@ -438,17 +484,18 @@ async fn seven_days_of_1hz_data_match_sql_within_max_points() {
             ))
             .await;
         let took = t.elapsed();
-        assert_eq!(status, 200, "{body}");
-        assert_eq!(body["source"], source, "max_points {max_points}");
+        times.push((format!("7 days, max_points {max_points}"), took));
+        assert_eq!(status, 200, "{what}: {body}");
+        assert_eq!(body["source"], source, "{what}: max_points {max_points}");
         let width = body["bucket_ms"].as_i64().expect("bucket_ms");
         let buckets = body["buckets"].as_array().expect("buckets");
         assert!(
             !buckets.is_empty() && buckets.len() <= max_points,
-            "{} buckets for max_points {max_points}",
+            "{what}: {} buckets for max_points {max_points}",
             buckets.len()
         );
         eprintln!(
-            "7 days, max_points {max_points}: {} buckets of {} s from {source} rollups in {took:?}",
+            "{what}: 7 days, max_points {max_points}: {} buckets of {} s from {source} rollups in {took:?}",
             buckets.len(),
             width / 1000
         );
@@ -462,17 +509,21 @@ async fn seven_days_of_1hz_data_match_sql_within_max_points() {
             )
             .bind(lo)
             .bind(hi)
-            .fetch_one(&reference)
+            .fetch_one(reference)
             .await
             .expect("reference query");
-            assert_eq!(b["count"].as_i64(), Some(count), "bucket {bts}: {b}");
-            assert_eq!(b["min"].as_f64(), Some(min), "bucket {bts}: {b}");
-            assert_eq!(b["max"].as_f64(), Some(max), "bucket {bts}: {b}");
+            assert_eq!(
+                b["count"].as_i64(),
+                Some(count),
+                "{what}: bucket {bts}: {b}"
+            );
+            assert_eq!(b["min"].as_f64(), Some(min), "{what}: bucket {bts}: {b}");
+            assert_eq!(b["max"].as_f64(), Some(max), "{what}: bucket {bts}: {b}");
             // Sums in a different order differ in the last bits only.
             let got = b["avg"].as_f64().expect("avg");
             assert!(
                 (got - avg).abs() <= avg.abs() * 1e-12,
-                "bucket {bts}: avg {got} vs SQL {avg}"
+                "{what}: bucket {bts}: avg {got} vs SQL {avg}"
             );
             total += count;
         }
@@ -480,15 +531,51 @@ async fn seven_days_of_1hz_data_match_sql_within_max_points() {
             sqlx::query_as("SELECT COUNT(*) FROM raw WHERE ts BETWEEN ? AND ?")
                 .bind(from)
                 .bind(to)
-                .fetch_one(&reference)
+                .fetch_one(reference)
                 .await
                 .expect("count");
         assert_eq!(
             total, expected,
-            "the buckets cover every sample of the range once"
+            "{what}: the buckets cover every sample of the range once"
         );
     }
-    stack.stop().await;
+    // An hour and a half of raw points across an hour boundary (two chunks),
+    // through the API and, bit for bit, from the store.
+    let (lo, hi) = (from + 24 * 3_600_000, from + 24 * 3_600_000 + 5_400_000);
+    let t = Instant::now();
+    let (status, body) = stack
+        .get(&format!(
+            "/api/v1/series?device=week&series=temp&from={lo}&to={hi}&max_points=100000"
+        ))
+        .await;
+    times.push(("90 min raw".into(), t.elapsed()));
+    assert_eq!(status, 200, "{what}: {body}");
+    assert_eq!(body["source"], "raw", "{what}");
+    let want: Vec<(i64, f64)> =
+        sqlx::query_as("SELECT ts, v FROM raw WHERE ts BETWEEN ? AND ? ORDER BY ts")
+            .bind(lo)
+            .bind(hi)
+            .fetch_all(reference)
+            .await
+            .expect("reference points");
+    assert_eq!(
+        body["points"].as_array().map(|a| a.len()),
+        Some(want.len()),
+        "{what}"
+    );
+    let store = &stack.running.as_ref().expect("running").store;
+    let key = widgetry_proto::SeriesKey::parse("temp").expect("key");
+    let got = store
+        .series_points("week", &key, lo, hi)
+        .await
+        .expect("points")
+        .expect("series");
+    assert_eq!(got.len(), want.len(), "{what}");
+    for (g, w) in got.iter().zip(&want) {
+        assert_eq!(g.0, w.0, "{what}");
+        assert_eq!(g.1.to_bits(), w.1.to_bits(), "{what}: bit-exact values");
+    }
+    times
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

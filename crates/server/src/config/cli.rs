@@ -60,6 +60,8 @@ pub enum Cmd {
     Device(DeviceArgs),
     /// Load a CSV file of `timestamp,value` rows as one series of a device.
     Import(ImportArgs),
+    /// Move the batch log's closed hours into compressed chunks now (the server does it every minute).
+    Compact(CompactArgs),
     /// Take in an upstream feed as samples of a device (a source role of its own).
     #[command(subcommand)]
     Bridge(BridgeCmd),
@@ -266,6 +268,22 @@ pub struct ImportArgs {
     pub skip_bad_rows: bool,
 }
 
+/// `widgetry compact`: see `crate::store::compact`.
+#[derive(Args)]
+#[command(
+    after_help = "Safe beside a running server: each step is one transaction that moves \
+batches into chunks and deletes them, so it can be stopped or killed at any moment. \
+Progress goes to stderr, the summary to stdout."
+)]
+pub struct CompactArgs {
+    /// SQLite database file or postgres://user:password@host:port/db [default: widgetry.db].
+    #[arg(long, env = "WIDGETRY_DATABASE", hide_env_values = true)]
+    pub database: Option<String>,
+    /// Compact the current hour too (everything but the newest batch), not only closed hours.
+    #[arg(long)]
+    pub everything: bool,
+}
+
 #[derive(Args)]
 pub struct LoadgenArgs {
     /// MQTT broker, HOST:PORT.
@@ -401,6 +419,10 @@ pub struct RetentionArgs {
     /// Keep per-hour rollups this long.
     #[arg(long, env = "WIDGETRY_RETAIN_1H", default_value = "forever")]
     retain_1h: String,
+    /// How often the compactor moves closed hours of the batch log into
+    /// compressed per-series chunks (e.g. 1m), or off.
+    #[arg(long, env = "WIDGETRY_COMPACT_EVERY", default_value = "1m")]
+    compact_every: String,
 }
 
 #[derive(Args)]
@@ -487,6 +509,19 @@ fn resolve_retention(
             Ok(d) => *slot = d,
             Err(p) => problems.push(p),
         }
+    }
+    match args.compact_every.as_str() {
+        "off" => r.compact_every = None,
+        text => match widgetry_common::parse_duration(text) {
+            Ok(d) if !d.is_zero() => r.compact_every = Some(d),
+            _ => problems.push(Problem {
+                file: FLAG.to_string(),
+                key: "compact-every".to_string(),
+                message: format!(
+                    "{text:?} is not a compaction interval: use a duration such as 1m or 30s, or off"
+                ),
+            }),
+        },
     }
     r
 }
@@ -1468,6 +1503,8 @@ pub enum Role {
     Loadgen(Box<widgetry_loadgen::LoadConfig>),
     Device(DeviceAction, Database),
     Import(Box<crate::import::ImportConfig>),
+    /// `widgetry compact`: the database and `--everything`.
+    Compact(Database, bool),
     Bridge(Box<BridgeRole>),
     Statsd(Box<StatsdRole>),
 }
@@ -1544,6 +1581,13 @@ pub fn resolve_command(cmd: &Cmd) -> Result<Result<Role, String>, ConfigError> {
         },
         Cmd::Device(args) => Ok(resolve_device(args)?),
         Cmd::Import(args) => Ok(Role::Import(Box::new(resolve_import(args)?))),
+        Cmd::Compact(args) => {
+            let mut problems = Vec::new();
+            match resolve_database(&args.database, &FileConfig::default(), "", &mut problems) {
+                Some(db) if problems.is_empty() => Ok(Role::Compact(db, args.everything)),
+                _ => return Err(ConfigError(problems)),
+            }
+        }
         Cmd::Bridge(BridgeCmd::Ws(args)) => match resolve_bridge_ws(args)? {
             b if args.check => Err(format!(
                 "configuration ok: bridge ws {} device {} series {} database {}",

@@ -43,6 +43,8 @@ pub struct Retention {
     pub hour: Option<Duration>,
     /// Time between retention passes.
     pub every: Duration,
+    /// Time between compaction passes (`store::compact`); `None`: never.
+    pub compact_every: Option<Duration>,
 }
 
 impl Default for Retention {
@@ -52,6 +54,7 @@ impl Default for Retention {
             minute: Some(Duration::from_secs(90 * 86_400)),
             hour: None,
             every: Duration::from_secs(600),
+            compact_every: Some(Duration::from_secs(60)),
         }
     }
 }

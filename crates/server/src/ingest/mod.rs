@@ -89,6 +89,7 @@ pub struct WriterTasks {
     stop: CancellationToken,
     checkpointer: tokio::task::JoinHandle<()>,
     pruner: tokio::task::JoinHandle<()>,
+    compactor: tokio::task::JoinHandle<()>,
 }
 
 impl WriterTasks {
@@ -148,13 +149,20 @@ impl WriterTasks {
                 }
             }
         });
-        let pruner = tokio::spawn(prune_loop(cfg.retention, store, stop.clone()));
+        let pruner = tokio::spawn(prune_loop(cfg.retention, store.clone(), stop.clone()));
+        let compactor = tokio::spawn(compact_loop(
+            cfg.retention.compact_every,
+            store,
+            metrics.clone(),
+            stop.clone(),
+        ));
         WriterTasks {
             writer,
             publisher,
             stop,
             checkpointer,
             pruner,
+            compactor,
         }
     }
 
@@ -176,7 +184,51 @@ impl WriterTasks {
         self.stop.cancel();
         let _ = self.checkpointer.await;
         let _ = self.pruner.await;
+        let _ = self.compactor.await;
         res.map_err(IngestError::from)
+    }
+}
+
+/// Moves closed hours of the batch log into chunks every `every`
+/// (`store::compact`); a pass stops between transactions at shutdown.
+async fn compact_loop(
+    every: Option<Duration>,
+    store: Store,
+    metrics: Arc<Metrics>,
+    stop: CancellationToken,
+) {
+    let Some(every) = every else { return };
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let started = std::time::Instant::now();
+        let halt = || stop.is_cancelled();
+        match store
+            .compact(store::compact::closed_before(now_ms()), &halt, &mut |_| {})
+            .await
+        {
+            Ok(c) => {
+                metrics.compacted(&c);
+                if c.batches > 0 {
+                    info!(
+                        batches = c.batches,
+                        samples = c.samples,
+                        chunks = c.chunks,
+                        merged = c.merged,
+                        rollup_rows_dropped = c.rollup_rows_dropped,
+                        ms = started.elapsed().as_millis() as u64,
+                        "compacted the batch log into chunks"
+                    );
+                }
+            }
+            Err(e) => {
+                metrics.compaction_failed();
+                warn!(error = %e, "compaction pass failed; retrying at the next one")
+            }
+        }
     }
 }
 
@@ -206,6 +258,7 @@ async fn prune_loop(retention: Retention, store: Store, stop: CancellationToken)
         match res {
             Ok(p) if p != store::retention::Pruned::default() => info!(
                 batches = p.batches,
+                chunks = p.chunks,
                 events = p.events,
                 rollup_1m = p.rollup_1m,
                 rollup_1h = p.rollup_1h,

@@ -27,6 +27,7 @@ use crate::config::Database;
 
 pub mod accounts;
 pub mod alerts;
+pub mod compact;
 pub mod cursors;
 pub mod read;
 pub mod retained;

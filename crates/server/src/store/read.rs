@@ -166,10 +166,57 @@ impl Store {
         }
     }
 
+    /// A read transaction: every statement in it sees one snapshot, so a
+    /// compaction committing meanwhile (which moves samples from the log
+    /// into chunks and rollup rows into chunks) is seen whole or not at all.
+    async fn snapshot(&self) -> Result<sqlx::Transaction<'static, sqlx::Any>, StoreError> {
+        let begin = match self.backend {
+            Backend::Sqlite => "BEGIN",
+            Backend::Postgres => "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY",
+        };
+        Ok(self.reader.begin_with(begin).await?)
+    }
+
     /// Raw points of one series in `[from, to]` (ms), ascending by time,
-    /// decoded from the batch log.
+    /// decoded from its chunks and the not yet compacted batch log.
     pub async fn points(
         &self,
+        device: &str,
+        series_id: i64,
+        from: i64,
+        to: i64,
+    ) -> Result<Vec<(i64, f64)>, StoreError> {
+        let mut tx = self.snapshot().await?;
+        let mut points = Vec::new();
+        let chunks = sqlx::query(
+            "SELECT data FROM chunks WHERE series_id = $1 AND end_ts >= $2 AND start_ts <= $3",
+        )
+        .bind(series_id)
+        .bind(from)
+        .bind(to)
+        .fetch_all(&mut *tx)
+        .await?;
+        for r in &chunks {
+            let (ts, values) = super::compact::decode_chunk(r.get(0))?;
+            for (t, v) in ts.into_iter().zip(values) {
+                if (from..=to).contains(&t) {
+                    points.push((t, v));
+                }
+            }
+        }
+        points.extend(
+            self.log_points(&mut tx, device, series_id, from, to)
+                .await?,
+        );
+        tx.commit().await?;
+        points.sort_by_key(|p| p.0);
+        Ok(points)
+    }
+
+    /// Points of one series in `[from, to]` from the batch log.
+    async fn log_points(
+        &self,
+        conn: &mut sqlx::AnyConnection,
         device: &str,
         series_id: i64,
         from: i64,
@@ -183,7 +230,7 @@ impl Store {
         .bind(device)
         .bind(from)
         .bind(to)
-        .fetch_all(&self.reader)
+        .fetch_all(&mut *conn)
         .await?;
         let mut points = Vec::new();
         for r in &rows {
@@ -196,11 +243,12 @@ impl Store {
                 }
             }
         }
-        points.sort_by_key(|p| p.0);
         Ok(points)
     }
 
-    /// Rollup rows of one series with `lo <= bucket < hi`, ascending.
+    /// Rollup buckets of one series with `lo <= bucket < hi`, ascending:
+    /// the rollup table's rows, with the points of chunks that table does
+    /// not count (sparse series, see `compact`) aggregated on the fly.
     pub async fn rollups(
         &self,
         resolution: Resolution,
@@ -208,6 +256,7 @@ impl Store {
         lo: i64,
         hi: i64,
     ) -> Result<Vec<(i64, Agg)>, StoreError> {
+        let mut tx = self.snapshot().await?;
         // The table name comes from a closed enum, never from input.
         let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
             "SELECT bucket, count, sum, min, max, last_ts, last FROM {}
@@ -217,9 +266,9 @@ impl Store {
         .bind(series_id)
         .bind(lo)
         .bind(hi)
-        .fetch_all(&self.reader)
+        .fetch_all(&mut *tx)
         .await?;
-        Ok(rows
+        let mut out: BTreeMap<i64, Agg> = rows
             .iter()
             .map(|r| {
                 (
@@ -234,12 +283,35 @@ impl Store {
                     },
                 )
             })
-            .collect())
+            .collect();
+        let chunks = sqlx::query(
+            "SELECT data FROM chunks WHERE series_id = $1 AND end_ts >= $2 AND start_ts < $3
+               AND (rolled & $4) = 0",
+        )
+        .bind(series_id)
+        .bind(lo)
+        .bind(hi)
+        .bind(resolution.bit())
+        .fetch_all(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        for r in &chunks {
+            let (ts, values) = super::compact::decode_chunk(r.get(0))?;
+            for (t, v) in ts.into_iter().zip(values) {
+                if (lo..hi).contains(&t) {
+                    let one = Agg::one(t, v);
+                    out.entry(resolution.floor(t))
+                        .and_modify(|a| a.merge(&one))
+                        .or_insert(one);
+                }
+            }
+        }
+        Ok(out.into_iter().collect())
     }
 
     /// The newest commit id (0 when nothing was committed).
     pub async fn last_commit_id(&self) -> Result<u64, StoreError> {
-        let (max,): (Option<i64>,) = sqlx::query_as("SELECT MAX(commit_id) FROM batches")
+        let (max,): (Option<i64>,) = sqlx::query_as(super::write::MAX_COMMIT_SQL)
             .fetch_one(&self.reader)
             .await?;
         Ok(max.unwrap_or(0).max(0) as u64)
@@ -314,12 +386,12 @@ pub struct CommittedBatch {
     pub runs: Vec<(i64, Vec<(i64, f64)>)>,
 }
 
-fn decode_stored(payload: &[u8]) -> Result<pb::Batch, StoreError> {
+pub(crate) fn decode_stored(payload: &[u8]) -> Result<pb::Batch, StoreError> {
     pb::Batch::decode(payload).map_err(|e| StoreError::Corrupt(e.to_string()))
 }
 
 /// The `(ts, value)` pairs of one stored run.
-fn run_points(run: &pb::Points) -> Result<Vec<(i64, f64)>, StoreError> {
+pub(crate) fn run_points(run: &pb::Points) -> Result<Vec<(i64, f64)>, StoreError> {
     let values =
         widgetry_proto::decode_values(run).map_err(|e| StoreError::Corrupt(e.to_string()))?;
     let mut ts = 0i64;

@@ -28,6 +28,14 @@ impl Resolution {
         }
     }
 
+    /// This resolution's bit in a chunk's `rolled` column (migration 0010).
+    pub fn bit(self) -> i64 {
+        match self {
+            Resolution::Minute => 1,
+            Resolution::Hour => 2,
+        }
+    }
+
     /// The table holding this resolution.
     pub fn table(self) -> &'static str {
         match self {
@@ -110,8 +118,21 @@ impl Rollups {
             .or_insert(one);
     }
 
+    /// Adds one sample to one resolution only (the compactor re-counting a
+    /// chunk whose points that table did not count).
+    pub fn add_at(&mut self, res: Resolution, series_id: i64, ts: i64, v: f64) {
+        let one = Agg::one(ts, v);
+        let map = match res {
+            Resolution::Minute => &mut self.minute,
+            Resolution::Hour => &mut self.hour,
+        };
+        map.entry((series_id, res.floor(ts)))
+            .and_modify(|a| a.merge(&one))
+            .or_insert(one);
+    }
+
     pub fn is_empty(&self) -> bool {
-        self.minute.is_empty()
+        self.minute.is_empty() && self.hour.is_empty()
     }
 
     /// Merges the deltas into the rollup tables (inside the caller's

@@ -96,11 +96,16 @@ pub async fn bind_session_series(
     Ok(())
 }
 
-/// The highest commit id stored so far (0 when none).
+/// The highest commit id used so far (0 when none): the log's, or the
+/// highest ever removed from it (compaction, retention), whichever is
+/// higher, so commit ids never repeat once the log empties.
+pub const MAX_COMMIT_SQL: &str = "SELECT MAX(m) FROM (
+       SELECT MAX(commit_id) AS m FROM batches
+       UNION ALL SELECT value AS m FROM store_meta WHERE key = 'commit_floor') t";
+
+/// The highest commit id used so far (see [`MAX_COMMIT_SQL`]).
 pub async fn max_commit_id(conn: &mut AnyConnection) -> Result<u64, StoreError> {
-    let (max,): (Option<i64>,) = sqlx::query_as("SELECT MAX(commit_id) FROM batches")
-        .fetch_one(&mut *conn)
-        .await?;
+    let (max,): (Option<i64>,) = sqlx::query_as(MAX_COMMIT_SQL).fetch_one(&mut *conn).await?;
     Ok(max.unwrap_or(0).max(0) as u64)
 }
 
@@ -135,9 +140,13 @@ pub struct BatchRow<'a> {
 pub async fn insert_batch(conn: &mut AnyConnection, b: &BatchRow<'_>) -> Result<bool, StoreError> {
     let res = sqlx::query(
         // Only the idempotence key may conflict; a clash of commit ids is
-        // an error that fails the transaction, never a silent skip.
+        // an error that fails the transaction, never a silent skip. A batch
+        // already compacted into chunks (store/compact.rs) is recognised by
+        // its session's `compacted` watermark or its kept key.
         "INSERT INTO batches (device, session, seq, received_ms, min_ts, max_ts, samples, payload, commit_id)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+         SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9
+         WHERE NOT EXISTS (SELECT 1 FROM sessions WHERE device = $10 AND session = $11 AND compacted >= $12)
+           AND NOT EXISTS (SELECT 1 FROM batch_keys WHERE device = $13 AND session = $14 AND seq = $15)
          ON CONFLICT (device, session, seq) DO NOTHING",
     )
     .bind(b.device)
@@ -149,6 +158,12 @@ pub async fn insert_batch(conn: &mut AnyConnection, b: &BatchRow<'_>) -> Result<
     .bind(b.samples)
     .bind(b.payload)
     .bind(b.commit_id as i64)
+    .bind(b.device)
+    .bind(&b.session.0[..])
+    .bind(b.seq as i64)
+    .bind(b.device)
+    .bind(&b.session.0[..])
+    .bind(b.seq as i64)
     .execute(&mut *conn)
     .await?;
     Ok(res.rows_affected() == 1)

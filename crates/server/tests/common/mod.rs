@@ -200,7 +200,12 @@ impl Stack {
             http_listen: "127.0.0.1:0".parse().expect("addr"),
             http_tls: None,
             database: db.clone(),
-            retention: Default::default(),
+            // No compactor: these tests read the batch log directly. The
+            // compaction tests run it themselves (`Store::compact`).
+            retention: widgetry_server::config::ingest::Retention {
+                compact_every: None,
+                ..Default::default()
+            },
             limits,
             server_password: Some(TEST_SERVER_PASSWORD.into()),
             auth,
@@ -242,6 +247,13 @@ impl Stack {
         tokio::task::spawn_blocking(move || http_get(addr, &path))
             .await
             .expect("join")
+    }
+
+    /// Batches the ingestor recognised as redeliveries so far (`/metrics`).
+    pub async fn duplicates(&self) -> f64 {
+        let (status, text) = self.get_text("/metrics").await;
+        assert_eq!(status, 200, "{text}");
+        metric(&text, "widgetry_ingest_batches_duplicate_total")
     }
 
     /// Counts rows with a SQL query on a separate read-only connection.
