@@ -265,6 +265,67 @@ async fn rules_are_managed_over_the_api_with_clear_errors() {
         .expect("cpu-high");
     assert_eq!(cpu["when"], "> 95");
     assert_eq!(cpu["source"], "api");
+    // The new kinds round-trip as they were written.
+    for (body, name, when) in [
+        (
+            r#"{"name":"surge","series":"temp","when":"rate > 5/s","clear":"rate < 1/s"}"#,
+            "surge",
+            "rate > 5/s",
+        ),
+        (
+            r#"{"name":"quiet","series":"temp","when":"no data","for":"3 intervals"}"#,
+            "quiet",
+            "no data",
+        ),
+        (
+            r#"{"name":"junk","when":"rejects > 10 in 5m","severity":"critical"}"#,
+            "junk",
+            "rejects > 10 in 5m",
+        ),
+        (
+            r#"{"name":"lossy","when":"gaps >= 1 in 1h"}"#,
+            "lossy",
+            "gaps >= 1 in 1h",
+        ),
+    ] {
+        let (s, b) = send("POST", "/api/v1/rules", Some(body))
+            .await
+            .expect("join");
+        assert_eq!(s, 201, "{body}: {b}");
+        let (s, one) = stack.get(&format!("/api/v1/rules/{name}")).await;
+        assert_eq!(s, 200, "{one}");
+        assert_eq!(one["when"], when, "{one}");
+    }
+    let (_, quiet) = stack.get("/api/v1/rules/quiet").await;
+    assert_eq!(quiet["for"], "3 intervals", "{quiet}");
+    for (body, needles) in [
+        (
+            r#"{"name":"x","series":"temp","when":"rate > 5"}"#,
+            &["when:", "rate > 5", "give the rate's unit", "/s"][..],
+        ),
+        (
+            r#"{"name":"x","series":"temp","when":"no data","for":"0 intervals"}"#,
+            &["for:", "1 to 1000"][..],
+        ),
+        (
+            r#"{"name":"x","when":"rejects > 10"}"#,
+            &["when:", "in 5m"][..],
+        ),
+        (
+            r#"{"name":"x","when":"gaps > 1 in 30d"}"#,
+            &["when:", "24 hours"][..],
+        ),
+    ] {
+        let (s, b) = send("POST", "/api/v1/rules", Some(body))
+            .await
+            .expect("join");
+        assert_eq!(s, 400, "{body}: {b}");
+        for n in needles {
+            assert!(b.contains(n), "{n:?} missing from {b}");
+        }
+    }
+    let (_, list) = stack.get("/api/v1/rules").await;
+    assert_eq!(list["rules"].as_array().map(Vec::len), Some(6), "{list}");
     let (s, b) = send("DELETE", "/api/v1/rules/from-config", None)
         .await
         .expect("join");
