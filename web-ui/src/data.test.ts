@@ -18,6 +18,7 @@ import {
   toSeriesData,
   trimWindow,
   worstByDevice,
+  FiringAlerts,
 } from "./data";
 import { fleetDevice } from "./fixtures";
 
@@ -212,5 +213,56 @@ describe("LiveStates", () => {
     b.note("d1", "offline");
     b.note("d1", "online");
     expect(b.resolve("d1", "offline", mark)).toBe("online");
+  });
+});
+
+describe("FiringAlerts", () => {
+  const stored = (rule: string, device: string, severity: string) => ({
+    id: 1,
+    rule,
+    device,
+    series: "temp",
+    severity,
+    state: "firing",
+    value: null,
+    pending_ms: 0,
+    firing_ms: 0,
+    resolved_ms: null,
+  });
+  const push = (rule: string, device: string, severity: string, state: string) => ({
+    rule,
+    device,
+    series: "temp",
+    severity,
+    state,
+    at: 0,
+    value: null,
+  });
+
+  it("a pushed firing counts at once and a pushed resolution removes it", () => {
+    const f = new FiringAlerts();
+    f.load([stored("hot", "a", "warning")], f.mark());
+    expect(f.of("a")).toEqual({ severity: "warning", count: 1 });
+    f.apply(push("cold", "a", "critical", "firing"));
+    expect(f.of("a")).toEqual({ severity: "critical", count: 2 });
+    f.apply(push("hot", "a", "warning", "resolved"));
+    f.apply(push("cold", "a", "critical", "resolved"));
+    expect(f.of("a")).toBeUndefined();
+    expect(f.byDevice().size).toBe(0);
+  });
+
+  it("a push during a snapshot request wins over the older snapshot", () => {
+    const f = new FiringAlerts();
+    const mark = f.mark();
+    // Resolved live while the request was in flight: the snapshot still lists it.
+    f.apply(push("hot", "a", "warning", "resolved"));
+    f.apply(push("hot", "b", "info", "firing"));
+    f.load([stored("hot", "a", "warning")], mark);
+    expect(f.of("a")).toBeUndefined();
+    expect(f.of("b")).toEqual({ severity: "info", count: 1 });
+    // A later snapshot (taken after those pushes) is the truth again.
+    f.load([stored("hot", "a", "warning")], f.mark());
+    expect(f.of("a")).toEqual({ severity: "warning", count: 1 });
+    expect(f.of("b")).toBeUndefined();
   });
 });

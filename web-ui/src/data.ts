@@ -226,7 +226,9 @@ export function alertPeriods(alerts: Alert[], series: string, from: number, to: 
 }
 
 /** Per device: the worst severity of its firing alerts and their count. */
-export function worstByDevice(alerts: Alert[]): Map<string, { severity: string; count: number }> {
+export function worstByDevice<A extends Pick<Alert, "device" | "severity" | "state">>(
+  alerts: A[],
+): Map<string, { severity: string; count: number }> {
   const out = new Map<string, { severity: string; count: number }>();
   for (const a of alerts) {
     if (a.state !== "firing") continue;
@@ -238,6 +240,71 @@ export function worstByDevice(alerts: Alert[]): Map<string, { severity: string; 
     }
   }
   return out;
+}
+
+/** An alert transition pushed on the live stream (`{"type":"alert"}`). */
+export interface AlertMsg {
+  rule: string;
+  device: string;
+  series: string;
+  severity: string;
+  /** firing | resolved */
+  state: string;
+  at: number;
+  value: number | null;
+}
+
+/** The firing alerts the fleet page shows: an `api/v1/alerts?state=firing`
+ * snapshot, updated at once by the live stream's alert messages. A push
+ * that arrived while a snapshot was in flight is newer than it, so
+ * `load(snapshot, mark)` applies it again (like `LiveStates`). */
+export class FiringAlerts {
+  private firing = new Map<string, { device: string; severity: string }>();
+  /** Latest push per alert, with its arrival number. */
+  private pushes = new Map<string, { n: number; msg: AlertMsg }>();
+  private n = 0;
+
+  private static key(a: { rule: string; device: string; series: string }): string {
+    return `${a.rule}\u0000${a.device}\u0000${a.series}`;
+  }
+
+  /** Call before requesting a snapshot; pass the result to `load`. */
+  mark(): number {
+    return this.n;
+  }
+
+  load(snapshot: Alert[], mark: number): void {
+    this.firing.clear();
+    for (const a of snapshot) {
+      if (a.state === "firing") this.firing.set(FiringAlerts.key(a), { device: a.device, severity: a.severity });
+    }
+    for (const [k, p] of this.pushes) {
+      if (p.n > mark) this.set(p.msg);
+      else this.pushes.delete(k);
+    }
+  }
+
+  /** A pushed transition. */
+  apply(msg: AlertMsg): void {
+    this.pushes.set(FiringAlerts.key(msg), { n: ++this.n, msg });
+    this.set(msg);
+  }
+
+  private set(msg: AlertMsg): void {
+    const k = FiringAlerts.key(msg);
+    if (msg.state === "firing") this.firing.set(k, { device: msg.device, severity: msg.severity });
+    else this.firing.delete(k);
+  }
+
+  /** The worst severity of each device's firing alerts and their count. */
+  byDevice(): Map<string, { severity: string; count: number }> {
+    return worstByDevice([...this.firing.values()].map((f) => ({ ...f, state: "firing" })));
+  }
+
+  /** The same for one device (undefined: none firing). */
+  of(device: string): { severity: string; count: number } | undefined {
+    return worstByDevice([...this.firing.values()].filter((f) => f.device === device).map((f) => ({ ...f, state: "firing" }))).get(device);
+  }
 }
 
 /** How much a device needs attention: firing alerts by severity, then a

@@ -8,7 +8,7 @@ import {
   type PresenceFilter,
   type SortKey,
   filterFleet,
-  worstByDevice,
+  FiringAlerts,
   relTime,
   sortFleet,
   sparkPath,
@@ -164,6 +164,7 @@ export function mountFleet(root: HTMLElement, live: Live): () => void {
   // per animation frame; unknown devices trigger at most one reload a
   // second.
   let byId = new Map<string, FleetDevice>();
+  const firing = new FiringAlerts();
   let recomputeFrame = 0;
   const scheduleRecompute = () => {
     if (recomputeFrame) return;
@@ -184,8 +185,10 @@ export function mountFleet(root: HTMLElement, live: Live): () => void {
   const load = async () => {
     try {
       const mark = live.states.mark();
-      const [r, firing] = await Promise.all([api.fleet(), api.alerts("firing").catch(() => [])]);
-      const worst = worstByDevice(firing);
+      const alertMark = firing.mark();
+      const [r, snapshot] = await Promise.all([api.fleet(), api.alerts("firing").catch(() => [])]);
+      firing.load(snapshot, alertMark);
+      const worst = firing.byDevice();
       for (const d of r.devices) {
         const w = worst.get(d.device);
         d.alert = w?.severity;
@@ -233,6 +236,17 @@ export function mountFleet(root: HTMLElement, live: Live): () => void {
         const d = byId.get(m.device);
         if (d) {
           d.state = m.presence;
+          scheduleRecompute();
+        } else scheduleLoad();
+      },
+      // Alert chips and counts change at once, not at the next poll.
+      alert: (m) => {
+        firing.apply(m);
+        const d = byId.get(m.device);
+        if (d) {
+          const w = firing.of(m.device);
+          d.alert = w?.severity;
+          d.alerts = w?.count ?? 0;
           scheduleRecompute();
         } else scheduleLoad();
       },

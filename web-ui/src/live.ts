@@ -1,7 +1,7 @@
 // The live connection (`api/v1/live` websocket): one socket for the page,
 // reconnecting with backoff and resuming from its cursor, so no committed
 // sample is missed or received twice across reconnects.
-import { Cursor, LiveStates, backoffDelay, type Point } from "./data";
+import { type AlertMsg, Cursor, LiveStates, backoffDelay, type Point } from "./data";
 
 export interface Subscription {
   devices: string[] | null;
@@ -24,6 +24,8 @@ export interface Handlers {
   /** A device's presence changed (active, stale, silent, offline). */
   presence?(m: { device: string; presence: string; ts: number }): void;
   event?(m: { device: string; ts: number; event: string; body: Record<string, unknown> }): void;
+  /** An alert fired or resolved (sent with `status`). */
+  alert?(m: AlertMsg): void;
   /** The server dropped data for us: reload visible history. */
   lost?(): void;
 }
@@ -123,6 +125,9 @@ export class Live {
         break;
       case "event":
         this.handlers.event?.(m as never);
+        break;
+      case "alert":
+        this.handlers.alert?.(m as unknown as AlertMsg);
         break;
       case "lost":
         this.cursor.reset(m.cursor as number);

@@ -266,6 +266,19 @@ pub fn parse_events(
     Ok((batch, events))
 }
 
+/// Server → any client on `…/gaps`, after the commit that stored it: a
+/// device reported seqs `from_seq..=to_seq` of `session` lost, of which the
+/// server held none; `samples` is what it says they held.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GapReport {
+    pub session: SessionId,
+    pub from_seq: u64,
+    pub to_seq: u64,
+    pub samples: i64,
+    /// When the server stored it (ms).
+    pub ts: i64,
+}
+
 /// Server → device on `…/errors`: why a payload was refused. For
 /// `unknown_series` it also names the batch and the ids it lacks, so the
 /// device can send their definitions again.

@@ -26,6 +26,9 @@ pub enum TopicKind {
     Live,
     /// JSON, retained: the device's firing alerts, server → any client.
     Alerts,
+    /// JSON gap report the server stored (batches a device lost), server
+    /// → any client (the rule evaluator counts them for `gaps` rules).
+    Gaps,
 }
 
 impl TopicKind {
@@ -40,6 +43,7 @@ impl TopicKind {
             TopicKind::Errors => "errors",
             TopicKind::Live => "live",
             TopicKind::Alerts => "alerts",
+            TopicKind::Gaps => "gaps",
         }
     }
 
@@ -80,9 +84,10 @@ impl<'a> Topic<'a> {
             "errors" => TopicKind::Errors,
             "live" => TopicKind::Live,
             "alerts" => TopicKind::Alerts,
+            "gaps" => TopicKind::Gaps,
             other => {
                 return Err(Reject::Topic(format!(
-                    "{topic:?}: unknown kind {other:?} (expected samples, samples/json, status, events, ack, errors or live)"
+                    "{topic:?}: unknown kind {other:?} (expected samples, samples/json, status, events, ack, errors, live, alerts or gaps)"
                 )));
             }
         };
@@ -104,6 +109,8 @@ mod tests {
             TopicKind::Ack,
             TopicKind::Errors,
             TopicKind::Live,
+            TopicKind::Alerts,
+            TopicKind::Gaps,
         ] {
             let name = Topic::name("dev-1", kind);
             assert_eq!(

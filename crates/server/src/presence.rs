@@ -16,7 +16,7 @@
 //! pushes the changes to live subscribers.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use serde::Serialize;
@@ -25,6 +25,7 @@ use tracing::{debug, warn};
 
 use crate::sinks::live::{Hub, HubMsg};
 use crate::store::Store;
+use crate::store::read::PresenceRow;
 
 /// Arrivals closer than this teach nothing about a device's cadence.
 pub const MIN_LEARNED_GAP_MS: i64 = 200;
@@ -122,12 +123,41 @@ impl PresenceConfig {
     }
 }
 
+/// Every device's learned cadence (`devices.interval_ms`) as the presence
+/// tracker last read it, shared with the rule evaluator so its `no data`
+/// rules need no query of their own.
+#[derive(Clone, Default)]
+pub struct Intervals(Arc<RwLock<HashMap<String, i64>>>);
+
+impl Intervals {
+    /// The learned interval of `device` (ms), if one is known.
+    pub fn get(&self, device: &str) -> Option<i64> {
+        let map = self.0.read().unwrap_or_else(|e| e.into_inner());
+        map.get(device).copied()
+    }
+
+    /// Takes the intervals of `rows`; a device whose interval did not
+    /// change costs a lookup.
+    fn update(&self, rows: &[PresenceRow]) {
+        let mut map = self.0.write().unwrap_or_else(|e| e.into_inner());
+        for r in rows {
+            if let Some(i) = r.interval_ms
+                && map.get(&r.device) != Some(&i)
+            {
+                map.insert(r.device.clone(), i);
+            }
+        }
+    }
+}
+
 /// Re-evaluates every device's presence each `every` and emits each change
-/// on `hub` (the first pass only learns the states); stops at `shutdown`.
+/// on `hub` (the first pass only learns the states), keeping `intervals`
+/// up to date; stops at `shutdown`.
 pub async fn run(
     store: Store,
     hub: Arc<Hub>,
     cfg: PresenceConfig,
+    intervals: Intervals,
     every: Duration,
     shutdown: CancellationToken,
 ) {
@@ -147,6 +177,7 @@ pub async fn run(
                 continue;
             }
         };
+        intervals.update(&rows);
         let now = widgetry_common::now_ms();
         let mut seen: HashMap<String, Presence> = HashMap::with_capacity(rows.len());
         for r in rows {

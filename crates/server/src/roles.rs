@@ -539,10 +539,12 @@ async fn serve_http(
         hub.clone(),
         shutdown.clone(),
     ));
+    let intervals = crate::presence::Intervals::default();
     let presence_task = tokio::spawn(crate::presence::run(
         store.clone(),
         hub.clone(),
         presence.clone(),
+        intervals.clone(),
         Duration::from_secs(1),
         shutdown.clone(),
     ));
@@ -553,7 +555,7 @@ async fn serve_http(
         store.clone(),
         hub.clone(),
         rules.clone(),
-        presence.clone(),
+        (presence.clone(), intervals),
         crate::rules::run::Outputs {
             broker: alert_broker,
             webhook: webhook.as_ref().map(|(w, _)| w.clone()),

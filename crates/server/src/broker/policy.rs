@@ -3,8 +3,8 @@
 //!
 //! On by default, also without device credentials: only the server's own
 //! connections (the ingestor and the web bridge, logged in as
-//! [`SERVER_USER`]) may publish on `…/ack`, `…/errors`, `…/live` and `…/alerts`,
-//! because an ack is what makes an agent delete data. With device
+//! [`SERVER_USER`]) may publish on `…/ack`, `…/errors`, `…/live`,
+//! `…/alerts` and `…/gaps`, because an ack is what makes an agent delete data. With device
 //! credentials on, a device (its username is its device id) may publish
 //! only under `widgetry/v1/{device}/` and subscribe only to its own `…/ack`
 //! and `…/errors`, and nobody takes another account's client id
@@ -30,7 +30,7 @@ use crate::metrics::Metrics;
 pub const SERVER_USER: &str = "widgetry-server";
 
 /// Topic suffixes only the server may publish.
-const SERVER_ONLY: [&str; 4] = ["/ack", "/errors", "/live", "/alerts"];
+const SERVER_ONLY: [&str; 5] = ["/ack", "/errors", "/live", "/alerts", "/gaps"];
 
 /// What a connection is, as the policy sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]

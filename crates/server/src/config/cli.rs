@@ -1986,7 +1986,10 @@ mod tests {
         assert!(cfg.alerting.webhook.is_some());
         write(
             "[presence]\nstale_after = 5\nsilent_after = 2\n[[presence.interval]]\ndevices = \"a\"\nevery = \"1ms\"\n\
-             [[rules]]\nname = \"x\"\nwhen = \"> 1\"\n[[rules]]\nname = \"x\"\nwhen = \"stale\"\n[alerts]\nwebhook = \"https://a/\"\n",
+             [[rules]]\nname = \"x\"\nwhen = \"> 1\"\n[[rules]]\nname = \"x\"\nwhen = \"stale\"\n[alerts]\nwebhook = \"https://a/\"\n\
+             [[rules]]\nname = \"r\"\nseries = \"t\"\nwhen = \"rate > 5\"\n\
+             [[rules]]\nname = \"n\"\nseries = \"t\"\nwhen = \"no data\"\nfor = \"soon\"\n\
+             [[rules]]\nname = \"j\"\nwhen = \"rejects > 1 in 2d\"\n",
         );
         let err = match run(&["serve", "--config", path]) {
             Err(e) => e,
@@ -1998,6 +2001,12 @@ mod tests {
             "rules[0].series",
             "rules[1].name",
             "alerts.webhook",
+            "rules[2].when",
+            "\"rate > 5\": give the rate's unit",
+            "rules[3].for",
+            "\"soon\"",
+            "rules[4].when",
+            "\"2d\" is longer than 24 hours",
         ] {
             assert!(err.contains(needle), "{needle:?} missing from: {err}");
         }

@@ -1,5 +1,5 @@
 //! The ingestor's publish-only connection: acks and error reports to
-//! devices, committed samples on `…/live`. A second connection, so the
+//! devices, committed samples on `…/live`, stored gap reports on `…/gaps`. A second connection, so the
 //! writer can never deadlock against the subscriber's event loop. It runs
 //! only after a commit, and must never publish an empty or half-made
 //! message.
@@ -10,7 +10,7 @@ use std::sync::atomic::Ordering;
 use rumqttc::{AsyncClient, Event, EventLoop, QoS};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, warn};
-use widgetry_proto::json::{Ack, ErrorReport, EventBatch, Live};
+use widgetry_proto::json::{Ack, ErrorReport, EventBatch, GapReport, Live};
 use widgetry_proto::{Topic, TopicKind};
 
 use crate::metrics::Metrics;
@@ -28,14 +28,15 @@ pub struct Publisher {
 }
 
 impl Publisher {
-    /// Publishes acks, live messages, app events that came in batches and
-    /// error reports, in that order.
+    /// Publishes acks, live messages, app events that came in batches,
+    /// error reports and gap reports, in that order.
     pub async fn publish(
         &self,
         acks: Vec<(String, Ack)>,
         live: Vec<Live>,
         events: Vec<(String, EventBatch)>,
         errors: Vec<(String, ErrorReport)>,
+        gaps: Vec<(String, GapReport)>,
     ) {
         let Some(client) = &self.client else {
             return;
@@ -94,6 +95,14 @@ impl Publisher {
             };
             if let Err(e) = client.publish(topic, QoS::AtMostOnce, false, payload).await {
                 warn!(device = %device, error = %e, "cannot publish error report");
+            }
+        }
+        // Best effort like the live feed: the gaps are stored; this is
+        // their live view (the rule evaluator counts them).
+        for (device, report) in gaps {
+            let topic = Topic::name(&device, TopicKind::Gaps);
+            if let Some(payload) = to_json(&report, &topic) {
+                let _ = client.try_publish(topic, QoS::AtMostOnce, false, payload);
             }
         }
     }

@@ -1,7 +1,7 @@
 //! The ingest writer: one task that groups queued items into
 //! transactions (bounded by count and time), resolves series, appends
 //! batches to the log with their rollups, settles ack watermarks, commits,
-//! and only then hands acks, live messages and error reports to the
+//! and only then hands acks, live messages, gap and error reports to the
 //! [`Publisher`].
 //!
 //! It must never acknowledge a batch before its transaction is durable,
@@ -16,7 +16,9 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tracing::{debug, error, warn};
 use widgetry_common::{excerpt, now_ms};
-use widgetry_proto::json::{Ack, ErrorReport, JSON_SESSION, KeyedSample, Live, json_seq};
+use widgetry_proto::json::{
+    Ack, ErrorReport, GapReport, JSON_SESSION, KeyedSample, Live, json_seq,
+};
 use widgetry_proto::{BatchBuilder, DecodedBatch, Reject, SessionId, Topic, TopicKind};
 
 use super::acks::{MAX_ACK_SEQS, SessionAcks, SessionKey, load_session};
@@ -49,6 +51,8 @@ struct Outcome {
     duplicates: u64,
     samples: u64,
     gaps: u64,
+    /// Gap reports newly stored, for `…/gaps` once durable.
+    gaps_live: Vec<(String, GapReport)>,
     events: u64,
     events_dropped: u64,
     /// Committed batches for the live feed.
@@ -128,6 +132,7 @@ impl Writer {
                         outcome.live,
                         outcome.events_live,
                         outcome.errors,
+                        outcome.gaps_live,
                     )
                     .await;
                 self.metrics.ingest_publish.observe(published.elapsed());
@@ -164,6 +169,16 @@ impl Writer {
                             write::insert_gap(&mut tx, &device, &gap, received_ms).await?
                         {
                             out.gaps += 1;
+                            out.gaps_live.push((
+                                device.clone(),
+                                GapReport {
+                                    session: gap.session,
+                                    from_seq: gap.from_seq,
+                                    to_seq: gap.to_seq,
+                                    samples: lost,
+                                    ts: received_ms,
+                                },
+                            ));
                             warn!(device = %device, session = %gap.session, from_seq = gap.from_seq, to_seq = gap.to_seq, samples = lost, "device reports batches lost to a full spool");
                         }
                         let key = (device.clone(), gap.session);

@@ -6,6 +6,9 @@
 //! resolved without firing; it has held for `for` → `firing`. Firing: only
 //! the rule's clear condition (the other side of the threshold, with a
 //! margin) resolves it, so a value hovering at the threshold does not flap.
+//! [`Window`] is the sliding count of rejects/gaps rules.
+
+use super::COUNT_STEPS;
 
 /// The phase of an open alert.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -123,6 +126,72 @@ pub fn tick(open: &mut Option<Open>, hold_ms: i64, now: i64) -> Option<Transitio
     }
 }
 
+/// A count over a sliding window (rejects/gaps rules), kept in
+/// [`COUNT_STEPS`] steps of the window: memory is fixed whatever the count,
+/// and the window slides by one step.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Window {
+    step_ms: i64,
+    /// Index (time / step) of the newest step, once anything was added.
+    head: Option<i64>,
+    steps: [u64; COUNT_STEPS],
+}
+
+impl Window {
+    pub fn new(window_ms: i64) -> Window {
+        let n = COUNT_STEPS as i64;
+        Window {
+            step_ms: ((window_ms.max(1) + n - 1) / n).max(1),
+            head: None,
+            steps: [0; COUNT_STEPS],
+        }
+    }
+
+    /// The window it counts over (ms).
+    pub fn window_ms(&self) -> i64 {
+        self.step_ms * COUNT_STEPS as i64
+    }
+
+    fn slot(idx: i64) -> usize {
+        idx.rem_euclid(COUNT_STEPS as i64) as usize
+    }
+
+    /// Moves the window to end at step `idx`, emptying the steps it leaves.
+    fn advance(&mut self, idx: i64) {
+        match self.head {
+            Some(h) if idx <= h => {}
+            Some(h) if idx - h < COUNT_STEPS as i64 => {
+                for i in h + 1..=idx {
+                    self.steps[Self::slot(i)] = 0;
+                }
+                self.head = Some(idx);
+            }
+            _ => {
+                self.steps = [0; COUNT_STEPS];
+                self.head = Some(idx);
+            }
+        }
+    }
+
+    /// Counts `n` at `at` (ms); what is older than the window is ignored.
+    pub fn add(&mut self, at: i64, n: u64) {
+        let idx = at.div_euclid(self.step_ms);
+        self.advance(idx);
+        if let Some(h) = self.head
+            && idx > h - COUNT_STEPS as i64
+        {
+            let s = &mut self.steps[Self::slot(idx)];
+            *s = s.saturating_add(n);
+        }
+    }
+
+    /// The count within the window ending at `now`.
+    pub fn count(&mut self, now: i64) -> u64 {
+        self.advance(now.div_euclid(self.step_ms));
+        self.steps.iter().fold(0u64, |a, s| a.saturating_add(*s))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -189,5 +258,30 @@ mod tests {
         );
         assert_eq!(tick(&mut open, 3000, 9000), None, "fires once");
         assert_eq!(open.as_ref().map(|o| o.phase), Some(Phase::Firing));
+    }
+
+    #[test]
+    fn a_window_counts_what_is_within_it_and_slides() {
+        // 60 s in 60 steps of 1 s.
+        let mut w = Window::new(60_000);
+        assert_eq!(w.window_ms(), 60_000);
+        assert_eq!(w.count(0), 0);
+        w.add(1_000, 3);
+        w.add(1_500, 2);
+        w.add(30_000, 1);
+        assert_eq!(w.count(30_000), 6);
+        assert_eq!(w.count(60_999), 6, "the first step is still inside");
+        assert_eq!(w.count(61_000), 1, "the first step slid out");
+        w.add(1_000, 9);
+        assert_eq!(w.count(61_000), 1, "older than the window: ignored");
+        w.add(60_500, 4);
+        assert_eq!(w.count(61_000), 5, "a late one within the window counts");
+        assert_eq!(w.count(10_000_000), 0, "a long quiet empties it");
+        w.add(10_000_000, u64::MAX);
+        w.add(10_000_000, 1);
+        assert_eq!(w.count(10_000_000), u64::MAX, "saturates");
+        // Windows that do not divide into steps round the step up.
+        assert_eq!(Window::new(1_000).window_ms(), 1_020);
+        assert_eq!(Window::new(0).window_ms(), 60);
     }
 }

@@ -1,7 +1,23 @@
-//! The rule evaluator: every committed batch and presence change from the
-//! live hub goes through the rules that watch its device; transitions are
-//! stored, published retained on `widgetry/v1/{device}/alerts` and posted
-//! to the webhook.
+//! The rule evaluator: every committed batch, presence change and
+//! reject/gap count from the live hub goes through the rules that watch
+//! its device; transitions are stored, published retained on
+//! `widgetry/v1/{device}/alerts`, pushed to the live stream and posted to
+//! the webhook.
+//!
+//! What it keeps in memory besides the open alerts, and only for what a
+//! rule watches: the latest sample of each series a rate rule watches, the
+//! latest arrival of each series a `no data` rule watches, and a count
+//! window per rejects/gaps rule and device — at most [`MAX_TRACKED`]
+//! entries. A sample of a series no rule watches costs a cache lookup.
+//!
+//! `no data` after a restart: a series is tracked from its first sample
+//! in this process (the clock starts then), so a restart never fires for
+//! series the evaluator has not seen; open `no data` alerts are reloaded
+//! with the others and resolve when data comes back. A device that stopped
+//! during the restart is caught by its presence rules (`stale`), not here.
+//! The silence is measured on this process's clock between arrivals, and
+//! `N intervals` uses the device's interval as presence judges it
+//! (configured, learned — shared by the presence tracker — or default).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
@@ -15,18 +31,34 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 use widgetry_proto::topic::{Topic, TopicKind};
 
+use super::eval::Window;
 use super::eval::{self, Open, Phase, Transition};
 use super::webhook::Webhook;
-use super::{Condition, Rule, RuleSpec};
+use super::{Bounds, Condition, Counted, Rule, RuleSpec, Silence};
 use crate::metrics::Metrics;
 use crate::mqtt::{Connection, Polled};
-use crate::presence::{Presence, PresenceConfig};
-use crate::sinks::live::{Hub, HubMsg};
+use crate::presence::{Intervals, Presence, PresenceConfig};
+use crate::sinks::live::{AlertNote, Hub, HubMsg};
 use crate::store::alerts::StoredRule;
 use crate::store::{Store, StoreError};
 
 /// (rule, device, series) of an alert.
 type Key = (String, String, String);
+
+/// Most entries the evaluator tracks for rate, `no data` and rejects/gaps
+/// rules together; past it new series and devices are not tracked (logged
+/// once per rule change).
+pub const MAX_TRACKED: usize = 1_000_000;
+
+/// The latest arrival of a series `no data` rules watch.
+struct Seen {
+    at: i64,
+    /// The `no data` rules watching it (indexes into the rules).
+    rules: Arc<Vec<usize>>,
+    /// Bit i: `rules[i]` has fired since the last arrival (so a silent
+    /// series costs no lookup per tick; only the first 64 rules).
+    fired: u64,
+}
 
 /// The rules in force, shared by the API (which replaces them) and the
 /// evaluator (which follows them).
@@ -117,6 +149,52 @@ struct Evaluator {
     /// Devices whose retained `…/alerts` must be published again.
     dirty: HashSet<String>,
     webhook: Option<Webhook>,
+    hub: Arc<Hub>,
+    presence: PresenceConfig,
+    intervals: Intervals,
+    /// device → series → its latest sample (ts, value), for rate rules.
+    last_sample: HashMap<String, HashMap<String, (i64, f64)>>,
+    /// device → series → its latest arrival, for `no data` rules.
+    last_seen: HashMap<String, HashMap<String, Seen>>,
+    /// Per rule (by index; empty for other kinds): device → its count
+    /// window, for rejects/gaps rules.
+    counts: Vec<HashMap<String, Window>>,
+    /// Entries of `last_sample`, `last_seen` and `counts`.
+    tracked: usize,
+    /// `MAX_TRACKED` was reached (logged once).
+    full: bool,
+}
+
+/// Whether one more entry may be tracked (counted when it may).
+fn room(tracked: &mut usize, full: &mut bool) -> bool {
+    if *tracked >= MAX_TRACKED {
+        if !*full {
+            *full = true;
+            warn!(
+                limit = MAX_TRACKED,
+                "rule evaluator tracks {MAX_TRACKED} series and devices: rate, no-data and rejects/gaps rules ignore new ones until the rules change"
+            );
+        }
+        return false;
+    }
+    *tracked += 1;
+    true
+}
+
+/// Inserts `v` at `map[a][b]` if there is [`room`].
+fn track<V>(
+    map: &mut HashMap<String, HashMap<String, V>>,
+    tracked: &mut usize,
+    full: &mut bool,
+    a: &str,
+    b: &str,
+    v: V,
+) {
+    if room(tracked, full) {
+        map.entry(a.to_string())
+            .or_default()
+            .insert(b.to_string(), v);
+    }
 }
 
 impl Evaluator {
@@ -141,7 +219,7 @@ impl Evaluator {
         }
     }
 
-    /// The threshold rules watching `key` of `device` (cached).
+    /// The series rules watching `key` of `device` (cached).
     fn rules_for_series(&mut self, device: &str, key: &str) -> Arc<Vec<usize>> {
         if let Some(r) = self
             .series_rules
@@ -271,6 +349,15 @@ impl Evaluator {
             );
             if fired {
                 self.dirty.insert(device.clone());
+                self.hub.emit(HubMsg::Alert(Arc::new(AlertNote {
+                    rule: rule.clone(),
+                    device: device.clone(),
+                    series: series.clone(),
+                    severity: severity.clone(),
+                    state,
+                    at,
+                    value: open.as_ref().and_then(|o| o.value),
+                })));
                 if let Some(w) = &self.webhook {
                     let value = open.as_ref().and_then(|o| o.value);
                     w.send(
@@ -286,39 +373,250 @@ impl Evaluator {
         }
     }
 
-    async fn samples(&mut self, live: &widgetry_proto::json::Live) {
+    async fn samples(&mut self, live: &widgetry_proto::json::Live, now: i64) {
         if self.rules.is_empty() {
             return;
         }
+        let device = live.device.as_str();
         for (key, points) in &live.series {
-            let rules = self.rules_for_series(&live.device, key);
+            let rules = self.rules_for_series(device, key);
+            if rules.is_empty() {
+                continue;
+            }
+            let (mut rate, mut no_data) = (false, false);
             for &ri in rules.iter() {
-                let Condition::Threshold {
-                    op,
-                    threshold,
-                    clear_op,
-                    clear,
-                    ..
-                } = self.rules[ri].condition
-                else {
-                    continue;
+                match self.rules[ri].condition {
+                    Condition::Rate { .. } => rate = true,
+                    Condition::NoData { .. } => no_data = true,
+                    _ => {}
+                }
+            }
+            let rates = if rate {
+                self.rates(device, key, points)
+            } else {
+                Vec::new()
+            };
+            if no_data {
+                self.arrived(device, key, &rules, now);
+            }
+            for &ri in rules.iter() {
+                let (bounds, values): (Bounds, &[(i64, f64)]) = match &self.rules[ri].condition {
+                    Condition::Threshold { bounds, .. } => (*bounds, points),
+                    Condition::Rate { bounds, .. } => (*bounds, &rates),
+                    Condition::NoData { .. } => {
+                        // Data is back: an open alert of this rule resolves.
+                        if self.open_devices.contains_key(device) {
+                            let o = Obs {
+                                holds: false,
+                                clears: true,
+                                at: now,
+                                value: None,
+                            };
+                            self.observe(ri, device, key, o).await;
+                        }
+                        continue;
+                    }
+                    _ => continue,
                 };
-                for (ts, v) in points {
-                    let holds = op.holds(*v, threshold);
+                for (ts, v) in values {
+                    let holds = bounds.holds(*v);
                     // Nothing open for this device and nothing new: the
                     // common case costs a comparison.
-                    if !holds && !self.open_devices.contains_key(&live.device) {
+                    if !holds && !self.open_devices.contains_key(device) {
                         continue;
                     }
                     let o = Obs {
                         holds,
-                        clears: clear_op.holds(*v, clear),
+                        clears: bounds.clears(*v),
                         at: *ts,
                         value: Some(*v),
                     };
-                    self.observe(ri, &live.device, key, o).await;
+                    self.observe(ri, device, key, o).await;
                 }
             }
+        }
+    }
+
+    /// The rates per second between consecutive samples of `key` (from the
+    /// latest one kept to each of `points`, ascending); samples not newer
+    /// than the one before them give none.
+    fn rates(&mut self, device: &str, key: &str, points: &[(i64, f64)]) -> Vec<(i64, f64)> {
+        let kept = self
+            .last_sample
+            .get_mut(device)
+            .and_then(|m| m.get_mut(key));
+        let mut prev = kept.as_deref().copied();
+        let mut out = Vec::with_capacity(points.len());
+        for &(ts, v) in points {
+            if let Some((pts, pv)) = prev {
+                if ts <= pts {
+                    continue;
+                }
+                out.push((ts, (v - pv) * 1000.0 / (ts - pts) as f64));
+            }
+            prev = Some((ts, v));
+        }
+        match (kept, prev) {
+            (Some(k), Some(p)) => *k = p,
+            (None, Some(p)) => {
+                track(
+                    &mut self.last_sample,
+                    &mut self.tracked,
+                    &mut self.full,
+                    device,
+                    key,
+                    p,
+                );
+            }
+            _ => {}
+        }
+        out
+    }
+
+    /// A sample of `key` arrived at `now`: its `no data` clock restarts.
+    fn arrived(&mut self, device: &str, key: &str, rules: &[usize], now: i64) {
+        if let Some(s) = self.last_seen.get_mut(device).and_then(|m| m.get_mut(key)) {
+            s.at = now;
+            s.fired = 0;
+            return;
+        }
+        let no_data: Vec<usize> = rules
+            .iter()
+            .copied()
+            .filter(|ri| matches!(self.rules[*ri].condition, Condition::NoData { .. }))
+            .collect();
+        let seen = Seen {
+            at: now,
+            rules: Arc::new(no_data),
+            fired: 0,
+        };
+        track(
+            &mut self.last_seen,
+            &mut self.tracked,
+            &mut self.full,
+            device,
+            key,
+            seen,
+        );
+    }
+
+    /// Fires the `no data` rules whose series have been silent too long.
+    async fn silences(&mut self, now: i64) {
+        let mut due: Vec<(usize, String, String)> = Vec::new();
+        for (device, series) in self.last_seen.iter_mut() {
+            let mut interval = None;
+            for (key, seen) in series.iter_mut() {
+                for (bit, &ri) in seen.rules.iter().enumerate() {
+                    let mask = if bit < 64 { 1u64 << bit } else { 0 };
+                    if seen.fired & mask != 0 {
+                        continue;
+                    }
+                    let Condition::NoData { after, .. } = self.rules[ri].condition else {
+                        continue;
+                    };
+                    let window = match after {
+                        Silence::Ms(ms) => ms,
+                        Silence::Intervals(n) => interval
+                            .get_or_insert_with(|| {
+                                self.presence.interval(device, self.intervals.get(device))
+                            })
+                            .saturating_mul(i64::from(n)),
+                    };
+                    if now.saturating_sub(seen.at) > window {
+                        seen.fired |= mask;
+                        due.push((ri, device.clone(), key.clone()));
+                    }
+                }
+            }
+        }
+        for (ri, device, key) in due {
+            let o = Obs {
+                holds: true,
+                clears: false,
+                at: now,
+                value: None,
+            };
+            self.observe(ri, &device, &key, o).await;
+        }
+    }
+
+    /// Rejects and gaps of `device` since the last report, at `at`.
+    async fn problems(&mut self, device: &str, rejects: u64, gaps: u64, at: i64) {
+        for ri in self.rules_for(device) {
+            let Condition::Count {
+                what,
+                bounds,
+                window_ms,
+            } = self.rules[ri].condition
+            else {
+                continue;
+            };
+            let n = match what {
+                Counted::Rejects => rejects,
+                Counted::Gaps => gaps,
+            };
+            if n == 0 {
+                continue;
+            }
+            let count = match self.counts[ri].get_mut(device) {
+                Some(w) => {
+                    w.add(at, n);
+                    w.count(at)
+                }
+                None => {
+                    if !room(&mut self.tracked, &mut self.full) {
+                        continue;
+                    }
+                    let mut w = Window::new(window_ms);
+                    w.add(at, n);
+                    let c = w.count(at);
+                    self.counts[ri].insert(device.to_string(), w);
+                    c
+                }
+            };
+            let c = count as f64;
+            let o = Obs {
+                holds: bounds.holds(c),
+                clears: bounds.clears(c),
+                at,
+                value: Some(c),
+            };
+            self.observe(ri, device, "", o).await;
+        }
+    }
+
+    /// Slides the rejects/gaps windows: a count that falls resolves its
+    /// alert, one that holds for `for` fires it; empty windows of devices
+    /// without open alerts are dropped.
+    async fn slide_counts(&mut self, now: i64) {
+        let mut due: Vec<(usize, String, Bounds)> = Vec::new();
+        for (ri, windows) in self.counts.iter_mut().enumerate() {
+            let Condition::Count { bounds, .. } = self.rules[ri].condition else {
+                continue;
+            };
+            let open_devices = &self.open_devices;
+            let before = windows.len();
+            windows.retain(|device, w| {
+                let c = w.count(now) as f64;
+                let open = open_devices.contains_key(device);
+                if bounds.holds(c) || open {
+                    due.push((ri, device.clone(), bounds));
+                }
+                c > 0.0 || open
+            });
+            self.tracked -= before - windows.len();
+        }
+        for (ri, device, bounds) in due {
+            let c = self.counts[ri]
+                .get_mut(&device)
+                .map_or(0.0, |w| w.count(now) as f64);
+            let o = Obs {
+                holds: bounds.holds(c),
+                clears: bounds.clears(c),
+                at: now,
+                value: Some(c),
+            };
+            self.observe(ri, &device, "", o).await;
         }
     }
 
@@ -361,6 +659,8 @@ impl Evaluator {
                 self.settle(key, open, prev, t, severity).await;
             }
         }
+        self.silences(now).await;
+        self.slide_counts(now).await;
     }
 
     /// Rules changed: alerts of rules that are gone are resolved now.
@@ -369,9 +669,62 @@ impl Evaluator {
         if !rules.is_empty() {
             self.metrics.alerts.enabled.store(true, Ordering::Relaxed);
         }
-        self.rules = rules;
+        let old = std::mem::replace(&mut self.rules, rules);
         self.by_device.clear();
         self.series_rules.clear();
+        // Count windows carry over for rules that keep their name and
+        // window; the series state is re-matched against the new rules.
+        let mut old_counts = std::mem::take(&mut self.counts);
+        self.counts = self
+            .rules
+            .iter()
+            .map(|r| {
+                let Condition::Count { window_ms, .. } = r.condition else {
+                    return HashMap::new();
+                };
+                old.iter()
+                    .position(|o| o.name() == r.name())
+                    .filter(|&i| {
+                        matches!(old[i].condition, Condition::Count { window_ms: w, .. } if w == window_ms)
+                    })
+                    .and_then(|i| old_counts.get_mut(i).map(std::mem::take))
+                    .unwrap_or_default()
+            })
+            .collect();
+        let mut last_sample = std::mem::take(&mut self.last_sample);
+        let mut last_seen = std::mem::take(&mut self.last_seen);
+        for (device, series) in last_sample.iter_mut() {
+            series.retain(|key, _| {
+                self.rules.iter().any(|r| {
+                    matches!(r.condition, Condition::Rate { .. })
+                        && r.watches(device)
+                        && r.watches_series(key)
+                })
+            });
+        }
+        last_sample.retain(|_, m| !m.is_empty());
+        for (device, series) in last_seen.iter_mut() {
+            series.retain(|key, seen| {
+                let rules: Vec<usize> = (0..self.rules.len())
+                    .filter(|&i| {
+                        let r = &self.rules[i];
+                        matches!(r.condition, Condition::NoData { .. })
+                            && r.watches(device)
+                            && r.watches_series(key)
+                    })
+                    .collect();
+                seen.rules = Arc::new(rules);
+                seen.fired = 0;
+                !seen.rules.is_empty()
+            });
+        }
+        last_seen.retain(|_, m| !m.is_empty());
+        self.last_sample = last_sample;
+        self.last_seen = last_seen;
+        self.tracked = self.last_sample.values().map(HashMap::len).sum::<usize>()
+            + self.last_seen.values().map(HashMap::len).sum::<usize>()
+            + self.counts.iter().map(HashMap::len).sum::<usize>();
+        self.full = false;
         let gone: Vec<Key> = self
             .open
             .keys()
@@ -408,12 +761,13 @@ impl Evaluator {
     }
 }
 
-/// Runs the evaluator until `shutdown`.
+/// Runs the evaluator until `shutdown`; `presence` judges devices, with
+/// the learned `intervals` the presence tracker keeps.
 pub async fn run(
     store: Store,
     hub: Arc<Hub>,
     rules: RuleSet,
-    presence: PresenceConfig,
+    (presence, intervals): (PresenceConfig, Intervals),
     outputs: Outputs,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
@@ -423,13 +777,22 @@ pub async fn run(
     let mut ev = Evaluator {
         store: store.clone(),
         metrics: metrics.clone(),
-        rules: rules.current(),
+        // Set by `replace_rules` below, which also sizes `counts`.
+        rules: Arc::new(Vec::new()),
         by_device: HashMap::new(),
         open: HashMap::new(),
         open_devices: HashMap::new(),
         series_rules: HashMap::new(),
         dirty: HashSet::new(),
         webhook: outputs.webhook,
+        hub: hub.clone(),
+        presence: presence.clone(),
+        intervals,
+        last_sample: HashMap::new(),
+        last_seen: HashMap::new(),
+        counts: Vec::new(),
+        tracked: 0,
+        full: false,
     };
     // Open alerts survive restarts: they are picked up where they were.
     for a in store.open_alerts().await? {
@@ -478,7 +841,10 @@ pub async fn run(
             }
             msg = hub_rx.recv() => match msg {
                 Ok(m) => match m.as_ref() {
-                    HubMsg::Samples(live) => ev.samples(live).await,
+                    HubMsg::Samples(live) => ev.samples(live, widgetry_common::now_ms()).await,
+                    HubMsg::Problems { device, rejects, gaps, ts } => {
+                        ev.problems(device, *rejects, *gaps, *ts).await;
+                    }
                     HubMsg::Presence { device, presence, ts } => {
                         let p = match *presence {
                             "active" => Presence::Active,

@@ -3,9 +3,10 @@
 //!
 //! Data flow: the ingestor publishes every committed batch on
 //! `widgetry/v1/{device}/live` with its commit id (see migration 0004).
-//! The bridge subscribes to those (and to `…/status`, `…/events`), and
-//! emits committed batches to the [`Hub`] strictly in commit-id order with
-//! no hole: a live message that skips ids, or a quiet second, makes it read
+//! The bridge subscribes to those (and to `…/status`, `…/events`, and to
+//! `…/errors` and `…/gaps`, which it adds up per device for the rule
+//! evaluator), and emits committed batches to the [`Hub`] strictly in
+//! commit-id order with no hole: a live message that skips ids, or a quiet second, makes it read
 //! the missing batches from the database. Each websocket client reads the
 //! hub through its own bounded receiver; a client that falls behind loses
 //! messages (and is told so), never the bridge, the ingestor or other
@@ -23,7 +24,7 @@ use serde::Serialize;
 use tokio::sync::{broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
-use widgetry_proto::json::{Live, parse_status};
+use widgetry_proto::json::{ErrorReport, GapReport, Live, parse_status};
 use widgetry_proto::{Topic, TopicKind};
 
 use crate::mqtt::{Connection, Polled};
@@ -56,6 +57,32 @@ pub enum HubMsg {
         presence: &'static str,
         ts: i64,
     },
+    /// Payloads of the device rejected (`…/errors`, without
+    /// `unknown_series`) and gap reports stored for it (`…/gaps`) since the
+    /// last such message: the bridge adds them up for at most a poll
+    /// interval, so a flood of bad input costs one hub message per device
+    /// per interval.
+    Problems {
+        device: String,
+        rejects: u64,
+        gaps: u64,
+        ts: i64,
+    },
+    /// An alert fired or resolved after firing (`crate::rules::run`).
+    Alert(Arc<AlertNote>),
+}
+
+/// An alert's transition, for the live stream (`{"type":"alert",…}`).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct AlertNote {
+    pub rule: String,
+    pub device: String,
+    pub series: String,
+    pub severity: String,
+    /// `firing` or `resolved`.
+    pub state: &'static str,
+    pub at: i64,
+    pub value: Option<f64>,
 }
 
 impl HubMsg {
@@ -64,7 +91,9 @@ impl HubMsg {
             HubMsg::Samples(l) => &l.device,
             HubMsg::Status { device, .. }
             | HubMsg::Event { device, .. }
-            | HubMsg::Presence { device, .. } => device,
+            | HubMsg::Presence { device, .. }
+            | HubMsg::Problems { device, .. } => device,
+            HubMsg::Alert(a) => &a.device,
         }
     }
 }
@@ -216,6 +245,7 @@ pub async fn run_bridge(
     });
     let mut tick = tokio::time::interval(cfg.poll);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut problems = Problems::default();
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -223,9 +253,10 @@ pub async fn run_bridge(
                 if let Err(e) = hub.catch_up(&store).await {
                     warn!(error = %e, "live bridge cannot read committed batches");
                 }
+                problems.flush(&hub);
             }
             Some((topic, payload)) = rx.recv() => {
-                handle(&hub, &store, &topic, &payload).await;
+                handle(&hub, &store, &mut problems, &topic, &payload).await;
             }
         }
     }
@@ -236,9 +267,56 @@ pub async fn run_bridge(
     Ok(())
 }
 
-async fn handle(hub: &Hub, store: &Store, topic: &str, payload: &[u8]) {
+/// Rejects and gaps per device not yet emitted as [`HubMsg::Problems`].
+#[derive(Default)]
+struct Problems(HashMap<String, (u64, u64)>);
+
+impl Problems {
+    /// Devices held before the bridge emits early (a fleet-wide flood).
+    const MAX_DEVICES: usize = 10_000;
+
+    fn add(&mut self, hub: &Hub, device: &str, rejects: u64, gaps: u64) {
+        match self.0.get_mut(device) {
+            Some(c) => {
+                c.0 = c.0.saturating_add(rejects);
+                c.1 = c.1.saturating_add(gaps);
+            }
+            None => {
+                if self.0.len() >= Self::MAX_DEVICES {
+                    self.flush(hub);
+                }
+                self.0.insert(device.to_string(), (rejects, gaps));
+            }
+        }
+    }
+
+    fn flush(&mut self, hub: &Hub) {
+        let ts = widgetry_common::now_ms();
+        for (device, (rejects, gaps)) in self.0.drain() {
+            hub.emit(HubMsg::Problems {
+                device,
+                rejects,
+                gaps,
+                ts,
+            });
+        }
+    }
+}
+
+async fn handle(hub: &Hub, store: &Store, problems: &mut Problems, topic: &str, payload: &[u8]) {
     let Ok(t) = Topic::parse(topic) else { return };
     match t.kind {
+        // `unknown_series` asks for definitions; it is not bad input (the
+        // device's `rejects` count leaves it out too).
+        TopicKind::Errors => match serde_json::from_slice::<ErrorReport>(payload) {
+            Ok(r) if r.code != "unknown_series" => problems.add(hub, t.device, 1, 0),
+            Ok(_) => {}
+            Err(e) => debug!(topic, error = %e, "ignoring malformed error report"),
+        },
+        TopicKind::Gaps => match serde_json::from_slice::<GapReport>(payload) {
+            Ok(_) => problems.add(hub, t.device, 0, 1),
+            Err(e) => debug!(topic, error = %e, "ignoring malformed gap report"),
+        },
         TopicKind::Live => match serde_json::from_slice::<Live>(payload) {
             Ok(live) => {
                 if !hub.emit_commit(live)
@@ -307,8 +385,14 @@ async fn drive_mqtt(
             }
             Polled::Event(Event::Incoming(Packet::ConnAck(_))) => {
                 info!(broker = %format!("{host}:{port}"), "live bridge connected to broker");
-                let filters = [TopicKind::Live, TopicKind::Status, TopicKind::Events]
-                    .map(|k| rumqttc::SubscribeFilter::new(k.filter(), QoS::AtMostOnce));
+                let filters = [
+                    TopicKind::Live,
+                    TopicKind::Status,
+                    TopicKind::Events,
+                    TopicKind::Errors,
+                    TopicKind::Gaps,
+                ]
+                .map(|k| rumqttc::SubscribeFilter::new(k.filter(), QoS::AtMostOnce));
                 if let Err(e) = client.try_subscribe_many(filters) {
                     warn!(error = %e, "live bridge cannot queue its subscription");
                 }
@@ -367,6 +451,20 @@ impl Subscription {
                 serde_json::json!({"type": "presence", "device": device, "presence": presence, "ts": ts})
                     .to_string(),
             ),
+            HubMsg::Alert(a) if self.status => {
+                #[derive(Serialize)]
+                struct Out<'a> {
+                    #[serde(rename = "type")]
+                    kind: &'static str,
+                    #[serde(flatten)]
+                    alert: &'a AlertNote,
+                }
+                serde_json::to_string(&Out {
+                    kind: "alert",
+                    alert: a,
+                })
+                .ok()
+            }
             HubMsg::Event {
                 device,
                 ts,
@@ -480,5 +578,59 @@ mod tests {
             ..Default::default()
         };
         assert!(all.render(&status).expect("status").contains("offline"));
+    }
+
+    #[test]
+    fn alerts_render_for_status_subscribers_and_problems_are_added_up() {
+        let alert = HubMsg::Alert(Arc::new(AlertNote {
+            rule: "hot".into(),
+            device: "a".into(),
+            series: "temp".into(),
+            severity: "critical".into(),
+            state: "firing",
+            at: 7,
+            value: Some(61.5),
+        }));
+        assert_eq!(
+            Subscription::default().render(&alert),
+            None,
+            "status not asked for"
+        );
+        let sub = Subscription {
+            status: true,
+            ..Default::default()
+        };
+        let v: serde_json::Value =
+            serde_json::from_str(&sub.render(&alert).expect("rendered")).expect("json");
+        assert_eq!(
+            v,
+            serde_json::json!({"type": "alert", "rule": "hot", "device": "a", "series": "temp",
+                "severity": "critical", "state": "firing", "at": 7, "value": 61.5})
+        );
+        let other = Subscription {
+            status: true,
+            devices: Some(vec!["b".into()]),
+            ..Default::default()
+        };
+        assert_eq!(other.render(&alert), None, "another device's alert");
+
+        let hub = Hub::new(0);
+        let mut rx = hub.subscribe();
+        let mut p = Problems::default();
+        p.add(&hub, "a", 1, 0);
+        p.add(&hub, "a", 1, 0);
+        p.add(&hub, "a", 0, 1);
+        assert!(rx.try_recv().is_err(), "held until the flush");
+        p.flush(&hub);
+        match &*rx.try_recv().expect("one message") {
+            HubMsg::Problems {
+                device,
+                rejects,
+                gaps,
+                ..
+            } => assert_eq!((device.as_str(), *rejects, *gaps), ("a", 2, 1)),
+            m => panic!("unexpected {m:?}"),
+        }
+        assert!(rx.try_recv().is_err(), "one message per device");
     }
 }

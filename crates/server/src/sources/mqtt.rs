@@ -191,7 +191,11 @@ pub fn classify(
                 received_ms,
             })
         }
-        TopicKind::Ack | TopicKind::Errors | TopicKind::Live | TopicKind::Alerts => {
+        TopicKind::Ack
+        | TopicKind::Errors
+        | TopicKind::Live
+        | TopicKind::Alerts
+        | TopicKind::Gaps => {
             metrics.messages_other.fetch_add(1, Ordering::Relaxed);
             return None;
         }
