@@ -97,7 +97,7 @@ async fn every_series_on_metrics_moves() {
         "\n[router.custom_segment.\"flood/#\"]\nmax_segment_size = 1024\nmax_segment_count = 1\n\n[router.custom_segment.\"widgetry/v1/+/ack\"]",
         1,
     );
-    let stack = Stack::with(limits, &broker_toml).await;
+    let stack = Stack::with_compaction(limits, &broker_toml).await;
     let dev = Client::connect(&stack, "metrics-dev");
     let s = SessionId([7; 16]);
     let topic = "widgetry/v1/m1/samples";
@@ -251,6 +251,34 @@ async fn every_series_on_metrics_moves() {
         .execute(&admin)
         .await
         .expect("drop trigger");
+
+    // Compaction: a pass that fails (a trigger refuses chunk rows), then,
+    // without it, one that moves a batch of 2023 samples into a chunk.
+    sqlx::query(
+        "CREATE TRIGGER fail_chunks BEFORE INSERT ON chunks BEGIN SELECT RAISE(ABORT, 'test'); END",
+    )
+    .execute(&admin)
+    .await
+    .expect("create trigger");
+    let mut old = BatchBuilder::default();
+    for i in 0..20 {
+        old.push(0, 1_700_000_000_000 + i * 1000, i as f64);
+    }
+    dev.publish(topic, old.finish(s, 6, vec![]).encode()).await;
+    wait_for("a failed compaction pass", T, || async {
+        let (_, m) = stack.get_text("/metrics").await;
+        (metric(&m, "widgetry_compaction_failures_total") >= 1.0).then_some(())
+    })
+    .await;
+    sqlx::query("DROP TRIGGER fail_chunks")
+        .execute(&admin)
+        .await
+        .expect("drop trigger");
+    wait_for("a batch compacted into a chunk", T, || async {
+        let (_, m) = stack.get_text("/metrics").await;
+        (metric(&m, "widgetry_compacted_chunks_total") >= 1.0).then_some(())
+    })
+    .await;
 
     // The broker's policy: a forged ack (denied publish), a will on an
     // ack topic (denied will, refused CONNECT), a wrong server password and

@@ -5,6 +5,8 @@
 //! bit for bit before it is timed; a mismatch aborts the run.
 //!
 //! Usage: widgetry-codec-bench [--chunk-points N] [--agent] [DIR ...]
+//!        widgetry-codec-bench --write-agent-csv DIR   (the agent day as CSV
+//!        files, for `widgetry import` in scripts/bench-storage.sh)
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -46,11 +48,25 @@ fn main() -> ExitCode {
                     "usage: widgetry-codec-bench [--chunk-points N] [--agent] [DIR ...]\n\
                      DIR: a folder of timestamp,value CSV files (one series each);\n\
                      --agent: a generated day of 1 Hz agent samples (CPU %, memory bytes);\n\
+                     --write-agent-csv DIR: write that day as DIR/cpu.usage_pct.csv and DIR/mem.used_bytes.csv;\n\
                      --chunk-points N: encode each series in chunks of N points (default: whole)"
                 );
                 return ExitCode::SUCCESS;
             }
             "--agent" => Ok(agent_day()),
+            "--write-agent-csv" => {
+                let Some(dir) = args.next() else {
+                    eprintln!("widgetry-codec-bench: --write-agent-csv needs a folder");
+                    return ExitCode::from(2);
+                };
+                return match write_agent_csv(Path::new(&dir)) {
+                    Ok(()) => ExitCode::SUCCESS,
+                    Err(e) => {
+                        eprintln!("widgetry-codec-bench: {dir}: {e}");
+                        ExitCode::FAILURE
+                    }
+                };
+            }
             "--chunk-points" => match args.next().and_then(|n| n.parse().ok()) {
                 Some(n) => {
                     chunk = n;
@@ -256,6 +272,24 @@ fn load_dir(dir: &Path) -> Result<Dataset, String> {
         set.csv.push(bytes);
     }
     Ok(set)
+}
+
+/// Writes [`agent_day`] as `timestamp,value` files (epoch ms; values in
+/// Rust's shortest round-trip form, so an import is bit-exact).
+fn write_agent_csv(dir: &Path) -> std::io::Result<()> {
+    use std::io::Write as _;
+    std::fs::create_dir_all(dir)?;
+    let day = agent_day();
+    for (name, s) in ["cpu.usage_pct", "mem.used_bytes"].iter().zip(&day.series) {
+        let mut out =
+            std::io::BufWriter::new(std::fs::File::create(dir.join(format!("{name}.csv")))?);
+        writeln!(out, "timestamp,value")?;
+        for (t, v) in s.ts.iter().zip(&s.values) {
+            writeln!(out, "{t},{v:?}")?;
+        }
+        out.flush()?;
+    }
+    Ok(())
 }
 
 /// A deterministic stand-in for a day of the agent's two host series at

@@ -86,6 +86,21 @@ impl Stack {
             None,
             None,
             alerting,
+            None,
+        )
+        .await
+    }
+
+    /// A stack whose compactor runs every 200 ms (others have none).
+    pub async fn with_compaction(limits: widgetry_proto::Limits, broker_toml: &str) -> Stack {
+        Stack::with_options_and(
+            limits,
+            broker_toml,
+            Default::default(),
+            None,
+            None,
+            Default::default(),
+            Some(Duration::from_millis(200)),
         )
         .await
     }
@@ -174,6 +189,7 @@ impl Stack {
             statsd,
             graphite,
             Default::default(),
+            None,
         )
         .await
     }
@@ -185,6 +201,7 @@ impl Stack {
         statsd: Option<widgetry_server::config::roles::StatsdConfig>,
         graphite: Option<widgetry_server::config::roles::GraphiteConfig>,
         alerting: widgetry_server::config::roles::AlertingConfig,
+        compact_every: Option<Duration>,
     ) -> Stack {
         let dir = tempfile::tempdir().expect("temp dir");
         let db = test_database(dir.path()).await;
@@ -200,10 +217,10 @@ impl Stack {
             http_listen: "127.0.0.1:0".parse().expect("addr"),
             http_tls: None,
             database: db.clone(),
-            // No compactor: these tests read the batch log directly. The
-            // compaction tests run it themselves (`Store::compact`).
+            // No compactor unless asked for: most tests read the batch log
+            // directly.
             retention: widgetry_server::config::ingest::Retention {
-                compact_every: None,
+                compact_every,
                 ..Default::default()
             },
             limits,
