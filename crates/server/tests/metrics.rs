@@ -253,16 +253,18 @@ async fn every_series_on_metrics_moves() {
         .expect("drop trigger");
 
     // Compaction: a pass that fails (a trigger refuses chunk rows), then,
-    // without it, one that moves a batch of 2023 samples into a chunk.
+    // without it, one that moves a batch of older samples into a chunk.
     sqlx::query(
         "CREATE TRIGGER fail_chunks BEFORE INSERT ON chunks BEGIN SELECT RAISE(ABORT, 'test'); END",
     )
     .execute(&admin)
     .await
     .expect("create trigger");
+    // Three hours old: in a closed hour, within raw retention.
     let mut old = BatchBuilder::default();
+    let three_hours_ago = widgetry_common::now_ms() - 3 * 3_600_000;
     for i in 0..20 {
-        old.push(0, 1_700_000_000_000 + i * 1000, i as f64);
+        old.push(0, three_hours_ago + i * 1000, i as f64);
     }
     dev.publish(topic, old.finish(s, 6, vec![]).encode()).await;
     wait_for("a failed compaction pass", T, || async {

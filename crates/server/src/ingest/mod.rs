@@ -151,7 +151,7 @@ impl WriterTasks {
         });
         let pruner = tokio::spawn(prune_loop(cfg.retention, store.clone(), stop.clone()));
         let compactor = tokio::spawn(compact_loop(
-            cfg.retention.compact_every,
+            cfg.retention,
             store,
             metrics.clone(),
             stop.clone(),
@@ -192,12 +192,14 @@ impl WriterTasks {
 /// Moves closed hours of the batch log into chunks every `every`
 /// (`store::compact`); a pass stops between transactions at shutdown.
 async fn compact_loop(
-    every: Option<Duration>,
+    retention: Retention,
     store: Store,
     metrics: Arc<Metrics>,
     stop: CancellationToken,
 ) {
-    let Some(every) = every else { return };
+    let Some(every) = retention.compact_every else {
+        return;
+    };
     let mut tick = tokio::time::interval(every);
     loop {
         tokio::select! {
@@ -207,7 +209,7 @@ async fn compact_loop(
         let started = std::time::Instant::now();
         let halt = || stop.is_cancelled();
         match store
-            .compact(store::compact::closed_before(now_ms()), &halt, &mut |_| {})
+            .compact(span(&retention, now_ms()), &halt, &mut |_| {})
             .await
         {
             Ok(c) => {
@@ -230,6 +232,16 @@ async fn compact_loop(
             }
         }
     }
+}
+
+/// What the compactor takes at `now`: batches past raw retention are left
+/// to the pruner (compacting them would only make chunks it deletes, and a
+/// redelivery racing the two could be stored beside such a chunk).
+fn span(retention: &Retention, now: i64) -> std::ops::Range<i64> {
+    let expired = retention
+        .raw
+        .map_or(i64::MIN, |d| now.saturating_sub(d.as_millis() as i64));
+    expired..store::compact::closed_before(now)
 }
 
 /// Applies the retention settings now and then, from the maintenance

@@ -8,7 +8,7 @@
 //! and never let one device's bad input stop or slow the others: a reject
 //! is reported, the rest of the transaction goes on.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -66,6 +66,11 @@ struct Outcome {
     next_commit: Option<u64>,
     /// What to tell the websocket bridges once this transaction is durable.
     bridged: Vec<(tokio::sync::oneshot::Sender<Bridged>, Bridged)>,
+    /// Batch keys already stored (looked up once for the transaction's
+    /// items) and those appended by it: a key in here is a duplicate.
+    stored: HashSet<(String, SessionId, u64)>,
+    /// New batches, inserted with multi-row statements before the commit.
+    rows: Vec<write::NewBatch>,
 }
 
 impl Writer {
@@ -154,6 +159,33 @@ impl Writer {
     ) -> Result<Outcome, StoreError> {
         let mut tx = self.store.begin().await?;
         let mut out = Outcome::default();
+        // Every batch key the items name, looked up in a few statements.
+        let mut keys = Vec::new();
+        for item in &items {
+            match item {
+                Item::Batch { device, batch, .. } if batch.sample_count() > 0 => {
+                    keys.push((device.clone(), batch.session, batch.seq));
+                }
+                Item::Json {
+                    device, samples, ..
+                } => keys.push((device.clone(), JSON_SESSION, json_seq(samples))),
+                Item::Bridged {
+                    device, samples, ..
+                } => {
+                    for sample in samples {
+                        keys.push((
+                            device.clone(),
+                            JSON_SESSION,
+                            json_seq(std::slice::from_ref(sample)),
+                        ));
+                    }
+                }
+                _ => {}
+            }
+        }
+        if !keys.is_empty() {
+            out.stored = write::stored_keys(&mut tx, &keys).await?;
+        }
         let mut seen: HashMap<String, (i64, i64)> = HashMap::new();
         let mut touched: Vec<SessionKey> = Vec::new();
         for item in items {
@@ -164,6 +196,12 @@ impl Writer {
                     received_ms,
                 } => {
                     seen.entry(device.clone()).or_insert((received_ms, 0)).0 = received_ms;
+                    if !batch.gaps.is_empty() && !out.rows.is_empty() {
+                        // A gap counts the batches of its range already
+                        // stored, this transaction's among them.
+                        write::insert_batches(&mut tx, &out.rows).await?;
+                        out.rows.clear();
+                    }
                     for gap in std::mem::take(&mut batch.gaps) {
                         if let Some(lost) =
                             write::insert_gap(&mut tx, &device, &gap, received_ms).await?
@@ -335,6 +373,8 @@ impl Writer {
                 },
             }
         }
+        write::insert_batches(&mut tx, &out.rows).await?;
+        out.rows.clear();
         for (device, (at, rejects)) in &seen {
             write::touch_device(&mut tx, device, *at, *rejects).await?;
         }
@@ -539,15 +579,36 @@ impl Writer {
             // or the live feed, and no commit id used up.
             return Ok(());
         }
-        let appended = write::append_batch(
-            tx,
-            device,
-            &batch,
-            received_ms,
-            &mut out.next_commit,
-            &mut out.rollups,
-        )
-        .await?;
+        let key = (device.to_string(), session, batch.seq);
+        let appended = if out.stored.contains(&key) {
+            None
+        } else {
+            let commit_id = match out.next_commit {
+                Some(c) => c,
+                None => write::max_commit_id(tx).await? + 1,
+            };
+            out.next_commit = Some(commit_id + 1);
+            let (min_ts, max_ts) = batch.ts_range().unwrap_or((received_ms, received_ms));
+            out.rows.push(write::NewBatch {
+                commit_id,
+                device: device.to_string(),
+                session,
+                seq: batch.seq,
+                received_ms,
+                min_ts,
+                max_ts,
+                samples: batch.sample_count() as i64,
+                payload: batch.encode(),
+            });
+            out.stored.insert(key);
+            for run in &batch.runs {
+                let id = i64::from(run.series_id);
+                for (ts, v) in run.ts_ms.iter().zip(&run.values) {
+                    out.rollups.add(id, *ts, *v);
+                }
+            }
+            Some(commit_id)
+        };
         if let Some(commit_id) = appended {
             out.batches += 1;
             out.samples += batch.sample_count() as u64;

@@ -111,7 +111,7 @@ pub async fn run_command(
     };
     let mut last = std::time::Instant::now();
     let c = store
-        .compact(closed, &|| false, &mut |c| {
+        .compact(i64::MIN..closed, &|| false, &mut |c| {
             if last.elapsed() >= std::time::Duration::from_secs(1) {
                 last = std::time::Instant::now();
                 eprintln!(
@@ -185,13 +185,14 @@ struct Plan {
 }
 
 impl Store {
-    /// Compacts every device's batches whose samples all lie before
-    /// `closed` (normally [`closed_before`] now), in transactions of at
+    /// Compacts every device's batches whose newest sample lies in `span`
+    /// (normally from the raw retention cut, since the pruner deletes older
+    /// batches outright, to [`closed_before`] now), in transactions of at
     /// most [`RUN_SAMPLES`] samples, until none is left or `stop` says so.
     /// `progress` is called after each transaction.
     pub async fn compact(
         &self,
-        closed: i64,
+        span: std::ops::Range<i64>,
         stop: &(dyn Fn() -> bool + Sync),
         progress: &mut (dyn FnMut(&Compacted) + Send),
     ) -> Result<Compacted, StoreError> {
@@ -204,7 +205,7 @@ impl Store {
                 if stop() {
                     return Ok(total);
                 }
-                let run = self.compact_device(&device, closed).await?;
+                let run = self.compact_device(&device, &span).await?;
                 total.add(&run);
                 if run.batches > 0 || run.conflicts > 0 {
                     progress(&total);
@@ -219,8 +220,12 @@ impl Store {
     }
 
     /// One transaction's worth of one device's eligible batches.
-    async fn compact_device(&self, device: &str, closed: i64) -> Result<Compacted, StoreError> {
-        let Some(plan) = self.plan_run(device, closed).await? else {
+    async fn compact_device(
+        &self,
+        device: &str,
+        span: &std::ops::Range<i64>,
+    ) -> Result<Compacted, StoreError> {
+        let Some(plan) = self.plan_run(device, span).await? else {
             return Ok(Compacted::default());
         };
         let plan = tokio::task::spawn_blocking(move || encode(plan))
@@ -245,16 +250,21 @@ impl Store {
     /// Reads the batches of one run and the series' small newest chunks.
     /// Batches are immutable until deleted, so reading them outside the
     /// transaction is safe; [`apply`] checks that each is still there.
-    async fn plan_run(&self, device: &str, closed: i64) -> Result<Option<Plan>, StoreError> {
+    async fn plan_run(
+        &self,
+        device: &str,
+        span: &std::ops::Range<i64>,
+    ) -> Result<Option<Plan>, StoreError> {
         let rows = sqlx::query(
             "SELECT session, seq, commit_id, samples, max_ts, payload FROM batches
-             WHERE device = $1 AND max_ts < $2
+             WHERE device = $1 AND max_ts >= $2 AND max_ts < $3
                AND (commit_id IS NULL
                  OR commit_id <= COALESCE((SELECT MIN(commit_id) FROM sink_cursors), commit_id))
-             ORDER BY max_ts LIMIT $3",
+             ORDER BY max_ts LIMIT $4",
         )
         .bind(device)
-        .bind(closed)
+        .bind(span.start)
+        .bind(span.end)
         .bind(RUN_BATCHES)
         .fetch_all(&self.reader)
         .await?;
