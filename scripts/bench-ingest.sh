@@ -38,13 +38,14 @@ done
 echo "==> serve (pid $spid) ready; loadgen: $devices devices × $rate × $samples samples for $duration"
 if [ "${PROFILE:-0}" = 1 ]; then
   secs=${duration%s}
-  ( sleep $(( ${secs:-30} / 3 )); perf record -F 499 -g -p "$spid" -o "$work/perf.data" -- sleep 15 >/dev/null 2>&1 ) &
+  ( sleep $(( ${secs:-30} / 3 )); perf record -e cpu-clock -F 499 -g -p "$spid" -o "$work/perf.data" -- sleep 15 >/dev/null 2>&1 ) &
+  ppid_=$!
 fi
 "$w" loadgen --broker 127.0.0.1:$m --http "http://127.0.0.1:$h" --devices "$devices" --rate "$rate" \
   --samples-per-batch "$samples" --duration "$duration" --warmup "$warmup" --server-pid "$spid"
 if [ "${PROFILE:-0}" = 1 ]; then
-  wait
+  wait "$ppid_" || true
   echo "==> server profile (self time, top 30)"
-  perf report -i "$work/perf.data" --no-children --sort symbol --stdio 2>/dev/null | grep -E '^ +[0-9]' | head -30
+  perf report -i "$work/perf.data" --no-children --sort comm,symbol --stdio -g none 2>/dev/null | grep -E '^ +[0-9]' | head -30
 fi
 grep -E 'compacted|WARN|ERROR' "$work/serve.log" | tail -5 || true
