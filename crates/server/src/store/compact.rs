@@ -34,7 +34,7 @@
 //! session's `compacted` watermark (every seq at or below it is stored or
 //! settled) and `batch_keys` (compacted seqs above the watermark, and the
 //! content-named batches of plain JSON clients) keep recognising
-//! redeliveries (`write::insert_batch`).
+//! redeliveries (`write::stored_keys`).
 
 use std::collections::{BTreeMap, HashMap};
 

@@ -121,54 +121,6 @@ pub async fn series_key(
     Ok(row.map(|r| r.get(0)))
 }
 
-/// A batch to append to the batch log.
-pub struct BatchRow<'a> {
-    /// Position in commit order (see migration 0004).
-    pub commit_id: u64,
-    pub device: &'a str,
-    pub session: &'a SessionId,
-    pub seq: u64,
-    pub received_ms: i64,
-    pub min_ts: i64,
-    pub max_ts: i64,
-    pub samples: i64,
-    pub payload: &'a [u8],
-}
-
-/// Appends a batch; returns false when (device, session, seq) was already
-/// stored (a redelivery), in which case nothing is written.
-pub async fn insert_batch(conn: &mut AnyConnection, b: &BatchRow<'_>) -> Result<bool, StoreError> {
-    let res = sqlx::query(
-        // Only the idempotence key may conflict; a clash of commit ids is
-        // an error that fails the transaction, never a silent skip. A batch
-        // already compacted into chunks (store/compact.rs) is recognised by
-        // its session's `compacted` watermark or its kept key.
-        "INSERT INTO batches (device, session, seq, received_ms, min_ts, max_ts, samples, payload, commit_id)
-         SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9
-         WHERE NOT EXISTS (SELECT 1 FROM sessions WHERE device = $10 AND session = $11 AND compacted >= $12)
-           AND NOT EXISTS (SELECT 1 FROM batch_keys WHERE device = $13 AND session = $14 AND seq = $15)
-         ON CONFLICT (device, session, seq) DO NOTHING",
-    )
-    .bind(b.device)
-    .bind(&b.session.0[..])
-    .bind(b.seq as i64)
-    .bind(b.received_ms)
-    .bind(b.min_ts)
-    .bind(b.max_ts)
-    .bind(b.samples)
-    .bind(b.payload)
-    .bind(b.commit_id as i64)
-    .bind(b.device)
-    .bind(&b.session.0[..])
-    .bind(b.seq as i64)
-    .bind(b.device)
-    .bind(&b.session.0[..])
-    .bind(b.seq as i64)
-    .execute(&mut *conn)
-    .await?;
-    Ok(res.rows_affected() == 1)
-}
-
 /// A batch the writer will insert at the end of its transaction
 /// ([`insert_batches`]), owned.
 pub struct NewBatch {
@@ -288,8 +240,10 @@ pub async fn insert_batches(conn: &mut AnyConnection, rows: &[NewBatch]) -> Resu
 /// transaction's next commit id (`*next_commit`, read from the log on
 /// first use and advanced) and, only when it is newly stored, adds its
 /// samples to `rollups`. Returns its commit id, or `None` for a batch
-/// already stored (nothing written). The ingest writer and `import` both
-/// append through here, so rollups and commit ids follow one rule.
+/// already stored (nothing written). `import` appends through here, one
+/// batch at a time; the ingest writer follows the same rule for a whole
+/// transaction ([`stored_keys`] once, [`insert_batches`] at the end), and
+/// both recognise stored batches through [`stored_keys`] alone.
 pub async fn append_batch(
     conn: &mut AnyConnection,
     device: &str,
@@ -298,31 +252,33 @@ pub async fn append_batch(
     next_commit: &mut Option<u64>,
     rollups: &mut Rollups,
 ) -> Result<Option<u64>, StoreError> {
-    let samples = batch.sample_count() as i64;
+    let key = (device.to_string(), batch.session, batch.seq);
+    if !stored_keys(conn, std::slice::from_ref(&key))
+        .await?
+        .is_empty()
+    {
+        return Ok(None);
+    }
     let (min_ts, max_ts) = batch.ts_range().unwrap_or((received_ms, received_ms));
-    let payload = batch.encode();
     let commit_id = match *next_commit {
         Some(c) => c,
         None => max_commit_id(conn).await? + 1,
     };
-    let inserted = insert_batch(
+    insert_batches(
         conn,
-        &BatchRow {
+        &[NewBatch {
             commit_id,
-            device,
-            session: &batch.session,
+            device: device.to_string(),
+            session: batch.session,
             seq: batch.seq,
             received_ms,
             min_ts,
             max_ts,
-            samples,
-            payload: &payload,
-        },
+            samples: batch.sample_count() as i64,
+            payload: batch.encode(),
+        }],
     )
     .await?;
-    if !inserted {
-        return Ok(None);
-    }
     *next_commit = Some(commit_id + 1);
     for run in &batch.runs {
         let id = i64::from(run.series_id);
