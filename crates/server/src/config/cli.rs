@@ -1700,6 +1700,32 @@ mod tests {
     }
 
     #[test]
+    fn compaction_interval_is_validated() {
+        let dir = tempfile::tempdir().expect("dir");
+        let db = dir.path().join("w.db");
+        let db = db.to_str().expect("utf-8 path");
+        for bad in ["0s", "soon", "5 parsecs"] {
+            let err = match run(&["serve", "--database", db, "--compact-every", bad]) {
+                Err(e) => e,
+                Ok(_) => panic!("--compact-every {bad} accepted"),
+            };
+            assert!(
+                err.contains("compact-every") && err.contains(bad),
+                "{bad}: the error names the flag and the value: {err}"
+            );
+        }
+        let Ok(Ok(Role::Serve(off))) = run(&["serve", "--database", db, "--compact-every", "off"])
+        else {
+            panic!("off accepted");
+        };
+        assert_eq!(off.retention.compact_every, None);
+        let Ok(Ok(Role::Serve(d))) = run(&["serve", "--database", db]) else {
+            panic!("defaults accepted");
+        };
+        assert_eq!(d.retention.compact_every, Some(Duration::from_secs(60)));
+    }
+
+    #[test]
     fn statsd_flags_are_validated_together() {
         let dir = tempfile::tempdir().expect("dir");
         let db = dir.path().join("w.db");
