@@ -157,13 +157,15 @@ pub async fn stored_keys(
         let triples: Vec<String> = (0..chunk.len())
             .map(|i| super::params(backend, i * 3 + 1, 3))
             .collect();
-        let pairs: Vec<String> = (0..chunk.len())
-            .map(|i| super::params(backend, i * 2 + 1, 2))
-            .collect();
         for table in ["batches", "batch_keys"] {
+            // The key list drives the join (SQLite's CROSS JOIN keeps it
+            // the outer loop), so each key is one primary-key search.
+            // `(…) IN (VALUES …)` was planned as a scan of the whole table
+            // per statement, which grew with the uncompacted log.
             // Only a fixed table name and placeholders are formatted in.
             let sql = format!(
-                "SELECT device, session, seq FROM {table} WHERE (device, session, seq) IN (VALUES {})",
+                "SELECT t.device, t.session, t.seq FROM (VALUES {}) AS k CROSS JOIN {table} AS t
+                  WHERE t.device = k.column1 AND t.session = k.column2 AND t.seq = k.column3",
                 triples.join(", ")
             );
             let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
@@ -177,14 +179,23 @@ pub async fn stored_keys(
                 found.insert((r.get::<String, _>(0), session, r.get::<i64, _>(2) as u64));
             }
         }
+        let mut sessions: Vec<(&str, &SessionId)> = chunk
+            .iter()
+            .map(|(d, sess, _)| (d.as_str(), sess))
+            .collect();
+        sessions.sort_unstable();
+        sessions.dedup();
+        let pairs: Vec<String> = (0..sessions.len())
+            .map(|i| super::params(backend, i * 2 + 1, 2))
+            .collect();
         let sql = format!(
-            "SELECT device, session, compacted FROM sessions WHERE compacted > 0
-               AND (device, session) IN (VALUES {})",
+            "SELECT s.device, s.session, s.compacted FROM (VALUES {}) AS k CROSS JOIN sessions AS s
+              WHERE s.device = k.column1 AND s.session = k.column2 AND s.compacted > 0",
             pairs.join(", ")
         );
         let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
-        for (d, sess, _) in chunk {
-            q = q.bind(d.as_str()).bind(&sess.0[..]);
+        for (d, sess) in &sessions {
+            q = q.bind(*d).bind(&sess.0[..]);
         }
         let mut compacted = std::collections::HashMap::new();
         for r in q.fetch_all(&mut *conn).await? {
