@@ -223,7 +223,7 @@ pub async fn run(
     if let Some(tls) = &cfg.tls {
         opts.set_transport(tls.transport());
     }
-    let (client, events) = AsyncClient::new(opts, cfg.window * 2 + 16);
+    let (client, events) = widgetry_common::mqtt_client(opts, cfg.window * 2 + 16);
     // The event loop runs in its own task: `poll()` must never be cancelled
     // mid-handshake by another select! branch, or the connection is torn
     // down and made again (and rumqttd then loses the new connection's will).

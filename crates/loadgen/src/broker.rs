@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use rumqttc::{Event, MqttOptions, Packet, QoS};
 use tokio::sync::watch;
 
 /// `fanin`: `publishers` clients each publish `messages` QoS 1 messages of
@@ -66,7 +66,7 @@ pub async fn fanin(cfg: FaninConfig, mut progress: impl FnMut(String)) -> FaninR
     let (done_tx, mut done_rx) = watch::channel(None::<(u64, u64)>);
 
     // The subscriber: counts unique (publisher, seq) pairs.
-    let (sub, mut ev) = AsyncClient::new(
+    let (sub, mut ev) = widgetry_common::mqtt_client(
         options(
             format!("bench-sub-{run}"),
             &cfg.host,
@@ -114,7 +114,7 @@ pub async fn fanin(cfg: FaninConfig, mut progress: impl FnMut(String)) -> FaninR
     let sent = Arc::new(AtomicU64::new(0));
     let mut pubs = Vec::new();
     for i in 0..cfg.publishers {
-        let (client, mut ev) = AsyncClient::new(
+        let (client, mut ev) = widgetry_common::mqtt_client(
             options(
                 format!("bench-pub-{run}-{i}"),
                 &cfg.host,
@@ -205,7 +205,7 @@ pub async fn idle(
     for i in 0..connections {
         let mut o = MqttOptions::new(format!("idle-{run}-{i}"), host, port);
         o.set_keep_alive(keep_alive);
-        let (client, mut ev) = AsyncClient::new(o, 4);
+        let (client, mut ev) = widgetry_common::mqtt_client(o, 4);
         let connected = connected.clone();
         tasks.push(tokio::spawn(async move {
             let _client = client;

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use rumqttc::{Event, MqttOptions, Packet, QoS};
 use tokio::sync::Mutex;
 use tokio::time::Instant;
 use widgetry_proto::json::Ack;
@@ -366,7 +366,7 @@ async fn device_loop(
     );
     opts.set_keep_alive(Duration::from_secs(30));
     opts.set_max_packet_size(2 << 20, 2 << 20);
-    let (client, mut events) = AsyncClient::new(opts, 256);
+    let (client, mut events) = widgetry_common::mqtt_client(opts, 256);
     let (ev_tx, mut ev_rx) = tokio::sync::mpsc::channel::<Option<Vec<u8>>>(256);
     // The event loop in its own task: poll() must never be cancelled.
     let ack_filter = ack_topic.clone();

@@ -72,7 +72,7 @@ pub async fn run_with_queue(
 ) -> Result<(), IngestError> {
     let tasks = WriterTasks::start(&cfg, store, metrics.clone(), rx, true);
     let (sub_client, sub_loop) =
-        AsyncClient::new(mqtt::mqtt_options(&cfg, cfg.client_id.clone(), false), 64);
+        widgetry_common::mqtt_client(mqtt::mqtt_options(&cfg, cfg.client_id.clone(), false), 64);
     mqtt::subscribe_loop(&cfg, sub_client, sub_loop, tx, &metrics, &shutdown, &ready).await;
     // The subscriber dropped its sender: the writer drains and exits.
     let res = tasks.finish().await;
@@ -107,7 +107,7 @@ impl WriterTasks {
         // finishes.
         let stop = CancellationToken::new();
         let publisher = mqtt.then(|| {
-            let (pub_client, pub_loop) = AsyncClient::new(
+            let (pub_client, pub_loop) = widgetry_common::mqtt_client(
                 mqtt::mqtt_options(cfg, format!("{}-pub", cfg.client_id), true),
                 1024,
             );

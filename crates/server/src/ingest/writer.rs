@@ -375,16 +375,21 @@ impl Writer {
         }
         write::insert_batches(&mut tx, &out.rows).await?;
         out.rows.clear();
-        for (device, (at, rejects)) in &seen {
-            write::touch_device(&mut tx, device, *at, *rejects).await?;
-        }
+        let devices: Vec<(&str, i64, i64)> = seen
+            .iter()
+            .map(|(device, (at, rejects))| (device.as_str(), *at, *rejects))
+            .collect();
+        write::touch_devices(&mut tx, &devices).await?;
         out.rollups.flush(&mut tx).await?;
         let now = now_ms();
-        for key in &touched {
-            if let Some(state) = sessions.get(key) {
-                write::set_session_through(&mut tx, &key.0, &key.1, state.through, now).await?;
-            }
-        }
+        let watermarks: Vec<(&str, &SessionId, u64)> = touched
+            .iter()
+            .filter_map(|key| {
+                let state = sessions.get(key)?;
+                Some((key.0.as_str(), &key.1, state.through))
+            })
+            .collect();
+        write::set_sessions_through(&mut tx, &watermarks, now).await?;
         tx.commit().await?;
         for key in touched {
             if let Some(state) = sessions.get(&key) {

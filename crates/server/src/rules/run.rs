@@ -24,7 +24,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use rumqttc::{Event, MqttOptions, Packet, QoS};
 use serde_json::json;
 use tokio::sync::{broadcast, watch};
 use tokio_util::sync::CancellationToken;
@@ -907,7 +907,7 @@ async fn publish_retained(
     if let Some((u, p)) = credentials {
         opts.set_credentials(u, p);
     }
-    let (client, evl) = AsyncClient::new(opts, 256);
+    let (client, evl) = widgetry_common::mqtt_client(opts, 256);
     let mut conn = Connection::new(evl, "alerts publisher", None);
     // Latest message per topic not yet handed to the client.
     let mut waiting: BTreeMap<String, String> = BTreeMap::new();

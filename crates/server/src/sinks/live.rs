@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use rumqttc::{Event, MqttOptions, Packet, QoS};
 use serde::Serialize;
 use tokio::sync::{broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
@@ -373,7 +373,7 @@ async fn drive_mqtt(
     if let Some((u, p)) = credentials {
         opts.set_credentials(u, p);
     }
-    let (client, ev) = AsyncClient::new(opts, 64);
+    let (client, ev) = widgetry_common::mqtt_client(opts, 64);
     let mut conn = Connection::new(ev, "live bridge", None);
     loop {
         match conn.next(&shutdown).await {

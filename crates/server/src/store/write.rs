@@ -137,6 +137,8 @@ pub struct NewBatch {
 
 /// Rows per multi-row statement (9 values each).
 const BATCH_ROWS_PER_STATEMENT: usize = 100;
+/// Rows per multi-row upsert of devices or sessions (4 values each).
+const UPSERT_ROWS_PER_STATEMENT: usize = 200;
 /// Keys per lookup statement (3 values each).
 const KEYS_PER_STATEMENT: usize = 300;
 
@@ -340,17 +342,38 @@ pub async fn set_session_through(
     through: u64,
     now_ms: i64,
 ) -> Result<(), StoreError> {
-    sqlx::query(
-        "INSERT INTO sessions (device, session, through, started_ms) VALUES ($1, $2, $3, $4)
-         ON CONFLICT (device, session) DO UPDATE SET through =
-           CASE WHEN excluded.through > sessions.through THEN excluded.through ELSE sessions.through END",
-    )
-    .bind(device)
-    .bind(&session.0[..])
-    .bind(through as i64)
-    .bind(now_ms)
-    .execute(&mut *conn)
-    .await?;
+    set_sessions_through(conn, &[(device, session, through)], now_ms).await
+}
+
+/// [`set_session_through`] for many sessions (each named once), a few
+/// hundred per statement.
+pub async fn set_sessions_through(
+    conn: &mut AnyConnection,
+    sessions: &[(&str, &SessionId, u64)],
+    now_ms: i64,
+) -> Result<(), StoreError> {
+    let backend = super::Backend::of(conn);
+    for chunk in sessions.chunks(UPSERT_ROWS_PER_STATEMENT) {
+        let values: Vec<String> = (0..chunk.len())
+            .map(|i| super::params(backend, i * 4 + 1, 4))
+            .collect();
+        // Only placeholders are formatted in.
+        let sql = format!(
+            "INSERT INTO sessions (device, session, through, started_ms) VALUES {}
+             ON CONFLICT (device, session) DO UPDATE SET through =
+               CASE WHEN excluded.through > sessions.through THEN excluded.through ELSE sessions.through END",
+            values.join(", ")
+        );
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for (device, session, through) in chunk {
+            q = q
+                .bind(*device)
+                .bind(&session.0[..])
+                .bind(*through as i64)
+                .bind(now_ms);
+        }
+        q.execute(&mut *conn).await?;
+    }
     Ok(())
 }
 
@@ -438,30 +461,47 @@ pub async fn touch_device(
     now_ms: i64,
     rejects: i64,
 ) -> Result<(), StoreError> {
-    sqlx::query(
-        "INSERT INTO devices (device, first_seen_ms, last_seen_ms, rejects) VALUES ($1, $2, $3, $4)
-         ON CONFLICT (device) DO UPDATE SET
-           interval_ms = CASE
-             WHEN excluded.last_seen_ms - devices.last_seen_ms < $5 THEN devices.interval_ms
-             WHEN devices.interval_ms IS NULL THEN excluded.last_seen_ms - devices.last_seen_ms
-             WHEN 4 * (excluded.last_seen_ms - devices.last_seen_ms) < devices.interval_ms
-               THEN devices.interval_ms
-             WHEN excluded.last_seen_ms - devices.last_seen_ms < devices.interval_ms
-               THEN (devices.interval_ms * 7 + (excluded.last_seen_ms - devices.last_seen_ms)) / 8
-             WHEN excluded.last_seen_ms - devices.last_seen_ms > 4 * devices.interval_ms
-               THEN (devices.interval_ms * 5) / 2
-             ELSE (devices.interval_ms + (excluded.last_seen_ms - devices.last_seen_ms)) / 2 END,
-           last_seen_ms = CASE WHEN excluded.last_seen_ms > devices.last_seen_ms
-                          THEN excluded.last_seen_ms ELSE devices.last_seen_ms END,
-           rejects = devices.rejects + excluded.rejects",
-    )
-    .bind(device)
-    .bind(now_ms)
-    .bind(now_ms)
-    .bind(rejects)
-    .bind(crate::presence::MIN_LEARNED_GAP_MS)
-    .execute(&mut *conn)
-    .await?;
+    touch_devices(conn, &[(device, now_ms, rejects)]).await
+}
+
+/// [`touch_device`] for many devices (each named once): `(device, seen at,
+/// rejects)`, a few hundred per statement.
+pub async fn touch_devices(
+    conn: &mut AnyConnection,
+    devices: &[(&str, i64, i64)],
+) -> Result<(), StoreError> {
+    let backend = super::Backend::of(conn);
+    for chunk in devices.chunks(UPSERT_ROWS_PER_STATEMENT) {
+        let values: Vec<String> = (0..chunk.len())
+            .map(|i| super::params(backend, i * 4 + 1, 4))
+            .collect();
+        // Only placeholders and an integer constant are formatted in (a
+        // `$N` among `?` placeholders is left unbound on SQLite).
+        let sql = format!(
+            "INSERT INTO devices (device, first_seen_ms, last_seen_ms, rejects) VALUES {values}
+             ON CONFLICT (device) DO UPDATE SET
+               interval_ms = CASE
+                 WHEN excluded.last_seen_ms - devices.last_seen_ms < {gap} THEN devices.interval_ms
+                 WHEN devices.interval_ms IS NULL THEN excluded.last_seen_ms - devices.last_seen_ms
+                 WHEN 4 * (excluded.last_seen_ms - devices.last_seen_ms) < devices.interval_ms
+                   THEN devices.interval_ms
+                 WHEN excluded.last_seen_ms - devices.last_seen_ms < devices.interval_ms
+                   THEN (devices.interval_ms * 7 + (excluded.last_seen_ms - devices.last_seen_ms)) / 8
+                 WHEN excluded.last_seen_ms - devices.last_seen_ms > 4 * devices.interval_ms
+                   THEN (devices.interval_ms * 5) / 2
+                 ELSE (devices.interval_ms + (excluded.last_seen_ms - devices.last_seen_ms)) / 2 END,
+               last_seen_ms = CASE WHEN excluded.last_seen_ms > devices.last_seen_ms
+                              THEN excluded.last_seen_ms ELSE devices.last_seen_ms END,
+               rejects = devices.rejects + excluded.rejects",
+            values = values.join(", "),
+            gap = crate::presence::MIN_LEARNED_GAP_MS,
+        );
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for (device, at, rejects) in chunk {
+            q = q.bind(*device).bind(*at).bind(*at).bind(*rejects);
+        }
+        q.execute(&mut *conn).await?;
+    }
     Ok(())
 }
 
