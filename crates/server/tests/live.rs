@@ -580,7 +580,7 @@ async fn check_week(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retention_removes_only_data_past_each_period() {
-    let stack = Stack::start().await;
+    let stack = Stack::without_retention().await;
     let p = Publisher::connect(&stack, "old").await;
     let day = 86_400_000i64;
     let now = widgetry_common::now_ms();

@@ -28,6 +28,9 @@ pub struct Pending {
     pub new_keys: HashMap<i64, String>,
     /// Series created per device.
     pub created: HashMap<String, usize>,
+    /// Bindings made by this transaction, inserted before it commits
+    /// ([`write::bind_session_series_many`]).
+    pub new_bindings: Vec<(String, SessionId, u32, i64)>,
 }
 
 /// The caches of committed series.
@@ -76,6 +79,94 @@ impl SeriesResolver {
         extend(&mut self.keys, pending.new_keys);
     }
 
+    /// Warms `pending` for a transaction's series definitions and
+    /// session-local ids in a few multi-row statements, so that the
+    /// per-item [`SeriesResolver::series_id`] and [`SeriesResolver::bound`]
+    /// calls find them in memory. A fleet's first batches (every device
+    /// defining its series at once) used to cost four statements per
+    /// series. New series are created here in item order under the same
+    /// per-device limit; a key past the limit is left for `series_id` to
+    /// reject.
+    pub async fn prefetch(
+        &mut self,
+        tx: &mut WriteTx,
+        defs: &[(&str, &SeriesKey)],
+        bindings: &[(&str, &SessionId, u32)],
+        pending: &mut Pending,
+    ) -> Result<(), StoreError> {
+        let mut names: Vec<(&str, &SeriesKey, String)> = Vec::new();
+        let mut wanted = std::collections::HashSet::new();
+        for (device, key) in defs {
+            let name = (device.to_string(), key.to_string());
+            if self.series_ids.contains_key(&name) || pending.series.contains_key(&name) {
+                continue;
+            }
+            if wanted.insert(name.clone()) {
+                names.push((device, key, name.1));
+            }
+        }
+        if !names.is_empty() {
+            let pairs: Vec<(&str, &str)> = names.iter().map(|(d, _, k)| (*d, k.as_str())).collect();
+            let found = write::find_series_many(tx, &pairs).await?;
+            let mut uncounted: Vec<&str> = names
+                .iter()
+                .filter(|(d, _, k)| !found.contains_key(&(d.to_string(), k.clone())))
+                .map(|(d, _, _)| *d)
+                .filter(|d| !self.counts.contains_key(*d))
+                .collect();
+            uncounted.sort_unstable();
+            uncounted.dedup();
+            if !uncounted.is_empty() {
+                let counts = write::count_series_many(tx, &uncounted).await?;
+                for d in uncounted {
+                    self.counts
+                        .insert(d.to_string(), counts.get(d).copied().unwrap_or(0));
+                }
+            }
+            let mut create: Vec<(&str, &SeriesKey)> = Vec::new();
+            for (device, key, text) in &names {
+                let name = (device.to_string(), text.clone());
+                if let Some(id) = found.get(&name) {
+                    self.learn(name, *id, pending);
+                    continue;
+                }
+                let committed = self.counts.get(*device).copied().unwrap_or(0);
+                let created = pending.created.entry(device.to_string()).or_default();
+                if committed + *created < self.limit {
+                    *created += 1;
+                    create.push((device, key));
+                }
+            }
+            if !create.is_empty() {
+                for (name, id) in write::upsert_series_many(tx, &create).await? {
+                    self.learn(name, id, pending);
+                }
+            }
+        }
+        let unknown: Vec<(&str, &SessionId, u32)> = bindings
+            .iter()
+            .copied()
+            .filter(|(d, s, l)| {
+                let b = (d.to_string(), **s, *l);
+                !self.bindings.contains_key(&b) && !pending.bindings.contains_key(&b)
+            })
+            .collect();
+        if !unknown.is_empty() {
+            pending
+                .bindings
+                .extend(write::session_series_many(tx, &unknown).await?);
+        }
+        Ok(())
+    }
+
+    /// Records in `pending` a series id this transaction found or made.
+    fn learn(&self, name: (String, String), id: i64, pending: &mut Pending) {
+        if !self.keys.contains_key(&id) {
+            pending.new_keys.insert(id, name.1.clone());
+        }
+        pending.series.insert(name, id);
+    }
+
     /// The database id of a device's series, created if new, unless the
     /// device has reached its series limit (then the inner result is the
     /// reject and nothing is created).
@@ -117,10 +208,7 @@ impl SeriesResolver {
                 write::upsert_series(tx, device, key).await?
             }
         };
-        if !self.keys.contains_key(&global) {
-            pending.new_keys.insert(global, name.1.clone());
-        }
-        pending.series.insert(name, global);
+        self.learn(name, global, pending);
         Ok(Ok(global))
     }
 

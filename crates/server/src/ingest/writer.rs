@@ -186,6 +186,36 @@ impl Writer {
         if !keys.is_empty() {
             out.stored = write::stored_keys(&mut tx, &keys).await?;
         }
+        // Every series definition and session-local id the items use,
+        // resolved in a few statements.
+        let mut defs = Vec::new();
+        let mut bindings = Vec::new();
+        for item in &items {
+            match item {
+                Item::Batch { device, batch, .. } => {
+                    for (id, key) in &batch.series {
+                        defs.push((device.as_str(), key));
+                        bindings.push((device.as_str(), &batch.session, *id));
+                    }
+                    for run in &batch.runs {
+                        bindings.push((device.as_str(), &batch.session, run.series_id));
+                    }
+                }
+                Item::Json {
+                    device, samples, ..
+                }
+                | Item::Bridged {
+                    device, samples, ..
+                } => defs.extend(samples.iter().map(|s| (device.as_str(), &s.series))),
+                _ => {}
+            }
+        }
+        bindings.sort_unstable();
+        bindings.dedup();
+        self.resolver
+            .prefetch(&mut tx, &defs, &bindings, pending)
+            .await?;
+        drop((defs, bindings));
         let mut seen: HashMap<String, (i64, i64)> = HashMap::new();
         let mut touched: Vec<SessionKey> = Vec::new();
         for item in items {
@@ -375,6 +405,8 @@ impl Writer {
         }
         write::insert_batches(&mut tx, &out.rows).await?;
         out.rows.clear();
+        write::bind_session_series_many(&mut tx, &std::mem::take(&mut pending.new_bindings))
+            .await?;
         let devices: Vec<(&str, i64, i64)> = seen
             .iter()
             .map(|(device, (at, rejects))| (device.as_str(), *at, *rejects))
@@ -470,7 +502,10 @@ impl Writer {
                 }
                 Some(_) => {}
                 None => {
-                    write::bind_session_series(tx, device, &session, *id, global).await?;
+                    // Inserted with the transaction's other bindings.
+                    pending
+                        .new_bindings
+                        .push((device.to_string(), session, *id, global));
                     pending.bindings.insert(binding, global);
                 }
             }

@@ -34,6 +34,161 @@ pub async fn upsert_series(
     Ok(row.get(0))
 }
 
+/// Rows per multi-row series statement.
+const SERIES_PER_STATEMENT: usize = 200;
+
+/// [`upsert_series`] for many keys (each `(device, key)` named once):
+/// their ids by `(device, canonical key)`.
+pub async fn upsert_series_many(
+    conn: &mut AnyConnection,
+    keys: &[(&str, &SeriesKey)],
+) -> Result<std::collections::HashMap<(String, String), i64>, StoreError> {
+    let backend = super::Backend::of(conn);
+    let mut ids = std::collections::HashMap::with_capacity(keys.len());
+    for chunk in keys.chunks(SERIES_PER_STATEMENT) {
+        let values: Vec<String> = (0..chunk.len())
+            .map(|i| super::params(backend, i * 4 + 1, 4))
+            .collect();
+        // Only placeholders are formatted in.
+        let sql = format!(
+            "INSERT INTO series (device, key, name, labels) VALUES {}
+             ON CONFLICT (device, key) DO UPDATE SET name = excluded.name
+             RETURNING device, key, id",
+            values.join(", ")
+        );
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for (device, key) in chunk {
+            // As in upsert_series: never a series without its labels.
+            let labels = serde_json::to_string(&key.labels)
+                .map_err(|e| StoreError::Sql(sqlx::Error::Encode(Box::new(e))))?;
+            q = q
+                .bind(*device)
+                .bind(key.to_string())
+                .bind(key.name.clone())
+                .bind(labels);
+        }
+        for r in q.fetch_all(&mut *conn).await? {
+            ids.insert((r.get::<String, _>(0), r.get::<String, _>(1)), r.get(2));
+        }
+    }
+    Ok(ids)
+}
+
+/// The ids of those of `keys` (`(device, canonical key)`) that exist.
+pub async fn find_series_many(
+    conn: &mut AnyConnection,
+    keys: &[(&str, &str)],
+) -> Result<std::collections::HashMap<(String, String), i64>, StoreError> {
+    let backend = super::Backend::of(conn);
+    let mut ids = std::collections::HashMap::new();
+    for chunk in keys.chunks(SERIES_PER_STATEMENT) {
+        let values: Vec<String> = (0..chunk.len())
+            .map(|i| super::params(backend, i * 2 + 1, 2))
+            .collect();
+        // The key list drives the join: one unique-index search per key.
+        let sql = format!(
+            "SELECT s.device, s.key, s.id FROM (VALUES {}) AS k CROSS JOIN series AS s
+              WHERE s.device = k.column1 AND s.key = k.column2",
+            values.join(", ")
+        );
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for (device, key) in chunk {
+            q = q.bind(*device).bind(*key);
+        }
+        for r in q.fetch_all(&mut *conn).await? {
+            ids.insert((r.get::<String, _>(0), r.get::<String, _>(1)), r.get(2));
+        }
+    }
+    Ok(ids)
+}
+
+/// How many series each of `devices` has (devices with none are absent).
+pub async fn count_series_many(
+    conn: &mut AnyConnection,
+    devices: &[&str],
+) -> Result<std::collections::HashMap<String, usize>, StoreError> {
+    let backend = super::Backend::of(conn);
+    let mut counts = std::collections::HashMap::new();
+    for chunk in devices.chunks(SERIES_PER_STATEMENT) {
+        let sql = format!(
+            "SELECT device, COUNT(*) FROM series WHERE device IN {} GROUP BY device",
+            super::params(backend, 1, chunk.len())
+        );
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for device in chunk {
+            q = q.bind(*device);
+        }
+        for r in q.fetch_all(&mut *conn).await? {
+            let n: i64 = r.get(1);
+            counts.insert(r.get::<String, _>(0), usize::try_from(n).unwrap_or(0));
+        }
+    }
+    Ok(counts)
+}
+
+/// The series each of `bindings` (`(device, session, local id)`) is bound
+/// to, for those that are bound.
+pub async fn session_series_many(
+    conn: &mut AnyConnection,
+    bindings: &[(&str, &SessionId, u32)],
+) -> Result<std::collections::HashMap<(String, SessionId, u32), i64>, StoreError> {
+    let backend = super::Backend::of(conn);
+    let mut found = std::collections::HashMap::new();
+    for chunk in bindings.chunks(SERIES_PER_STATEMENT) {
+        let values: Vec<String> = (0..chunk.len())
+            .map(|i| super::params(backend, i * 3 + 1, 3))
+            .collect();
+        let sql = format!(
+            "SELECT t.device, t.session, t.local_id, t.series_id
+               FROM (VALUES {}) AS k CROSS JOIN session_series AS t
+              WHERE t.device = k.column1 AND t.session = k.column2 AND t.local_id = k.column3",
+            values.join(", ")
+        );
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for (device, session, local) in chunk {
+            q = q.bind(*device).bind(&session.0[..]).bind(i64::from(*local));
+        }
+        for r in q.fetch_all(&mut *conn).await? {
+            let session: &[u8] = r.get(1);
+            let session =
+                SessionId::from_slice(session).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            let local = u32::try_from(r.get::<i64, _>(2))
+                .map_err(|_| StoreError::Corrupt("a session-local series id exceeds u32".into()))?;
+            found.insert((r.get::<String, _>(0), session, local), r.get(3));
+        }
+    }
+    Ok(found)
+}
+
+/// [`bind_session_series`] for many bindings: `(device, session, local id,
+/// series id)`.
+pub async fn bind_session_series_many(
+    conn: &mut AnyConnection,
+    bindings: &[(String, SessionId, u32, i64)],
+) -> Result<(), StoreError> {
+    let backend = super::Backend::of(conn);
+    for chunk in bindings.chunks(SERIES_PER_STATEMENT) {
+        let values: Vec<String> = (0..chunk.len())
+            .map(|i| super::params(backend, i * 4 + 1, 4))
+            .collect();
+        let sql = format!(
+            "INSERT INTO session_series (device, session, local_id, series_id) VALUES {}
+             ON CONFLICT DO NOTHING",
+            values.join(", ")
+        );
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for (device, session, local, series) in chunk {
+            q = q
+                .bind(device.as_str())
+                .bind(&session.0[..])
+                .bind(i64::from(*local))
+                .bind(*series);
+        }
+        q.execute(&mut *conn).await?;
+    }
+    Ok(())
+}
+
 /// A device's series by key, if it exists.
 pub async fn find_series(
     conn: &mut AnyConnection,

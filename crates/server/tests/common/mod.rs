@@ -26,6 +26,15 @@ pub fn free_port() -> u16 {
         .expect("bind an ephemeral port on 127.0.0.1")
 }
 
+/// Default retention with no compactor: most tests read the batch log
+/// directly.
+fn no_compactor() -> widgetry_server::config::ingest::Retention {
+    widgetry_server::config::ingest::Retention {
+        compact_every: None,
+        ..Default::default()
+    }
+}
+
 /// Environment variable naming a PostgreSQL server (an admin URL such as
 /// `postgres://postgres@127.0.0.1:5432/postgres`). When set, tests that use
 /// [`test_database`] run against a fresh database on it instead of SQLite;
@@ -86,7 +95,7 @@ impl Stack {
             None,
             None,
             alerting,
-            None,
+            no_compactor(),
         )
         .await
     }
@@ -100,7 +109,32 @@ impl Stack {
             None,
             None,
             Default::default(),
-            Some(Duration::from_millis(200)),
+            widgetry_server::config::ingest::Retention {
+                compact_every: Some(Duration::from_millis(200)),
+                ..Default::default()
+            },
+        )
+        .await
+    }
+
+    /// A stack with no periodic retention pass (nor compactor), for tests
+    /// that store old data and prune it themselves: the pass that runs
+    /// at start could otherwise remove it before the test looks.
+    pub async fn without_retention() -> Stack {
+        Stack::with_options_and(
+            Default::default(),
+            DEFAULT_BROKER_TOML,
+            Default::default(),
+            None,
+            None,
+            Default::default(),
+            widgetry_server::config::ingest::Retention {
+                raw: None,
+                minute: None,
+                hour: None,
+                compact_every: None,
+                ..Default::default()
+            },
         )
         .await
     }
@@ -189,7 +223,7 @@ impl Stack {
             statsd,
             graphite,
             Default::default(),
-            None,
+            no_compactor(),
         )
         .await
     }
@@ -201,7 +235,7 @@ impl Stack {
         statsd: Option<widgetry_server::config::roles::StatsdConfig>,
         graphite: Option<widgetry_server::config::roles::GraphiteConfig>,
         alerting: widgetry_server::config::roles::AlertingConfig,
-        compact_every: Option<Duration>,
+        retention: widgetry_server::config::ingest::Retention,
     ) -> Stack {
         let dir = tempfile::tempdir().expect("temp dir");
         let db = test_database(dir.path()).await;
@@ -217,12 +251,7 @@ impl Stack {
             http_listen: "127.0.0.1:0".parse().expect("addr"),
             http_tls: None,
             database: db.clone(),
-            // No compactor unless asked for: most tests read the batch log
-            // directly.
-            retention: widgetry_server::config::ingest::Retention {
-                compact_every,
-                ..Default::default()
-            },
+            retention,
             limits,
             server_password: Some(TEST_SERVER_PASSWORD.into()),
             auth,
