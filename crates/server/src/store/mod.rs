@@ -315,6 +315,15 @@ pub(crate) fn params(backend: Backend, first: usize, n: usize) -> String {
     s
 }
 
+/// `n` rows of `width` parameters each, comma-separated, for a multi-row
+/// `VALUES` list (numbered from 1 on PostgreSQL; see [`params`]).
+pub(crate) fn rows(backend: Backend, n: usize, width: usize) -> String {
+    (0..n)
+        .map(|i| params(backend, i * width + 1, width))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 impl Backend {
     /// The backend of a connection taken from a [`Store`]'s pools.
     pub fn of(conn: &AnyConnection) -> Backend {

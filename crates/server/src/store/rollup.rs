@@ -147,9 +147,7 @@ impl Rollups {
             let rows: Vec<((i64, i64), Agg)> = map.drain().collect();
             for chunk in rows.chunks(ROWS_PER_STATEMENT) {
                 let t = res.table();
-                let values: Vec<String> = (0..chunk.len())
-                    .map(|i| super::params(backend, i * 8 + 1, 8))
-                    .collect();
+                let values = super::rows(backend, chunk.len(), 8);
                 // In an UPDATE every right-hand side sees the old row, so
                 // `last` compares against the old last_ts. Written for both
                 // SQLite and PostgreSQL (CASE instead of two-argument MIN).
@@ -162,7 +160,7 @@ impl Rollups {
                        max = CASE WHEN excluded.max > {t}.max THEN excluded.max ELSE {t}.max END,
                        last = CASE WHEN excluded.last_ts >= {t}.last_ts THEN excluded.last ELSE {t}.last END,
                        last_ts = CASE WHEN excluded.last_ts > {t}.last_ts THEN excluded.last_ts ELSE {t}.last_ts END",
-                    values.join(", ")
+                    values
                 );
                 // The table name comes from a closed enum, never from input.
                 let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));

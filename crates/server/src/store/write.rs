@@ -46,15 +46,13 @@ pub async fn upsert_series_many(
     let backend = super::Backend::of(conn);
     let mut ids = std::collections::HashMap::with_capacity(keys.len());
     for chunk in keys.chunks(SERIES_PER_STATEMENT) {
-        let values: Vec<String> = (0..chunk.len())
-            .map(|i| super::params(backend, i * 4 + 1, 4))
-            .collect();
+        let values = super::rows(backend, chunk.len(), 4);
         // Only placeholders are formatted in.
         let sql = format!(
             "INSERT INTO series (device, key, name, labels) VALUES {}
              ON CONFLICT (device, key) DO UPDATE SET name = excluded.name
              RETURNING device, key, id",
-            values.join(", ")
+            values
         );
         let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
         for (device, key) in chunk {
@@ -82,14 +80,12 @@ pub async fn find_series_many(
     let backend = super::Backend::of(conn);
     let mut ids = std::collections::HashMap::new();
     for chunk in keys.chunks(SERIES_PER_STATEMENT) {
-        let values: Vec<String> = (0..chunk.len())
-            .map(|i| super::params(backend, i * 2 + 1, 2))
-            .collect();
+        let values = super::rows(backend, chunk.len(), 2);
         // The key list drives the join: one unique-index search per key.
         let sql = format!(
             "SELECT s.device, s.key, s.id FROM (VALUES {}) AS k CROSS JOIN series AS s
               WHERE s.device = k.column1 AND s.key = k.column2",
-            values.join(", ")
+            values
         );
         let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
         for (device, key) in chunk {
@@ -135,14 +131,12 @@ pub async fn session_series_many(
     let backend = super::Backend::of(conn);
     let mut found = std::collections::HashMap::new();
     for chunk in bindings.chunks(SERIES_PER_STATEMENT) {
-        let values: Vec<String> = (0..chunk.len())
-            .map(|i| super::params(backend, i * 3 + 1, 3))
-            .collect();
+        let values = super::rows(backend, chunk.len(), 3);
         let sql = format!(
             "SELECT t.device, t.session, t.local_id, t.series_id
                FROM (VALUES {}) AS k CROSS JOIN session_series AS t
               WHERE t.device = k.column1 AND t.session = k.column2 AND t.local_id = k.column3",
-            values.join(", ")
+            values
         );
         let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
         for (device, session, local) in chunk {
@@ -168,13 +162,11 @@ pub async fn bind_session_series_many(
 ) -> Result<(), StoreError> {
     let backend = super::Backend::of(conn);
     for chunk in bindings.chunks(SERIES_PER_STATEMENT) {
-        let values: Vec<String> = (0..chunk.len())
-            .map(|i| super::params(backend, i * 4 + 1, 4))
-            .collect();
+        let values = super::rows(backend, chunk.len(), 4);
         let sql = format!(
             "INSERT INTO session_series (device, session, local_id, series_id) VALUES {}
              ON CONFLICT DO NOTHING",
-            values.join(", ")
+            values
         );
         let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
         for (device, session, local, series) in chunk {
@@ -311,9 +303,7 @@ pub async fn stored_keys(
     let backend = super::Backend::of(conn);
     let mut found = std::collections::HashSet::new();
     for chunk in keys.chunks(KEYS_PER_STATEMENT) {
-        let triples: Vec<String> = (0..chunk.len())
-            .map(|i| super::params(backend, i * 3 + 1, 3))
-            .collect();
+        let triples = super::rows(backend, chunk.len(), 3);
         for table in ["batches", "batch_keys"] {
             // The key list drives the join (SQLite's CROSS JOIN keeps it
             // the outer loop), so each key is one primary-key search.
@@ -323,7 +313,7 @@ pub async fn stored_keys(
             let sql = format!(
                 "SELECT t.device, t.session, t.seq FROM (VALUES {}) AS k CROSS JOIN {table} AS t
                   WHERE t.device = k.column1 AND t.session = k.column2 AND t.seq = k.column3",
-                triples.join(", ")
+                triples
             );
             let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
             for (d, sess, seq) in chunk {
@@ -342,13 +332,11 @@ pub async fn stored_keys(
             .collect();
         sessions.sort_unstable();
         sessions.dedup();
-        let pairs: Vec<String> = (0..sessions.len())
-            .map(|i| super::params(backend, i * 2 + 1, 2))
-            .collect();
+        let pairs = super::rows(backend, sessions.len(), 2);
         let sql = format!(
             "SELECT s.device, s.session, s.compacted FROM (VALUES {}) AS k CROSS JOIN sessions AS s
               WHERE s.device = k.column1 AND s.session = k.column2 AND s.compacted > 0",
-            pairs.join(", ")
+            pairs
         );
         let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
         for (d, sess) in &sessions {
@@ -377,13 +365,11 @@ pub async fn stored_keys(
 pub async fn insert_batches(conn: &mut AnyConnection, rows: &[NewBatch]) -> Result<(), StoreError> {
     let backend = super::Backend::of(conn);
     for chunk in rows.chunks(BATCH_ROWS_PER_STATEMENT) {
-        let values: Vec<String> = (0..chunk.len())
-            .map(|i| super::params(backend, i * 9 + 1, 9))
-            .collect();
+        let values = super::rows(backend, chunk.len(), 9);
         let sql = format!(
             "INSERT INTO batches (device, session, seq, received_ms, min_ts, max_ts, samples, payload, commit_id)
              VALUES {}",
-            values.join(", ")
+            values
         );
         // Only placeholders are formatted in.
         let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
@@ -509,15 +495,13 @@ pub async fn set_sessions_through(
 ) -> Result<(), StoreError> {
     let backend = super::Backend::of(conn);
     for chunk in sessions.chunks(UPSERT_ROWS_PER_STATEMENT) {
-        let values: Vec<String> = (0..chunk.len())
-            .map(|i| super::params(backend, i * 4 + 1, 4))
-            .collect();
+        let values = super::rows(backend, chunk.len(), 4);
         // Only placeholders are formatted in.
         let sql = format!(
             "INSERT INTO sessions (device, session, through, started_ms) VALUES {}
              ON CONFLICT (device, session) DO UPDATE SET through =
                CASE WHEN excluded.through > sessions.through THEN excluded.through ELSE sessions.through END",
-            values.join(", ")
+            values
         );
         let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
         for (device, session, through) in chunk {
@@ -627,9 +611,7 @@ pub async fn touch_devices(
 ) -> Result<(), StoreError> {
     let backend = super::Backend::of(conn);
     for chunk in devices.chunks(UPSERT_ROWS_PER_STATEMENT) {
-        let values: Vec<String> = (0..chunk.len())
-            .map(|i| super::params(backend, i * 4 + 1, 4))
-            .collect();
+        let values = super::rows(backend, chunk.len(), 4);
         // Only placeholders and an integer constant are formatted in (a
         // `$N` among `?` placeholders is left unbound on SQLite).
         let sql = format!(
@@ -648,7 +630,7 @@ pub async fn touch_devices(
                last_seen_ms = CASE WHEN excluded.last_seen_ms > devices.last_seen_ms
                               THEN excluded.last_seen_ms ELSE devices.last_seen_ms END,
                rejects = devices.rejects + excluded.rejects",
-            values = values.join(", "),
+            values = values,
             gap = crate::presence::MIN_LEARNED_GAP_MS,
         );
         let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
