@@ -171,6 +171,15 @@ impl Disk {
             let _ = rx.recv();
         }
     }
+
+    /// [`Disk::flush`] for async callers: the wait runs on a blocking
+    /// thread, so the caller's runtime goes on meanwhile.
+    pub async fn flushed(&self) {
+        let (tx, rx) = mpsc::channel();
+        if self.send(Cmd::Barrier(tx)) {
+            let _ = tokio::task::spawn_blocking(move || rx.recv()).await;
+        }
+    }
 }
 
 impl Drop for Disk {

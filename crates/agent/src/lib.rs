@@ -432,6 +432,10 @@ pub async fn run(
     {
         abort.abort();
     }
+    // What is spooled and unacknowledged is on disk before the agent
+    // reports and exits, and the report counts every fsync (one under way
+    // at the stop included).
+    outbox.flush_spool().await;
     let (spool_syncs, spool_sync_time) = outbox.spool_syncs();
     Ok(Report {
         longest_stall,

@@ -118,6 +118,12 @@ impl Outbox {
         self.spool.take_events()
     }
 
+    /// Waits until every spool write so far is on disk, and fsynced unless
+    /// acknowledged first (the fsync under way included).
+    pub async fn flush_spool(&self) {
+        self.spool.flushed().await;
+    }
+
     /// Fsyncs done by the spool's disk thread, and their total time.
     pub fn spool_syncs(&self) -> (u64, Duration) {
         self.spool.syncs()

@@ -441,6 +441,11 @@ impl Spool {
         self.disk.flush();
     }
 
+    /// [`Spool::flush`] without blocking the caller's thread.
+    pub async fn flushed(&self) {
+        self.disk.flushed().await;
+    }
+
     /// Fsyncs done by the disk thread, and the time they took.
     pub fn syncs(&self) -> (u64, Duration) {
         self.disk.syncs()
