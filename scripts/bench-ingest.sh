@@ -7,7 +7,8 @@
 # publish→commit p50/p99, server RSS and CPU). With PROFILE=1 a CPU
 # profile of the server (`perf record -g`, 15 s from a third into the run)
 # is printed too, top entries by self time. With DATABASE=postgres://…
-# the server stores on that PostgreSQL database instead of SQLite.
+# the server stores on that PostgreSQL database instead of SQLite. With
+# WIDGETRY=/path/to/widgetry that binary runs instead of a fresh build.
 #
 #   bash scripts/bench-ingest.sh [DEVICES] [RATE] [SAMPLES] [DURATION] [WARMUP]
 #   # default: 400 10/s 250 30s 5s (1M samples/s offered)
@@ -16,9 +17,13 @@ cd "$(dirname "$0")/.."
 devices=${1:-400}; rate=${2:-10/s}; samples=${3:-250}; duration=${4:-30s}; warmup=${5:-5s}
 case "$devices$samples" in *[!0-9]*) echo "DEVICES and SAMPLES must be whole numbers" >&2; exit 64 ;; esac
 
-echo "==> building the release binary"
-cargo build --release --bin widgetry --locked 2>&1 | tail -1
-w=${CARGO_TARGET_DIR:-target}/release/widgetry
+if [ -n "${WIDGETRY:-}" ]; then
+  w=$WIDGETRY  # a given build (A/B runs), not rebuilt
+else
+  echo "==> building the release binary"
+  cargo build --release --bin widgetry --locked 2>&1 | tail -1
+  w=${CARGO_TARGET_DIR:-target}/release/widgetry
+fi
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 work=$(mktemp -d)
 spid=""

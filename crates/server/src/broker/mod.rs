@@ -123,8 +123,7 @@ fn bind_listeners(cfg: &mut BrokerConfig) -> Result<Bound, BrokerError> {
     for (v5, servers) in [(false, &mut cfg.rumqttd.v4), (true, &mut cfg.rumqttd.v5)] {
         for (name, server) in servers.iter_mut().flat_map(|m| m.iter_mut()) {
             let addr = server.listen;
-            let socket =
-                TcpListener::bind(addr).map_err(|source| BrokerError::Bind { addr, source })?;
+            let socket = listen(addr).map_err(|source| BrokerError::Bind { addr, source })?;
             let bound = socket
                 .local_addr()
                 .map_err(|source| BrokerError::Bind { addr, source })?;
@@ -143,6 +142,27 @@ fn bind_listeners(cfg: &mut BrokerConfig) -> Result<Bound, BrokerError> {
         }
     }
     Ok(found)
+}
+
+/// Connections the kernel may hold for a listener before the broker
+/// accepts them (capped by `net.core.somaxconn`, 4,096 by default).
+pub const LISTEN_BACKLOG: i32 = 4096;
+
+/// A TCP listener on `addr` with [`LISTEN_BACKLOG`], as std's
+/// `TcpListener::bind` does it (`SO_REUSEADDR`) but for the backlog: std's
+/// 128 overflowed when a fleet connected at once (2,000 devices after a
+/// restart), and a client whose SYN was dropped waited 1 s, 3 s, 7 s for
+/// its retries: the tail of docs/BENCHMARKS.md's run without warm-up.
+fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(LISTEN_BACKLOG)?;
+    Ok(socket.into())
 }
 
 /// Starts the broker under `policy` and returns, once its first MQTT
@@ -234,5 +254,29 @@ fn mqtt_ping(addr: SocketAddr, server_password: &str) -> std::io::Result<()> {
         Ok(())
     } else {
         Err(std::io::Error::other(format!("unexpected reply {ack:?}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A fleet connecting at once is queued by the kernel, not dropped:
+    /// 1,000 connections complete while nobody accepts. With std's backlog
+    /// of 128 the 130th SYN was dropped and its connect waited for a
+    /// retransmission (1 s, then 3 s), so this fails on the timeout.
+    #[test]
+    fn a_thousand_connects_queue_before_the_first_accept() {
+        let any = SocketAddr::from(([127, 0, 0, 1], 0));
+        let listener = listen(any).expect("listen on 127.0.0.1:0");
+        let addr = listener.local_addr().expect("bound address");
+        let mut held = Vec::new();
+        for n in 0..1000 {
+            match TcpStream::connect_timeout(&addr, Duration::from_millis(900)) {
+                Ok(s) => held.push(s),
+                Err(e) => panic!("connection {n} not queued (backlog too small?): {e}"),
+            }
+        }
+        assert_eq!(held.len(), 1000);
     }
 }

@@ -520,7 +520,12 @@ impl<P: Protocol + Clone + Send + 'static> Server<P> {
                 }
             };
 
-            time::sleep(delay).await;
+            // Widgetry patch 28: no timer at all when the delay is zero (a
+            // zero sleep still goes through tokio's timer, whose resolution
+            // is 1 ms, between two accepts of a fleet connecting at once).
+            if !delay.is_zero() {
+                time::sleep(delay).await;
+            }
         }
     }
 }
