@@ -459,11 +459,13 @@ impl Subscription {
                     #[serde(flatten)]
                     alert: &'a AlertNote,
                 }
-                serde_json::to_string(&Out {
-                    kind: "alert",
-                    alert: a,
-                })
-                .ok()
+                to_message(
+                    "alert",
+                    &Out {
+                        kind: "alert",
+                        alert: a,
+                    },
+                )
             }
             HubMsg::Event {
                 device,
@@ -507,15 +509,29 @@ impl Subscription {
         if series.is_empty() {
             return None;
         }
-        serde_json::to_string(&Out {
-            kind: "samples",
-            commit: live.commit,
-            device: &live.device,
-            session: live.session.to_string(),
-            seq: live.seq,
-            series,
-        })
-        .ok()
+        to_message(
+            "samples",
+            &Out {
+                kind: "samples",
+                commit: live.commit,
+                device: &live.device,
+                session: live.session.to_string(),
+                seq: live.seq,
+                series,
+            },
+        )
+    }
+}
+
+/// A websocket message's text; a failure to serialise is logged and the
+/// message is not sent (never an empty message).
+fn to_message<T: Serialize>(kind: &str, msg: &T) -> Option<String> {
+    match serde_json::to_string(msg) {
+        Ok(text) => Some(text),
+        Err(e) => {
+            tracing::error!(kind, error = %e, "cannot serialise a live message; not sent");
+            None
+        }
     }
 }
 
