@@ -140,8 +140,7 @@ impl WriterTasks {
                     tokio::select! {
                         _ = stop.cancelled() => return,
                         _ = tick.tick() => {
-                            // 16k pages: 64 MiB of WAL with 4 KiB pages.
-                            if let Err(e) = store.checkpoint(16_384).await {
+                            if let Err(e) = store.checkpoint(false).await {
                                 warn!(error = %e, "WAL checkpoint failed");
                             }
                         }

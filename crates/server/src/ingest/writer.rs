@@ -88,6 +88,9 @@ impl Writer {
                 }
             }
             self.process(std::mem::take(&mut items)).await;
+            if let Err(e) = self.store.writer_checkpoint().await {
+                warn!(error = %e, "WAL checkpoint from the writer failed; the checkpoint task goes on");
+            }
         }
         debug!("ingest writer drained");
     }

@@ -17,6 +17,8 @@
 //! `SUM(bigint)` is `numeric`).
 
 use std::fmt::Write as _;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
@@ -71,7 +73,19 @@ pub struct Store {
     writer: AnyPool,
     reader: AnyPool,
     maint: AnyPool,
+    /// Set by [`Store::checkpoint`] when the WAL should restart; the writer
+    /// then checkpoints the rest between two transactions
+    /// ([`Store::writer_checkpoint`]).
+    wal_restart: Arc<AtomicBool>,
 }
+
+/// WAL size (bytes) past which the writer is asked to finish the
+/// checkpoint itself so that the WAL restarts from its beginning.
+const WAL_RESTART_BYTES: i64 = 64 << 20;
+/// WAL size (bytes) past which the checkpoint task stops waiting for the
+/// writer and runs a TRUNCATE checkpoint (a reader that holds an old
+/// snapshot can keep the WAL from restarting).
+const WAL_MAX_BYTES: i64 = 256 << 20;
 
 /// A write transaction.
 pub type WriteTx = Transaction<'static, sqlx::Any>;
@@ -104,10 +118,12 @@ impl Store {
                 };
                 let rw = AnyConnectOptions::from_url(&url(false)).map_err(open_err)?;
                 let ro = AnyConnectOptions::from_url(&url(true)).map_err(open_err)?;
-                // The writer never checkpoints itself: a checkpoint inside a
-                // commit stalls ingest for its fsyncs. `checkpoint()` runs
-                // them from another connection (the ingestor's checkpoint
-                // task).
+                // No automatic checkpoints: one inside a commit stalls
+                // ingest for its fsyncs. `checkpoint()` copies the WAL from
+                // another connection (the ingestor's checkpoint task); the
+                // writer only finishes what is left of it, between two
+                // transactions, when the WAL should restart
+                // (`writer_checkpoint()`).
                 // A 64 MiB page cache for the writer: with SQLite's default
                 // 2 MiB, the profile at 660k samples/s showed the writer
                 // thread mostly in the kernel copying pages it had to read
@@ -135,6 +151,7 @@ impl Store {
                     writer,
                     maint: sqlite_pool(1, &rw, "").await.map_err(open_err)?,
                     reader: sqlite_pool(4, &ro, "").await.map_err(open_err)?,
+                    wal_restart: Arc::default(),
                 }
             }
             Database::Postgres(url) => {
@@ -155,6 +172,7 @@ impl Store {
                     writer,
                     maint: pool(1).await.map_err(open_err)?,
                     reader: pool(8).await.map_err(open_err)?,
+                    wal_restart: Arc::default(),
                 }
             }
         };
@@ -215,20 +233,47 @@ impl Store {
     }
 
     /// Copies committed WAL frames into the SQLite file (PostgreSQL
-    /// manages its own WAL: nothing to do). Normally a PASSIVE checkpoint,
-    /// which never blocks the writer or readers; when the WAL has grown past
-    /// `max_wal_pages` (the writer never paused long enough for it to be
-    /// reset) a TRUNCATE checkpoint briefly waits for the writer and shrinks
-    /// the file, so the WAL cannot fill the disk.
-    pub async fn checkpoint(&self, max_wal_pages: i64) -> Result<(), StoreError> {
+    /// manages its own WAL: nothing to do), with a PASSIVE checkpoint,
+    /// which never blocks the writer or readers.
+    ///
+    /// SQLite restarts the WAL from its beginning only when a write
+    /// transaction starts while every frame has been copied. A writer that
+    /// never pauses never sees that moment (it appends while this runs), so
+    /// the WAL would grow without end. Once the WAL passes
+    /// [`WAL_RESTART_BYTES`] this asks the writer to copy the few frames
+    /// appended since ([`Store::writer_checkpoint`]), after which its next
+    /// transaction restarts the WAL. Past [`WAL_MAX_BYTES`] (a reader
+    /// holding an old snapshot kept it from restarting) a TRUNCATE
+    /// checkpoint waits for the writer and shrinks the file, so the WAL
+    /// cannot fill the disk. `force` always truncates (closing).
+    pub async fn checkpoint(&self, force: bool) -> Result<(), StoreError> {
         if self.backend != Backend::Sqlite {
             return Ok(());
         }
-        let row = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
+        let passive = || async {
+            let row = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
+                .fetch_one(&self.maint)
+                .await?;
+            row.try_get::<i64, _>(1)
+        };
+        let log = passive().await?;
+        let page: i64 = sqlx::query_scalar("PRAGMA page_size")
             .fetch_one(&self.maint)
             .await?;
-        let log: i64 = row.try_get(1)?;
-        if log > max_wal_pages {
+        let wal_bytes = log.saturating_mul(page);
+        if wal_bytes > WAL_RESTART_BYTES && !self.wal_restart.load(Ordering::Relaxed) {
+            // Once more for what the writer appended during that copy, so
+            // that little is left for the writer.
+            passive().await?;
+            self.wal_restart.store(true, Ordering::Relaxed);
+        }
+        if force || wal_bytes > WAL_MAX_BYTES {
+            if !force {
+                tracing::warn!(
+                    wal_bytes,
+                    "the WAL has not restarted (a long-running reader?); truncating it, which pauses the writer"
+                );
+            }
             sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
                 .execute(&self.maint)
                 .await?;
@@ -236,10 +281,31 @@ impl Store {
         Ok(())
     }
 
+    /// Run by the writer between two transactions: when
+    /// [`Store::checkpoint`] asked for it, copies the WAL frames it has not
+    /// copied yet (about a second of writes) from the writer's own
+    /// connection, so nothing is appended meanwhile and the next write
+    /// transaction restarts the WAL. Tries again after the next
+    /// transaction if the checkpoint task or a reader was in the way.
+    pub async fn writer_checkpoint(&self) -> Result<(), StoreError> {
+        if self.backend != Backend::Sqlite || !self.wal_restart.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let row = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
+            .fetch_one(&self.writer)
+            .await?;
+        let (busy, log, copied): (i64, i64, i64) =
+            (row.try_get(0)?, row.try_get(1)?, row.try_get(2)?);
+        if busy == 0 && copied == log {
+            self.wal_restart.store(false, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
     /// Closes the pools, waiting for in-flight statements, after a final
     /// checkpoint.
     pub async fn close(&self) {
-        let _ = self.checkpoint(0).await;
+        let _ = self.checkpoint(true).await;
         self.writer.close().await;
         self.reader.close().await;
         self.maint.close().await;
@@ -332,5 +398,73 @@ impl Backend {
         } else {
             Backend::Postgres
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Pages the WAL holds (the `log` column of a PASSIVE checkpoint).
+    async fn wal_pages(store: &Store) -> i64 {
+        let row = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
+            .fetch_one(&store.maint)
+            .await
+            .expect("checkpoint");
+        row.try_get(1).expect("log")
+    }
+
+    async fn write_mib(store: &Store, mib: usize) {
+        for _ in 0..mib {
+            let mut tx = store.begin().await.expect("begin");
+            sqlx::query("INSERT INTO scratch (b) VALUES (randomblob(1048576))")
+                .execute(&mut *tx)
+                .await
+                .expect("insert");
+            tx.commit().await.expect("commit");
+        }
+    }
+
+    /// A writer that never pauses never lets SQLite restart the WAL by
+    /// itself (frames it appends while the checkpoint task copies are left
+    /// over; a reader's snapshot stands in for that race here): the
+    /// checkpoint task's request plus the writer's own catch-up checkpoint
+    /// must restart it, without a TRUNCATE.
+    #[tokio::test]
+    async fn a_busy_writer_restarts_the_wal_when_asked() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = Store::open(&Database::Sqlite(dir.path().join("w.db")))
+            .await
+            .expect("open");
+        sqlx::query("CREATE TABLE scratch (b BLOB)")
+            .execute(&store.writer)
+            .await
+            .expect("table");
+        write_mib(&store, (WAL_RESTART_BYTES >> 20) as usize + 4).await;
+        store.writer_checkpoint().await.expect("not asked yet");
+        let mut snapshot = store.reader.begin().await.expect("reader");
+        sqlx::query("SELECT count(*) FROM scratch")
+            .fetch_one(&mut *snapshot)
+            .await
+            .expect("read");
+        write_mib(&store, 1).await;
+        // Copies up to the reader's snapshot only, and asks the writer.
+        store.checkpoint(false).await.expect("checkpoint");
+        assert!(
+            store.wal_restart.load(Ordering::Relaxed),
+            "restart not requested"
+        );
+        snapshot.rollback().await.expect("end read");
+        // Frames are left to copy: these writes cannot restart the WAL.
+        write_mib(&store, 1).await;
+        store.writer_checkpoint().await.expect("writer checkpoint");
+        assert!(
+            !store.wal_restart.load(Ordering::Relaxed),
+            "request not cleared"
+        );
+        write_mib(&store, 1).await;
+        let pages = wal_pages(&store).await;
+        assert!(pages < 1_000, "the WAL did not restart: {pages} pages");
+        store.close().await;
     }
 }
