@@ -131,7 +131,7 @@ impl Store {
                 let writer = sqlite_pool(
                     1,
                     &rw,
-                    "PRAGMA journal_mode = WAL; PRAGMA wal_autocheckpoint = 0; PRAGMA cache_size = -65536;",
+                    "PRAGMA page_size = 2048; PRAGMA journal_mode = WAL; PRAGMA wal_autocheckpoint = 0; PRAGMA cache_size = -65536;",
                 )
                 .await
                 .map_err(open_err)?;
