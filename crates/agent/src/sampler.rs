@@ -228,6 +228,26 @@ mod tests {
         out
     }
 
+    /// Waits (10 s at most) until process `pid` is called `name` and
+    /// sleeps.
+    fn asleep(pid: u32, name: &str) -> Result<(), String> {
+        let stat = format!("/proc/{pid}/stat");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let text = std::fs::read_to_string(&stat).unwrap_or_default();
+            let state = text
+                .rfind(')')
+                .and_then(|i| text[i + 1..].split_whitespace().next());
+            if text.contains(&format!("({name})")) && state == Some("S") {
+                return Ok(());
+            }
+            if std::time::Instant::now() > deadline {
+                return Err(format!("{name} did not reach sleep within 10 s: {text}"));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+    }
+
     #[test]
     fn watches_a_process_by_name_and_counts_restarts() {
         // A copy of `sleep` under a name no other process has (Linux keeps
@@ -240,7 +260,18 @@ mod tests {
             .find(|p| std::path::Path::new(p).exists())
             .expect("sleep binary");
         std::fs::copy(sleep, &bin).expect("copy sleep");
-        let start = || Command::new(&bin).arg("30").spawn().expect("spawn");
+        // The kernel renames a process at exec before it maps the new
+        // program: a sample taken in that window sees the name with no
+        // resident pages. Each child is sampled once it sleeps in `sleep`.
+        let start = || {
+            let mut child = Command::new(&bin).arg("30").spawn().expect("spawn");
+            if let Err(e) = asleep(child.id(), &name) {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("{e}");
+            }
+            child
+        };
         let key = |series: &str| format!("{series}{{process={name}}}");
         let mut child = start();
         let mut s = Sampler::new(

@@ -237,6 +237,7 @@ impl Stack {
         alerting: widgetry_server::config::roles::AlertingConfig,
         retention: widgetry_server::config::ingest::Retention,
     ) -> Stack {
+        init_tracing();
         let dir = tempfile::tempdir().expect("temp dir");
         let db = test_database(dir.path()).await;
         let any_port: SocketAddr = "127.0.0.1:0".parse().expect("addr");
@@ -397,6 +398,18 @@ pub async fn http_get_json(addr: SocketAddr, path: &str) -> (u16, serde_json::Va
     let value = serde_json::from_str(&body)
         .unwrap_or_else(|e| panic!("GET {path}: body is not JSON ({e}): {body}"));
     (status, value)
+}
+
+/// Sends the in-process server's warnings and errors (or what `RUST_LOG`
+/// asks for) to the test's captured output, so that a failing test shows
+/// what the server said.
+pub fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_test_writer()
+        .try_init();
 }
 
 /// Polls `check` every 50 ms until it returns `Some`, or panics with
