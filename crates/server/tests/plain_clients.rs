@@ -20,7 +20,13 @@ use widgetry_server::store::Store;
 const DEVICES: [&str; 2] = ["plain-a", "plain-b"];
 const SERIES: usize = 100;
 const ROUNDS: i64 = 3;
-const BASE_TS: i64 = 1_750_000_000_000;
+/// The first sample's time: a day ago, whole seconds. A fixed date would
+/// fall out of the default 30-day raw retention, and the retention pass
+/// that runs when serve starts would remove what a test just stored.
+fn base_ts() -> i64 {
+    static BASE: std::sync::OnceLock<i64> = std::sync::OnceLock::new();
+    *BASE.get_or_init(|| (widgetry_common::now_ms() - 86_400_000) / 1000 * 1000)
+}
 /// Messages per client invocation: a failed invocation (the server was
 /// restarting) is published again as a whole, as an at-least-once client
 /// would.
@@ -70,7 +76,7 @@ fn messages(client: usize, seed: &mut u64) -> Vec<(String, String)> {
     let mut out = Vec::new();
     for device in DEVICES {
         for round in 0..ROUNDS {
-            let ts = BASE_TS + round * 1000 + client as i64;
+            let ts = base_ts() + round * 1000 + client as i64;
             let mut series: Vec<usize> = (0..SERIES).collect();
             shuffle(&mut series, seed);
             let mut rest = &series[..];
@@ -307,7 +313,7 @@ async fn three_plain_clients_in_any_order_across_a_restart_store_every_sample_on
     assert_eq!(all, last, "nothing changed after everything was stored");
     for ((device, s), pts) in &all {
         let expected: BTreeSet<i64> = (0..ROUNDS)
-            .flat_map(|r| (0..clients.len() as i64).map(move |c| BASE_TS + r * 1000 + c))
+            .flat_map(|r| (0..clients.len() as i64).map(move |c| base_ts() + r * 1000 + c))
             .collect();
         let got: Vec<i64> = pts.iter().map(|p| p.0).collect();
         assert_eq!(
@@ -316,8 +322,8 @@ async fn three_plain_clients_in_any_order_across_a_restart_store_every_sample_on
             "{device} s{s:03}: every sample exactly once"
         );
         for (ts, v) in pts {
-            let client = (ts - BASE_TS) % 1000;
-            let round = (ts - BASE_TS) / 1000;
+            let client = (ts - base_ts()) % 1000;
+            let round = (ts - base_ts()) / 1000;
             let want = (client as usize * 1_000_000 + s * 1000) as f64 + round as f64 + 0.25;
             assert_eq!(*v, want, "{device} s{s:03} at {ts}");
         }
@@ -360,7 +366,8 @@ async fn json_rejects_count_for_the_device_and_redeliveries_are_stored_once() {
     publish(r#"{"series":"temp","value":21.5}"#);
     publish(r#"{"series":"hum","value":40}"#);
     // The same message with an explicit ts, twice.
-    let again = r#"{"series":"hum","ts":1750000000000,"value":41}"#;
+    let again = format!(r#"{{"series":"hum","ts":{},"value":41}}"#, base_ts());
+    let again = again.as_str();
     publish(again);
     publish(again);
     publish(r#"{"series":"temp","value":"warm"}"#);

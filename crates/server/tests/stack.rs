@@ -165,16 +165,21 @@ async fn mosquitto_pub_json_is_stored_and_queryable() {
         "widgetry/v1/demo/samples/json",
         r#"{"series":"temp","value":21.5}"#,
     );
+    // An explicit time an hour ago: a fixed old date would fall out of the
+    // default 30-day retention, whose pass at start could remove it.
+    let earlier = (widgetry_common::now_ms() - 3_600_000) / 1000 * 1000;
     send(
         "widgetry/v1/demo/samples/json",
-        r#"{"samples":[{"series":"temp","ts":1700000000000,"value":19.25},{"series":"rh","labels":{"room":"lab"},"value":40}]}"#,
+        &format!(
+            r#"{{"samples":[{{"series":"temp","ts":{earlier},"value":19.25}},{{"series":"rh","labels":{{"room":"lab"}},"value":40}}]}}"#
+        ),
     );
     let pts = wait_for("both temp points", T, || async {
         let p = points(&stack, "demo", "temp").await;
         (p.len() == 2).then_some(p)
     })
     .await;
-    assert_eq!(pts[0], (1_700_000_000_000, 19.25));
+    assert_eq!(pts[0], (earlier, 19.25));
     assert_eq!(pts[1].1, 21.5);
     let now = widgetry_common::now_ms();
     assert!(
@@ -561,9 +566,11 @@ async fn local_protocol_events_and_samples_reach_the_server() {
     )
     .expect("send to the events socket");
     let sender = std::net::UdpSocket::bind("127.0.0.1:0").expect("udp");
+    // An hour ago (a fixed old date could be removed by retention).
+    let earlier = (widgetry_common::now_ms() - 3_600_000) / 1000 * 1000;
     sender
         .send_to(
-            b"{\"event\":\"upload_done\",\"ts\":1700000000000,\"ok\":true}",
+            format!(r#"{{"event":"upload_done","ts":{earlier},"ok":true}}"#).as_bytes(),
             udp_addr,
         )
         .expect("send udp");
@@ -591,7 +598,7 @@ async fn local_protocol_events_and_samples_reach_the_server() {
         events[0]["event"], "upload_done",
         "oldest first: {events:?}"
     );
-    assert_eq!(events[0]["ts"], 1_700_000_000_000i64);
+    assert_eq!(events[0]["ts"], earlier);
     assert_eq!(events[0]["body"]["ok"], true);
     assert_eq!(events[1]["event"], "upload_started");
     assert_eq!(events[1]["body"]["size"], 123);
