@@ -228,21 +228,20 @@ mod tests {
         out
     }
 
-    /// Waits (10 s at most) until process `pid` is called `name` and
-    /// sleeps.
-    fn asleep(pid: u32, name: &str) -> Result<(), String> {
-        let stat = format!("/proc/{pid}/stat");
+    /// Waits (10 s at most) until process `pid` is called `name` and has
+    /// resident pages, i.e. exec has mapped its program.
+    fn loaded(pid: u32, name: &str) -> Result<(), String> {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         loop {
-            let text = std::fs::read_to_string(&stat).unwrap_or_default();
-            let state = text
-                .rfind(')')
-                .and_then(|i| text[i + 1..].split_whitespace().next());
-            if text.contains(&format!("({name})")) && state == Some("S") {
+            let stat = procs::stat(pid);
+            if stat
+                .as_ref()
+                .is_some_and(|p| p.comm == name && p.rss_pages > 0)
+            {
                 return Ok(());
             }
             if std::time::Instant::now() > deadline {
-                return Err(format!("{name} did not reach sleep within 10 s: {text}"));
+                return Err(format!("{name} not loaded within 10 s: {stat:?}"));
             }
             std::thread::sleep(std::time::Duration::from_millis(1));
         }
@@ -262,10 +261,10 @@ mod tests {
         std::fs::copy(sleep, &bin).expect("copy sleep");
         // The kernel renames a process at exec before it maps the new
         // program: a sample taken in that window sees the name with no
-        // resident pages. Each child is sampled once it sleeps in `sleep`.
+        // resident pages. Each child is sampled once it is loaded.
         let start = || {
             let mut child = Command::new(&bin).arg("30").spawn().expect("spawn");
-            if let Err(e) = asleep(child.id(), &name) {
+            if let Err(e) = loaded(child.id(), &name) {
                 let _ = child.kill();
                 let _ = child.wait();
                 panic!("{e}");

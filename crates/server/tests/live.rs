@@ -370,6 +370,8 @@ async fn seven_days_of_1hz_data_match_sql_within_max_points() {
     let mut rng = 0x2545_f491_4f6c_dd1du64;
     let mut all: Vec<(i64, f64)> = Vec::with_capacity(7 * 24 * 3600);
     let mut seq = 0;
+    const STORED: &str =
+        "SELECT CAST(COALESCE(SUM(samples), 0) AS BIGINT) FROM batches WHERE device = 'week'";
     let t0 = Instant::now();
     let mut ts = start;
     while ts < end {
@@ -396,15 +398,13 @@ async fn seven_days_of_1hz_data_match_sql_within_max_points() {
         // a slow ingestor (a debug build on PostgreSQL in CI) must not be
         // skipped ahead past batches that would then never come again.
         const WINDOW: i64 = 8;
-        if seq > WINDOW as u64 {
-            let through = all.len() as i64 - WINDOW * 3600;
-            wait_for("the ingestor within 8 batches of the publisher", Duration::from_secs(60), || async {
-                (stack
-                    .count("SELECT CAST(COALESCE(SUM(samples), 0) AS BIGINT) FROM batches WHERE device = 'week'")
-                    .await
-                    >= through)
-                    .then_some(())
-            })
+        let through = all.len() as i64 - WINDOW * 3600;
+        if through > 0 {
+            wait_for(
+                "the ingestor within 8 batches of the publisher",
+                Duration::from_secs(60),
+                || async { (stack.count(STORED).await >= through).then_some(()) },
+            )
             .await;
         }
     }
@@ -412,13 +412,7 @@ async fn seven_days_of_1hz_data_match_sql_within_max_points() {
     wait_for(
         "a week of samples stored",
         Duration::from_secs(120),
-        || async {
-            (stack
-                .count("SELECT CAST(COALESCE(SUM(samples), 0) AS BIGINT) FROM batches WHERE device = 'week'")
-                .await
-                == n)
-                .then_some(())
-        },
+        || async { (stack.count(STORED).await == n).then_some(()) },
     )
     .await;
     eprintln!("stored {n} samples in {:?}", t0.elapsed());

@@ -20,12 +20,11 @@ use widgetry_server::store::Store;
 const DEVICES: [&str; 2] = ["plain-a", "plain-b"];
 const SERIES: usize = 100;
 const ROUNDS: i64 = 3;
-/// The first sample's time: a day ago, whole seconds. A fixed date would
-/// fall out of the default 30-day raw retention, and the retention pass
-/// that runs when serve starts would remove what a test just stored.
+/// The first sample's time: a day ago (see [`recent_ts`]), the same for
+/// every use in one test run.
 fn base_ts() -> i64 {
     static BASE: std::sync::OnceLock<i64> = std::sync::OnceLock::new();
-    *BASE.get_or_init(|| (widgetry_common::now_ms() - 86_400_000) / 1000 * 1000)
+    *BASE.get_or_init(|| recent_ts(Duration::from_secs(86_400)))
 }
 /// Messages per client invocation: a failed invocation (the server was
 /// restarting) is published again as a whole, as an at-least-once client

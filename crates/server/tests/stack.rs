@@ -165,9 +165,8 @@ async fn mosquitto_pub_json_is_stored_and_queryable() {
         "widgetry/v1/demo/samples/json",
         r#"{"series":"temp","value":21.5}"#,
     );
-    // An explicit time an hour ago: a fixed old date would fall out of the
-    // default 30-day retention, whose pass at start could remove it.
-    let earlier = (widgetry_common::now_ms() - 3_600_000) / 1000 * 1000;
+    // An explicit time an hour ago (see `recent_ts`).
+    let earlier = recent_ts(Duration::from_secs(3600));
     send(
         "widgetry/v1/demo/samples/json",
         &format!(
@@ -566,8 +565,7 @@ async fn local_protocol_events_and_samples_reach_the_server() {
     )
     .expect("send to the events socket");
     let sender = std::net::UdpSocket::bind("127.0.0.1:0").expect("udp");
-    // An hour ago (a fixed old date could be removed by retention).
-    let earlier = (widgetry_common::now_ms() - 3_600_000) / 1000 * 1000;
+    let earlier = recent_ts(Duration::from_secs(3600));
     sender
         .send_to(
             format!(r#"{{"event":"upload_done","ts":{earlier},"ok":true}}"#).as_bytes(),

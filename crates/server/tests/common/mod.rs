@@ -400,6 +400,14 @@ pub async fn http_get_json(addr: SocketAddr, path: &str) -> (u16, serde_json::Va
     (status, value)
 }
 
+/// A sample time `ago` before now, in whole seconds (ms). Tests use recent
+/// times: a fixed date falls out of the default 30-day raw retention, and
+/// the retention pass that runs when a server starts would remove what a
+/// test just stored.
+pub fn recent_ts(ago: Duration) -> i64 {
+    (widgetry_common::now_ms() - ago.as_millis() as i64) / 1000 * 1000
+}
+
 /// Sends the in-process server's warnings and errors (or what `RUST_LOG`
 /// asks for) to the test's captured output, so that a failing test shows
 /// what the server said.
